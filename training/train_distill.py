@@ -41,6 +41,8 @@ from .metrics import confusion_matrix, hungarian_scores
 from .models import SoftKMeansHead, TinyReconDecoder, build_student, kmeans_fit
 
 CHECKPOINT_VERSION = 1
+# What a run writes in its folder; --overwrite removes these and nothing else.
+RUN_OUTPUTS = ("last.pt", "student.pt", "best.pt", "decoder_training_only.pt", "config.json", "log.jsonl", "tb")
 # Settings that do not change what is learned, so a resumed run may change them.
 RESUME_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
                      "train.image_every", "train.device", "data.num_workers", "data.prefetch_factor",
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-sizes", "--patch_sizes", dest="patch_sizes", help="data.patch_sizes, e.g. 256,512")
     p.add_argument("--lr", type=float, help="train.lr")
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint_dir>/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a folder holding an earlier run (removes only the trainer's own outputs)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop (with a checkpoint) after N steps of this invocation, as if interrupted; "
                         "--resume continues")
@@ -244,7 +248,21 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
 
+    def sync_buffers(self) -> None:
+        """Average floating buffers (norm running statistics) over ranks: each rank saw other samples.
+
+        DDP broadcasts rank 0's buffers at every forward pass, so without this the
+        statistics saved would be rank 0's alone and the ranks' copies would differ.
+        """
+        if not self.distributed:
+            return
+        for buf in self.module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(self.world)
+
     def save_checkpoint(self) -> None:
+        self.sync_buffers()
         if not self.is_main:
             return
         atomic_torch_save(self.state_dict(), self.out / "last.pt")
@@ -355,15 +373,21 @@ class Trainer:
         self.writer.add_image("input", img[0].cpu(), self.step)
         self.writer.add_image("clusters", torch.from_numpy(PALETTE[lab % len(PALETTE)]).permute(2, 0, 1), self.step)
 
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict:
+    def fit(self, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> dict:
         cfg = self.cfg
+        if overwrite and resume:
+            raise ConfigError("--overwrite and --resume contradict each other")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                remove_run_outputs(self.out)
+        if self.distributed:
+            dist.barrier()
         if resume:
             self.resume()
         elif (self.out / "last.pt").exists():
-            raise FileExistsError(f"{self.out} already holds a run (last.pt); use --resume to continue it "
-                                  "or choose another --checkpoint_dir")
+            raise FileExistsError(f"{self.out} already holds a run (last.pt); use --resume to continue it, "
+                                  "--overwrite to start afresh, or another --checkpoint_dir")
         if self.is_main:
             save_config(cfg, self.out / "config.json")
             from torch.utils.tensorboard import SummaryWriter
@@ -417,8 +441,10 @@ class Trainer:
                 t_last, px_since, img_since = time.perf_counter(), 0, 0
             if self.is_main and cfg.train.image_every and self.step % cfg.train.image_every == 0:
                 self._log_images(batches, k, step_generator(cfg.train.seed, step, 0xFF))
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.is_main:
-                self._record_eval()
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                self.sync_buffers()
+                if self.is_main:
+                    self._record_eval()
             if self.step % cfg.train.checkpoint_every == 0 or self.step == end:
                 self.save_checkpoint()
             if bar is not None:
@@ -427,6 +453,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         summary = {"step": self.step, "finished": self.step >= cfg.train.steps, **last_logs}
+        self.sync_buffers()
         if self.step >= cfg.train.steps and cfg.train.eval_every and self.step % cfg.train.eval_every:
             if self.is_main:
                 summary.update(self._record_eval())
@@ -440,6 +467,8 @@ class Trainer:
         if self.is_main:
             self._log({"event": "end", **summary})
             self.writer.close()
+        if self.distributed:
+            dist.barrier()  # no rank tears the group down while another still uses it
         return summary
 
     def _record_eval(self) -> dict:
@@ -451,6 +480,16 @@ class Trainer:
             atomic_torch_save({"step": self.step, "config": self.cfg.to_dict(), "student": self.student.state_dict(),
                                "score": scores["miou"], "scores": scores}, self.out / "best.pt")
         return record
+
+
+def remove_run_outputs(folder: Path) -> None:
+    import shutil
+    for name in RUN_OUTPUTS:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 @torch.no_grad()
@@ -492,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     trainer = Trainer(cfg, show_progress=not args.no_progress)
     try:
-        summary = trainer.fit(resume=args.resume, stop_after=args.stop_after)
+        summary = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

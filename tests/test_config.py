@@ -7,7 +7,7 @@ from training.config import Config, ConfigError, build_config, load_file, save_c
 
 def test_documented_defaults():
     c = Config()
-    assert (c.model.embed_dim, c.model.max_k, c.model.temperature) == (96, 16, 0.8)
+    assert (c.model.embed_dim, c.model.max_k, c.model.temperature) == (96, 16, 0.1)
     assert c.data.patch_sizes == (256, 512, 1024) and c.data.patch_size == 512
     assert c.data.source == "synthetic" and c.data.require_slic is True
     assert c.autoencoder.enabled is True and c.autoencoder.lambda_recon == 0.01

@@ -8,12 +8,13 @@ from training.models.student_cnn import RunningGroupNorm, StudentEmbeddingNet
 
 @pytest.mark.parametrize("size", [256, 512, 1024, 68])
 def test_student_is_input_size_invariant(size):
+    torch.manual_seed(0)
     net = StudentEmbeddingNet(embed_dim=8, width=16, depth=3, norm_groups=4).eval()
     with torch.no_grad():
         emb, feats = net(torch.rand(1, 3, size, size + 8), return_features=True)
     assert emb.shape == (1, 8, size // 4, (size + 8) // 4)
     assert feats.shape == (1, 16, size // 4, (size + 8) // 4)
-    assert torch.allclose(emb.norm(dim=1), torch.ones(1, size // 4, (size + 8) // 4), atol=1e-5)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(1, size // 4, (size + 8) // 4), atol=1e-4)
 
 
 def test_default_student_matches_config():

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, build_config, parse_overrides, save_config, set_value, validate
+from .augmentations import warp
 from .data.dataset import StepBatchSampler, TwoViewDataset
 from .data.synthetic import SyntheticDataset
 from .device_policy import resolve_device
@@ -39,6 +40,7 @@ from .losses import (EMANormalizer, edge_aware_tv, marginal_entropy_gap, pixel_e
                      recon_loss, scale_neutral_merge, two_view_consistency)
 from .metrics import confusion_matrix, hungarian_scores
 from .models import SoftKMeansHead, TinyReconDecoder, build_student, kmeans_fit
+from .models.soft_kmeans import kmeans_best_of
 
 CHECKPOINT_VERSION = 1
 # What a run writes in its folder; --overwrite removes these and nothing else.
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable); applied last")
     p.add_argument("--synthetic", action="store_true", help="train on the built-in synthetic source")
     p.add_argument("--data-source", choices=["synthetic", "shards", "geotiff"], help="data.source")
+    p.add_argument("--processed-root", "--processed_root", dest="processed_root", help="data.processed_root (shards)")
+    p.add_argument("--dataset-id", "--dataset_id", dest="dataset_id", help="data.dataset_id (shards)")
+    p.add_argument("--raster-paths", "--raster_paths", dest="raster_paths", nargs="+", help="data.raster_paths (geotiff)")
+    p.add_argument("--target-paths", "--target_paths", dest="target_paths", nargs="+",
+                   help="data.target_paths (geotiff, aligned with --raster-paths; metrics only)")
+    p.add_argument("--bands", help="data.bands: 1-based band indices read as RGB, e.g. 1,2,3")
     p.add_argument("--steps", type=int, help="train.steps")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="train.device")
@@ -82,6 +90,8 @@ _FLAG_TO_KEY = {
     "data_source": "data.source", "steps": "train.steps", "seed": "train.seed", "device": "train.device",
     "amp": "train.amp", "checkpoint_dir": "train.checkpoint_dir", "grad_accum": "train.grad_accum",
     "batch_size": "train.batch_size", "patch_sizes": "data.patch_sizes", "lr": "train.lr",
+    "processed_root": "data.processed_root", "dataset_id": "data.dataset_id", "raster_paths": "data.raster_paths",
+    "target_paths": "data.target_paths", "bands": "data.bands",
 }
 
 
@@ -146,13 +156,6 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
                     [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
                     [170, 255, 195]], dtype=np.uint8)
-
-
-def build_source(cfg: Config):
-    if cfg.data.source == "synthetic":
-        return SyntheticDataset(cfg.train.seed, cfg.data.synthetic_classes, cfg.data.synthetic_cells)
-    raise ConfigError(f"data.source={cfg.data.source!r} is not available in this build yet "
-                      "(the shard and GeoTIFF loaders come with the dataset pipeline)")
 
 
 class TrainModule(nn.Module):
@@ -306,7 +309,7 @@ class Trainer:
                 "entropy": pixel_entropy(probs),
                 "marginal": marginal_entropy_gap(probs),
                 "smooth": edge_aware_tv(probs, views, cfg.loss.smooth_edge_alpha),
-                "cluster": pseudo_label_ce(logits),
+                "cluster": self._cluster_term(logits[:n], logits[n:], grid),
             }
             weights = {"consistency": cfg.loss.consistency_weight, "entropy": cfg.loss.entropy_weight,
                        "marginal": cfg.loss.marginal_weight, "smooth": cfg.loss.smooth_weight,
@@ -323,25 +326,65 @@ class Trainer:
         logs["loss/merged"] = float(merged.detach())
         return merged, logs
 
+    def _cluster_term(self, logits1: torch.Tensor, logits2: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Swapped pseudo-labels between the views, both in view-2 layout."""
+        if not self.cfg.loss.cross_view_labels:
+            return 0.5 * (pseudo_label_ce(logits1) + pseudo_label_ce(logits2))
+        warped1 = warp(logits1, grid)
+        return 0.5 * (pseudo_label_ce(logits2, warped1) + pseudo_label_ce(warped1, logits2))
+
     # ----------------------------------------------------------------- eval
     def validation_set(self):
+        """(items, n_classes, ignore_leq) to score on, or None when the data has no labeled validation split.
+
+        synthetic: held-out synthetic images (region types are the labels); shards: the labeled items of
+        ``data.val_split`` with the dataset's IoU ignore threshold; geotiff: none (targets there feed no
+        periodic validation; use python -m training.eval).
+        """
         if self._val is None:
             cfg = self.cfg
-            src = SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes, cfg.data.synthetic_cells)
-            items = [src[(0xE7A1, i, cfg.data.val_size)] for i in range(cfg.data.val_samples)]
-            self._val = [(torch.from_numpy(it["image"]), it["labels"]) for it in items]
-        return self._val
+            if cfg.data.source == "synthetic":
+                src = SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes, cfg.data.synthetic_cells)
+                items = [src[(0xE7A1, i, cfg.data.val_size)] for i in range(cfg.data.val_samples)]
+                self._val = ([(torch.from_numpy(it["image"]), it["labels"]) for it in items],
+                             cfg.data.synthetic_classes, None)
+            elif cfg.data.source == "shards":
+                from .data.sharded_tif_dataset import eval_items, eval_settings
+                try:
+                    items = eval_items(cfg, cfg.data.val_split)
+                except (ValueError, FileNotFoundError) as exc:
+                    self._val = ("none", str(exc))
+                else:
+                    n_classes = int(max(int(lab.max()) for _, lab in items)) + 1
+                    self._val = (items, max(n_classes, 2), eval_settings(cfg)["iou_ignore_label_leq"])
+            else:
+                self._val = ("none", "data.source=geotiff has no validation split")
+            if self._val[0] == "none" and self.is_main:
+                print(f"note: no periodic validation ({self._val[1]}); best.pt is not written", file=sys.stderr)
+        return None if self._val[0] == "none" else self._val
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
         """Global k-means (K = knobs.eval_k) over the validation set's embeddings, Hungarian-matched."""
-        return evaluate_student(self.student, self.validation_set(), self.cfg.knobs.eval_k,
-                                self.cfg.data.synthetic_classes, self.policy.device, self.cfg.train.seed)
+        val = self.validation_set()
+        if val is None:
+            return None
+        items, n_classes, ignore_leq = val
+        return evaluate_student(self.student, items, self.cfg.knobs.eval_k, n_classes, self.policy.device,
+                                self.cfg.train.seed, ignore_leq=ignore_leq)
 
     # ----------------------------------------------------------------- loop
     def _loader(self, start: int, steps: int):
+        """Batches in (step, micro-step, scale) order from ``start``; the same for a resumed run."""
         cfg = self.cfg
-        ds = TwoViewDataset(build_source(cfg), cfg.aug, cfg.train.seed)
+        if cfg.data.source == "shards":
+            from .data.sharded_tif_dataset import shard_batches
+            return shard_batches(cfg, self.rank, self.world, start)
+        if cfg.data.source == "geotiff":
+            from .data.geo_patch_dataset import geotiff_batches
+            return geotiff_batches(cfg, self.rank, self.world, start)
+        ds = TwoViewDataset(SyntheticDataset(cfg.train.seed, cfg.data.synthetic_classes, cfg.data.synthetic_cells),
+                            cfg.aug, cfg.train.seed)
         sampler = StepBatchSampler(start, steps, batches_per_scale(cfg), cfg.train.grad_accum, self.rank)
         kw = {}
         if cfg.data.num_workers > 0:
@@ -473,6 +516,8 @@ class Trainer:
 
     def _record_eval(self) -> dict:
         scores = self.evaluate()
+        if scores is None:
+            return {}
         record = {"step": self.step, "val/accuracy": scores["accuracy"], "val/miou": scores["miou"]}
         self._log(record)
         if scores["miou"] > self.best_score:
@@ -502,7 +547,7 @@ def embed_image(student: nn.Module, image: torch.Tensor, device) -> torch.Tensor
 
 @torch.no_grad()
 def evaluate_student(student: nn.Module, items, k: int, n_classes: int, device, seed: int = 0,
-                     sample: int = 20000) -> dict:
+                     sample: int = 20000, ignore_leq: int | None = None) -> dict:
     """Fit K centres once over all images' embeddings, label every pixel, score with Hungarian matching."""
     was = student.training
     student.eval()
@@ -512,13 +557,13 @@ def evaluate_student(student: nn.Module, items, k: int, n_classes: int, device, 
     flat = torch.cat([e.permute(1, 2, 0).reshape(-1, e.shape[0]) for e in embs])
     if flat.shape[0] > sample:
         flat = flat[torch.randperm(flat.shape[0], generator=gen)[:sample].to(flat.device)]
-    centers = kmeans_fit(flat, k, 20, gen)
+    centers = kmeans_best_of(flat, k, 20, 3, gen)
     conf = np.zeros((k, n_classes), np.int64)
     for e, (img, labels) in zip(embs, items):
         lab = torch.einsum("dhw,kd->khw", e, centers).argmax(0)
         full = F.interpolate(lab[None, None].float(), scale_factor=4, mode="nearest")[0, 0].long().cpu().numpy()
         h, w = full.shape
-        conf += confusion_matrix(full, np.asarray(labels)[:h, :w], k, n_classes)
+        conf += confusion_matrix(full, np.asarray(labels)[:h, :w], k, n_classes, ignore_leq)
     return hungarian_scores(conf)
 
 

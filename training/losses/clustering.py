@@ -36,7 +36,13 @@ def edge_aware_tv(p: torch.Tensor, img: torch.Tensor, alpha: float = 10.0) -> to
     return (torch.exp(-alpha * gx) * dx).mean() + (torch.exp(-alpha * gy) * dy).mean()
 
 
-def pseudo_label_ce(logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the hard (detached) k-means assignment: sharpens clusters."""
-    target = logits.detach().argmax(1)
-    return F.cross_entropy(logits.float(), target)
+def pseudo_label_ce(logits: torch.Tensor, target_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against hard (detached) k-means pseudo-labels.
+
+    With ``target_logits`` (the other view's logits in the same layout) the
+    labels come from the other view: each view learns to predict the cluster its
+    differently-augmented twin falls in (swapped prediction), which teaches
+    invariance rather than mere sharpening.
+    """
+    source = logits if target_logits is None else target_logits
+    return F.cross_entropy(logits.float(), source.detach().argmax(1))

@@ -53,6 +53,20 @@ def kmeans_fit(x: torch.Tensor, k: int, iters: int = 10, generator: Optional[tor
     return F.normalize(c, dim=1).to(dev)
 
 
+@torch.no_grad()
+def kmeans_best_of(x: torch.Tensor, k: int, iters: int = 20, n_init: int = 3,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Best of ``n_init`` k-means runs by total cosine similarity (less dependence on the seeding)."""
+    xn = F.normalize(x.float(), dim=1)
+    best, best_score = None, -float("inf")
+    for _ in range(n_init):
+        c = kmeans_fit(xn, k, iters, generator)
+        score = float((xn @ c.T).max(1).values.sum())
+        if score > best_score:
+            best, best_score = c, score
+    return best
+
+
 class SoftKMeansHead(nn.Module):
     def __init__(self, max_k: int = 16, temperature: float = 0.8, iters: int = 10, sample: int = 4096):
         super().__init__()

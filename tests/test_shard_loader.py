@@ -1,0 +1,246 @@
+"""Shard loaders: epoch partition over ranks x workers, LRU cache, require_slic, crops that are really
+the scheduled size with SLIC / targets aligned, exact resume, rank disjointness, eval items, trainer batch."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.crs import CRS
+from rasterio.transform import Affine
+
+from training.config import build_config
+from training.data.sharded_tif_dataset import (ShardedTifDataset, ShardStepDataset, TileReader, eval_items,
+                                               list_shards, read_index, shard_batches)
+from training.datasets.build_shards import build_dataset
+from training.datasets.header_schema import parse_header
+
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+
+N_UNLABELED, N_LABELED = 12, 6
+
+
+def label_of(x, y):
+    return (x // 8 + y // 8) % 4
+
+
+def write_tif(path, data, georef=True):
+    profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2], "count": data.shape[0],
+               "dtype": data.dtype.name}
+    if georef:
+        profile.update(crs=CRS.from_epsg(3857), transform=Affine(1.0, 0, 1000.0, 0, -1.0, 2000.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+
+
+def coord_tile(t, h, w):
+    """R = x, G = y, B = 10 * tile: every pixel says where it comes from."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx, yy, np.full_like(xx, 10 * t)]).astype(np.uint8)
+
+
+def decode(image):
+    """(3, S, S) float image -> x, y, tile arrays."""
+    v = torch.round(image * 255).long().numpy()
+    return v[0], v[1], v[2] // 10
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    base = tmp_path_factory.mktemp("shards")
+    sizes = {}
+    for t in range(N_UNLABELED + N_LABELED):
+        h, w = (62, 78) if t % 5 == 0 else (64, 80)
+        sizes[t] = (h, w)
+        write_tif(base / "src" / "img" / f"t{t:02d}.tif", coord_tile(t, h, w))
+        if t >= N_UNLABELED:
+            yy, xx = np.mgrid[0:h, 0:w]
+            write_tif(base / "src" / "lab" / f"t{t:02d}.tif", label_of(xx, yy).astype(np.uint8)[None], georef=False)
+    header = parse_header({
+        "dataset_id": "coords", "version": "1", "description": "coordinate tiles", "source_root": str(base / "src"),
+        "modalities": [{"name": "rgb", "role": "input", "pattern": "img/*.tif"},
+                       {"name": "lab", "role": "target", "pattern": "lab/*.tif"}],
+        "splits": {"seed": 1}, "sharding": {"shard_size": 2}}, base / "h.yaml")
+    build_dataset(header, base / "proc", threads=2, progress=False)
+    return {"root": base / "proc", "sizes": sizes}
+
+
+def make_cfg(shards, *extra, steps=5):
+    return build_config(None, ["data.source=shards", f"data.processed_root={shards['root']}",
+                               "data.dataset_id=coords", "data.patch_sizes=32,48", "data.patch_size=32",
+                               "train.batch_size=3", f"train.steps={steps}", "train.grad_accum=2", *extra])
+
+
+def npz_of(shards, tile):
+    path = next(shards["root"].glob(f"coords/*/shard-*/slic/t{tile:02d}.npz"))
+    return np.load(path)
+
+
+def test_epoch_partition_two_workers_two_ranks(shards):
+    all_shards = list_shards(shards["root"], "coords", "train")
+    assert len(all_shards) == N_UNLABELED // 2
+    expected = sorted(e["item_id"] for s in all_shards for e in read_index(s))
+    seen = []
+    for rank in (0, 1):
+        ds = ShardedTifDataset(all_shards, rank=rank, world=2, seed=3)
+        ids = [b["item_id"] for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+        mine = {e["item_id"] for w in range(2) for s in ds.shards_for(w, 2) for e in read_index(s)}
+        assert sorted(ids) == sorted(mine)
+        seen += ids
+    assert sorted(seen) == expected                      # every item exactly once over 2 ranks x 2 workers
+    ds = ShardedTifDataset(all_shards, seed=3)
+    first = [b["item_id"] for b in ds]
+    ds.set_epoch(1)
+    second = [b["item_id"] for b in ds]
+    assert sorted(first) == sorted(second) == expected and first != second
+    item = next(iter(ds))
+    assert item["slic"].shape[0] == 3 and item["slic"].shape[1:] == item["image"].shape[1:]
+
+
+def test_lru_cache_per_reader(shards):
+    shard = list_shards(shards["root"], "coords", "val")[0]
+    es = read_index(shard)
+    plain, lru = TileReader(True), TileReader(True, "lru", cache_max_items=1)
+    for _ in range(2):
+        for e in es:
+            a, b = plain.read(shard, e, (3, 5, 20, 30)), lru.read(shard, e, (3, 5, 20, 30))
+            for k in ("image", "slic", "boundary", "labels"):
+                assert np.array_equal(a[k], b[k]), k
+    assert (lru.misses, lru.hits) == (4, 0) and len(lru._cache) == 1   # 2 items, room for 1: always evicted
+    big = TileReader(True, "lru", cache_max_items=0)
+    for _ in range(3):
+        for e in es:
+            big.read(shard, e, (0, 0, 16, 16))
+    assert (big.misses, big.hits) == (2, 4)
+
+
+def test_require_slic_raises_on_a_shard_without_slic(shards, tmp_path):
+    root = tmp_path / "proc"
+    shutil.copytree(shards["root"], root)
+    victim = list_shards(root, "coords", "train")[1]
+    shutil.rmtree(victim / "slic")
+    cfg = make_cfg({"root": root})
+    with pytest.raises(FileNotFoundError, match="require_slic"):
+        shard_batches(cfg, 0, 1, 0)
+    with pytest.raises(FileNotFoundError, match="require_slic"):
+        ShardedTifDataset(list_shards(root, "coords", "train"), require_slic=True)
+    cfg.data.require_slic = False
+    batch = next(iter(shard_batches(cfg, 0, 1, 0)))
+    assert "slic" not in batch and batch["image"].shape[-1] == 32
+
+
+def test_crops_are_the_scheduled_size_and_everything_is_aligned(shards):
+    cfg = make_cfg(shards, "data.train_split=val", steps=3)
+    batches = list(shard_batches(cfg, 0, 1, 0))
+    assert len(batches) == 3 * 2 * 2
+    sizes = [b["image"].shape[-1] for b in batches]
+    assert sizes == [32, 48] * 6
+    cache = {}
+    for b in batches:
+        n, _, s, _ = b["image"].shape
+        assert b["view1"].shape == b["view2"].shape == (n, 3, s, s) and b["grid"].shape == (n, s, s, 2)
+        assert b["slic"].shape == (n, 3, s, s) and b["slic"].dtype == torch.int32
+        assert b["slic_boundary"].shape == (n, s, s) and b["labels"].shape == (n, s, s)
+        assert b["labels"].dtype == torch.int64
+        assert 0 <= float(b["view1"].min()) and float(b["view1"].max()) <= 1
+        for i in range(n):
+            x, y, t = decode(b["image"][i])
+            assert len(np.unique(t)) == 1
+            t = int(t[0, 0])
+            # a real s x s window of the tile (no resampling): s distinct consecutive columns and rows
+            for coord in (x, y):
+                u = np.unique(coord)
+                assert len(u) == s and u[-1] - u[0] == s - 1
+            assert np.array_equal(b["labels"][i].numpy(), label_of(x, y))
+            z = cache.setdefault(t, npz_of(shards, t))
+            for si, scale in enumerate(("fine", "medium", "coarse")):
+                assert np.array_equal(b["slic"][i, si].numpy(), z[f"labels_{scale}"][y, x])
+            assert np.array_equal(b["slic_boundary"][i].numpy(), z["boundary_medium"][y, x])
+
+
+def test_resume_equals_tail_and_workers_do_not_change_batches(shards):
+    cfg = make_cfg(shards, steps=5)
+    full = list(shard_batches(cfg, 0, 1, 0))
+    assert len(full) == 5 * 2 * 2
+    tail = list(shard_batches(cfg, 0, 1, 3))
+    assert len(tail) == 2 * 2 * 2
+    for a, b in zip(full[-len(tail):], tail):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    cfg.data.num_workers = 2
+    again = list(shard_batches(cfg, 0, 1, 0))
+    for a, b in zip(full, again):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert "labels" not in full[0]  # the train split has no targets
+
+
+def test_ranks_see_different_tiles_and_epochs_cycle(shards):
+    cfg = make_cfg(shards, steps=4)
+    tiles = []
+    for rank in (0, 1):
+        seen = set()
+        for b in shard_batches(cfg, rank, 2, 0):
+            for img in b["image"]:
+                seen.add(int(decode(img)[2][0, 0]))
+        tiles.append(seen)
+    assert tiles[0] and tiles[1] and not tiles[0] & tiles[1]
+    ds = ShardStepDataset(cfg, 0, 2)
+    n_items = len(ds.items)
+    n = ds.sizes_and_batches[0][1]
+    draws = [ds.item_index(step, micro, 0, j) for step in range(0, 40) for micro in range(2) for j in range(n)]
+    for e in range(3):  # each epoch: every item of this rank once
+        assert sorted(draws[e * n_items:(e + 1) * n_items]) == list(range(n_items))
+
+
+def test_small_tiles_policy(shards):
+    cfg = make_cfg(shards, "data.patch_sizes=32,96", steps=2)
+    with pytest.raises(ValueError, match="data.small_tiles"):
+        shard_batches(cfg, 0, 1, 0)
+    cfg.data.small_tiles = "pad"
+    cfg.data.train_split = "val"
+    b = [b for b in shard_batches(cfg, 0, 1, 0) if b["image"].shape[-1] == 96][0]
+    assert b["image"].shape[1:] == (3, 96, 96) and b["slic"].shape[-1] == 96
+    assert (b["labels"] == -1).float().mean() > 0.2       # the padding carries no labels
+    cfg.data.small_tiles = "error"
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        shard_batches(cfg, 0, 1, 0)
+
+
+def test_eval_items(shards):
+    cfg = make_cfg(shards)
+    items = eval_items(cfg, "val")
+    assert len(items) == 4
+    for image, labels in items:
+        assert image.dtype == torch.float32 and labels.dtype == np.int64
+        h, w = labels.shape
+        assert image.shape == (3, h, w) and h % 4 == 0 and w % 4 == 0 and (h, w) in ((60, 76), (64, 80))
+        x, y, _ = decode(image)
+        assert np.array_equal(labels, label_of(x, y))
+    with pytest.raises(ValueError, match="no labeled items"):
+        eval_items(cfg, "train")
+    with pytest.raises(FileNotFoundError, match="splits: metrics_train, train, val"):
+        eval_items(cfg, "test")
+
+
+def test_cli_trains_end_to_end_on_shards_and_validates_on_val(shards, tiny_overrides, tmp_path):
+    import json
+
+    from training.train_distill import main
+    run = tmp_path / "run"
+    args = ["--data-source", "shards", "--processed-root", str(shards["root"]), "--dataset-id", "coords",
+            "--steps", "2", "--device", "cpu", "--checkpoint_dir", str(run), "--no-progress"]
+    for o in tiny_overrides + ["train.eval_every=1", "data.patch_sizes=32,48", "knobs.eval_k=4"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in log if "val/miou" in r]
+    assert [r["step"] for r in vals] == [0, 1, 2]
+    assert all(0.0 <= r["val/miou"] <= 1.0 for r in vals)
+    assert (run / "best.pt").is_file()
+    assert all("loss/consistency/48" in r for r in log if "loss/merged" in r and "event" not in r)
+    assert json.loads((run / "config.json").read_text())["data"]["source"] == "shards"

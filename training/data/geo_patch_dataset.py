@@ -1,0 +1,186 @@
+"""Training data as random windows of whole GeoTIFFs (``data.source=geotiff``).
+
+``data.raster_paths`` are read with rasterio windows, never whole: each item
+is one ``S x S`` window (``S`` = the scheduled patch size) of a raster drawn
+with probability proportional to its area. Inputs are 8-bit; ``data.bands``
+(1-based) picks the three bands read as RGB, e.g. ``1,2,3`` of an RGBN NAIP
+file. Nodata comes from the raster's masks (nodata value, alpha or internal
+mask): a window with more than ``data.max_nodata_fraction`` nodata pixels is
+redrawn (up to 10 tries, then the emptiest of them is used). Optional
+``data.target_paths`` (one per raster, same pixel grid) give ``labels``
+(int64, -1 at nodata) for metrics only.
+
+Batches follow the trainer's (step, micro-step, patch size) order and are a
+pure function of ``train.seed``, the rank and those numbers (see
+``sharded_tif_dataset``), so resuming is exact and ranks draw different
+windows. No SLIC here: superpixels are precomputed by the shard builder only,
+never at training time, so use shards when the SLIC losses are on. Rasters
+smaller than ``S`` follow ``data.small_tiles`` (skip | pad | error).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from .sharded_tif_dataset import (NODATA_TRIES, _item_rng, choose_window, collate, eligible_for_size,
+                                  finish_item, pad_to, step_loader)
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    path: str
+    height: int
+    width: int
+    bands: tuple
+    has_nodata: bool               # a nodata value, alpha band or mask: windows need their masks read
+    target_path: Optional[str] = None
+    target_nodata: Optional[float] = None
+
+
+def _open(path):
+    import rasterio
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rasterio.open(path)
+
+
+def inspect_rasters(raster_paths, target_paths=(), bands=(1, 2, 3)) -> list[RasterInfo]:
+    """Check the rasters (and targets) once, from their headers; errors name the file and what to change."""
+    from rasterio.enums import MaskFlags
+    raster_paths, target_paths, bands = list(raster_paths), list(target_paths or ()), tuple(int(b) for b in bands)
+    if not raster_paths:
+        raise ValueError("config key 'data.raster_paths': no rasters given")
+    if target_paths and len(target_paths) != len(raster_paths):
+        raise ValueError(f"config key 'data.target_paths': {len(target_paths)} targets for {len(raster_paths)} "
+                         "rasters; give one target per raster (same order) or none")
+    if len(bands) != 3 or min(bands) < 1:
+        raise ValueError(f"config key 'data.bands': expected three 1-based band numbers, got {bands}")
+    out = []
+    for i, path in enumerate(raster_paths):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.raster_paths[{i}]: {path} not found")
+        with _open(path) as src:
+            if max(bands) > src.count:
+                raise ValueError(f"{path} has {src.count} band(s); data.bands={list(bands)} selects band "
+                                 f"{max(bands)} (set data.bands to pick the RGB bands)")
+            dtypes = {src.dtypes[b - 1] for b in bands}
+            if dtypes != {"uint8"}:
+                raise ValueError(f"{path}: bands {list(bands)} are {'/'.join(sorted(dtypes))}; inputs must be 8-bit "
+                                 "RGB (convert or rescale the raster to uint8 first)")
+            flags = [src.mask_flag_enums[b - 1] for b in bands]
+            has_nodata = src.nodata is not None or any(MaskFlags.all_valid not in f for f in flags)
+            shape, crs, transform = (src.height, src.width), src.crs, src.transform
+        tpath, tnodata = None, None
+        if target_paths:
+            tpath = target_paths[i]
+            if not Path(tpath).is_file():
+                raise FileNotFoundError(f"data.target_paths[{i}]: {tpath} not found")
+            with _open(tpath) as t:
+                if t.count != 1 or np.dtype(t.dtypes[0]).kind not in "iu":
+                    raise ValueError(f"{tpath}: a target must be one band of integer class ids "
+                                     f"(has {t.count} band(s) of {t.dtypes[0]})")
+                if (t.height, t.width) != shape:
+                    raise ValueError(f"{tpath} is {t.height}x{t.width} but {path} is {shape[0]}x{shape[1]}; "
+                                     "targets must be on the raster's pixel grid")
+                if t.crs is not None and crs is not None and (t.crs != crs or not t.transform.almost_equals(transform)):
+                    raise ValueError(f"{tpath} is not aligned with {path} (CRS or transform differ)")
+                tnodata = t.nodata
+        out.append(RasterInfo(str(path), shape[0], shape[1], bands, bool(has_nodata), tpath,
+                              None if tnodata is None else float(tnodata)))
+    return out
+
+
+class GeoPatchDataset(torch.utils.data.Dataset):
+    """``ds[(step, micro, scale_index)]`` is that batch of windows for this rank."""
+
+    def __init__(self, cfg, rank: int = 0, world: int = 1):
+        from ..train_distill import batches_per_scale  # late: train_distill imports the loaders
+        d = cfg.data
+        self.seed, self.rank, self.world, self.aug = cfg.train.seed, rank, world, cfg.aug
+        self.grad_accum = cfg.train.grad_accum
+        self.sizes_and_batches = batches_per_scale(cfg)
+        self.max_nodata = float(cfg.data.max_nodata_fraction)
+        self.rasters = inspect_rasters(d.raster_paths, d.target_paths, d.bands)
+        self.with_labels = bool(d.target_paths)
+        policy = cfg.data.small_tiles
+        sizes = [(r.height, r.width) for r in self.rasters]
+        self.eligible = [eligible_for_size(sizes, s, policy, "rasters of data.raster_paths")
+                         for s, _ in self.sizes_and_batches]
+        self.weights = []
+        for el in self.eligible:
+            area = np.array([self.rasters[i].height * self.rasters[i].width for i in el], dtype=np.float64)
+            self.weights.append(area / area.sum())
+        self._handles: dict = {}
+        self._pid = None
+
+    def __getstate__(self):  # open dataset handles never cross a process boundary
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = {}, None
+        return state
+
+    def _src(self, path: str):
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = _open(path)
+        return h
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles = {}
+
+    def read_window(self, r: RasterInfo, window: tuple) -> dict:
+        """{'image' (3,h,w) uint8, 'valid' (h,w) bool, 'labels' (h,w) int64 or None} of (row, col, h, w)."""
+        from rasterio.windows import Window
+        win = Window(window[1], window[0], window[3], window[2])
+        src = self._src(r.path)
+        image = src.read(list(r.bands), window=win)
+        if r.has_nodata:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # NodataShadowWarning on RGBN files: the nodata value is what we want
+                masks = src.read_masks(list(r.bands), window=win)
+            valid = np.all(masks > 0, axis=0)
+        else:
+            valid = np.ones(image.shape[1:], dtype=bool)
+        labels = None
+        if r.target_path is not None:
+            labels = self._src(r.target_path).read(1, window=win).astype(np.int64)
+            if r.target_nodata is not None:
+                labels[labels == int(r.target_nodata)] = -1
+            labels[~valid] = -1
+        return {"image": image, "valid": valid, "labels": labels}
+
+    def sample(self, si: int, size: int, rng: np.random.Generator) -> dict:
+        """One window at scale ``si``: raster by area, position uniform, redrawn while mostly nodata."""
+        best = None
+        for _ in range(NODATA_TRIES):
+            r = self.rasters[self.eligible[si][int(rng.choice(len(self.eligible[si]), p=self.weights[si]))]]
+            crop = self.read_window(r, choose_window(r.height, r.width, size, rng))
+            bad = 1.0 - float(crop["valid"].mean())
+            if best is None or bad < best[0]:
+                best = (bad, crop)
+            if bad <= self.max_nodata:
+                break
+        return pad_to(best[1], size)
+
+    def __getitem__(self, key) -> dict:
+        step, micro, si = (int(k) for k in key)
+        size, n = self.sizes_and_batches[si]
+        items = []
+        for j in range(n):
+            rng = _item_rng(self.seed, 0x6E0, self.rank, step, micro, si, j)
+            items.append(finish_item(self.sample(si, size, rng), rng, self.aug, self.with_labels, False))
+        return collate(items)
+
+
+def geotiff_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:
+    """Batches of random windows for this rank, in the trainer's (step, micro, scale) order."""
+    return step_loader(GeoPatchDataset(cfg, rank, world), cfg, start_step)

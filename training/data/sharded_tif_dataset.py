@@ -1,0 +1,482 @@
+"""Training data from shards written by ``python -m training.datasets.build_shards``.
+
+Layout read here: ``<processed_root>/<dataset_id>/<split>/shard-NNNNN/`` with
+``index.jsonl``, ``inputs/*.tif``, ``targets/*.tif`` and ``slic/*.npz``
+(see docs/dataset/HEADERS.md).
+
+Two ways to draw items, one reader:
+
+* ``ShardedTifDataset``: an ``IterableDataset`` that makes one pass (an
+  epoch) over a split. Shard folders are dealt to (DDP rank, DataLoader
+  worker) slots, ``shard i -> slot i % (world * workers)``, so in one epoch
+  every item is seen exactly once across all ranks and workers.
+* ``shard_batches(cfg, rank, world, start_step)``: the trainer's stream, one
+  batch per (step, micro-step, patch size), in the order of
+  ``training.data.dataset.StepBatchSampler``. Shards are dealt to ranks
+  (``shard i -> rank i % world``); each rank draws its items in epochs (a
+  seeded permutation per epoch and scale, cycling forever). What batch
+  ``(step, micro, scale)`` holds is a pure function of the seed, the rank and
+  those three numbers, so a run resumed at ``start_step`` sees exactly the
+  batches of the uninterrupted run, whatever ``data.num_workers`` is (a
+  resumed run may change it). DataLoader workers only build batches.
+
+A training item is a random crop of exactly the scheduled patch size ``S``:
+RGB, the three SLIC scales, the boundary mask and the target are cropped with
+the same window and given the same random flip / quarter turn, then
+``training.augmentations.make_views`` makes the two views (per-pixel extras
+are in the clean / view-1 frame, as for the synthetic source). Tiles smaller
+than ``S`` follow ``data.small_tiles``: ``skip`` (default; such tiles are not
+drawn at that scale, and a scale no tile can serve is an error), ``pad``
+(mirror-padded up to ``S``, labels -1 in the padding) or ``error``.
+
+Batch keys: ``view1``, ``view2`` (B, 3, S, S) float32 in [0, 1], ``grid``
+(B, S, S, 2), ``geo`` (B, 3), ``image`` (B, 3, S, S), ``slic`` (B, 3, S, S)
+int32 (fine, medium, coarse ids), ``slic_boundary`` (B, S, S) uint8 (medium
+scale), and ``labels`` (B, S, S) int64 (-1 = no target / nodata) when the
+split has labeled items. Targets are for metrics only.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from ..augmentations import apply_geometric, make_views, sample_geometric
+from ..datasets.superpixels import read_npz
+
+NODATA_TRIES = 10
+
+
+# --------------------------------------------------------------------------- shard index
+
+def split_dir(processed_root: str | Path, dataset_id: str, split: str) -> Path:
+    return Path(processed_root) / dataset_id / split
+
+
+def list_shards(processed_root: str | Path, dataset_id: str, split: str) -> list[Path]:
+    """Shard folders of a split, in name order. A missing split is an error that lists the ones present."""
+    root = Path(processed_root) / dataset_id
+    if not root.is_dir():
+        raise FileNotFoundError(f"no shards for dataset {dataset_id!r} under {processed_root} "
+                                "(build them with: python -m training.datasets.build_shards)")
+    d = root / split
+    if not d.is_dir():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and p.name != "previews")
+        raise FileNotFoundError(f"dataset {dataset_id!r} has no split {split!r} (splits: {', '.join(present)})")
+    shards = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("shard-"))
+    for s in shards:
+        if not (s / "index.jsonl").is_file():
+            raise FileNotFoundError(f"{s} has no index.jsonl: an incomplete shard (rebuild with build_shards)")
+    if not shards:
+        raise FileNotFoundError(f"{d} has no shards")
+    return shards
+
+
+def read_index(shard: Path) -> list[dict]:
+    with (Path(shard) / "index.jsonl").open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def shard_has_slic(shard: Path, entries: list[dict]) -> bool:
+    return (Path(shard) / "slic").is_dir() and all(e.get("slic") for e in entries)
+
+
+def check_slic(shard: Path, entries: list[dict]) -> None:
+    if not shard_has_slic(shard, entries):
+        raise FileNotFoundError(f"shard {shard} has no SLIC superpixels and data.require_slic is true; "
+                                "rebuild it with python -m training.datasets.build_shards "
+                                "(or set data.require_slic=false)")
+
+
+def eval_settings(cfg) -> dict:
+    """The dataset's ``validation_metrics`` (IoU ignore threshold, averaging) from the built shards."""
+    path = Path(cfg.data.processed_root) / cfg.data.dataset_id / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: build the shards first")
+    vm = json.loads(path.read_text())["validation_metrics"]
+    return {"iou_ignore_label_leq": int(vm["iou_ignore_label_leq"]), "iou_average": vm["iou_average"]}
+
+
+# --------------------------------------------------------------------------- reading tiles
+
+def _open_raster(path: Path):
+    import warnings
+
+    import rasterio
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # targets without georeference are fine here
+        return rasterio.open(path)
+
+
+class TileReader:
+    """Reads a shard item (whole or a window). With ``cache_mode='lru'`` whole tiles are kept in an LRU
+    of ``cache_max_items`` (0 = unbounded); each DataLoader worker holds its own copy."""
+
+    def __init__(self, want_slic: bool, cache_mode: str = "none", cache_max_items: int = 0):
+        if cache_mode not in ("none", "lru"):
+            raise ValueError(f"config key 'data.cache_mode': {cache_mode!r} is not one of none, lru")
+        self.want_slic, self.cache_mode, self.cache_max_items = want_slic, cache_mode, int(cache_max_items)
+        self._cache: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def read(self, shard: Path, entry: dict, window: Optional[tuple] = None) -> dict:
+        """{'image' (3,h,w) uint8, 'valid' (h,w) bool, 'slic' (3,h,w) int32, 'boundary' (h,w) uint8,
+        'labels' (h,w) int64 or None}. ``window`` = (row, col, height, width)."""
+        if self.cache_mode == "lru":
+            key = (str(shard), entry["item_id"])
+            tile = self._cache.get(key)
+            if tile is None:
+                self.misses += 1
+                tile = self._read(shard, entry, None)
+                self._cache[key] = tile
+                if self.cache_max_items and len(self._cache) > self.cache_max_items:
+                    self._cache.popitem(last=False)
+            else:
+                self.hits += 1
+                self._cache.move_to_end(key)
+            return _slice_tile(tile, window)
+        return self._read(shard, entry, window)
+
+    def _read(self, shard: Path, entry: dict, window) -> dict:
+        from rasterio.windows import Window
+        shard = Path(shard)
+        win = None if window is None else Window(window[1], window[0], window[3], window[2])
+        with _open_raster(shard / entry["input"]) as src:
+            image = src.read(window=win)
+        valid = np.ones(image.shape[1:], dtype=bool)
+        if entry.get("nodata") is not None:
+            valid = ~np.all(image == entry["nodata"], axis=0)
+        labels = None
+        if entry.get("has_target"):
+            with _open_raster(shard / entry["target"]) as src:
+                t = src.read(1, window=win).astype(np.int64)
+            if entry.get("target_nodata") is not None:
+                t[t == int(entry["target_nodata"])] = -1
+            t[~valid] = -1
+            labels = t
+        out = {"image": image, "valid": valid, "labels": labels, "slic": None, "boundary": None}
+        if self.want_slic:
+            path = shard / entry["slic"] if entry.get("slic") else None
+            if path is None or not path.is_file():
+                raise FileNotFoundError(f"{shard}: item {entry['item_id']!r} has no superpixel file "
+                                        f"({entry.get('slic')}); rebuild the shards")
+            sp = read_npz(path, window)
+            out.update(slic=sp["labels"], boundary=sp["boundary"][1])
+        return out
+
+
+def _slice_tile(tile: dict, window) -> dict:
+    if window is None:
+        return tile
+    r, c, h, w = window
+    return {k: (None if v is None else v[..., r:r + h, c:c + w]) for k, v in tile.items()}
+
+
+# --------------------------------------------------------------------------- crops and items
+
+def choose_window(h: int, w: int, size: int, rng: np.random.Generator) -> tuple:
+    """Random (row, col, height, width) of a size x size window; a side shorter than size is taken whole."""
+    wh, ww = min(h, size), min(w, size)
+    return int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1)), wh, ww
+
+
+def pad_to(arrays: dict, size: int) -> dict:
+    """Mirror-pad every per-pixel array to size x size (labels get -1 in the padding, 'valid' False)."""
+    out = {}
+    for k, v in arrays.items():
+        if v is None:
+            out[k] = None
+            continue
+        h, w = v.shape[-2:]
+        ph, pw = size - h, size - w
+        if ph == 0 and pw == 0:
+            out[k] = v
+            continue
+        spec = [(0, 0)] * (v.ndim - 2) + [(0, ph), (0, pw)]
+        if k == "labels":
+            out[k] = np.pad(v, spec, constant_values=-1)
+        elif k == "valid":
+            out[k] = np.pad(v, spec, constant_values=False)
+        else:
+            out[k] = np.pad(v, spec, mode="symmetric")
+    return out
+
+
+def finish_item(crop: dict, rng: np.random.Generator, aug, with_labels: bool, with_slic: bool) -> dict:
+    """Joint random flip / quarter turn of every per-pixel array, then the two views of the image."""
+    hflip, vflip, rot = sample_geometric(rng, aug, square=True)
+    geo = lambda a: apply_geometric(torch.from_numpy(np.ascontiguousarray(a)), hflip, vflip, rot).contiguous()
+    image = geo(crop["image"]).float().div_(255.0)
+    out = make_views(image, rng, aug)
+    out["image"] = image
+    if with_slic:
+        out["slic"] = geo(crop["slic"].astype(np.int32))
+        out["slic_boundary"] = geo(crop["boundary"].astype(np.uint8))
+    if with_labels:
+        labels = crop["labels"] if crop.get("labels") is not None else np.full(crop["image"].shape[1:], -1, np.int64)
+        out["labels"] = geo(labels.astype(np.int64))
+    return out
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def eligible_for_size(sizes: list[tuple[int, int]], size: int, policy: str, what: str) -> list[int]:
+    """Indices of sources (height, width) that can give a size x size crop under ``data.small_tiles``."""
+    if policy == "pad":
+        return list(range(len(sizes)))
+    ok = [i for i, (h, w) in enumerate(sizes) if h >= size and w >= size]
+    if policy == "error" and len(ok) < len(sizes):
+        small = [sizes[i] for i in range(len(sizes)) if i not in set(ok)]
+        raise ValueError(f"{len(small)} {what} are smaller than the patch size {size} (e.g. {small[0][0]}x"
+                         f"{small[0][1]}) and data.small_tiles=error; lower data.patch_sizes or set "
+                         "data.small_tiles=skip|pad")
+    if not ok:
+        big = max(sizes, key=lambda s: min(s)) if sizes else (0, 0)
+        raise ValueError(f"no {what} is at least {size}x{size} (largest: {big[0]}x{big[1]}), so patch size "
+                         f"{size} cannot be served with data.small_tiles=skip; lower data.patch_sizes or set "
+                         "data.small_tiles=pad")
+    return ok
+
+
+class EpochDraws:
+    """The k-th draw of a stream over n items: epoch k // n, position k % n of that epoch's permutation."""
+
+    def __init__(self, n: int, seed: int, *tags: int):
+        self.n, self.seed, self.tags = n, seed, tags
+        self._perms: OrderedDict = OrderedDict()
+
+    def __getitem__(self, k: int) -> int:
+        epoch, pos = divmod(int(k), self.n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, 0xE90C, *self.tags, epoch]).permutation(self.n)
+            self._perms[epoch] = perm
+            if len(self._perms) > 4:
+                self._perms.popitem(last=False)
+        return int(perm[pos])
+
+
+class StepKeys(torch.utils.data.Sampler):
+    """(step, micro, scale_index) for every batch of the trainer's loop from ``start_step`` to ``steps``."""
+
+    def __init__(self, start_step: int, steps: int, grad_accum: int, n_scales: int):
+        self.start_step, self.steps, self.grad_accum, self.n_scales = start_step, steps, grad_accum, n_scales
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            for micro in range(self.grad_accum):
+                for si in range(self.n_scales):
+                    yield (step, micro, si)
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step) * self.grad_accum * self.n_scales
+
+
+def step_loader(dataset, cfg, start_step: int) -> torch.utils.data.DataLoader:
+    """DataLoader over pre-built batches keyed by (step, micro, scale), with the data.* performance knobs."""
+    keys = StepKeys(start_step, cfg.train.steps, cfg.train.grad_accum, len(cfg.data.patch_sizes))
+    kw = {}
+    if cfg.data.num_workers > 0:
+        kw = {"prefetch_factor": cfg.data.prefetch_factor, "persistent_workers": cfg.data.persistent_workers}
+    return torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=None, num_workers=cfg.data.num_workers,
+                                       pin_memory=cfg.data.pin_memory, **kw)
+
+
+def _item_rng(seed: int, kind: int, rank: int, step: int, micro: int, si: int, j: int) -> np.random.Generator:
+    return np.random.default_rng([seed, kind, rank, step, micro, si, j])
+
+
+# --------------------------------------------------------------------------- the trainer's stream
+
+class ShardStepDataset(torch.utils.data.Dataset):
+    """Map-style: ``ds[(step, micro, scale_index)]`` is that batch of this rank (see module docstring)."""
+
+    def __init__(self, cfg, rank: int, world: int, split: Optional[str] = None):
+        from ..train_distill import batches_per_scale  # late: train_distill imports this module
+        d = cfg.data
+        self.seed, self.rank, self.world, self.aug = cfg.train.seed, rank, world, cfg.aug
+        self.grad_accum = cfg.train.grad_accum
+        self.sizes_and_batches = batches_per_scale(cfg)
+        self.split = split or d.train_split
+        self.max_nodata = float(cfg.data.max_nodata_fraction)
+        policy = cfg.data.small_tiles
+        shards = list_shards(d.processed_root, d.dataset_id, self.split)
+        if len(shards) < world:
+            raise ValueError(f"split {self.split!r} of {d.dataset_id!r} has {len(shards)} shard(s), fewer than the "
+                             f"{world} ranks; rebuild with a smaller --shard-size so every rank gets a shard")
+        mine = shards[rank::world]
+        self.items: list[tuple[str, dict]] = []
+        has_slic = True
+        for shard in mine:
+            entries = read_index(shard)
+            if d.require_slic:
+                check_slic(shard, entries)
+            has_slic &= shard_has_slic(shard, entries)
+            self.items += [(str(shard), e) for e in entries]
+        if not self.items:
+            raise ValueError(f"rank {rank}: the shards of split {self.split!r} hold no items")
+        self.with_slic = has_slic
+        self.with_labels = any(e.get("has_target") for _, e in self.items)
+        sizes = [(e["height"], e["width"]) for _, e in self.items]
+        self.eligible = [eligible_for_size(sizes, s, policy, f"tiles of split {self.split!r} (rank {rank})")
+                         for s, _ in self.sizes_and_batches]
+        self.draws = [EpochDraws(len(el), self.seed, rank, si) for si, el in enumerate(self.eligible)]
+        self.reader = TileReader(self.with_slic, d.cache_mode, d.cache_max_items)
+
+    def eligible_counts(self) -> dict:
+        return {s: (len(el), len(self.items)) for (s, _), el in zip(self.sizes_and_batches, self.eligible)}
+
+    def item_index(self, step: int, micro: int, si: int, j: int) -> int:
+        """Index into ``self.items`` of slot j of batch (step, micro, scale si)."""
+        n = self.sizes_and_batches[si][1]
+        k = (step * self.grad_accum + micro) * n + j
+        return self.eligible[si][self.draws[si][k]]
+
+    def __getitem__(self, key) -> dict:
+        step, micro, si = (int(k) for k in key)
+        size, n = self.sizes_and_batches[si]
+        out = []
+        for j in range(n):
+            shard, entry = self.items[self.item_index(step, micro, si, j)]
+            rng = _item_rng(self.seed, 0xC209, self.rank, step, micro, si, j)
+            crop = self._crop(shard, entry, size, rng)
+            out.append(finish_item(crop, rng, self.aug, self.with_labels, self.with_slic))
+        return collate(out)
+
+    def _crop(self, shard: str, entry: dict, size: int, rng: np.random.Generator) -> dict:
+        h, w = entry["height"], entry["width"]
+        tries = NODATA_TRIES if entry.get("nodata_fraction", 0.0) > 0 else 1
+        best = None
+        for _ in range(tries):
+            window = choose_window(h, w, size, rng)
+            crop = self.reader.read(Path(shard), entry, window)
+            bad = 1.0 - float(crop["valid"].mean())
+            if best is None or bad < best[0]:
+                best = (bad, crop)
+            if bad <= self.max_nodata:
+                break
+        return pad_to(best[1], size)
+
+
+def shard_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:
+    """Batches of the training split for this rank, in the trainer's (step, micro, scale) order."""
+    ds = ShardStepDataset(cfg, rank, world)
+    return step_loader(ds, cfg, start_step)
+
+
+def eval_items(cfg, split: str) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Every labeled item of a split: ((3, H, W) float32 in [0, 1], (H, W) int64 labels, -1 = nodata),
+    sides cropped to multiples of 4. Loads whole tiles: meant for validation splits of moderate size."""
+    d = cfg.data
+    reader = TileReader(want_slic=False)
+    out = []
+    for shard in list_shards(d.processed_root, d.dataset_id, split):
+        for entry in read_index(shard):
+            if not entry.get("has_target"):
+                continue
+            tile = reader.read(shard, entry)
+            h, w = tile["image"].shape[1:]
+            h4, w4 = h - h % 4, w - w % 4
+            image = torch.from_numpy(np.ascontiguousarray(tile["image"][:, :h4, :w4])).float().div_(255.0)
+            out.append((image, np.ascontiguousarray(tile["labels"][:h4, :w4])))
+    if not out:
+        raise ValueError(f"split {split!r} of dataset {d.dataset_id!r} has no labeled items to evaluate on")
+    return out
+
+
+# --------------------------------------------------------------------------- epoch iteration
+
+class ShardedTifDataset(torch.utils.data.IterableDataset):
+    """One epoch over the items of some shards, shards dealt to (rank, worker) slots.
+
+    Slot ``rank * num_workers + worker`` of ``world * num_workers`` reads shards
+    ``i`` with ``i % (world * num_workers) == slot``: every item is yielded
+    exactly once per epoch over all ranks and workers (slots beyond the number
+    of shards get nothing). Shard order and the order inside a shard are
+    shuffled per epoch from ``seed`` (``set_epoch``). Items are whole tiles
+    (``patch_size=None``) as ``{'item_id', 'image' (3,H,W) float32, 'slic',
+    'slic_boundary', 'labels'}``, or random crops made like the training stream.
+    """
+
+    def __init__(self, shards: list, *, rank: int = 0, world: int = 1, seed: int = 0, require_slic: bool = True,
+                 cache_mode: str = "none", cache_max_items: int = 0, shuffle: bool = True,
+                 patch_size: Optional[int] = None, aug=None, small_tiles: str = "skip",
+                 max_nodata_fraction: float = 0.5):
+        super().__init__()
+        self.shards = [Path(s) for s in shards]
+        self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
+        self.patch_size, self.aug, self.small_tiles = patch_size, aug, small_tiles
+        self.max_nodata = max_nodata_fraction
+        if patch_size is not None and aug is None:
+            raise ValueError("patch_size needs aug (the views' augmentation settings)")
+        self.index = {str(s): read_index(s) for s in self.shards}
+        self.with_slic = True
+        for s in self.shards:
+            if require_slic:
+                check_slic(s, self.index[str(s)])
+            self.with_slic &= shard_has_slic(s, self.index[str(s)])
+        self.with_labels = any(e.get("has_target") for es in self.index.values() for e in es)
+        self.reader = TileReader(self.with_slic, cache_mode, cache_max_items)
+        self.epoch = 0
+
+    @classmethod
+    def from_config(cls, cfg, split: str, rank: int = 0, world: int = 1, patch_size: Optional[int] = None):
+        d = cfg.data
+        return cls(list_shards(d.processed_root, d.dataset_id, split), rank=rank, world=world, seed=cfg.train.seed,
+                   require_slic=d.require_slic, cache_mode=d.cache_mode, cache_max_items=d.cache_max_items,
+                   patch_size=patch_size, aug=cfg.aug, small_tiles=cfg.data.small_tiles,
+                   max_nodata_fraction=float(cfg.data.max_nodata_fraction))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def shards_for(self, worker: int, num_workers: int) -> list[Path]:
+        slots = self.world * num_workers
+        slot = self.rank * num_workers + worker
+        return [s for i, s in enumerate(self.shards) if i % slots == slot]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.shards_for(worker, num_workers)
+        slot = self.rank * num_workers + worker
+        rng = np.random.default_rng([self.seed, 0xE70C, self.epoch, slot])
+        if self.shuffle:
+            mine = [mine[i] for i in rng.permutation(len(mine))]
+        for shard in mine:
+            entries = self.index[str(shard)]
+            order = rng.permutation(len(entries)) if self.shuffle else range(len(entries))
+            for i in order:
+                entry = entries[i]
+                if self.patch_size is None:
+                    yield self._whole(shard, entry)
+                    continue
+                h, w = entry["height"], entry["width"]
+                if (h < self.patch_size or w < self.patch_size) and self.small_tiles != "pad":
+                    if self.small_tiles == "error":
+                        raise ValueError(f"{shard}: {entry['item_id']} is {h}x{w}, smaller than patch size "
+                                         f"{self.patch_size} (data.small_tiles=error)")
+                    continue
+                crop = self.reader.read(shard, entry, choose_window(h, w, self.patch_size, rng))
+                item = finish_item(pad_to(crop, self.patch_size), rng, self.aug, self.with_labels, self.with_slic)
+                item["item_id"] = entry["item_id"]
+                yield item
+
+    def _whole(self, shard: Path, entry: dict) -> dict:
+        tile = self.reader.read(shard, entry)
+        out = {"item_id": entry["item_id"],
+               "image": torch.from_numpy(np.ascontiguousarray(tile["image"])).float().div_(255.0)}
+        if self.with_slic:
+            out["slic"] = torch.from_numpy(tile["slic"].astype(np.int32))
+            out["slic_boundary"] = torch.from_numpy(np.ascontiguousarray(tile["boundary"]))
+        if self.with_labels:
+            labels = tile["labels"] if tile["labels"] is not None else np.full(tile["image"].shape[1:], -1, np.int64)
+            out["labels"] = torch.from_numpy(labels)
+        return out

@@ -244,3 +244,22 @@ def test_cli_trains_end_to_end_on_shards_and_validates_on_val(shards, tiny_overr
     assert (run / "best.pt").is_file()
     assert all("loss/consistency/48" in r for r in log if "loss/merged" in r and "event" not in r)
     assert json.loads((run / "config.json").read_text())["data"]["source"] == "shards"
+
+
+def test_cli_distils_efficientnet_with_slic_priors_on_shards(shards, tiny_overrides, tmp_path):
+    import json
+
+    from training.train_distill import main
+    run = tmp_path / "run"
+    args = ["--data-source", "shards", "--processed-root", str(shards["root"]), "--dataset-id", "coords",
+            "--steps", "2", "--device", "cpu", "--checkpoint_dir", str(run), "--no-progress",
+            "--teacher", "efficientnet_lite0", "--proj-dim", "32", "--lambda-boundary", "0.5",
+            "--lambda-antimerge", "0.5", "--lambda-within", "0.5"]
+    for o in tiny_overrides + ["data.patch_sizes=32,48", "distill.affinity_pairs=256"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss/merged" in r and "event" not in r]
+    for term in ("distill_feature", "distill_affinity", "prior_boundary", "prior_antimerge", "prior_within"):
+        assert all(r[f"loss/{term}/48"] >= 0 for r in steps), term
+    assert json.loads((run / "teacher.json").read_text())["name"] == "efficientnet_lite0"

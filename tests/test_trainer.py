@@ -138,3 +138,39 @@ def test_overwrite_starts_afresh_and_keeps_foreign_files(tmp_path, tiny_override
     assert torch.load(run / "last.pt", weights_only=False)["step"] == 1
     assert (run / "notes.txt").read_text() == "mine"
     assert len([r for r in _log(run) if r.get("event") == "end"]) == 1
+
+
+def test_teacher_distillation_terms_are_trained_logged_and_recorded(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    assert _train(run, tiny_overrides + ["teacher.dim=16", "distill.proj_dim=16", "distill.affinity_pairs=256"],
+                  "--steps", "2", "--teacher", "fake") == 0
+    steps = [r for r in _log(run) if "loss/merged" in r and "event" not in r]
+    for term in ("distill_feature", "distill_affinity"):
+        assert all(f"loss/{term}/64" in r and r[f"loss/{term}/64"] >= 0 for r in steps), term
+    teacher = json.loads((run / "teacher.json").read_text())
+    assert teacher["name"] == "fake"
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["teacher"]["name"] == "fake" and state["distill_head"]
+    assert json.loads((run / "config.json").read_text())["distill"]["enabled"] is True
+
+
+def test_distillation_weight_zero_switches_a_term_off(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    assert _train(run, tiny_overrides + ["teacher.dim=16", "distill.affinity_weight=0"],
+                  "--steps", "1", "--teacher", "fake") == 0
+    steps = [r for r in _log(run) if "loss/merged" in r and "event" not in r]
+    assert "loss/distill_feature/64" in steps[0] and "loss/distill_affinity/64" not in steps[0]
+
+
+def test_unloadable_teacher_is_a_clear_error(tmp_path, tiny_overrides, capsys):
+    rc = _train(tmp_path / "run", tiny_overrides, "--steps", "1", "--teacher", "dinov2",
+                "--teacher-weights", str(tmp_path / "missing"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "dinov2" in err.lower() and str(tmp_path / "missing") in err
+
+
+def test_slic_priors_need_shards(tmp_path, tiny_overrides, capsys):
+    with pytest.raises(SystemExit):
+        _train(tmp_path / "run", tiny_overrides, "--steps", "1", "--lambda-within", "0.5")
+    assert "shards" in capsys.readouterr().err

@@ -97,6 +97,7 @@ class AutoencoderConfig:
     lambda_recon: float = 0.01        # weight of the (EMA-normalised) reconstruction loss
     blur_sigma: float = 2.0           # Gaussian blur (input pixels) before stride-4 pooling
     grad_weight: float = 0.5          # weight of the Sobel gradient-magnitude L1 term
+    texture: bool = False             # gradient term on local texture energy (decoder gets a 4th channel)
     hidden: int = 64                  # decoder width
     ema_momentum: float = 0.99
 
@@ -133,6 +134,8 @@ class TeacherConfig:
     weights: str = ""             # local path to weights (dinov2: dir or file)
     patch_mode: str = "match"     # match | high | medium | low
     variant: str = "small"        # dinov2 size: small | base | large | giant
+    dim: int = 64                 # fake teacher's feature size
+    stages: Tuple[int, ...] = ()  # efficientnet_lite0: stage strides to concatenate (empty: from patch_mode)
 
 
 @dataclass
@@ -155,6 +158,8 @@ class DistillConfig:
     boundary_weight: float = 0.0
     antimerge_weight: float = 0.0
     within_weight: float = 0.0
+    prior_scale: str = "medium"   # superpixel scale of the antimerge / within priors: fine | medium | coarse
+    prior_sigma: float = 0.1      # colour-contrast scale of the boundary / antimerge priors
 
 
 @dataclass
@@ -185,6 +190,7 @@ _CHOICES = {
     ("teacher", "patch_mode"): ("match", "high", "medium", "low"),
     ("teacher", "variant"): ("small", "base", "large", "giant"),
     ("student", "norm"): ("group", "batch", "none"),
+    ("distill", "prior_scale"): ("fine", "medium", "coarse"),
 }
 
 
@@ -335,6 +341,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'data.bands': expected three 1-based band indices, got {cfg.data.bands}")
     if cfg.data.target_paths and len(cfg.data.target_paths) != len(cfg.data.raster_paths):
         raise ConfigError("config key 'data.target_paths': needs one target per entry of data.raster_paths")
+    d = cfg.distill
+    if d.enabled and cfg.teacher.name == "none":
+        raise ConfigError("config key 'distill.enabled': needs a teacher (teacher.name / --teacher)")
+    if d.proj_dim < 1 or d.affinity_pairs < 1 or cfg.teacher.dim < 1:
+        raise ConfigError("config keys 'distill.proj_dim', 'distill.affinity_pairs', 'teacher.dim': must be >= 1")
+    for name in ("feature_weight", "affinity_weight", "boundary_weight", "antimerge_weight", "within_weight"):
+        if getattr(d, name) < 0:
+            raise ConfigError(f"config key 'distill.{name}': must be >= 0")
+    if d.prior_sigma <= 0:
+        raise ConfigError("config key 'distill.prior_sigma': must be > 0")
+    priors = [n for n in ("boundary_weight", "antimerge_weight", "within_weight") if getattr(d, n) > 0]
+    if priors and cfg.data.source != "shards":
+        raise ConfigError(f"config key 'distill.{priors[0]}': SLIC priors need superpixels, which only shards "
+                          "carry (data.source=shards); set the prior weights to 0 for other sources")
     if cfg.data.source == "geotiff" and not cfg.data.raster_paths:
         raise ConfigError("config key 'data.raster_paths': required when data.source=geotiff")
     if cfg.data.source == "shards" and not cfg.data.dataset_id:

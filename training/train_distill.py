@@ -39,12 +39,16 @@ from .device_policy import resolve_device
 from .losses import (EMANormalizer, edge_aware_tv, marginal_entropy_gap, pixel_entropy, pseudo_label_ce,
                      recon_loss, scale_neutral_merge, two_view_consistency)
 from .metrics import confusion_matrix, hungarian_scores
+from .losses.distill import DistillHead, affinity_distill_loss, feature_distill_loss, teacher_targets
+from .losses.priors import slic_prior_losses_two_views
 from .models import SoftKMeansHead, TinyReconDecoder, build_student, kmeans_fit
+from .teachers import TeacherLoadError, build_teacher
 from .models.soft_kmeans import kmeans_best_of
 
 CHECKPOINT_VERSION = 1
 # What a run writes in its folder; --overwrite removes these and nothing else.
-RUN_OUTPUTS = ("last.pt", "student.pt", "best.pt", "decoder_training_only.pt", "config.json", "log.jsonl", "tb")
+RUN_OUTPUTS = ("last.pt", "student.pt", "best.pt", "decoder_training_only.pt", "config.json", "teacher.json",
+               "log.jsonl", "tb")
 # Settings that do not change what is learned, so a resumed run may change them.
 RESUME_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
                      "train.image_every", "train.device", "data.num_workers", "data.prefetch_factor",
@@ -76,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="train.batch_size")
     p.add_argument("--patch-sizes", "--patch_sizes", dest="patch_sizes", help="data.patch_sizes, e.g. 256,512")
     p.add_argument("--lr", type=float, help="train.lr")
+    p.add_argument("--teacher", choices=["fake", "dinov2", "efficientnet_lite0"],
+                   help="teacher.name; also turns distillation on (distill.enabled)")
+    p.add_argument("--teacher-weights", "--teacher_weights", dest="teacher_weights",
+                   help="teacher.weights: local weights (dinov2: HF folder, checkpoint file)")
+    p.add_argument("--use-teacher", "--use_teacher", dest="use_teacher", action="store_true", default=None,
+                   help="distill.enabled (needs --teacher or teacher.name)")
+    p.add_argument("--proj-dim", "--proj_dim", dest="proj_dim", type=int, help="distill.proj_dim")
+    p.add_argument("--teacher-patch-mode", "--teacher_patch_mode", dest="teacher_patch_mode",
+                   choices=["match", "high", "medium", "low"], help="teacher.patch_mode (see docs/teachers.md)")
+    p.add_argument("--lambda-boundary", dest="lambda_boundary", type=float, help="distill.boundary_weight")
+    p.add_argument("--lambda-antimerge", dest="lambda_antimerge", type=float, help="distill.antimerge_weight")
+    p.add_argument("--lambda-within", dest="lambda_within", type=float, help="distill.within_weight")
     p.add_argument("--resume", action="store_true", help="continue from <checkpoint_dir>/last.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a folder holding an earlier run (removes only the trainer's own outputs)")
@@ -92,6 +108,10 @@ _FLAG_TO_KEY = {
     "batch_size": "train.batch_size", "patch_sizes": "data.patch_sizes", "lr": "train.lr",
     "processed_root": "data.processed_root", "dataset_id": "data.dataset_id", "raster_paths": "data.raster_paths",
     "target_paths": "data.target_paths", "bands": "data.bands",
+    "teacher": "teacher.name", "teacher_weights": "teacher.weights", "use_teacher": "distill.enabled",
+    "proj_dim": "distill.proj_dim", "teacher_patch_mode": "teacher.patch_mode",
+    "lambda_boundary": "distill.boundary_weight", "lambda_antimerge": "distill.antimerge_weight",
+    "lambda_within": "distill.within_weight",
 }
 
 
@@ -100,6 +120,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags = []
     if args.synthetic:
         flags.append(("data.source", "synthetic"))
+    if args.teacher:
+        flags.append(("distill.enabled", True))
     for attr, key in _FLAG_TO_KEY.items():
         value = getattr(args, attr, None)
         if value is not None:
@@ -159,11 +181,12 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
 
 
 class TrainModule(nn.Module):
-    """Student + training-only decoder; one forward pass over a list of image batches (one per scale)."""
+    """Student + training-only parts (decoder, distillation head): one forward pass over a list of image
+    batches (one per scale), so DistributedDataParallel sees exactly one forward per backward."""
 
-    def __init__(self, student: nn.Module, decoder: nn.Module | None):
+    def __init__(self, student: nn.Module, decoder: nn.Module | None, distill_head: nn.Module | None = None):
         super().__init__()
-        self.student, self.decoder = student, decoder
+        self.student, self.decoder, self.distill_head = student, decoder, distill_head
 
     def forward(self, batches: list[torch.Tensor]):
         outs = []
@@ -171,7 +194,8 @@ class TrainModule(nn.Module):
             # channels_last: ~20 % faster convolutions on CPU (oneDNN) and GPU; same numbers.
             emb, feats = self.student(x.contiguous(memory_format=torch.channels_last), return_features=True)
             recon = self.decoder(feats) if self.decoder is not None else None
-            outs.append((emb, recon))
+            proj = self.distill_head(emb) if self.distill_head is not None else None
+            outs.append((emb, recon, proj))
         return outs
 
 
@@ -198,9 +222,15 @@ class Trainer:
         np.random.seed(cfg.train.seed % 2**32)
         dev = self.policy.device
         self.student = build_student(cfg).to(dev, memory_format=torch.channels_last)
-        self.decoder = (TinyReconDecoder(cfg.student.width, cfg.autoencoder.hidden).to(dev)
+        self.decoder = (TinyReconDecoder(cfg.student.width, cfg.autoencoder.hidden,
+                                         4 if cfg.autoencoder.texture else 3).to(dev)
                         if cfg.autoencoder.enabled else None)
-        self.module = TrainModule(self.student, self.decoder)
+        self.teacher, self.distill_head = None, None
+        if cfg.distill.enabled:
+            self.teacher = build_teacher(cfg.teacher, dev)
+            self.distill_head = DistillHead(cfg.student.embed_dim, cfg.distill.proj_dim,
+                                            self.teacher.feature_dim).to(dev)
+        self.module = TrainModule(self.student, self.decoder, self.distill_head)
         if self.distributed:
             ids = [self.local_rank] if dev.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
@@ -226,6 +256,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "student": self.student.state_dict(),
             "decoder": self.decoder.state_dict() if self.decoder is not None else None,
+            "distill_head": self.distill_head.state_dict() if self.distill_head is not None else None,
+            "teacher": self.teacher.describe() if self.teacher is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "loss_ema": self.loss_ema.state_dict(),
@@ -241,6 +273,8 @@ class Trainer:
         self.student.load_state_dict(state["student"])
         if self.decoder is not None and state["decoder"] is not None:
             self.decoder.load_state_dict(state["decoder"])
+        if self.distill_head is not None and state.get("distill_head") is not None:
+            self.distill_head.load_state_dict(state["distill_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.loss_ema.load_state_dict(state["loss_ema"])
@@ -296,7 +330,7 @@ class Trainer:
         with self.policy.autocast():
             outs = self.ddp(inputs)
         per_scale, logs = {}, {}
-        for b, views, (emb, recon) in zip(batches, inputs, outs):
+        for b, views, (emb, recon, proj) in zip(batches, inputs, outs):
             size = b["view1"].shape[-1]
             n = b["view1"].shape[0]
             emb = emb.float()
@@ -314,6 +348,7 @@ class Trainer:
             weights = {"consistency": cfg.loss.consistency_weight, "entropy": cfg.loss.entropy_weight,
                        "marginal": cfg.loss.marginal_weight, "smooth": cfg.loss.smooth_weight,
                        "cluster": cfg.loss.cluster_weight}
+            terms.update(self._distill_terms(b, emb, proj, probs, gen, weights))
             total = sum(weights[name] * t for name, t in terms.items() if weights[name] > 0)
             if recon is not None:
                 terms["recon"] = recon_loss(recon, views, cfg.autoencoder.blur_sigma, cfg.autoencoder.grad_weight)
@@ -325,6 +360,24 @@ class Trainer:
         merged = scale_neutral_merge(per_scale, self.loss_ema)
         logs["loss/merged"] = float(merged.detach())
         return merged, logs
+
+    def _distill_terms(self, batch: dict, emb: torch.Tensor, proj, probs: torch.Tensor, gen: torch.Generator,
+                       weights: dict) -> dict:
+        """Teacher distillation (feature, affinity) and SLIC priors; fills ``weights`` for the terms returned."""
+        d, terms = self.cfg.distill, {}
+        if self.teacher is not None:
+            # The teacher sees the clean image once; the view-2 half of the targets is warped by the view grid.
+            targets = teacher_targets(self.teacher, batch, tuple(emb.shape[-2:]), self.policy.device)
+            if d.feature_weight > 0:
+                terms["distill_feature"] = feature_distill_loss(proj.float(), targets)
+            if d.affinity_weight > 0:
+                terms["distill_affinity"] = affinity_distill_loss(emb, targets, d.affinity_pairs, gen)
+            weights.update(distill_feature=d.feature_weight, distill_affinity=d.affinity_weight)
+        priors = [t for t in ("boundary", "antimerge", "within") if getattr(d, f"{t}_weight") > 0]
+        if priors:
+            terms.update(slic_prior_losses_two_views(probs, batch, priors, d.prior_scale, d.prior_sigma))
+            weights.update({f"prior_{t}": getattr(d, f"{t}_weight") for t in priors})
+        return terms
 
     def _cluster_term(self, logits1: torch.Tensor, logits2: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Swapped pseudo-labels between the views, both in view-2 layout."""
@@ -433,6 +486,8 @@ class Trainer:
                                   "--overwrite to start afresh, or another --checkpoint_dir")
         if self.is_main:
             save_config(cfg, self.out / "config.json")
+            if self.teacher is not None:
+                (self.out / "teacher.json").write_text(json.dumps(self.teacher.describe(), indent=2, default=str) + "\n")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out / "tb"))
             if not resume:
@@ -574,14 +629,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    trainer = Trainer(cfg, show_progress=not args.no_progress)
+    trainer = None
     try:
+        trainer = Trainer(cfg, show_progress=not args.no_progress)
         summary = trainer.fit(resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
-    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, FileExistsError, FileNotFoundError, TeacherLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if trainer.distributed and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
     if trainer.is_main:
         print(json.dumps({k: v for k, v in summary.items() if not k.startswith("loss/") or k == "loss/merged"}))

@@ -1,0 +1,106 @@
+"""Colour-coded masks -> single-band class-index masks, via a colour map JSON.
+
+    python -m training.datasets.convert_masks --masks DIR --colors training/datasets/colors/dubai_dev.json --out DIR
+
+The colour map names every class colour and its value, plus colours that mean
+"ignore" (written as ``ignore_value``). Palette PNGs are converted to RGB first.
+A colour that is in neither list is an error naming the file and the colour
+(``--unknown ignore`` writes ``ignore_value`` instead and counts them), never a
+silent guess. Output: ``<out>/<stem>.png`` (uint8), written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif")
+
+
+def load_colors(path: str | Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    try:
+        classes = {name: (tuple(int(c) for c in spec["rgb"]), int(spec["value"]))
+                   for name, spec in data["classes"].items()}
+        ignore_value = int(data.get("ignore_value", 0))
+        ignore = [tuple(int(c) for c in rgb) for rgb in data.get("ignore_colors", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: expected {{'classes': {{name: {{'rgb': [r,g,b], 'value': v}}}}, "
+                         f"'ignore_value': v, 'ignore_colors': [[r,g,b], ...]}} ({exc})") from None
+    values = [v for _, v in classes.values()]
+    if len(set(values)) != len(values) or ignore_value in values:
+        raise ValueError(f"{path}: class values must be distinct and differ from ignore_value")
+    return {"classes": classes, "ignore_value": ignore_value, "ignore": ignore}
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def convert(rgb: np.ndarray, colors: dict, unknown: str = "error", name: str = "mask") -> tuple[np.ndarray, int]:
+    """(H, W) uint8 class values and the number of pixels with an unknown colour."""
+    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    out = np.full(code.shape, colors["ignore_value"], np.uint8)
+    known = np.zeros(code.shape, bool)
+    for rgb_c, value in colors["classes"].values():
+        m = code == ((rgb_c[0] << 16) | (rgb_c[1] << 8) | rgb_c[2])
+        out[m] = value
+        known |= m
+    for rgb_c in colors["ignore"]:
+        known |= code == ((rgb_c[0] << 16) | (rgb_c[1] << 8) | rgb_c[2])
+    n_unknown = int((~known).sum())
+    if n_unknown and unknown == "error":
+        ys, xs = np.nonzero(~known)
+        c = tuple(int(v) for v in rgb[ys[0], xs[0]])
+        raise ValueError(f"{name}: {n_unknown} pixels have colours not in the colour map, e.g. {c} at "
+                         f"(row {ys[0]}, col {xs[0]}); add it to the map or pass --unknown ignore")
+    return out, n_unknown
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.datasets.convert_masks", description=__doc__.split("\n")[0])
+    p.add_argument("--masks", required=True, help="folder of colour-coded masks (searched recursively)")
+    p.add_argument("--colors", required=True, help="colour map JSON (see training/datasets/colors/)")
+    p.add_argument("--out", required=True, help="output folder for single-band masks")
+    p.add_argument("--unknown", choices=["error", "ignore"], default="error", help="pixels of unlisted colours")
+    args = p.parse_args(argv)
+    from PIL import Image
+    try:
+        colors = load_colors(args.colors)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    files = sorted(f for f in Path(args.masks).rglob("*") if f.suffix.lower() in MASK_SUFFIXES)
+    if not files:
+        print(f"error: no masks ({', '.join(MASK_SUFFIXES)}) under {args.masks}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = [f.stem for f in files]
+    if len(set(stems)) != len(stems):
+        print("error: several masks share a file stem; convert the folders one by one", file=sys.stderr)
+        return 2
+    total_unknown = 0
+    for f in files:
+        try:
+            values, n_unknown = convert(read_rgb(f), colors, args.unknown, str(f))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        total_unknown += n_unknown
+        tmp = out / f".{f.stem}.png.tmp"
+        Image.fromarray(values).save(tmp, format="PNG")
+        os.replace(tmp, out / f"{f.stem}.png")
+    print(f"{len(files)} masks -> {out}" + (f"; {total_unknown} pixels of unknown colours set to ignore"
+                                             if total_unknown else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

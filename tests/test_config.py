@@ -10,7 +10,7 @@ def test_documented_defaults():
     assert (c.model.embed_dim, c.model.max_k, c.model.temperature) == (96, 16, 0.1)
     assert c.data.patch_sizes == (256, 512, 1024) and c.data.patch_size == 512
     assert c.data.source == "synthetic" and c.data.require_slic is True
-    assert c.autoencoder.enabled is True and c.autoencoder.lambda_recon == 0.01
+    assert c.autoencoder.enabled is True and c.autoencoder.lambda_recon == 1.0
     assert (c.student.embed_dim, c.student.depth, c.student.norm) == (96, 3, "group")
     assert c.knobs.k_choices == (2, 4, 8, 16) and c.train.seed == 42
 

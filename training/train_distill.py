@@ -222,8 +222,7 @@ class Trainer:
         np.random.seed(cfg.train.seed % 2**32)
         dev = self.policy.device
         self.student = build_student(cfg).to(dev, memory_format=torch.channels_last)
-        self.decoder = (TinyReconDecoder(cfg.student.width, cfg.autoencoder.hidden,
-                                         4 if cfg.autoencoder.texture else 3).to(dev)
+        self.decoder = (TinyReconDecoder(cfg.student.width, cfg.autoencoder.hidden).to(dev)
                         if cfg.autoencoder.enabled else None)
         self.teacher, self.distill_head = None, None
         if cfg.distill.enabled:

@@ -33,23 +33,8 @@ def recon_target(img: torch.Tensor, sigma: float, stride: int = 4) -> torch.Tens
     return F.avg_pool2d(gaussian_blur(img.float(), sigma), stride)
 
 
-def texture_target(img: torch.Tensor, stride: int = 4) -> torch.Tensor:
-    """Local texture energy: full-resolution Sobel magnitude (mean over colours) pooled to the stride."""
-    return F.avg_pool2d(sobel_magnitude(img.float()).mean(1, keepdim=True), stride)
-
-
 def recon_loss(pred: torch.Tensor, img: torch.Tensor, sigma: float = 2.0, grad_weight: float = 0.5) -> torch.Tensor:
-    """L1 on the blurred stride-4 RGB + ``grad_weight`` x L1 on the Sobel gradient magnitude.
-
-    ``pred`` has 3 channels (RGB: the gradient term compares the Sobel magnitudes of
-    prediction and blurred target, i.e. edges) or 4 (RGB + texture: the 4th channel
-    predicts the full-resolution Sobel magnitude pooled to the stride, which keeps
-    texture in the features; blurred RGB alone cannot tell a flat field from a striped one).
-    """
-    stride = img.shape[-1] // pred.shape[-1]
-    target = recon_target(img, sigma, stride)
+    """L1 on the blurred stride-4 RGB + ``grad_weight`` x L1 on its Sobel gradient magnitude."""
+    target = recon_target(img, sigma, img.shape[-1] // pred.shape[-1])
     pred = pred.float()
-    rgb = F.l1_loss(pred[:, :3], target)
-    if pred.shape[1] == 4:
-        return rgb + grad_weight * F.l1_loss(pred[:, 3:], texture_target(img, stride))
-    return rgb + grad_weight * F.l1_loss(sobel_magnitude(pred), sobel_magnitude(target))
+    return F.l1_loss(pred, target) + grad_weight * F.l1_loss(sobel_magnitude(pred), sobel_magnitude(target))

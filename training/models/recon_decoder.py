@@ -11,12 +11,12 @@ import torch.nn as nn
 
 
 class TinyReconDecoder(nn.Module):
-    def __init__(self, in_channels: int = 96, hidden: int = 64, out_channels: int = 3):
+    def __init__(self, in_channels: int = 96, hidden: int = 64):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, out_channels, 1),
+            nn.Conv2d(hidden, 3, 1),
         )
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:

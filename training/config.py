@@ -155,8 +155,10 @@ class StudentConfig:
 class DistillConfig:
     enabled: bool = False
     proj_dim: int = 128
-    feature_weight: float = 1.0
-    affinity_weight: float = 1.0
+    # 5 rather than 1: at 1 the clustering terms outweigh the teacher (dubai_dev val mIoU 0.253 vs
+    # 0.238 without a teacher, 200 steps); at 5 it reached 0.349 (README "Teachers and SLIC priors").
+    feature_weight: float = 5.0
+    affinity_weight: float = 5.0
     affinity_pairs: int = 4096
     boundary_weight: float = 0.0
     antimerge_weight: float = 0.0

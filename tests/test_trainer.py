@@ -42,6 +42,11 @@ def test_smoke_run_writes_everything(tmp_path, tiny_overrides):
         assert all(f"loss/{term}/64" in r for r in steps), term
     assert all(r["throughput/images_per_s"] > 0 and "lr" in r for r in steps)
     assert any("val/miou" in r for r in log)
+    # The best student is exported as a runtime artifact inside the run folder.
+    best = run / "model" / "best"
+    assert {p.name for p in best.iterdir()} >= {"model.npz", "meta.json", "metrics.json"}
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["score"] == max(r["val/miou"] for r in log if "val/miou" in r)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny_overrides):

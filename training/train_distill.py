@@ -48,7 +48,7 @@ from .models.soft_kmeans import kmeans_best_of
 CHECKPOINT_VERSION = 1
 # What a run writes in its folder; --overwrite removes these and nothing else.
 RUN_OUTPUTS = ("last.pt", "student.pt", "best.pt", "decoder_training_only.pt", "config.json", "teacher.json",
-               "log.jsonl", "tb")
+               "log.jsonl", "tb", "model")
 # Settings that do not change what is learned, so a resumed run may change them.
 RESUME_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
                      "train.image_every", "train.device", "data.num_workers", "data.prefetch_factor",
@@ -578,6 +578,13 @@ class Trainer:
             self.best_score = scores["miou"]
             atomic_torch_save({"step": self.step, "config": self.cfg.to_dict(), "student": self.student.state_dict(),
                                "score": scores["miou"], "scores": scores}, self.out / "best.pt")
+            # The deployable artifact of the best student so far (the runtime's model folder, never the decoder).
+            from .export import export_artifact
+            metrics = {"score": scores["miou"], "step": self.step, "val_accuracy": scores["accuracy"],
+                       "val_miou": scores["miou"], "val_per_class_iou": scores["per_class_iou"],
+                       "eval_k": self.cfg.knobs.eval_k, "data_source": self.cfg.data.source}
+            provenance = {"teacher": self.teacher.describe() if self.teacher is not None else None}
+            export_artifact(self.student, self.cfg.to_dict(), self.out / "model" / "best", metrics, provenance)
         return record
 
 

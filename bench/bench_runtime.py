@@ -1,0 +1,230 @@
+"""Runtime benchmark: end-to-end throughput per backend, fraction of the matmul rate, peak RSS vs raster size.
+
+    python bench/bench_runtime.py                       # everything (the 20000 x 20000 run takes minutes)
+    python bench/bench_runtime.py --rss-sizes 1000,5000 # quicker
+    python bench/bench_runtime.py --model model/best    # a given artifact (default: see below)
+
+What it does, printing figures as it goes:
+
+1. Measures this machine's float32 matmul rate (2048^3 products; numpy, and
+   torch when installed): the yardstick for "fraction of the matmul rate",
+   measured again right before each throughput run (the machine may be
+   shared; the fraction compares figures taken under the same load).
+2. Builds test rasters by tiling real imagery (``../shared/datasets``, the
+   SWISSIMAGE 875 x 600 tile by default) into georeferenced VRT mosaics in a
+   temporary folder outside the repository (nothing is copied).
+3. Segments the throughput raster (``--size``, default 4096 x 4096) end to
+   end -- read, embed, fit, assign, write a compressed GeoTIFF -- once per
+   backend (numpy, onnx, torch: whatever is installed) with the SAME artifact,
+   and in colour k-means mode; prints MP/s, effective GFLOP/s and the
+   fraction of the matmul rate.
+4. Runs ``mapseg segment`` in a fresh process per raster size (``--rss-sizes``,
+   default 1000, 5000, 20000 pixels square) and prints each run's peak RSS.
+
+The artifact: ``--model DIR`` if given (re-exported with model.onnx into the
+temporary folder when it has none and the onnx package is installed);
+otherwise a default-architecture student (embed 96, width 96, depth 3)
+trained for one step by the smoke exporter, which needs torch. Throughput does
+not depend on the weights, only on the architecture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "datasets"
+SOURCE = DATA / "swissimage" / "big_img" / "1091-322_00.tif"
+
+
+def matmul_rate(lib: str, n: int = 2048, repeat: int = 5) -> float:
+    """Best-of float32 GFLOP/s of an n^3 product."""
+    if lib == "numpy":
+        a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+        f = lambda: a @ a  # noqa: E731
+    else:
+        import torch
+        t = torch.rand(n, n)
+        f = lambda: t @ t  # noqa: E731
+    f()
+    best = min(_timed(f) for _ in range(repeat))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def mosaic_vrt(source: Path, side: int, path: Path) -> Path:
+    """A side x side georeferenced VRT made of copies of ``source`` (cropped at the right/bottom edge)."""
+    import rasterio
+
+    with rasterio.open(source) as ds:
+        w, h, count, dtype, crs, t = ds.width, ds.height, ds.count, ds.dtypes[0], ds.crs, ds.transform
+    vtype = {"uint8": "Byte", "uint16": "UInt16"}[dtype]
+    bands = []
+    for b in range(1, min(count, 3) + 1):
+        sources = []
+        for y0 in range(0, side, h):
+            for x0 in range(0, side, w):
+                cw, ch = min(w, side - x0), min(h, side - y0)
+                sources.append(f'<SimpleSource><SourceFilename relativeToVRT="0">{source}</SourceFilename>'
+                               f'<SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{cw}" ySize="{ch}"/>'
+                               f'<DstRect xOff="{x0}" yOff="{y0}" xSize="{cw}" ySize="{ch}"/></SimpleSource>')
+        bands.append(f'<VRTRasterBand dataType="{vtype}" band="{b}">{"".join(sources)}</VRTRasterBand>')
+    geo = f"{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}"
+    srs = f"<SRS>{crs.to_wkt()}</SRS>" if crs else ""
+    path.write_text(f'<VRTDataset rasterXSize="{side}" rasterYSize="{side}">{srs}<GeoTransform>{geo}</GeoTransform>'
+                    f'{"".join(bands)}</VRTDataset>')
+    return path
+
+
+def default_artifact(work: Path, model: str | None) -> Path:
+    from mapseg.artifact import load_artifact
+
+    if model:
+        art = load_artifact(model)
+        if art.onnx_path is not None:
+            return Path(model)
+        try:
+            from mapseg.backends import build_onnx_model
+            dst = work / "model"
+            shutil.copytree(model, dst)
+            (dst / "model.onnx").write_bytes(build_onnx_model(art))
+            return dst
+        except Exception as exc:  # noqa: BLE001
+            print(f"note: no model.onnx for the onnx backend ({exc})")
+            return Path(model)
+    from training.export import smoke_export
+
+    import importlib.util
+    onnx = importlib.util.find_spec("onnx") is not None
+    print("artifact: default architecture (embed 96, width 96, depth 3), one smoke training step "
+          "(throughput does not depend on the weights)")
+    out, _ = smoke_export(work / "model", seed=7, steps=1, embed_dim=96, max_k=16, patch_size=32, onnx=onnx)
+    return out
+
+
+def run_segment(src: Path, out: Path, model: str, backend: str, k: int, tile: int) -> dict:
+    from mapseg.segment import segment_raster
+
+    return segment_raster(src, out, k=k, model=model, tile=tile, backend=backend, progress=False,
+                          log=lambda msg: None)
+
+
+def peak_rss_run(src: Path, out: Path, model: str, backend: str, k: int, tile: int) -> tuple[float, float, float]:
+    """(peak RSS MB, seconds, MP/s) of ``mapseg segment`` in a fresh process.
+
+    The peak is the child's VmHWM (Linux): ru_maxrss would also count the
+    pages of this (large) benchmark process that the child held between fork
+    and exec.
+    """
+    code = ("import json, resource, sys, time\n"
+            "from mapseg.segment import segment_raster\n"
+            f"r = segment_raster({str(src)!r}, {str(out)!r}, k={k}, model={model!r}, tile={tile}, "
+            f"backend={backend!r}, progress=False, log=lambda m: None)\n"
+            "try:\n"
+            "    hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "except OSError:\n"
+            "    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(json.dumps({'rss_kb': hwm, 'seconds': r['seconds'], 'mps': r['megapixels_per_s']}))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise RuntimeError(res.stderr)
+    data = json.loads(res.stdout.strip().splitlines()[-1])
+    return data["rss_kb"] / 1024, data["seconds"], data["mps"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="artifact folder (default: smoke-exported default architecture)")
+    p.add_argument("--source", default=str(SOURCE), help="real raster tiled into the test mosaics")
+    p.add_argument("--size", type=int, default=4096, help="side of the throughput raster")
+    p.add_argument("--rss-sizes", default="1000,5000,20000", help="sides of the peak-RSS rasters ('' = skip)")
+    p.add_argument("--rss-backend", default="numpy", help="backend of the peak-RSS runs")
+    p.add_argument("--backends", default="numpy,onnx,torch", help="throughput runs ('' = none)")
+    p.add_argument("--no-kmeans", action="store_true", help="skip the colour k-means throughput run")
+    p.add_argument("-k", type=int, default=8)
+    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--workdir", default=None, help="temporary folder (default: a new one under $TMPDIR)")
+    args = p.parse_args()
+
+    source = Path(args.source)
+    if not source.is_file():
+        print(f"error: {source} not found (the benchmark tiles real imagery from ../shared/datasets)")
+        return 2
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mapseg-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min); work folder {work}")
+
+    rates = {"numpy": matmul_rate("numpy")}
+    try:
+        rates["torch"] = matmul_rate("torch")
+    except ImportError:
+        pass
+    for lib, rate in rates.items():
+        print(f"float32 matmul rate ({lib}, 2048^3): {rate:.0f} GFLOP/s")
+    yardstick = max(rates.values())
+
+    model = str(default_artifact(work, args.model))
+    from mapseg.artifact import load_artifact
+    art = load_artifact(model)
+    flops = art.meta["architecture"]["flops_per_megapixel"]
+    print(f"artifact {model}: embed {art.embed_dim}, {flops / 1e9:.1f} GFLOP per megapixel, halo {art.halo}")
+
+    backends = [b for b in args.backends.split(",") if b]
+    if backends or not args.no_kmeans:
+        src = mosaic_vrt(source, args.size, work / f"mosaic_{args.size}.vrt")
+        mp = args.size ** 2 / 1e6
+        print(f"\nthroughput raster: {args.size} x {args.size} ({mp:.1f} MP) tiled from {source.name}; K={args.k}, "
+              f"tile {args.tile}; end to end (read, embed, fit, assign, write)")
+        print(f"{'mode':<14}{'MP/s':>8}{'s':>8}{'GFLOP/s':>9}{'of matmul':>11}{'matmul now':>12}{'load':>6}"
+              f"  fit s / windows s")
+        for backend in backends:
+            # the machine may be shared: measure the yardstick right before each run, under the same load
+            now = max(matmul_rate(lib, repeat=3) for lib in rates)
+            load = os.getloadavg()[0]
+            try:
+                r = run_segment(src, work / f"out_{backend}.tif", model, backend, args.k, args.tile)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
+                print(f"{backend:<14} unavailable: {exc}")
+                continue
+            gf = r["megapixels_per_s"] * flops / 1e9
+            print(f"{backend:<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{gf:9.1f}{gf / now:10.0%}"
+                  f"{now:12.0f}{load:6.1f}  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
+        if not args.no_kmeans:
+            r = run_segment(src, work / "out_kmeans.tif", "kmeans", "auto", args.k, args.tile)
+            print(f"{'colour kmeans':<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{'-':>9}{'-':>11}"
+                  f"  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
+        print(f"(of matmul = effective GFLOP/s / the float32 matmul rate measured just before the run; "
+              f"at the start: {yardstick:.0f} GFLOP/s)")
+
+    sizes = [int(s) for s in args.rss_sizes.split(",") if s]
+    if sizes:
+        print(f"\npeak RSS of 'mapseg segment' (fresh process, backend {args.rss_backend}, tile {args.tile})")
+        print(f"{'raster':>14}{'MP':>8}{'peak RSS MB':>13}{'s':>8}{'MP/s':>7}")
+        for side in sizes:
+            vrt = mosaic_vrt(source, side, work / f"mosaic_{side}.vrt")
+            rss, secs, mps = peak_rss_run(vrt, work / f"rss_{side}.tif", model, args.rss_backend, args.k, args.tile)
+            print(f"{side:>6} x {side:<6}{side * side / 1e6:8.0f}{rss:13.0f}{secs:8.0f}{mps:7.2f}")
+            (work / f"rss_{side}.tif").unlink()
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

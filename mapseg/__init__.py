@@ -1,0 +1,19 @@
+"""mapseg: segment whole rasters with an exported student (numpy runtime).
+
+The runtime needs numpy and a raster reader (rasterio) only; onnxruntime and
+torch are optional, faster backends picked at run time. Importing ``mapseg``
+(or ``mapseg.artifact``, ``mapseg.network``, ``mapseg.cluster``,
+``mapseg.segment``) loads none of torch, onnxruntime or rasterio: each is
+imported where it is first needed. mapseg never imports ``training``.
+
+    mapseg segment IN.tif OUT.tif -k 6          # CLI (see docs/runtime.md)
+
+    from mapseg.segment import segment_raster   # library
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+ARTIFACT_FORMAT_VERSION = 1
+
+__all__ = ["__version__", "ARTIFACT_FORMAT_VERSION"]

@@ -1,0 +1,211 @@
+"""Embedding backends behind one interface: numpy (reference), onnxruntime, torch.
+
+    backend = make_backend("auto", artifact)      # -> (Backend, "why this one")
+    emb = backend.embed(image)                    # (H, W, 3) float32 in [0, 1] -> (H/4, W/4, D)
+
+H and W must be multiples of 4; the output is L2-normalised over D. Every
+backend runs the same folded network (norms folded into the convs, see
+network.py), so they agree to float rounding (~1e-5). ``numpy`` is always
+available; ``onnx`` needs onnxruntime (and model.onnx in the artifact, or the
+``onnx`` package to build the graph from model.npz in memory); ``torch``
+needs torch. ``auto`` takes the first available in ``AUTO_ORDER`` (fastest
+first, as measured by bench/bench_runtime.py) and says which, and why the
+faster ones were not used.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .network import NumpyNetwork, fold_layers
+
+AUTO_ORDER = ("onnx", "torch", "numpy")
+BACKENDS = ("auto",) + AUTO_ORDER
+ONNX_OPSET = 17
+ONNX_IR_VERSION = 8  # readable by onnxruntime >= 1.10
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here; the message says what to install or do."""
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, artifact):
+        self.net = NumpyNetwork.from_artifact(artifact)
+        self.embed_dim = self.net.embed_dim
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        return self.net(image)
+
+    def describe(self) -> str:
+        return f"numpy {np.__version__}"
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, artifact, threads: int | None = None):
+        try:
+            import torch
+            import torch.nn.functional as F
+        except ImportError as exc:
+            raise BackendUnavailable(f"torch is not installed ({exc}); use --backend numpy or onnx") from exc
+        self.torch, self.F = torch, F
+        if threads:
+            torch.set_num_threads(threads)
+        self.convs = [(torch.from_numpy(c.weight.copy()).contiguous(memory_format=torch.channels_last),
+                       torch.from_numpy(c.bias.copy()), c.stride, c.padding, c.relu)
+                      for c in fold_layers(artifact.layers, artifact.arrays)]
+        self.mean = torch.from_numpy(artifact.input_mean.copy()).view(1, 3, 1, 1)
+        self.std = torch.from_numpy(artifact.input_std.copy()).view(1, 3, 1, 1)
+        self.eps = float(artifact.meta["architecture"].get("output", {}).get("eps", 1e-6))
+        self.embed_dim = artifact.embed_dim
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        torch, F = self.torch, self.F
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            for w, b, stride, padding, relu in self.convs:
+                x = F.conv2d(x, w, b, stride, padding)
+                if relu:
+                    x.relu_()
+            x = F.normalize(x, dim=1, eps=self.eps)
+            return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())
+
+    def describe(self) -> str:
+        return f"torch {self.torch.__version__} ({self.torch.get_num_threads()} threads)"
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, artifact, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install onnxruntime, "
+                                     "or use --backend numpy") from exc
+        self.ort = ort
+        if artifact.onnx_path is not None:
+            model = artifact.onnx_path.read_bytes()
+            self.source = "model.onnx"
+        else:
+            import importlib.util
+            if importlib.util.find_spec("onnx") is None:
+                raise BackendUnavailable("the artifact has no model.onnx (re-export with python -m training.export "
+                                         "--onnx) and the onnx package, which could build it, is not installed")
+            model = build_onnx_model(artifact)
+            self.source = "graph built in memory from model.npz (the artifact has no model.onnx)"
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or 0)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        digest = self.session.get_modelmeta().custom_metadata_map.get("weights_sha256")
+        if digest != artifact.digest:
+            raise BackendUnavailable(f"{artifact.path}/model.onnx belongs to another export (weights_sha256 "
+                                     f"{digest} != {artifact.digest}); re-export with --onnx")
+        self.input_name = self.session.get_inputs()[0].name
+        self.embed_dim = artifact.embed_dim
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(image, dtype=np.float32)[None]
+        (y,) = self.session.run(None, {self.input_name: x})
+        return y[0]
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.ort.__version__} ({self.source})"
+
+
+_CLASSES = {"numpy": NumpyBackend, "onnx": OnnxBackend, "torch": TorchBackend}
+
+
+def make_backend(name: str, artifact, threads: int | None = None):
+    """(backend, message). ``auto`` tries AUTO_ORDER and reports what it skipped and why."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name != "auto":
+        cls = _CLASSES[name]
+        backend = cls(artifact) if cls is NumpyBackend else cls(artifact, threads)
+        return backend, f"backend {backend.name}: {backend.describe()}"
+    skipped = []
+    for candidate in AUTO_ORDER:
+        try:
+            backend, _ = make_backend(candidate, artifact, threads)
+        except BackendUnavailable as exc:
+            skipped.append(f"{candidate}: {exc}")
+            continue
+        note = f" (skipped {'; '.join(skipped)})" if skipped else ""
+        return backend, f"backend auto -> {backend.name}: {backend.describe()}{note}"
+    raise BackendUnavailable("no backend available")  # numpy always is; kept for clarity
+
+
+def available_backends(artifact) -> dict[str, str | None]:
+    """name -> None if it can run here, else the reason it cannot."""
+    out = {}
+    for name in AUTO_ORDER:
+        try:
+            make_backend(name, artifact)
+            out[name] = None
+        except BackendUnavailable as exc:
+            out[name] = str(exc)
+    return out
+
+
+def build_onnx_model(artifact) -> bytes:
+    """The artifact's folded network as a serialized ONNX model (needs the onnx package).
+
+    Input ``image`` (N, H, W, 3) float32 in [0, 1]; output ``embedding``
+    (N, H/4, W/4, D), L2-normalised over D: channels last, like the numpy
+    backend (the graph transposes to NCHW and back itself, which onnxruntime
+    does faster than numpy would). The model carries the artifact's
+    ``weights_sha256`` in its metadata so a mismatched model.onnx is refused.
+    """
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as exc:
+        raise BackendUnavailable("building model.onnx needs the onnx package: pip install onnx") from exc
+    convs = fold_layers(artifact.layers, artifact.arrays)
+    eps = float(artifact.meta["architecture"].get("output", {}).get("eps", 1e-6))
+    inits = [numpy_helper.from_array(artifact.input_mean.reshape(1, 3, 1, 1), "input_mean"),
+             numpy_helper.from_array(artifact.input_std.reshape(1, 3, 1, 1), "input_std"),
+             numpy_helper.from_array(np.array(eps, np.float32), "l2_eps")]
+    nodes = [helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+             helper.make_node("Sub", ["nchw", "input_mean"], ["centred"]),
+             helper.make_node("Div", ["centred", "input_std"], ["x0"])]
+    x = "x0"
+    for i, c in enumerate(convs):
+        w, b = f"{c.name or i}.weight", f"{c.name or i}.bias"
+        inits += [numpy_helper.from_array(c.weight, w), numpy_helper.from_array(c.bias, b)]
+        y = f"conv{i}"
+        nodes.append(helper.make_node("Conv", [x, w, b], [y], kernel_shape=[c.kernel, c.kernel],
+                                      strides=[c.stride, c.stride], pads=[c.padding] * 4))
+        if c.relu:
+            nodes.append(helper.make_node("Relu", [y], [f"relu{i}"]))
+            y = f"relu{i}"
+        x = y
+    nodes += [helper.make_node("ReduceL2", [x], ["norm"], axes=[1], keepdims=1),
+              helper.make_node("Max", ["norm", "l2_eps"], ["norm_eps"]),
+              helper.make_node("Div", [x, "norm_eps"], ["embedding_nchw"]),
+              helper.make_node("Transpose", ["embedding_nchw"], ["embedding"], perm=[0, 2, 3, 1])]
+    graph = helper.make_graph(
+        nodes, "mapseg_student",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT,
+                                       ["batch", "height_4", "width_4", artifact.embed_dim])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                              producer_name="mapseg")
+    model.ir_version = ONNX_IR_VERSION
+    helper.set_model_props(model, {"weights_sha256": artifact.digest,
+                                   "format_version": str(artifact.meta["format_version"])})
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

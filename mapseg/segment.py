@@ -1,0 +1,500 @@
+"""The whole-raster pipeline: plan windows -> embed -> fit centres once -> assign -> write.
+
+    from mapseg.segment import segment_raster, fit_raster_centers
+    segment_raster("in.tif", "out.tif", k=6, model="model/best")
+
+Reference result (what every window reproduces exactly): the network run once
+on the whole raster after (a) scaling to [0, 1], (b) replacing nodata pixels
+by the fill colour (the artifact's input mean, i.e. 0 after normalisation) and
+(c) padding at the bottom and right to a multiple of the stride (4) with the
+same fill colour. Windows have cores on the stride grid and are read with a
+halo of ``required_halo`` pixels (16 for the default student), clipped to the
+padded raster; where a window is clipped, the network's own zero padding
+falls exactly where the whole-raster pass has it, and elsewhere the halo
+absorbs the difference (network.edge_contamination). The numpy backend's
+products, and the assignment's, stay on the BLAS's general path
+(network.matmul_rows; colours: elementwise arithmetic), so the kept
+embeddings, and with them the labels, are bit-identical for any ``tile``.
+
+Cluster centres are fitted once per run on features sampled from the whole
+raster (``sample_window_order``: fixed 256-pixel windows drawn with a seeded RNG,
+independent of ``tile``; nodata cells excluded), or loaded from a centres
+file written by ``mapseg fit``. Every window is then assigned against them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
+
+DEFAULT_TILE = 1024          # window core side (labels do not depend on it; memory does)
+SAMPLE_WINDOW = 256          # core side of a sampling window
+SAMPLE_FRACTION = 0.03       # share of the raster's sampling-grid windows drawn ...
+MIN_SAMPLE_WINDOWS = 4       # ... but at least this many (or all there are)
+MAX_SAMPLE_WINDOWS = 64      # ... and at most this many
+MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)
+COLOUR_MAX_K = 16
+DEFAULT_MODEL = "model/best"
+
+
+class SegmentError(ValueError):
+    """A user-facing problem with the inputs or options; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- feature models
+
+class EmbeddingFeatures:
+    """The exported student: (h, w, 3) [0, 1] -> (h/4, w/4, D) L2-normalised, cosine metric."""
+    kind, metric = "embedding", "cosine"
+
+    def __init__(self, artifact, backend: str = "auto", threads: int | None = None):
+        from .backends import make_backend
+        from .network import required_halo
+
+        self.artifact = artifact
+        self.backend, self.backend_message = make_backend(backend, artifact, threads)
+        self.stride = artifact.stride
+        self.halo = max(artifact.halo, required_halo(artifact.layers))
+        self.fill = artifact.input_mean.astype(np.float32)
+        self.max_k = artifact.max_k
+        self.dim = artifact.embed_dim
+        self.name = str(artifact.path)
+        self.model_id = {"kind": "artifact", "weights_sha256": artifact.digest, "embed_dim": artifact.embed_dim}
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.backend.embed(image)
+
+
+class ColourFeatures:
+    """``--model kmeans``: the pixel's RGB in [0, 1], Euclidean metric, full resolution."""
+    kind, metric = "colour", "euclidean"
+    stride, halo, dim, max_k = 1, 0, 3, COLOUR_MAX_K
+    name = "kmeans (colour)"
+    backend_message = "colour k-means: no network"
+    model_id = {"kind": "kmeans"}
+    fill = np.zeros(3, np.float32)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+
+def load_features(model: str | os.PathLike | None, backend: str = "auto", threads: int | None = None):
+    """``kmeans`` -> ColourFeatures; anything else is an artifact folder (default $MAPSEG_MODEL or model/best)."""
+    if str(model) == "kmeans":
+        if backend not in ("auto", "numpy"):
+            raise SegmentError(f"--backend {backend}: colour k-means (--model kmeans) runs no network")
+        return ColourFeatures()
+    from .artifact import load_artifact
+
+    path = model if model else os.environ.get("MAPSEG_MODEL", DEFAULT_MODEL)
+    return EmbeddingFeatures(load_artifact(path), backend, threads)
+
+
+# --------------------------------------------------------------------------- scaling
+
+@dataclass(frozen=True)
+class Scaling:
+    """x01 = clip((x - offset) * scale, 0, 1), per band."""
+    offset: np.ndarray
+    scale: np.ndarray
+    clip: bool
+    description: str
+
+    def apply(self, data: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.subtract(data, self.offset, out=out, casting="unsafe")
+        np.multiply(out, self.scale, out=out)
+        if self.clip:
+            np.clip(out, 0, 1, out=out)
+        return out
+
+
+DTYPE_MAX = {"uint8": 255.0, "uint16": 65535.0}
+
+
+def parse_stretch(text) -> tuple[float, float] | None:
+    if text is None or text == "":
+        return None
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError as exc:
+        raise SegmentError(f"--stretch {text!r}: expected two percentiles LOW,HIGH such as 2,98") from exc
+    if not 0 <= lo < hi <= 100:
+        raise SegmentError(f"--stretch {text!r}: need 0 <= LOW < HIGH <= 100")
+    return lo, hi
+
+
+def make_scaling(dtype: str, stretch: tuple[float, float] | None, raw_sample: np.ndarray | None) -> Scaling:
+    """Divide by the dtype maximum (uint8, uint16), or a percentile stretch measured on the sample."""
+    if stretch is None:
+        if dtype not in DTYPE_MAX:
+            raise SegmentError(f"input data type {dtype} has no fixed range: pass --stretch LOW,HIGH "
+                               "(percentiles, e.g. 2,98) to scale it into [0, 1]")
+        top = DTYPE_MAX[dtype]
+        return Scaling(np.zeros(3, np.float32), np.full(3, 1 / top, np.float32), False, f"x / {top:g} ({dtype})")
+    if raw_sample is None or raw_sample.shape[0] == 0:
+        raise SegmentError("--stretch: the raster has no valid pixels to measure percentiles on")
+    lo = np.percentile(raw_sample, stretch[0], axis=0)
+    hi = np.percentile(raw_sample, stretch[1], axis=0)
+    if np.any(hi <= lo):
+        raise SegmentError(f"--stretch {stretch[0]:g},{stretch[1]:g}: a band is constant between these "
+                           f"percentiles (low {lo.tolist()}, high {hi.tolist()}); widen them")
+    return Scaling(lo.astype(np.float32), (1 / (hi - lo)).astype(np.float32), True,
+                   f"percentile stretch {stretch[0]:g}-{stretch[1]:g}: low {np.round(lo, 3).tolist()}, "
+                   f"high {np.round(hi, 3).tolist()}")
+
+
+# --------------------------------------------------------------------------- windows
+
+@dataclass(frozen=True)
+class Window:
+    """Core rows/cols [r0, r1) x [c0, c1) and read region [rr0, rr1) x [cc0, cc1), padded-raster pixels."""
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    rr0: int
+    rr1: int
+    cc0: int
+    cc1: int
+
+
+def padded_size(n: int, stride: int) -> int:
+    return -(-n // stride) * stride
+
+
+def _window(r0, r1, c0, c1, hp, wp, halo) -> Window:
+    return Window(r0, r1, c0, c1, max(0, r0 - halo), min(hp, r1 + halo), max(0, c0 - halo), min(wp, c1 + halo))
+
+
+def plan_windows(height: int, width: int, tile: int, stride: int, halo: int) -> list[Window]:
+    """Row-major windows whose cores tile the stride-padded raster; reads carry ``halo`` (clipped)."""
+    if tile < stride or tile % stride:
+        raise SegmentError(f"--tile {tile}: must be a positive multiple of {stride}")
+    hp, wp = padded_size(height, stride), padded_size(width, stride)
+    return [_window(r0, min(r0 + tile, hp), c0, min(c0 + tile, wp), hp, wp, halo)
+            for r0 in range(0, hp, tile) for c0 in range(0, wp, tile)]
+
+
+def sample_window_order(height: int, width: int, stride: int, halo: int, seed: int) -> tuple[list[Window], int]:
+    """All sampling windows in a seeded random order, and how many to take first (see module doc)."""
+    s = padded_size(SAMPLE_WINDOW, stride)
+    hp, wp = padded_size(height, stride), padded_size(width, stride)
+    grid = [(r0, c0) for r0 in range(0, hp, s) for c0 in range(0, wp, s)]
+    n = max(min(len(grid), MIN_SAMPLE_WINDOWS), min(MAX_SAMPLE_WINDOWS, math.ceil(SAMPLE_FRACTION * len(grid))))
+    order = np.random.default_rng([seed, height, width, 0x5A4D]).permutation(len(grid))
+    wins = [_window(grid[i][0], min(grid[i][0] + s, hp), grid[i][1], min(grid[i][1] + s, wp), hp, wp, halo)
+            for i in order]
+    return wins, n
+
+
+def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image (rh, rw, 3) float32 in [0, 1], valid (rh, rw)) of a window's read region.
+
+    Rows/cols past the raster (stride padding) and nodata pixels hold ``fill``.
+    """
+    rh, rw = win.rr1 - win.rr0, win.cc1 - win.cc0
+    dh, dw = min(win.rr1, reader.height) - win.rr0, min(win.cc1, reader.width) - win.cc0
+    image = np.empty((rh, rw, 3), np.float32)
+    valid = np.zeros((rh, rw), bool)
+    data, ok = reader.read(win.rr0, win.rr0 + dh, win.cc0, win.cc0 + dw)
+    scaling.apply(data, image[:dh, :dw])
+    valid[:dh, :dw] = ok
+    if dh < rh:
+        image[dh:] = fill
+    if dw < rw:
+        image[:dh, dw:] = fill
+    if not ok.all():
+        image[:dh, :dw][~ok] = fill
+    return image, valid
+
+
+# --------------------------------------------------------------------------- labels
+
+def majority_filter(labels: np.ndarray, voters: np.ndarray, k: int, radius: int) -> np.ndarray:
+    """Each cell takes the most frequent label among the voting cells of its (2r+1)^2 box.
+
+    Ties keep the cell's own label if it is among the most frequent, else the
+    lowest. Cells outside the array do not vote. Integer counts: exact, so the
+    result does not depend on where the array was cut.
+    """
+    if radius <= 0:
+        return labels
+    h, w = labels.shape
+    best = np.full((h, w), -1, np.int32)
+    out = labels.copy()
+    for j in range(k):
+        votes = ((labels == j) & voters).astype(np.int32)
+        c = np.zeros((h + 1, w + 1), np.int32)
+        np.cumsum(np.cumsum(votes, 0), 1, out=c[1:, 1:])
+        y0 = np.clip(np.arange(h) - radius, 0, h)
+        y1 = np.clip(np.arange(h) + radius + 1, 0, h)
+        x0 = np.clip(np.arange(w) - radius, 0, w)
+        x1 = np.clip(np.arange(w) + radius + 1, 0, w)
+        box = c[y1][:, x1] - c[y0][:, x1] - c[y1][:, x0] + c[y0][:, x0]
+        score = 2 * box + (labels == j)
+        better = score > best
+        out[better] = j
+        best = np.maximum(best, score)
+    return out
+
+
+def cell_any(mask: np.ndarray, s: int) -> np.ndarray:
+    if s == 1:
+        return mask
+    h, w = mask.shape
+    return mask.reshape(h // s, s, w // s, s).any(axis=(1, 3))
+
+
+def cell_all(mask: np.ndarray, s: int) -> np.ndarray:
+    if s == 1:
+        return mask
+    h, w = mask.shape
+    return mask.reshape(h // s, s, w // s, s).all(axis=(1, 3))
+
+
+def window_labels(features, image: np.ndarray, valid: np.ndarray, win: Window, scorer, k: int,
+                  smooth: int) -> np.ndarray:
+    """uint8 labels (r1 - r0, c1 - c0) of a window's core, full resolution, 255 at nodata."""
+    from .raster import OUTPUT_NODATA
+
+    s = features.stride
+    feats = features(image)
+    # Labels are needed on the core plus `smooth` cells around it (available: the halo covers them).
+    lr0, lr1 = max(win.rr0, win.r0 - smooth * s), min(win.rr1, win.r1 + smooth * s)
+    lc0, lc1 = max(win.cc0, win.c0 - smooth * s), min(win.cc1, win.c1 + smooth * s)
+    sub = feats[(lr0 - win.rr0) // s:(lr1 - win.rr0) // s, (lc0 - win.cc0) // s:(lc1 - win.cc0) // s]
+    labels = assign_labels(sub, scorer)
+    if smooth:
+        voters = cell_any(valid[lr0 - win.rr0:lr1 - win.rr0, lc0 - win.cc0:lc1 - win.cc0], s)
+        labels = majority_filter(labels, voters, k, smooth)
+    core = labels[(win.r0 - lr0) // s:(win.r1 - lr0) // s, (win.c0 - lc0) // s:(win.c1 - lc0) // s]
+    if s > 1:
+        h, w = core.shape
+        core = np.broadcast_to(core[:, None, :, None], (h, s, w, s)).reshape(h * s, w * s)
+    else:
+        core = np.array(core)
+    core_valid = valid[win.r0 - win.rr0:win.r1 - win.rr0, win.c0 - win.cc0:win.c1 - win.cc0]
+    core[~core_valid] = OUTPUT_NODATA
+    return core
+
+
+# --------------------------------------------------------------------------- sampling and fitting
+
+def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000) -> np.ndarray:
+    """Valid raw pixel values (N, 3) from the cores of the first n sampling windows (for --stretch)."""
+    chunks = []
+    for win in wins[:n]:
+        r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
+        data, ok = reader.read(win.r0, r1, win.c0, c1)
+        chunks.append(data[ok].astype(np.float64))
+    values = np.concatenate(chunks) if chunks else np.zeros((0, 3))
+    if values.shape[0] > max_values:
+        values = values[np.random.default_rng(0).choice(values.shape[0], max_values, replace=False)]
+    return values
+
+
+def collect_sample(reader, features, scaling: Scaling, seed: int, progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(features (N, D), mean colours (N, 3), windows used) from valid cells of the sampling windows.
+
+    A window contributes at most ``keep`` cells (a subset drawn with the seed), which keeps the
+    sample small however large the raster; k-means sees at most SAMPLE_FEATURES of them anyway.
+    """
+    wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
+    s = features.stride
+    keep = -(-2 * (SAMPLE_COLOURS if features.dim <= 4 else SAMPLE_FEATURES) // n)
+    feats, colours, cells, used = [], [], 0, 0
+    for i, win in enumerate(wins):
+        if i >= n and cells >= MIN_SAMPLE_CELLS:
+            break
+        image, valid = read_window(reader, win, scaling, features.fill)
+        core_ok = cell_all(valid[win.r0 - win.rr0:win.r1 - win.rr0, win.c0 - win.cc0:win.c1 - win.cc0], s)
+        if not core_ok.any():  # all nodata: nothing to sample, skip the network
+            continue
+        f = features(image)
+        cr = slice((win.r0 - win.rr0) // s, (win.r1 - win.rr0) // s)
+        cc = slice((win.c0 - win.cc0) // s, (win.c1 - win.cc0) // s)
+        core_img = image[win.r0 - win.rr0:win.r1 - win.rr0, win.c0 - win.cc0:win.c1 - win.cc0]
+        h, w = core_ok.shape
+        mean_rgb = core_img.reshape(h, s, w, s, 3).mean(axis=(1, 3)) if s > 1 else core_img
+        f_ok, c_ok = f[cr, cc][core_ok], mean_rgb[core_ok]
+        if f_ok.shape[0] > keep:  # bounded memory: a seeded subset per window (k-means sees <= 30000 anyway)
+            pick = np.sort(np.random.default_rng([seed, win.r0, win.c0]).choice(f_ok.shape[0], keep, replace=False))
+            f_ok, c_ok = f_ok[pick], c_ok[pick]
+        feats.append(f_ok.astype(np.float32))
+        colours.append(c_ok.astype(np.float32))
+        cells += int(core_ok.sum())
+        used += 1
+        if progress:
+            progress(used)
+    if cells == 0:
+        raise SegmentError(f"{reader.path} has no valid pixels (every pixel is nodata): nothing to segment")
+    return np.concatenate(feats), np.concatenate(colours), used
+
+
+def scaling_for(reader, features, stretch, seed: int) -> Scaling:
+    raw = None
+    if stretch is not None:
+        wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
+        raw = _raw_sample(reader, wins, n)
+    return make_scaling(reader.info.dtype, stretch, raw)
+
+
+def fit_raster_centers(inputs: list[str | os.PathLike], k: int, model=None, backend: str = "auto",
+                       bands=None, nodata=None, stretch=None, seed: int = 0, features=None,
+                       log=None) -> Centers:
+    """Fit K centres on a sample drawn from all ``inputs`` (``mapseg fit``)."""
+    from .raster import RasterReader, gdal_env
+
+    log = log or (lambda msg: None)
+    features = features or load_features(model, backend)
+    k = check_k(k, features.max_k)
+    all_f, all_c, info = [], [], []
+    with gdal_env():
+        for path in inputs:
+            with RasterReader(path, bands, nodata) as reader:
+                scaling = scaling_for(reader, features, stretch, seed)
+                f, c, used = collect_sample(reader, features, scaling, seed)
+                log(f"sampled {f.shape[0]} cells from {used} windows of {path}")
+                all_f.append(f)
+                all_c.append(c)
+                info.append({"path": str(path), "cells": int(f.shape[0]), "windows": used,
+                             "scaling": scaling.description})
+    feats, cols = np.concatenate(all_f), np.concatenate(all_c)
+    try:
+        return fit_centers(feats, cols, k, features.metric, features.kind, features.model_id, seed,
+                           {"rasters": info, "features": int(feats.shape[0]), "seed": seed,
+                            "bands": list(bands) if bands else None})
+    except ClusterError as exc:
+        raise SegmentError(str(exc)) from exc
+
+
+def check_centers(centers: Centers, features, k: int | None) -> Centers:
+    if centers.features != features.kind:
+        raise SegmentError(f"the centres were fitted on {centers.features} features but this run uses "
+                           f"{features.kind} ({features.name}); fit them with the same --model")
+    if centers.features == "embedding" and centers.model.get("weights_sha256") != features.model_id["weights_sha256"]:
+        raise SegmentError("the centres were fitted with another model (weights_sha256 differs); "
+                           "run mapseg fit with this --model")
+    if centers.centers.shape[1] != features.dim:
+        raise SegmentError(f"the centres have {centers.centers.shape[1]} dimensions, the features {features.dim}")
+    check_k(centers.k, features.max_k)
+    if k is not None and int(k) != centers.k:
+        raise SegmentError(f"-k {k} disagrees with the centres file (K={centers.k}); drop -k or refit")
+    return centers
+
+
+# --------------------------------------------------------------------------- progress
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency), redrawn at most every 0.25 s."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.stream = stream or sys.stderr
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+        self.pixels = 0
+
+    def update(self, n: int = 1, pixels: int = 0) -> None:
+        self.done += n
+        self.pixels += pixels
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > 0.25 or self.done >= self.total):
+            self.last = now
+            frac = self.done / max(1, self.total)
+            bar = "#" * int(24 * frac)
+            rate = self.pixels / 1e6 / max(now - self.start, 1e-9)
+            eta = (now - self.start) * (1 - frac) / max(frac, 1e-9)
+            self.stream.write(f"\r{self.desc} [{bar:<24}] {self.done}/{self.total} {rate:5.2f} MP/s ETA {eta:5.0f}s")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------- segment
+
+def segment_raster(input_path, output_path, k: int | None = None, model=None, tile: int = DEFAULT_TILE,
+                   backend: str = "auto", bands=None, nodata=None, smooth: int = 0, centers=None,
+                   cog: bool = False, stretch=None, seed: int = 0, threads: int | None = None,
+                   progress: bool = True, log=None, features=None) -> dict:
+    """Segment one raster into a uint8 label GeoTIFF; returns a report (timings, centres, backend)."""
+    from .raster import OUTPUT_NODATA, LabelWriter, RasterReader, gdal_env
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t_start = time.perf_counter()
+    if smooth < 0:
+        raise SegmentError(f"--smooth {smooth}: must be >= 0")
+    features = features or load_features(model, backend, threads)
+    log(f"model: {features.name}; {features.backend_message}")
+    if centers is None and k is None:
+        raise SegmentError("give -k K (number of clusters) or --centers FILE")
+    if centers is None:
+        k = check_k(k, features.max_k)
+    halo = features.halo + smooth * features.stride
+    timings = {}
+    with gdal_env(), RasterReader(input_path, bands, nodata) as reader:
+        t0 = time.perf_counter()
+        scaling = scaling_for(reader, features, stretch, seed)
+        if centers is not None:
+            fitted = check_centers(centers if isinstance(centers, Centers) else Centers.load(centers), features, k)
+            k = fitted.k
+            log(f"centres: {k} from {centers if not isinstance(centers, Centers) else 'the caller'}")
+        else:
+            log(f"fitting K={k} centres on a sample of {input_path} ...")
+            f, c, used = collect_sample(reader, features, scaling, seed)
+            try:
+                fitted = fit_centers(f, c, k, features.metric, features.kind, features.model_id, seed,
+                                     {"rasters": [{"path": str(input_path), "cells": int(f.shape[0]),
+                                                   "windows": used}], "seed": seed})
+            except ClusterError as exc:
+                raise SegmentError(str(exc)) from exc
+            log(f"centres: K={k} from {f.shape[0]} sampled cells of {used} sampling windows")
+        timings["fit_s"] = time.perf_counter() - t0
+        scorer = fitted.scorer()
+        wins = plan_windows(reader.height, reader.width, tile, features.stride, halo)
+        tags = {"MAPSEG_K": k, "MAPSEG_MODEL": features.model_id.get("weights_sha256", "kmeans"),
+                "MAPSEG_FEATURES": features.kind, "MAPSEG_TILE_INVARIANT_REFERENCE": "whole-raster pass"}
+        writer = None
+        try:
+            writer = LabelWriter(output_path, reader.info, k, OUTPUT_NODATA if reader.info.has_nodata else None,
+                                 cog, tags)
+            bar = Progress(len(wins), "segment", progress)
+            t0 = time.perf_counter()
+            for win in wins:
+                image, valid = read_window(reader, win, scaling, features.fill)
+                labels = window_labels(features, image, valid, win, scorer, k, smooth)
+                r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
+                writer.write(np.ascontiguousarray(labels[:r1 - win.r0, :c1 - win.c0]), win.r0, win.c0)
+                bar.update(1, (r1 - win.r0) * (c1 - win.c0))
+            bar.close()
+            t1 = time.perf_counter()
+            out = writer.commit()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        timings["windows_s"] = t1 - t0
+        timings["finish_s"] = time.perf_counter() - t1
+        info = reader.info
+    total = time.perf_counter() - t_start
+    mp = info.width * info.height / 1e6
+    report = {
+        "input": str(input_path), "output": str(out), "k": k, "model": features.name,
+        "features": features.kind, "backend": getattr(getattr(features, "backend", None), "name", "none"),
+        "tile": tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
+        "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
+        "timings": timings, "scaling": scaling.description, "nodata": info.has_nodata,
+        "centers": fitted.to_json(),
+    }
+    log(f"wrote {out}: {info.width} x {info.height}, K={k}, {len(wins)} windows, {total:.1f} s "
+        f"({report['megapixels_per_s']:.2f} MP/s)")
+    return report

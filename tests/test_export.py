@@ -1,0 +1,196 @@
+"""Export: the trained student becomes an artifact the numpy runtime reproduces (training/export.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mapseg.artifact import ArtifactError, load_artifact
+from mapseg.backends import NumpyBackend, TorchBackend, make_backend
+from mapseg.network import NumpyNetwork
+from training.config import Config, set_value
+from training.export import (ExportError, export_artifact, load_checkpoint_student, main, smoke_config,
+                             student_arrays, describe_student)
+from training.models.student_cnn import StudentEmbeddingNet
+from training.train_distill import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny student trained for 2 steps by the real trainer (with the training-only decoder)."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = smoke_config(str(tmp / "run"), seed=3, steps=2, embed_dim=8, max_k=4, patch_size=32, width=16, depth=2)
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.fit()
+    return trainer, tmp / "run"
+
+
+def _torch_embed(student, image: np.ndarray) -> np.ndarray:
+    student.eval()
+    with torch.no_grad():
+        return student(torch.from_numpy(image).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+
+
+def _real_or_synthetic_image(size=(96, 128)) -> np.ndarray:
+    path = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "swissimage" / "big_img" / "1091-322_00.tif"
+    if path.is_file():
+        import rasterio
+        with rasterio.open(path) as ds:
+            return (ds.read(window=((100, 100 + size[0]), (200, 200 + size[1]))).transpose(1, 2, 0) / 255).astype(np.float32)
+    return np.random.default_rng(0).random(size + (3,), dtype=np.float32)
+
+
+def test_smoke_export_command_as_documented(tmp_path, capsys):
+    out = tmp_path / "runtime_smoke"
+    rc = main(["--smoke-out", str(out), "--seed", "7", "--steps", "1", "--embed-dim", "8", "--max-k", "4",
+               "--patch-size", "32"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "metrics.json", "model.npz"]
+    art = load_artifact(out)
+    assert art.embed_dim == 8 and art.max_k == 4 and art.stride == 4
+    assert art.metrics["step"] == 1 and 0 <= art.metrics["score"] <= 1
+    assert art.meta["provenance"]["smoke"] is True
+    assert not list(tmp_path.glob(".*")), "no temporary folders left behind"
+
+
+def test_exports_the_trained_student_and_not_the_decoder(trained, tmp_path):
+    trainer, _ = trained
+    out = export_artifact(trainer.student, trainer.cfg.to_dict(), tmp_path / "best", {"score": 0.5, "step": 2})
+    art = load_artifact(out)
+    state = {k: v.numpy() for k, v in trainer.student.state_dict().items()}
+    assert set(art.arrays) == set(state)  # every student array, nothing else (no decoder)
+    for name, value in state.items():
+        np.testing.assert_array_equal(art.arrays[name], value.astype(np.float32))
+    assert not any("decoder" in n or n.startswith("net.") for n in art.arrays)
+    assert trainer.student.training, "export must leave the student's mode alone"
+
+
+def test_numpy_matches_trained_torch_student(trained, tmp_path):
+    trainer, _ = trained
+    out = export_artifact(trainer.student, trainer.cfg.to_dict(), tmp_path / "best", {"score": 0.5, "step": 2})
+    image = _real_or_synthetic_image()
+    ref = _torch_embed(trainer.student, image)
+    trainer.student.train()
+    art = load_artifact(out)
+    ours = NumpyNetwork.from_artifact(art)(image)
+    assert ours.shape == ref.shape == (24, 32, 8)
+    assert np.abs(ours - ref).max() < 1e-4
+    torch_backend = TorchBackend(art).embed(image)
+    assert np.abs(torch_backend - ours).max() < 1e-4
+
+
+def test_onnx_matches_trained_student(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    trainer, _ = trained
+    out = export_artifact(trainer.student, trainer.cfg.to_dict(), tmp_path / "best", {"score": 0.5, "step": 2},
+                          onnx=True)
+    art = load_artifact(out)
+    assert art.onnx_path is not None
+    image = _real_or_synthetic_image()
+    backend, message = make_backend("onnx", art)
+    assert "model.onnx" in message
+    ref = _torch_embed(trainer.student, image)
+    trainer.student.train()
+    assert np.abs(backend.embed(image) - ref).max() < 1e-4
+
+
+def test_export_from_checkpoints(trained, tmp_path):
+    _, run = trained
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert main(["--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "a")]) == 0
+    art = load_artifact(tmp_path / "a")
+    assert art.metrics["score"] == pytest.approx(best["score"]) and art.metrics["step"] == best["step"]
+    np.testing.assert_array_equal(art.arrays["proj.weight"], best["student"]["proj.weight"].numpy())
+    # student.pt carries no scores: the exporter evaluates it as the trainer does
+    assert main(["--checkpoint", str(run / "student.pt"), "--out", str(tmp_path / "b")]) == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["evaluated_by"] == "training.export" and "miou" in metrics
+    student, cfg, _ = load_checkpoint_student(run / "last.pt")
+    assert cfg["student"]["width"] == 16 and not student.training
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_meta_records_what_the_runtime_needs(tmp_path):
+    student = StudentEmbeddingNet(embed_dim=8, width=16, depth=3)
+    cfg = Config()
+    for key, value in (("student.embed_dim", 8), ("model.embed_dim", 8), ("student.width", 16),
+                       ("model.max_k", 6), ("teacher.name", "fake")):
+        set_value(cfg, key, value)
+    export_artifact(student, cfg.to_dict(), tmp_path / "m", {"score": 0.1, "step": 5, "miou": 0.1},
+                    {"data_note": "unit test"})
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    assert meta["format_version"] == 1 and meta["stride"] == 4 and meta["embed_dim"] == 8 and meta["max_k"] == 6
+    assert meta["temperature"] == pytest.approx(cfg.model.temperature)
+    arch = meta["architecture"]
+    assert arch["receptive_field"] == student.receptive_field == 31
+    assert arch["halo"] == 16 and arch["flops_per_megapixel"] == pytest.approx(student.flops_per_megapixel())
+    assert [layer["name"] for layer in arch["layers"]] == ["stem1", "stem2", "blocks.0", "blocks.1", "blocks.2", "proj"]
+    assert meta["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["input"]["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert "fold" in meta["norm_folding"]
+    assert meta["cluster_defaults"]["metric"] == "cosine"
+    prov = meta["provenance"]
+    assert prov["teacher"]["name"] == "fake" and prov["steps"] == 5 and prov["data_note"] == "unit test"
+    assert "code_version" in prov and prov["data"]["source"] == "synthetic"
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics == {"score": 0.1, "step": 5, "miou": 0.1}
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_other_norms_export_with_parity(tmp_path, norm):
+    torch.manual_seed(1)
+    student = StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm=norm)
+    if norm == "batch":
+        for m in student.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    out = export_artifact(student, {}, tmp_path / norm, {"score": 0, "step": 0})
+    image = np.random.default_rng(2).random((64, 48, 3), dtype=np.float32)
+    assert np.abs(NumpyBackend(load_artifact(out)).embed(image) - _torch_embed(student, image)).max() < 1e-4
+
+
+def test_replacing_an_artifact_is_atomic(tmp_path):
+    student = StudentEmbeddingNet(embed_dim=8, width=16, depth=1)
+    out = tmp_path / "best"
+    export_artifact(student, {}, out, {"score": 0.1, "step": 1})
+    with pytest.raises(ExportError):
+        export_artifact(student, {}, out, {"step": 2})  # no score: refused, old artifact kept
+    assert load_artifact(out).metrics["score"] == 0.1
+    with torch.no_grad():
+        student.proj.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ExportError, match="non-finite"):
+        export_artifact(student, {}, out, {"score": 0.2, "step": 2})
+    assert load_artifact(out).metrics["score"] == 0.1
+    with torch.no_grad():
+        student.proj.weight[0, 0, 0, 0] = 0.5
+    export_artifact(student, {}, out, {"score": 0.3, "step": 3})
+    assert load_artifact(out).metrics["score"] == 0.3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_unknown_student_state_is_refused():
+    student = StudentEmbeddingNet(embed_dim=8, width=16, depth=1)
+    student.register_buffer("extra", torch.zeros(3))
+    with pytest.raises(ExportError, match="extra"):
+        student_arrays(student, describe_student(student))
+
+
+def test_artifact_rejects_tampering(tmp_path):
+    out = export_artifact(StudentEmbeddingNet(embed_dim=8, width=16, depth=1), {}, tmp_path / "m",
+                          {"score": 0, "step": 0})
+    arrays = dict(np.load(out / "model.npz"))
+    arrays["proj.bias"] = arrays["proj.bias"] + 1
+    np.savez(out / "model.npz", **arrays)
+    with pytest.raises(ArtifactError, match="weights_sha256"):
+        load_artifact(out)

@@ -1,0 +1,353 @@
+"""mapseg segment / fit on small generated rasters: georeference, nodata, tiling invariance, bad inputs."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+from affine import Affine  # noqa: E402
+
+from mapseg import raster as mraster  # noqa: E402
+from mapseg.cli import main  # noqa: E402
+from mapseg.cluster import Centers  # noqa: E402
+from mapseg.segment import SegmentError, fit_raster_centers, segment_raster  # noqa: E402
+
+torch = pytest.importorskip("torch")
+from training.export import export_artifact  # noqa: E402
+from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
+
+H, W = 150, 203          # not multiples of 4: exercises the bottom/right padding
+CRS = "EPSG:32633"
+TRANSFORM = Affine(0.5, 0, 500000.0, 0, -0.5, 4100000.0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    s = StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm_groups=4)
+    with torch.no_grad():
+        for m in s.modules():
+            if hasattr(m, "running_var"):
+                m.running_var.uniform_(0.5, 2.0)
+    out = tmp_path_factory.mktemp("m") / "best"
+    export_artifact(s, {"model": {"max_k": 6}}, out, {"score": 0.0, "step": 0})
+    return str(out)
+
+
+def scene(seed: int = 0, h: int = H, w: int = W) -> np.ndarray:
+    """(3, h, w) uint8: four colour regions with texture and noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    region = (yy > h * 0.45).astype(int) * 2 + (xx > w * 0.55 + 10 * np.sin(yy / 9)).astype(int)
+    colours = np.array([[40, 60, 30], [200, 190, 170], [90, 140, 60], [60, 80, 160]], float)
+    img = colours[region] + 25 * np.sin(xx / 3.0)[..., None] * (region == 2)[..., None]
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8).transpose(2, 0, 1)
+
+
+def write(path, data, dtype=None, nodata=None, crs=CRS, transform=TRANSFORM, driver="GTiff", mask=None):
+    data = np.asarray(data)
+    dtype = dtype or data.dtype
+    profile = {"driver": driver, "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
+               "dtype": str(np.dtype(dtype))}
+    if driver == "GTiff":
+        profile.update(crs=crs, transform=transform, nodata=nodata)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data.astype(dtype))
+        if mask is not None:
+            ds.write_mask(mask.astype(np.uint8) * 255)
+    return str(path)
+
+
+def labels_of(path):
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_georeference_roundtrip_and_format(model, tmp_path):
+    src = write(tmp_path / "in.tif", scene())
+    out = tmp_path / "out.tif"
+    assert run("segment", src, out, "-k", 4, "--model", model, "--tile", 64, "--no-progress") == 0
+    with rasterio.open(out) as ds, rasterio.open(src) as ref:
+        assert (ds.width, ds.height, ds.count, ds.dtypes[0]) == (W, H, 1, "uint8")
+        assert ds.crs == ref.crs and ds.transform == ref.transform
+        assert ds.profile["tiled"] and ds.block_shapes[0] == (256, 256)
+        assert ds.compression.name.lower() == "deflate"
+        cmap = ds.colormap(1)
+        assert cmap[0][:3] == mraster.PALETTE[0] and cmap[3][:3] == mraster.PALETTE[3]
+        assert ds.nodata is None  # the input has no nodata
+        labels = ds.read(1)
+        assert ds.tags()["MAPSEG_K"] == "4"
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and len(np.unique(labels)) >= 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_labels_do_not_depend_on_the_tile(model, tmp_path):
+    src = write(tmp_path / "in.tif", scene(1))
+    ref = None
+    for tile in (48, 100, 4096):  # 4096: one window, i.e. the whole-raster reference pass
+        out = tmp_path / f"t{tile}.tif"
+        segment_raster(src, out, k=5, model=model, tile=tile, backend="numpy", progress=False, log=lambda m: None)
+        got = labels_of(out)
+        if ref is None:
+            ref = got
+        np.testing.assert_array_equal(got, ref, err_msg=f"tile {tile}")
+
+
+def test_smoothing_is_tiling_invariant_and_smooths(model, tmp_path):
+    src = write(tmp_path / "in.tif", scene(2))
+    plain = tmp_path / "plain.tif"
+    segment_raster(src, plain, k=5, model=model, tile=4096, backend="numpy", progress=False, log=lambda m: None)
+    outs = []
+    for tile in (40, 4096):
+        out = tmp_path / f"s{tile}.tif"
+        segment_raster(src, out, k=5, model=model, tile=tile, smooth=2, backend="numpy", progress=False,
+                       log=lambda m: None)
+        outs.append(labels_of(out))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    changes = lambda a: (a[:, 1:] != a[:, :-1]).sum() + (a[1:] != a[:-1]).sum()  # noqa: E731
+    assert changes(outs[0]) < changes(labels_of(plain))
+
+
+def test_colour_kmeans_mode(tmp_path):
+    src = write(tmp_path / "in.tif", scene(3))
+    outs = []
+    for tile, seed in ((32, 0), (4096, 0), (64, 11)):
+        out = tmp_path / f"c{tile}_{seed}.tif"
+        assert run("segment", src, out, "-k", 4, "--model", "kmeans", "--tile", tile, "--seed", seed,
+                   "--no-progress") == 0
+        outs.append(labels_of(out))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    # label order: ascending mean luma, so another seed (other sample, other k-means start) finds the
+    # same clusters under the same labels (up to pixels on cluster borders)
+    assert (outs[0] == outs[2]).mean() > 0.99
+    img = scene(3).astype(float)
+    luma = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+    means = [luma[outs[0] == j].mean() for j in range(4)]
+    assert means == sorted(means)
+
+
+def test_nodata_value_and_mask(model, tmp_path):
+    data = scene(4)
+    hole = np.zeros((H, W), bool)
+    hole[20:70, 30:90] = True
+    hole[:, :5] = True
+    with_value = data.copy()
+    with_value[:, hole] = 0
+    a = write(tmp_path / "a.tif", with_value, nodata=0)
+    # same valid pixels, other content under a per-dataset mask: must not change anything
+    garbage = data.copy()
+    garbage[:, hole] = np.random.default_rng(0).integers(0, 255, (3, int(hole.sum())))
+    b = write(tmp_path / "b.tif", garbage, mask=~hole)
+    for name, src in (("a", a), ("b", b)):
+        segment_raster(src, tmp_path / f"{name}_out.tif", k=4, model=model, tile=64, progress=False,
+                       log=lambda m: None)
+    la, lb = labels_of(tmp_path / "a_out.tif"), labels_of(tmp_path / "b_out.tif")
+    assert (la == 255).sum() == hole.sum() and np.array_equal(la == 255, hole)
+    assert la[~hole].max() < 4
+    np.testing.assert_array_equal(la, lb)
+    with rasterio.open(tmp_path / "a_out.tif") as ds:
+        assert ds.nodata == 255 and ds.colormap(1)[255] == (0, 0, 0, 0)
+
+
+def test_nodata_override(model, tmp_path):
+    data = scene(5)
+    data[:, :10, :] = 7
+    src = write(tmp_path / "in.tif", data)
+    segment_raster(src, tmp_path / "o.tif", k=3, model=model, nodata=7, progress=False, log=lambda m: None)
+    labels = labels_of(tmp_path / "o.tif")
+    assert (labels[:10] == 255).all() and (labels[10:] < 3).all()
+
+
+def test_interrupted_run_leaves_no_output(model, tmp_path, monkeypatch):
+    src = write(tmp_path / "in.tif", scene())
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"previous result")
+    calls = {"n": 0}
+    original = mraster.LabelWriter.write
+
+    def flaky(self, labels, row0, col0):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, labels, row0, col0)
+
+    monkeypatch.setattr(mraster.LabelWriter, "write", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        segment_raster(src, out, k=3, model=model, tile=48, progress=False, log=lambda m: None)
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "out.tif"]
+
+
+def test_terminated_process_leaves_no_output(model, tmp_path):
+    """SIGTERM in the middle of writing: no output, no temporary file (the CLI unwinds like Ctrl-C)."""
+    src = write(tmp_path / "in.tif", scene())
+    out = tmp_path / "out.tif"
+    code = ("import sys, time\n"
+            "import mapseg.raster as r\n"
+            "slow = r.LabelWriter.write\n"
+            "r.LabelWriter.write = lambda self, *a: (time.sleep(0.3), slow(self, *a))\n"
+            "from mapseg.cli import main\n"
+            f"sys.exit(main(['segment', {src!r}, {str(out)!r}, '-k', '3', '--model', {model!r}, '--tile', '48',"
+            " '--no-progress']))\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.tif.part-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.tif.part-*")), "the run never started writing"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted: no output written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_fit_then_apply_centres(model, tmp_path):
+    a = write(tmp_path / "a.tif", scene(6))
+    b = write(tmp_path / "b.tif", scene(7))
+    centres = tmp_path / "c.json"
+    assert run("fit", a, b, "-k", 4, "-o", centres, "--model", model) == 0
+    data = json.loads(centres.read_text())
+    assert data["k"] == 4 and data["features"] == "embedding" and len(data["sample"]["rasters"]) == 2
+    for src in (a, b):
+        assert run("segment", src, tmp_path / "x.tif", "--centers", centres, "--model", model, "--no-progress") == 0
+        assert set(np.unique(labels_of(tmp_path / "x.tif"))) <= {0, 1, 2, 3}
+    # centres fitted on one raster alone equal those a plain run fits: same labels
+    single = fit_raster_centers([a], 4, model=model, log=lambda m: None)
+    single.save(tmp_path / "single.json")
+    segment_raster(a, tmp_path / "p.tif", k=4, model=model, progress=False, log=lambda m: None)
+    segment_raster(a, tmp_path / "q.tif", centers=tmp_path / "single.json", model=model, progress=False,
+                   log=lambda m: None)
+    np.testing.assert_array_equal(labels_of(tmp_path / "p.tif"), labels_of(tmp_path / "q.tif"))
+    np.testing.assert_array_equal(Centers.load(tmp_path / "single.json").centers, single.centers)
+    # wrong K, other model, colour centres on an embedding run: refused
+    with pytest.raises(SegmentError, match="disagrees"):
+        segment_raster(a, tmp_path / "r.tif", k=3, centers=centres, model=model, progress=False, log=print)
+    with pytest.raises(SegmentError, match="colour"):
+        fit_raster_centers([a], 3, model="kmeans").save(tmp_path / "colour.json")
+        segment_raster(a, tmp_path / "r.tif", centers=tmp_path / "colour.json", model=model, progress=False,
+                       log=print)
+
+
+def test_cog_output(model, tmp_path):
+    src = write(tmp_path / "in.tif", scene())
+    out = tmp_path / "cog.tif"
+    assert run("segment", src, out, "-k", 3, "--model", model, "--cog", "--no-progress") == 0
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.crs == CRS and ds.colormap(1)[1][:3] == mraster.PALETTE[1]
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_png_and_vrt_inputs(model, tmp_path):
+    png = write(tmp_path / "in.png", scene(8), driver="PNG")
+    assert run("segment", png, tmp_path / "png.tif", "-k", 3, "--model", model, "--no-progress") == 0
+    with rasterio.open(tmp_path / "png.tif") as ds:
+        assert ds.crs is None and ds.shape == (H, W)
+    tif = write(tmp_path / "in.tif", scene(8))
+    vrt = tmp_path / "in.vrt"
+    bands = "".join(f"""<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
+<SourceFilename relativeToVRT="1">in.tif</SourceFilename><SourceBand>{b}</SourceBand>
+<SrcRect xOff="0" yOff="0" xSize="{W}" ySize="{H}"/><DstRect xOff="0" yOff="0" xSize="{W}" ySize="{H}"/>
+</SimpleSource></VRTRasterBand>""" for b in (1, 2, 3))
+    vrt.write_text(f'<VRTDataset rasterXSize="{W}" rasterYSize="{H}"><SRS>{CRS}</SRS>'
+                   f'<GeoTransform>{TRANSFORM.c}, {TRANSFORM.a}, 0, {TRANSFORM.f}, 0, {TRANSFORM.e}</GeoTransform>'
+                   f'{bands}</VRTDataset>')
+    assert run("segment", vrt, tmp_path / "v.tif", "-k", 3, "--model", model, "--no-progress") == 0
+    assert run("segment", tif, tmp_path / "t.tif", "-k", 3, "--model", model, "--no-progress") == 0
+    np.testing.assert_array_equal(labels_of(tmp_path / "v.tif"), labels_of(tmp_path / "t.tif"))
+    np.testing.assert_array_equal(labels_of(tmp_path / "png.tif"), labels_of(tmp_path / "t.tif"))
+
+
+def test_sixteen_bit_inputs(model, tmp_path):
+    data8 = scene(9)
+    src8 = write(tmp_path / "u8.tif", data8)
+    src16 = write(tmp_path / "u16.tif", data8.astype(np.uint16) * 257)
+    segment_raster(src8, tmp_path / "a.tif", k=4, model=model, progress=False, log=lambda m: None)
+    report = segment_raster(src16, tmp_path / "b.tif", k=4, model=model, progress=False, log=lambda m: None)
+    assert "65535" in report["scaling"]
+    assert (labels_of(tmp_path / "a.tif") == labels_of(tmp_path / "b.tif")).mean() > 0.999
+    dim = (data8.astype(np.uint16) * 16).astype(np.uint16)  # 12-bit-like data: stretch it
+    src12 = write(tmp_path / "u12.tif", dim)
+    report = segment_raster(src12, tmp_path / "c.tif", k=4, model=model, stretch=(1, 99), progress=False,
+                            log=lambda m: None)
+    assert report["scaling"].startswith("percentile stretch 1-99")
+    assert len(np.unique(labels_of(tmp_path / "c.tif"))) == 4
+
+
+@pytest.mark.parametrize("case, argv_extra, message", [
+    ("four_bands", [], "4 band"),
+    ("one_band", [], "--bands 1,1,1"),
+    ("k_low", ["-k", "1"], r"K=1 is outside the supported range \[2, 6\]"),
+    ("k_high", ["-k", "7"], r"K=7 is outside the supported range \[2, 6\]"),
+    ("no_model", ["--model", "/nonexistent/model"], "does not exist"),
+    ("empty", [], "no valid pixels"),
+    ("float", [], "--stretch"),
+    ("tile", ["--tile", "30"], "multiple of 4"),
+    ("bad_bands", ["--bands", "1,2,5"], "has bands 1..3"),
+    ("no_input", [], "does not exist"),
+    ("out_dir", [], "output folder"),
+])
+def test_bad_inputs_are_clear_errors(model, tmp_path, capsys, case, argv_extra, message):
+    data = scene(10)
+    out = tmp_path / "out.tif"
+    src = tmp_path / "in.tif"
+    if case == "four_bands":
+        write(src, np.concatenate([data, data[:1]]))
+    elif case == "one_band":
+        write(src, data[:1])
+    elif case == "empty":
+        write(src, np.zeros_like(data), nodata=0)
+    elif case == "float":
+        write(src, data.astype(np.float32) / 255)
+    elif case == "no_input":
+        src = tmp_path / "missing.tif"
+    elif case == "out_dir":
+        write(src, data)
+        out = tmp_path / "no" / "such" / "out.tif"
+    else:
+        write(src, data)
+    argv = ["segment", src, out, "--model", model, "--no-progress"]
+    if not any(a == "-k" for a in argv_extra):
+        argv += ["-k", "3"]
+    argv += argv_extra
+    if "--model" in argv_extra:
+        argv = [a for a in argv if a != model]
+        argv.remove("--model")
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and __import__("re").search(message, err), err
+    assert not out.exists()
+
+
+def test_band_choice_makes_odd_band_counts_work(model, tmp_path):
+    data = scene(11)
+    four = write(tmp_path / "four.tif", np.concatenate([data, data[:1]]))
+    one = write(tmp_path / "one.tif", data[1:2])
+    assert run("segment", four, tmp_path / "a.tif", "-k", 3, "--model", model, "--bands", "1,2,3", "--no-progress") == 0
+    assert run("segment", one, tmp_path / "b.tif", "-k", 3, "--model", model, "--bands", "1,1,1", "--no-progress") == 0
+    src = write(tmp_path / "three.tif", data)
+    assert run("segment", src, tmp_path / "c.tif", "-k", 3, "--model", model, "--no-progress") == 0
+    np.testing.assert_array_equal(labels_of(tmp_path / "a.tif"), labels_of(tmp_path / "c.tif"))
+
+
+def test_progress_and_info(model, tmp_path, capsys):
+    src = write(tmp_path / "in.tif", scene())
+    assert run("segment", src, tmp_path / "o.tif", "-k", 3, "--model", model, "--tile", 64) == 0
+    err = capsys.readouterr().err
+    assert "segment [" in err and "MP/s" in err and "backend auto ->" in err
+    assert run("info", "--model", model) == 0
+    out = capsys.readouterr().out
+    assert "embed_dim       8" in out and "max_k           6" in out and "backend numpy   available" in out

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .sharded_tif_dataset import (NODATA_TRIES, _item_rng, choose_window, collate, eligible_for_size,
-                                  finish_item, pad_to, step_loader)
+                                  finish_item, least_nodata_crop, step_loader)
 
 
 @dataclass(frozen=True)
@@ -160,16 +160,10 @@ class GeoPatchDataset(torch.utils.data.Dataset):
 
     def sample(self, si: int, size: int, rng: np.random.Generator) -> dict:
         """One window at scale ``si``: raster by area, position uniform, redrawn while mostly nodata."""
-        best = None
-        for _ in range(NODATA_TRIES):
+        def draw() -> dict:
             r = self.rasters[self.eligible[si][int(rng.choice(len(self.eligible[si]), p=self.weights[si]))]]
-            crop = self.read_window(r, choose_window(r.height, r.width, size, rng))
-            bad = 1.0 - float(crop["valid"].mean())
-            if best is None or bad < best[0]:
-                best = (bad, crop)
-            if bad <= self.max_nodata:
-                break
-        return pad_to(best[1], size)
+            return self.read_window(r, choose_window(r.height, r.width, size, rng))
+        return least_nodata_crop(draw, NODATA_TRIES, self.max_nodata, size)
 
     def __getitem__(self, key) -> dict:
         step, micro, si = (int(k) for k in key)

@@ -353,16 +353,22 @@ class ShardStepDataset(torch.utils.data.Dataset):
     def _crop(self, shard: str, entry: dict, size: int, rng: np.random.Generator) -> dict:
         h, w = entry["height"], entry["width"]
         tries = NODATA_TRIES if entry.get("nodata_fraction", 0.0) > 0 else 1
-        best = None
-        for _ in range(tries):
-            window = choose_window(h, w, size, rng)
-            crop = self.reader.read(Path(shard), entry, window)
-            bad = 1.0 - float(crop["valid"].mean())
-            if best is None or bad < best[0]:
-                best = (bad, crop)
-            if bad <= self.max_nodata:
-                break
-        return pad_to(best[1], size)
+        return least_nodata_crop(lambda: self.reader.read(Path(shard), entry, choose_window(h, w, size, rng)),
+                                 tries, self.max_nodata, size)
+
+
+def least_nodata_crop(draw, tries: int, max_nodata: float, size: int) -> dict:
+    """Draw up to ``tries`` crops with ``draw()``: the first with at most ``max_nodata`` nodata, else the
+    one with the least; padded to ``size``."""
+    best = None
+    for _ in range(tries):
+        crop = draw()
+        bad = 1.0 - float(crop["valid"].mean())
+        if best is None or bad < best[0]:
+            best = (bad, crop)
+        if bad <= max_nodata:
+            break
+    return pad_to(best[1], size)
 
 
 def shard_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:

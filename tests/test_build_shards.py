@@ -336,5 +336,6 @@ def test_unusable_target_follows_on_missing_target(tmp_path):
         assert problems[0]["item_id"] == "tile_01" and "target is 20x20" in problems[0]["reason"]
         assert problems[1]["item_id"] == "tile_02" and "not aligned" in problems[1]["reason"]
     h = write_header(tmp_path / "error.yaml", text.replace("on_missing_target: allow", "on_missing_target: error"))
+    # One worker: with several, whichever of the two bad tiles finishes first is the one reported.
     with pytest.raises(BuildError, match="target is 20x20"):
-        build_dataset(load_header(h), tmp_path / "error", progress=False)
+        build_dataset(load_header(h), tmp_path / "error", threads=1, progress=False)

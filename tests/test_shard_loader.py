@@ -2,7 +2,6 @@
 the scheduled size with SLIC / targets aligned, exact resume, rank disjointness, eval items, trainer batch."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,8 +227,6 @@ def test_eval_items(shards):
 
 
 def test_cli_trains_end_to_end_on_shards_and_validates_on_val(shards, tiny_overrides, tmp_path):
-    import json
-
     from training.train_distill import main
     run = tmp_path / "run"
     args = ["--data-source", "shards", "--processed-root", str(shards["root"]), "--dataset-id", "coords",
@@ -247,8 +244,6 @@ def test_cli_trains_end_to_end_on_shards_and_validates_on_val(shards, tiny_overr
 
 
 def test_cli_distils_efficientnet_with_slic_priors_on_shards(shards, tiny_overrides, tmp_path):
-    import json
-
     from training.train_distill import main
     run = tmp_path / "run"
     args = ["--data-source", "shards", "--processed-root", str(shards["root"]), "--dataset-id", "coords",

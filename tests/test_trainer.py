@@ -179,3 +179,12 @@ def test_slic_priors_need_shards(tmp_path, tiny_overrides, capsys):
     with pytest.raises(SystemExit):
         _train(tmp_path / "run", tiny_overrides, "--steps", "1", "--lambda-within", "0.5")
     assert "shards" in capsys.readouterr().err
+
+
+def test_config_file_completed_by_flags_is_validated_once_at_the_end(tmp_path):
+    from training.train_distill import build_parser, config_from_args
+    f = tmp_path / "geo.yaml"
+    f.write_text("data:\n  source: geotiff\n")
+    args = build_parser().parse_args(["--config", str(f), "--raster-paths", "a.tif", "b.tif"])
+    cfg = config_from_args(args)
+    assert cfg.data.source == "geotiff" and cfg.data.raster_paths == ("a.tif", "b.tif")

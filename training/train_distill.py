@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config, ConfigError, build_config, parse_overrides, save_config, set_value, validate
+from .config import Config, ConfigError, load_file, parse_overrides, save_config, set_value, validate
 from .augmentations import warp
 from .data.dataset import StepBatchSampler, TwoViewDataset
 from .data.synthetic import SyntheticDataset
@@ -126,7 +126,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, attr, None)
         if value is not None:
             flags.append((key, value))
-    cfg = build_config(args.config, ())
+    # Validate once, at the end: a config file may rely on flags to complete it (e.g. --raster-paths).
+    cfg = load_file(args.config) if args.config else Config()
     for key, value in flags:
         set_value(cfg, key, value)
     for key, value in parse_overrides(args.set):
@@ -245,7 +246,8 @@ class Trainer:
         self.step = 0
         self.best_score = -math.inf
         self.writer = None
-        self._val = None
+        self._val = None      # (items, n_classes, ignore_leq) once loaded
+        self._no_val = None   # why there is no validation set, when there is none
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -393,7 +395,7 @@ class Trainer:
         ``data.val_split`` with the dataset's IoU ignore threshold; geotiff: none (targets there feed no
         periodic validation; use python -m training.eval).
         """
-        if self._val is None:
+        if self._val is None and self._no_val is None:
             cfg = self.cfg
             if cfg.data.source == "synthetic":
                 src = SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes, cfg.data.synthetic_cells)
@@ -405,15 +407,15 @@ class Trainer:
                 try:
                     items = eval_items(cfg, cfg.data.val_split)
                 except (ValueError, FileNotFoundError) as exc:
-                    self._val = ("none", str(exc))
+                    self._no_val = str(exc)
                 else:
                     n_classes = int(max(int(lab.max()) for _, lab in items)) + 1
                     self._val = (items, max(n_classes, 2), eval_settings(cfg)["iou_ignore_label_leq"])
             else:
-                self._val = ("none", "data.source=geotiff has no validation split")
-            if self._val[0] == "none" and self.is_main:
-                print(f"note: no periodic validation ({self._val[1]}); best.pt is not written", file=sys.stderr)
-        return None if self._val[0] == "none" else self._val
+                self._no_val = "data.source=geotiff has no validation split"
+            if self._no_val is not None and self.is_main:
+                print(f"note: no periodic validation ({self._no_val}); best.pt is not written", file=sys.stderr)
+        return self._val
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:

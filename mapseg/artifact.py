@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,6 +29,17 @@ ARTIFACT_KIND = "mapseg-artifact"
 REQUIRED_META = ("format", "format_version", "architecture", "embed_dim", "max_k", "stride", "temperature",
                  "input", "cluster_defaults", "provenance", "weights_sha256")
 NORM_KINDS = ("group", "batch")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a unique temporary sibling, then rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ArtifactError(ValueError):

@@ -14,7 +14,6 @@ faster ones were not used.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -206,6 +205,3 @@ def build_onnx_model(artifact) -> bytes:
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -94,8 +94,8 @@ def cmd_segment(args) -> int:
                             stretch=parse_stretch(args.stretch), seed=args.seed, threads=args.threads,
                             progress=not args.no_progress, log=_log)
     if args.report:
-        with open(args.report, "w") as fh:
-            json.dump(report, fh, indent=1)
+        from .artifact import write_text_atomic
+        write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     return 0
 
 

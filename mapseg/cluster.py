@@ -230,10 +230,8 @@ class Centers:
                    None if counts is None else np.asarray(counts, np.int64), data.get("sample", {}))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        tmp.replace(path)
+        from .artifact import write_text_atomic
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Centers":

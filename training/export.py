@@ -46,7 +46,7 @@ from .models.student_cnn import RunningGroupNorm, StudentEmbeddingNet, build_stu
 
 DEFAULT_OUT = "model/best"
 L2_EPS = 1e-6  # StudentEmbeddingNet.embed: F.normalize(..., eps=1e-6)
-VERIFY_TOLERANCE = 1e-3
+VERIFY_TOLERANCE = 1e-4
 
 
 class ExportError(RuntimeError):

@@ -53,10 +53,6 @@ NODATA_TRIES = 10
 
 # --------------------------------------------------------------------------- shard index
 
-def split_dir(processed_root: str | Path, dataset_id: str, split: str) -> Path:
-    return Path(processed_root) / dataset_id / split
-
-
 def list_shards(processed_root: str | Path, dataset_id: str, split: str) -> list[Path]:
     """Shard folders of a split, in name order. A missing split is an error that lists the ones present."""
     root = Path(processed_root) / dataset_id
@@ -329,9 +325,6 @@ class ShardStepDataset(torch.utils.data.Dataset):
                          for s, _ in self.sizes_and_batches]
         self.draws = [EpochDraws(len(el), self.seed, rank, si) for si, el in enumerate(self.eligible)]
         self.reader = TileReader(self.with_slic, d.cache_mode, d.cache_max_items)
-
-    def eligible_counts(self) -> dict:
-        return {s: (len(el), len(self.items)) for (s, _), el in zip(self.sizes_and_batches, self.eligible)}
 
     def item_index(self, step: int, micro: int, si: int, j: int) -> int:
         """Index into ``self.items`` of slot j of batch (step, micro, scale si)."""

@@ -86,14 +86,8 @@ def require_ximgproc():
     return cv2
 
 
-def edge_density(rgb_hwc: np.ndarray, params: SlicParams) -> float:
-    """Fraction of Canny edge pixels on the (lightly blurred) Lab lightness of an (H, W, 3) uint8 image."""
-    import cv2
-    lab = cv2.cvtColor(rgb_hwc, cv2.COLOR_RGB2Lab)
-    return _edge_density_from_lab(lab, params)
-
-
 def _edge_density_from_lab(lab: np.ndarray, params: SlicParams) -> float:
+    """Fraction of Canny edge pixels on the (lightly blurred) Lab lightness of an image."""
     import cv2
     lightness = cv2.GaussianBlur(np.ascontiguousarray(lab[..., 0]), (3, 3), 0)
     edges = cv2.Canny(lightness, params.canny_low, params.canny_high)

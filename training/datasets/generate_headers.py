@@ -100,6 +100,18 @@ def _target_modality(sample: dict, pattern: str, name: str = "mask") -> Modality
                         dtype=sample["dtype"], nodata=None, georef_required=False)
 
 
+def _input_from(path: Path, stats: dict, pattern: str, name: str, bands: Optional[list] = None) -> ModalitySpec:
+    """The input modality from one sample file, scanned once and recorded as ``stats['input_sample']``."""
+    stats["input_sample"] = scan_sample(path)
+    return _input_modality(stats["input_sample"], pattern, name, bands)
+
+
+def _target_from(path: Path, stats: dict, pattern: str, name: str) -> ModalitySpec:
+    """The target modality from one sample mask, scanned once and recorded as ``stats['target_sample']``."""
+    stats["target_sample"] = scan_sample(path)
+    return _target_modality(stats["target_sample"], pattern, name)
+
+
 def _header(dataset_id: str, description: str, source_root: str, mods: list, raw: tuple, strategy="by_stem",
             stem_regex=None) -> DatasetHeader:
     target = next((m.name for m in mods if m.role == "target"), None)
@@ -126,12 +138,11 @@ def layout_ms_buildings(root: Path) -> tuple[DatasetHeader, dict]:
     splits = _split_dirs(root, ("train", "val", "test"), needs="sat")
     sat = [f for s in splits for f in _raster_files(root / s / "sat")]
     ext = _common_suffix(sat, root / "*/sat")
-    mods = [_input_modality(scan_sample(sat[0]), f"{{split}}/sat/*{ext}", "sat")]
     maps = [f for s in splits if (root / s / "map").is_dir() for f in _raster_files(root / s / "map")]
-    stats = {"splits": splits, "inputs": len(sat), "targets": len(maps), "input_sample": scan_sample(sat[0])}
+    stats = {"splits": splits, "inputs": len(sat), "targets": len(maps)}
+    mods = [_input_from(sat[0], stats, f"{{split}}/sat/*{ext}", "sat")]
     if maps:
-        mods.append(_target_modality(scan_sample(maps[0]), f"{{split}}/map/*{_common_suffix(maps, root)}", "map"))
-        stats["target_sample"] = scan_sample(maps[0])
+        mods.append(_target_from(maps[0], stats, f"{{split}}/map/*{_common_suffix(maps, root)}", "map"))
     return _header("ms_buildings", "Massachusetts buildings: aerial tiles (sat) with building masks (map).",
                    "", mods, tuple(splits)), stats
 
@@ -142,14 +153,12 @@ def layout_whu_building(root: Path) -> tuple[DatasetHeader, dict]:
     img_dir = "{split}/image" if nested else "{split}"
     imgs = [f for s in splits for f in _raster_files(root / img_dir.format(split=s))]
     ext = _common_suffix(imgs, root / img_dir)
-    sample = scan_sample(imgs[0])
-    mods = [_input_modality(sample, f"{img_dir}/*{ext}", "image")]
-    stats = {"splits": splits, "inputs": len(imgs), "input_sample": sample}
+    stats = {"splits": splits, "inputs": len(imgs)}
+    mods = [_input_from(imgs[0], stats, f"{img_dir}/*{ext}", "image")]
     labels = [f for s in splits if (root / s / "label").is_dir() for f in _raster_files(root / s / "label")]
     if nested and labels:
-        mods.append(_target_modality(scan_sample(labels[0]), f"{{split}}/label/*{_common_suffix(labels, root)}",
-                                     "label"))
-        stats.update(targets=len(labels), target_sample=scan_sample(labels[0]))
+        mods.append(_target_from(labels[0], stats, f"{{split}}/label/*{_common_suffix(labels, root)}", "label"))
+        stats["targets"] = len(labels)
     return _header("whu_building", "WHU building dataset: aerial tiles" + (" with building masks." if len(mods) > 1
                    else " (no labels found)."), "", mods, tuple(splits)), stats
 
@@ -159,12 +168,10 @@ def layout_openearth(root: Path) -> tuple[DatasetHeader, dict]:
     if not imgs:
         raise LayoutError(f"no <region>/images/*.tif under {root}")
     labels = sorted(root.glob("*/labels/*.tif"))
-    mods = [_input_modality(scan_sample(imgs[0]), "*/images/*.tif", "image")]
-    stats = {"regions": len({p.parent.parent.name for p in imgs}), "inputs": len(imgs), "targets": len(labels),
-             "input_sample": scan_sample(imgs[0])}
+    stats = {"regions": len({p.parent.parent.name for p in imgs}), "inputs": len(imgs), "targets": len(labels)}
+    mods = [_input_from(imgs[0], stats, "*/images/*.tif", "image")]
     if labels:
-        mods.append(_target_modality(scan_sample(labels[0]), "*/labels/*.tif", "label"))
-        stats["target_sample"] = scan_sample(labels[0])
+        mods.append(_target_from(labels[0], stats, "*/labels/*.tif", "label"))
     manifests = [n for n in ("train.txt", "val.txt", "test.txt") if (root / n).is_file()]
     if manifests:
         stats["note"] = (f"found {', '.join(manifests)}: the default split rules are used; to follow them instead "
@@ -177,13 +184,12 @@ def layout_inria(root: Path) -> tuple[DatasetHeader, dict]:
     splits = _split_dirs(root, ("train", "test"), needs="images")
     imgs = [f for s in splits for f in _raster_files(root / s / "images")]
     ext = _common_suffix(imgs, root / "*/images")
-    mods = [_input_modality(scan_sample(imgs[0]), f"{{split}}/images/*{ext}", "image")]
     gts = [f for s in splits if (root / s / "gt").is_dir() for f in _raster_files(root / s / "gt")]
-    stats = {"splits": splits, "inputs": len(imgs), "targets": len(gts), "input_sample": scan_sample(imgs[0])}
+    stats = {"splits": splits, "inputs": len(imgs), "targets": len(gts)}
+    mods = [_input_from(imgs[0], stats, f"{{split}}/images/*{ext}", "image")]
     if gts:
         # Masks are 0/255: keep both as classes (nothing to ignore).
-        mods.append(_target_modality(scan_sample(gts[0]), f"{{split}}/gt/*{_common_suffix(gts, root)}", "gt"))
-        stats["target_sample"] = scan_sample(gts[0])
+        mods.append(_target_from(gts[0], stats, f"{{split}}/gt/*{_common_suffix(gts, root)}", "gt"))
     h = _header("inria", "Inria aerial image labeling: 5000x5000 0.3 m tiles, building masks (0/255) for train.",
                 "", mods, tuple(splits))
     return _with(h, validation_metrics=ValidationMetricsSpec(iou_ignore_label_leq=-1)), stats
@@ -209,8 +215,8 @@ def layout_generic(images: Path, masks: Optional[Path], dataset_id: str, bands: 
     imgs = [p for p in imgs if p.suffix == ext]
     if masks is None:
         root = images
-        mods = [_input_modality(scan_sample(imgs[0]), f"*{ext}", "image", bands)]
-        stats = {"inputs": len(imgs), "input_sample": scan_sample(imgs[0])}
+        stats = {"inputs": len(imgs)}
+        mods = [_input_from(imgs[0], stats, f"*{ext}", "image", bands)]
         return _header(dataset_id, description or f"Images from {images}", str(root), mods, ("all",)), stats
     masks = masks.resolve()
     if not masks.is_dir():
@@ -222,7 +228,8 @@ def layout_generic(images: Path, masks: Optional[Path], dataset_id: str, bands: 
     mfiles = [p for p in mfiles if p.suffix == mext]
     root = Path(os.path.commonpath([images, masks]))
     img_rel, mask_rel = images.relative_to(root).as_posix(), masks.relative_to(root).as_posix()
-    mods = [_input_modality(scan_sample(imgs[0]), f"{img_rel}/*{ext}", "image", bands)]
+    stats = {"inputs": len(imgs), "targets": len(mfiles)}
+    mods = [_input_from(imgs[0], stats, f"{img_rel}/*{ext}", "image", bands)]
     img_stems, mask_stems = {p.stem for p in imgs}, {p.stem for p in mfiles}
     strategy, regex, paired = "by_stem", None, len(img_stems & mask_stems)
     if not paired:
@@ -237,10 +244,9 @@ def layout_generic(images: Path, masks: Optional[Path], dataset_id: str, bands: 
         raise LayoutError(f"no mask in {masks} matches an image in {images} by file stem "
                           f"(also tried the suffixes {', '.join(MASK_SUFFIXES)}); rename them or write the header "
                           "by hand with pairing.strategy: regex")
-    tsample = scan_sample(mfiles[0])
-    mods.append(_target_modality(tsample, f"{mask_rel}/*{mext}", "mask"))
-    stats = {"inputs": len(imgs), "targets": len(mfiles), "paired": paired, "input_sample": scan_sample(imgs[0]),
-             "target_sample": tsample}
+    mods.append(_target_from(mfiles[0], stats, f"{mask_rel}/*{mext}", "mask"))
+    stats["paired"] = paired
+    tsample = stats["target_sample"]
     h = _header(dataset_id, description or f"Images from {images} with masks from {masks}", str(root), mods,
                 ("all",), strategy, regex)
     if isinstance(tsample.get("values"), list) and set(tsample["values"]) <= {0, 1, 255}:

@@ -284,6 +284,56 @@ def window_labels(features, image: np.ndarray, valid: np.ndarray, win: Window, s
     return core
 
 
+def iter_labels(reader, features, scaling: Scaling, scorer, k: int, wins: list[Window], smooth: int = 0):
+    """(window, uint8 labels of its core clipped to the raster) for every window, in order."""
+    for win in wins:
+        image, valid = read_window(reader, win, scaling, features.fill)
+        labels = window_labels(features, image, valid, win, scorer, k, smooth)
+        r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
+        yield win, np.ascontiguousarray(labels[:r1 - win.r0, :c1 - win.c0])
+
+
+def label_reader(reader, features, scaling: Scaling, centers: Centers, tile: int = DEFAULT_TILE,
+                 smooth: int = 0) -> np.ndarray:
+    """The whole (H, W) uint8 label map of a reader in memory (``segment_raster`` without the file):
+    for evaluation and small images. 255 (OUTPUT_NODATA) where the input is nodata."""
+    wins = plan_windows(reader.height, reader.width, tile, features.stride, features.halo + smooth * features.stride)
+    out = np.empty((reader.height, reader.width), np.uint8)
+    for win, labels in iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth):
+        out[win.r0:win.r0 + labels.shape[0], win.c0:win.c0 + labels.shape[1]] = labels
+    return out
+
+
+class ArrayReader:
+    """The reader interface (``height``, ``width``, ``info.dtype``, ``read``) over an in-memory (H, W, 3)
+    uint8 or uint16 image, with an optional (H, W) validity mask: the pipeline without a raster file."""
+
+    def __init__(self, image: np.ndarray, valid: np.ndarray | None = None, name: str = "<array>"):
+        from types import SimpleNamespace
+
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype.name not in DTYPE_MAX:
+            raise SegmentError(f"{name}: expected an (H, W, 3) uint8 or uint16 image, got {image.shape} {image.dtype}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise SegmentError(f"{name} is empty")
+        self.image, self.valid, self.path = image, valid, name
+        self.info = SimpleNamespace(dtype=image.dtype.name, width=image.shape[1], height=image.shape[0],
+                                    has_nodata=valid is not None)
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[1]
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
+        data = self.image[row0:row1, col0:col1]
+        ok = (np.ones(data.shape[:2], bool) if self.valid is None else self.valid[row0:row1, col0:col1])
+        return data, ok
+
+
 # --------------------------------------------------------------------------- sampling and fitting
 
 def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000) -> np.ndarray:
@@ -365,13 +415,28 @@ def fit_raster_centers(inputs: list[str | os.PathLike], k: int, model=None, back
                 all_c.append(c)
                 info.append({"path": str(path), "cells": int(f.shape[0]), "windows": used,
                              "scaling": scaling.description})
+    return _fit(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None})
+
+
+def _fit(all_f: list, all_c: list, k: int, features, seed: int, info: dict) -> Centers:
     feats, cols = np.concatenate(all_f), np.concatenate(all_c)
     try:
         return fit_centers(feats, cols, k, features.metric, features.kind, features.model_id, seed,
-                           {"rasters": info, "features": int(feats.shape[0]), "seed": seed,
-                            "bands": list(bands) if bands else None})
+                           {**info, "features": int(feats.shape[0]), "seed": seed})
     except ClusterError as exc:
         raise SegmentError(str(exc)) from exc
+
+
+def fit_reader_centers(readers, k: int, features, seed: int = 0, stretch=None) -> Centers:
+    """Fit K centres on a sample drawn from every reader (``mapseg fit`` over open readers, e.g. ArrayReader)."""
+    k = check_k(k, features.max_k)
+    all_f, all_c, info = [], [], []
+    for reader in readers:
+        f, c, used = collect_sample(reader, features, scaling_for(reader, features, stretch, seed), seed)
+        all_f.append(f)
+        all_c.append(c)
+        info.append({"path": str(reader.path), "cells": int(f.shape[0]), "windows": used})
+    return _fit(all_f, all_c, k, features, seed, {"rasters": info})
 
 
 def check_centers(centers: Centers, features, k: int | None) -> Centers:
@@ -469,12 +534,9 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
                                  cog, tags)
             bar = Progress(len(wins), "segment", progress)
             t0 = time.perf_counter()
-            for win in wins:
-                image, valid = read_window(reader, win, scaling, features.fill)
-                labels = window_labels(features, image, valid, win, scorer, k, smooth)
-                r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
-                writer.write(np.ascontiguousarray(labels[:r1 - win.r0, :c1 - win.c0]), win.r0, win.c0)
-                bar.update(1, (r1 - win.r0) * (c1 - win.c0))
+            for win, labels in iter_labels(reader, features, scaling, scorer, k, wins, smooth):
+                writer.write(labels, win.r0, win.c0)
+                bar.update(1, labels.size)
             bar.close()
             t1 = time.perf_counter()
             out = writer.commit()

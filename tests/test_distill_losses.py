@@ -175,10 +175,28 @@ def test_within_penalises_disagreement_inside_a_superpixel():
     noisy = torch.zeros(1, 3, 8, 8)
     noisy[:, 0, ::2] = 1
     noisy[:, 1, 1::2] = 1  # alternating rows inside every superpixel
-    assert float(within_loss(noisy, ids)) == pytest.approx(0.25, abs=1e-6)  # ||e0 - (e0 + e1) / 2||^2 / 2
+    assert float(within_loss(noisy, ids)) == pytest.approx(1 - 0.5 ** 0.5, abs=1e-6)  # 1 - cos(e0, (e0 + e1) / 2)
     # impure cells (straddling a superpixel edge) are left out
     odd = torch.from_numpy(grid_labels((32, 32), 6)).unsqueeze(0)
     assert 0.0 <= float(within_loss(noisy, odd)) <= 1.0
+
+
+def test_priors_measure_agreement_not_sharpness():
+    """Diffuse assignments that agree across a strong edge pay the full cost (a dot product would charge 1/K,
+    so sharpening looked like a worse fit and the priors rose during training); sharpness alone changes nothing."""
+    img, slic, bnd = _two_region_batch()
+    uniform = torch.full((1, 4, 8, 8), 0.25)
+    u = slic_prior_losses(uniform, slic, bnd, img)
+    assert float(u["prior_boundary"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(u["prior_antimerge"]) == pytest.approx(1.0, abs=1e-4)
+    split = _one_hot_halves(split=True)
+    for t in (0.3, 1.0, 3.0):  # the same split, softened by different amounts
+        soft = torch.softmax(torch.log(split + 0.05) / t, 1)
+        s = slic_prior_losses(soft, slic, bnd, img)
+        assert float(s["prior_within"]) == pytest.approx(0.0, abs=1e-6)
+    soft_cost = [float(slic_prior_losses(torch.softmax(torch.log(split + 0.05) / t, 1), slic, bnd, img)
+                       ["prior_boundary"]) for t in (3.0, 1.0, 0.3)]
+    assert soft_cost == sorted(soft_cost, reverse=True)  # sharper split: lower cost, never higher
 
 
 def test_boundary_uses_the_slic_boundary_mask():

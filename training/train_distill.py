@@ -38,7 +38,7 @@ from .data.synthetic import SyntheticDataset
 from .device_policy import resolve_device
 from .losses import (EMANormalizer, edge_aware_tv, marginal_entropy_gap, pixel_entropy, pseudo_label_ce,
                      recon_loss, scale_neutral_merge, two_view_consistency)
-from .metrics import confusion_matrix, hungarian_scores
+from .metrics import confusion_matrix, hungarian_scores, scored_classes
 from .losses.distill import DistillHead, affinity_distill_loss, feature_distill_loss, teacher_targets
 from .losses.priors import slic_prior_losses_two_views
 from .models import SoftKMeansHead, TinyReconDecoder, build_student, kmeans_fit
@@ -627,7 +627,7 @@ def evaluate_student(student: nn.Module, items, k: int, n_classes: int, device, 
         full = F.interpolate(lab[None, None].float(), scale_factor=4, mode="nearest")[0, 0].long().cpu().numpy()
         h, w = full.shape
         conf += confusion_matrix(full, np.asarray(labels)[:h, :w], k, n_classes, ignore_leq)
-    return hungarian_scores(conf)
+    return hungarian_scores(conf[:, scored_classes(n_classes, ignore_leq)])
 
 
 def main(argv: list[str] | None = None) -> int:

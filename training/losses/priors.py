@@ -7,16 +7,24 @@ frame of ``p`` (``S = 4 h``). A stride-4 cell belongs to the superpixel under
 its centre pixel; it is *pure* when all its 16 pixels share that superpixel.
 
 * ``within``: cells should agree with their superpixel. Mean over pure cells
-  of ``||p_c - m_A||^2 / 2``, ``m_A`` the mean assignment of superpixel A.
+  of ``1 - cos(p_c, m_A)``, ``m_A`` the mean assignment of superpixel A.
 * ``boundary``: assignments should change across strong superpixel
   boundaries. Mean over 4-neighbour cell pairs lying in different superpixels
-  of ``w * <p_a, p_b>`` (``<p_a, p_b>`` is the probability that both take the
-  same cluster), ``w`` the strength of the boundary between them: the image
-  gradient on the SLIC boundary pixels of the two cells (Sobel on the clean
-  image, masked by ``slic_boundary``, max over the cells).
+  of ``w * cos(p_a, p_b)``, ``w`` the strength of the boundary between them:
+  the image gradient on the SLIC boundary pixels of the two cells (Sobel on
+  the clean image, masked by ``slic_boundary``, max over the cells).
 * ``antimerge``: adjacent superpixels of clearly different colour should not
-  merge. Mean over adjacent superpixel pairs (A, B) of ``w * <m_A, m_B>``,
+  merge. Mean over adjacent superpixel pairs (A, B) of ``w * cos(m_A, m_B)``,
   ``w`` their mean-colour contrast; pairs sharing a longer border count more.
+
+All three compare assignment vectors by their cosine, not their dot product.
+A dot product ``<p_a, p_b>`` is the chance that both cells draw the same
+cluster, and it *grows* as the clustering terms sharpen the assignments (two
+uniform vectors give 1/K, two equal one-hot vectors 1): with it the priors
+rose during training and rewarded diffuse, undecided assignments. The cosine
+is 1 for any two equal vectors and 0 for disjoint ones whatever their
+sharpness, so the priors only measure *agreement* and fall as the student
+learns to respect the superpixels (measured on dubai_dev, see docs/teachers.md).
 
 Strengths map to weights ``w = 1 - exp(-(d / sigma)^2)`` in [0, 1] (``d`` an
 RGB distance in [0, 1] units; ``sigma = 0.1`` by default): weak boundaries and
@@ -75,20 +83,25 @@ def _check(p: torch.Tensor, ids: torch.Tensor) -> int:
     return ids.shape[-2] // h
 
 
+def _cos(a: torch.Tensor, b: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Cosine of assignment vectors along ``dim`` (probabilities: never both zero, still guarded)."""
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp_min(1e-8)
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` where ``mask`` is 1; with an empty mask 0, still attached to ``p``'s graph."""
     return (values * mask).sum() / mask.sum().clamp_min(1e-12) + 0.0 * p.sum()
 
 
 def within_loss(p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean over pure cells of ``||p_c - m_A||^2 / 2``; ``ids`` (B, S, S) superpixels of one scale."""
+    """Mean over pure cells of ``1 - cos(p_c, m_A)``; ``ids`` (B, S, S) superpixels of one scale."""
     stride = _check(p, ids)
     centre, pure = cell_ids(ids, stride)
     gids, n = _global_ids(centre)
     p = p.float()
     means, _ = segment_means(p, gids, n)
     k = p.shape[1]
-    dev = 0.5 * (p - means[gids].reshape(*centre.shape, k).permute(0, 3, 1, 2)).pow(2).sum(1)
+    dev = 1.0 - _cos(p, means[gids].reshape(*centre.shape, k).permute(0, 3, 1, 2))
     return _masked_mean(dev, pure.float(), p)
 
 
@@ -107,7 +120,7 @@ def boundary_edge_strength(boundary: torch.Tensor, image: torch.Tensor, stride: 
 def boundary_loss(p: torch.Tensor, ids: torch.Tensor, boundary: torch.Tensor, image: torch.Tensor,
                   sigma: float = 0.1) -> torch.Tensor:
     """Mean over neighbour cells in different superpixels (``ids`` of the boundary mask's scale) of
-    ``<p_a, p_b>`` times the boundary's edge-strength weight."""
+    ``cos(p_a, p_b)`` times the boundary's edge-strength weight."""
     stride = _check(p, ids)
     centre, _ = cell_ids(ids, stride)
     strength = contrast_weight(boundary_edge_strength(boundary, image, stride), sigma)
@@ -116,13 +129,13 @@ def boundary_loss(p: torch.Tensor, ids: torch.Tensor, boundary: torch.Tensor, im
     for (pa, pb), (ia, ib), (sa, sb) in zip(_neighbour_pairs(p), _neighbour_pairs(centre),
                                             _neighbour_pairs(strength)):
         cross = (ia != ib).to(p.dtype)
-        vals.append(((pa * pb).sum(1) * torch.maximum(sa, sb)).reshape(-1))
+        vals.append((_cos(pa, pb) * torch.maximum(sa, sb)).reshape(-1))
         masks.append(cross.reshape(-1))
     return _masked_mean(torch.cat(vals), torch.cat(masks), p)
 
 
 def antimerge_loss(p: torch.Tensor, ids: torch.Tensor, image: torch.Tensor, sigma: float = 0.1) -> torch.Tensor:
-    """Mean over adjacent superpixel pairs of ``<m_A, m_B>`` times their mean-colour contrast weight."""
+    """Mean over adjacent superpixel pairs of ``cos(m_A, m_B)`` times their mean-colour contrast weight."""
     stride = _check(p, ids)
     centre, _ = cell_ids(ids, stride)
     m = int(ids.max()) + 1  # one offset for cells and pixels, so a global id means the same superpixel
@@ -137,7 +150,7 @@ def antimerge_loss(p: torch.Tensor, ids: torch.Tensor, image: torch.Tensor, sigm
         cross = a != b
         a, b = a[cross], b[cross]
         w = contrast_weight((colours[a] - colours[b]).norm(dim=1), sigma)
-        vals.append((means[a] * means[b]).sum(1) * w)
+        vals.append(_cos(means[a], means[b]) * w)
         masks.append(torch.ones_like(w))
     return _masked_mean(torch.cat(vals), torch.cat(masks), p)
 

@@ -194,3 +194,49 @@ def test_artifact_rejects_tampering(tmp_path):
     np.savez(out / "model.npz", **arrays)
     with pytest.raises(ArtifactError, match="weights_sha256"):
         load_artifact(out)
+
+
+def test_a_wrong_model_onnx_is_never_shipped(trained, tmp_path, monkeypatch):
+    """The export runs model.onnx with onnxruntime against the student; a graph that disagrees aborts it."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import mapseg.backends as mb
+
+    real = mb.build_onnx_model
+
+    def off_by_a_bit(artifact):
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load_from_string(real(artifact))
+        for init in model.graph.initializer:
+            if init.name == "input_std":  # a plausible export bug: wrong normalisation
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.05, "input_std"))
+        return model.SerializeToString()
+
+    monkeypatch.setattr(mb, "build_onnx_model", off_by_a_bit)
+    trainer, _ = trained
+    with pytest.raises(ExportError, match="model.onnx differs from the student"):
+        export_artifact(trainer.student, trainer.cfg.to_dict(), tmp_path / "best", {"score": 0.5, "step": 2},
+                        onnx=True)
+    assert not (tmp_path / "best").exists()
+
+
+def test_export_records_the_dev_set_evaluation(trained, tmp_path):
+    import json
+
+    trainer, run = trained
+    report = {"evaluation_set": {"name": "folder x", "images": 2}, "k": 5, "smooth": 0,
+              "results": [{"method": "student (best)", "dataset": {"accuracy": 0.6, "miou": 0.4,
+                                                                  "per_class_iou": {"a": 0.4}},
+                           "overcluster": {"k": 10, "accuracy": 0.7, "miou": 0.45, "mapping": {}}}]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    ckpt = run / "student.pt"
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "best"), "--dev-eval", str(tmp_path / "r.json")]) == 0
+    meta = json.loads((tmp_path / "best" / "meta.json").read_text())
+    metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    for rec in (meta["provenance"]["dev_eval"], metrics["dev_eval"]):
+        assert rec["results"][0]["miou"] == 0.4 and rec["k"] == 5
+        assert rec["results"][0]["overcluster"] == {"k": 10, "accuracy": 0.7, "miou": 0.45}
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b2"), "--dev-eval", str(tmp_path / "bad.json")]) == 2

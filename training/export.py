@@ -263,6 +263,8 @@ def export_artifact(student: nn.Module, cfg_dict: dict, out_dir: str | os.PathLi
             (tmp / "model.onnx").write_bytes(build_onnx_model(load_artifact(tmp)))
         if verify:
             verify_artifact(student, tmp)
+            if onnx:
+                verify_onnx(student, tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -357,13 +359,56 @@ def smoke_export(out_dir: str | os.PathLike, seed: int = 7, steps: int = 1, embe
 
 # --------------------------------------------------------------------------- CLI
 
+@torch.no_grad()
+def verify_onnx(student: StudentEmbeddingNet, out_dir: Path, size: int = 64, seed: int = 1) -> float:
+    """Max |onnxruntime - torch| embedding difference of the written model.onnx; raises if large or if
+    onnxruntime (which the ``onnx`` extra installs with onnx) is missing: an unchecked model.onnx is not shipped."""
+    from mapseg.backends import BackendUnavailable, OnnxBackend
+
+    try:
+        backend = OnnxBackend(load_artifact(out_dir), threads=1)
+    except BackendUnavailable as exc:
+        raise ExportError(f"cannot check model.onnx: {exc}") from exc
+    image = np.random.default_rng(seed).random((size, size, 3), dtype=np.float32)
+    ours = backend.embed(image)
+    was = student.training
+    student.eval()
+    try:
+        dev = next(student.parameters()).device
+        ref = student(torch.from_numpy(image).permute(2, 0, 1)[None].to(dev)).float()[0].permute(1, 2, 0).cpu().numpy()
+    finally:
+        student.train(was)
+    diff = float(np.abs(ours - ref).max())
+    if not diff <= VERIFY_TOLERANCE:
+        raise ExportError(f"export check failed: model.onnx differs from the student by {diff:.2e}")
+    return diff
+
+
+def dev_eval_summary(path: str | os.PathLike) -> dict:
+    """The compact dev-set figures recorded in metrics.json / meta.json from a ``python -m training.eval --out``
+    report: set, K, and per method accuracy, mIoU and per-class IoU (dataset-level Hungarian matching)."""
+    rep = json.loads(Path(path).read_text())
+    try:
+        return {"evaluation_set": rep["evaluation_set"], "k": rep["k"], "smooth": rep.get("smooth", 0),
+                "command": "python -m training.eval", "results": [
+                    {"method": r["method"], "accuracy": r["dataset"]["accuracy"], "miou": r["dataset"]["miou"],
+                     "per_class_iou": r["dataset"]["per_class_iou"],
+                     "overcluster": {k: r["overcluster"][k] for k in ("k", "accuracy", "miou")}
+                     if r.get("overcluster") else None} for r in rep["results"]]}
+    except (KeyError, TypeError) as exc:
+        raise ExportError(f"{path} is not a python -m training.eval --out report ({exc})") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="runs/default/best.pt",
                    help="training checkpoint: best.pt, student.pt or last.pt")
     p.add_argument("--out", default=DEFAULT_OUT, help="artifact folder to write (replaced atomically)")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against the student with "
+                                                        "onnxruntime (needs the onnx extra)")
+    p.add_argument("--dev-eval", metavar="JSON", help="a python -m training.eval --out report of this checkpoint: "
+                                                      "its figures go into metrics.json and meta.json")
     p.add_argument("--smoke-out", metavar="DIR", help="train a tiny student (temporary run) and export it to DIR")
     p.add_argument("--seed", type=int, default=7, help="smoke: train.seed")
     p.add_argument("--steps", type=int, default=1, help="smoke: train.steps")
@@ -384,8 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             student, cfg_dict, ckpt = load_checkpoint_student(args.checkpoint)
             metrics = checkpoint_metrics(student, cfg_dict, ckpt)
-            out = export_artifact(student, cfg_dict, args.out, metrics,
-                                  {"checkpoint": str(Path(args.checkpoint).resolve())}, onnx=args.onnx)
+            prov = {"checkpoint": str(Path(args.checkpoint).resolve())}
+            if args.dev_eval:
+                metrics["dev_eval"] = prov["dev_eval"] = dev_eval_summary(args.dev_eval)
+            out = export_artifact(student, cfg_dict, args.out, metrics, prov, onnx=args.onnx)
     except Exception as exc:  # noqa: BLE001 - the CLI reports every failure plainly
         from mapseg.artifact import ArtifactError
         from .config import ConfigError

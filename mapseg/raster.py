@@ -1,9 +1,12 @@
 """All raster I/O of the runtime: windowed reads with band selection and nodata, label writing.
 
-rasterio is the reader and writer today; nothing else in mapseg touches it,
-so a GDAL (osgeo) implementation of ``RasterReader`` / ``LabelWriter`` can be
-added for QGIS without changing the pipeline. rasterio is imported on first
-use, not when this module is imported.
+Two implementations of the same contract: rasterio (``RasterReader`` /
+``LabelWriter`` here) and GDAL's own bindings (``mapseg.raster_gdal``, for
+QGIS, whose Python has ``osgeo`` but not rasterio). ``open_reader``,
+``open_writer`` and ``io_env`` pick one per ``MAPSEG_IO`` (``auto``: rasterio
+when importable, else osgeo; ``rasterio`` or ``gdal`` to insist, an error if
+it is missing); ``io_library()`` says which, and the run report records it.
+Neither is imported when this module is imported.
 
 Reads return channels-last ``(h, w, 3)`` arrays in the raster's dtype plus a
 ``valid`` mask: a pixel is nodata when all selected bands equal the nodata
@@ -46,6 +49,52 @@ def _rasterio():
     return rasterio
 
 
+IO_LIBRARIES = ("rasterio", "gdal")
+
+
+def io_library() -> str:
+    """The raster library this process uses: MAPSEG_IO (auto|rasterio|gdal), auto = rasterio, else GDAL."""
+    import importlib.util
+
+    want = os.environ.get("MAPSEG_IO", "auto").strip().lower() or "auto"
+    if want not in ("auto",) + IO_LIBRARIES:
+        raise RasterError(f"MAPSEG_IO={want!r}: choose auto, rasterio or gdal")
+    has = {"rasterio": importlib.util.find_spec("rasterio") is not None,
+           "gdal": importlib.util.find_spec("osgeo") is not None}
+    if want != "auto":
+        if not has[want]:
+            raise RasterError(f"MAPSEG_IO={want} but {'rasterio' if want == 'rasterio' else 'osgeo (GDAL)'} "
+                              "is not importable")
+        return want
+    for lib in IO_LIBRARIES:
+        if has[lib]:
+            return lib
+    raise RasterError("mapseg reads and writes rasters with rasterio or GDAL's Python bindings (osgeo); "
+                      "neither is installed: pip install rasterio")
+
+
+def open_reader(path, bands=None, nodata=None):
+    if io_library() == "gdal":
+        from .raster_gdal import GdalRasterReader
+        return GdalRasterReader(path, bands, nodata)
+    return RasterReader(path, bands, nodata)
+
+
+def open_writer(path, like, k: int, nodata, cog: bool = False, tags: dict | None = None):
+    if io_library() == "gdal":
+        from .raster_gdal import GdalLabelWriter
+        return GdalLabelWriter(path, like, k, nodata, cog, tags)
+    return LabelWriter(path, like, k, nodata, cog, tags)
+
+
+def io_env():
+    """The chosen library's settings for a run (bounded block cache, threaded decoding)."""
+    if io_library() == "gdal":
+        from .raster_gdal import gdal_env as env
+        return env()
+    return gdal_env()
+
+
 def gdal_env():
     """GDAL settings for a run: a bounded block cache (it counts in the process's memory), and
     multi-threaded decoding of compressed inputs."""
@@ -85,7 +134,8 @@ class RasterInfo:
 
 
 class RasterReader:
-    """Windowed reads of three bands of one raster (any GDAL-readable format)."""
+    """Windowed reads of three bands of one raster (any GDAL-readable format), through rasterio."""
+    library = "rasterio"
 
     def __init__(self, path: str | os.PathLike, bands: tuple[int, ...] | None = None, nodata: float | None = None):
         rasterio = _rasterio()
@@ -181,7 +231,8 @@ def colormap(k: int) -> dict:
 
 
 class LabelWriter:
-    """A uint8 label raster written window by window under a temporary name, renamed by ``commit``."""
+    """A uint8 label raster written window by window under a temporary name, renamed by ``commit`` (rasterio)."""
+    library = "rasterio"
 
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
                  tags: dict | None = None):

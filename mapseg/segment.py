@@ -399,15 +399,15 @@ def fit_raster_centers(inputs: list[str | os.PathLike], k: int, model=None, back
                        bands=None, nodata=None, stretch=None, seed: int = 0, features=None,
                        log=None) -> Centers:
     """Fit K centres on a sample drawn from all ``inputs`` (``mapseg fit``)."""
-    from .raster import RasterReader, gdal_env
+    from .raster import io_env, open_reader
 
     log = log or (lambda msg: None)
     features = features or load_features(model, backend)
     k = check_k(k, features.max_k)
     all_f, all_c, info = [], [], []
-    with gdal_env():
+    with io_env():
         for path in inputs:
-            with RasterReader(path, bands, nodata) as reader:
+            with open_reader(path, bands, nodata) as reader:
                 scaling = scaling_for(reader, features, stretch, seed)
                 f, c, used = collect_sample(reader, features, scaling, seed)
                 log(f"sampled {f.shape[0]} cells from {used} windows of {path}")
@@ -492,7 +492,7 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
                    cog: bool = False, stretch=None, seed: int = 0, threads: int | None = None,
                    progress: bool = True, log=None, features=None) -> dict:
     """Segment one raster into a uint8 label GeoTIFF; returns a report (timings, centres, backend)."""
-    from .raster import OUTPUT_NODATA, LabelWriter, RasterReader, gdal_env
+    from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t_start = time.perf_counter()
@@ -506,7 +506,7 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
         k = check_k(k, features.max_k)
     halo = features.halo + smooth * features.stride
     timings = {}
-    with gdal_env(), RasterReader(input_path, bands, nodata) as reader:
+    with io_env(), open_reader(input_path, bands, nodata) as reader:
         t0 = time.perf_counter()
         scaling = scaling_for(reader, features, stretch, seed)
         if centers is not None:
@@ -530,7 +530,7 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
                 "MAPSEG_FEATURES": features.kind, "MAPSEG_TILE_INVARIANT_REFERENCE": "whole-raster pass"}
         writer = None
         try:
-            writer = LabelWriter(output_path, reader.info, k, OUTPUT_NODATA if reader.info.has_nodata else None,
+            writer = open_writer(output_path, reader.info, k, OUTPUT_NODATA if reader.info.has_nodata else None,
                                  cog, tags)
             bar = Progress(len(wins), "segment", progress)
             t0 = time.perf_counter()
@@ -550,7 +550,7 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
     total = time.perf_counter() - t_start
     mp = info.width * info.height / 1e6
     report = {
-        "input": str(input_path), "output": str(out), "k": k, "model": features.name,
+        "input": str(input_path), "output": str(out), "k": k, "model": features.name, "io": reader.library,
         "features": features.kind, "backend": getattr(getattr(features, "backend", None), "name", "none"),
         "tile": tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),

@@ -1,0 +1,217 @@
+"""Raster I/O through GDAL's own Python bindings (``osgeo``), for QGIS, whose Python has GDAL but not rasterio.
+
+Same contract as the rasterio classes in ``mapseg.raster`` (which documents it):
+``GdalRasterReader`` reads three bands window by window with nodata and mask
+handling, ``GdalLabelWriter`` writes the tiled, compressed uint8 label GeoTIFF
+(or COG) with CRS, transform, nodata 255 and a colour table under a temporary
+name, renamed when complete. ``mapseg.raster.open_reader`` / ``open_writer``
+choose between the two (``MAPSEG_IO=auto|rasterio|gdal``).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .raster import BLOCK, GDAL_CACHE_MB, RasterError, RasterInfo, colormap
+
+# GDAL data type names -> numpy dtype names
+_DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Int16": "int16", "UInt32": "uint32", "Int32": "int32",
+           "Float32": "float32", "Float64": "float64", "Int8": "int8", "UInt64": "uint64", "Int64": "int64"}
+IDENTITY_GT = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _gdal():
+    try:
+        from osgeo import gdal
+    except ImportError as exc:
+        raise RasterError("GDAL's Python bindings (osgeo) are not installed: pip install rasterio, or run inside "
+                          "QGIS / with python3-gdal") from exc
+    gdal.UseExceptions()
+    return gdal
+
+
+@contextmanager
+def gdal_env():
+    """A bounded block cache and multi-threaded decoding for the run; previous settings restored after."""
+    gdal = _gdal()
+    settings = {"GDAL_CACHEMAX": str(GDAL_CACHE_MB), "GDAL_NUM_THREADS": "ALL_CPUS"}
+    old = {k: gdal.GetConfigOption(k) for k in settings}
+    for k, v in settings.items():
+        gdal.SetConfigOption(k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            gdal.SetConfigOption(k, v)
+
+
+class GdalRasterReader:
+    """Windowed reads of three bands of one raster through osgeo.gdal (see ``mapseg.raster.RasterReader``)."""
+    library = "gdal"
+
+    def __init__(self, path: str | os.PathLike, bands: tuple[int, ...] | None = None, nodata: float | None = None):
+        gdal = _gdal()
+        self.path = str(path)
+        self.ds = None
+        if not Path(self.path).exists() and "://" not in self.path and not self.path.startswith("/vsi"):
+            raise RasterError(f"input raster {self.path} does not exist")
+        try:
+            self.ds = gdal.Open(self.path, gdal.GA_ReadOnly)
+        except RuntimeError as exc:
+            raise RasterError(f"cannot read {self.path} as a raster ({exc})") from exc
+        ds = self.ds
+        if ds is None or ds.RasterXSize == 0 or ds.RasterYSize == 0 or ds.RasterCount == 0:
+            shape = (0, 0, 0) if ds is None else (ds.RasterXSize, ds.RasterYSize, ds.RasterCount)
+            self.close()
+            raise RasterError(f"{self.path} is empty ({shape[0]} x {shape[1]} pixels, {shape[2]} bands)")
+        count = ds.RasterCount
+        if bands is None:
+            if count != 3:
+                interp = ", ".join(
+                    f"{i}={gdal.GetColorInterpretationName(ds.GetRasterBand(i).GetColorInterpretation()).lower()}"
+                    for i in range(1, count + 1))
+                self.close()
+                hint = "--bands 1,1,1 to use it as grey" if count == 1 else "e.g. --bands 1,2,3"
+                raise RasterError(f"{self.path} has {count} band(s) ({interp}); mapseg segments three bands "
+                                  f"as RGB: choose them with --bands ({hint})")
+            bands = (1, 2, 3)
+        bad = [b for b in bands if not 1 <= b <= count]
+        if bad:
+            self.close()
+            raise RasterError(f"--bands {','.join(map(str, bands))}: {self.path} has bands 1..{count}")
+        self.bands = tuple(int(b) for b in bands)
+        self.band_objs = {b: ds.GetRasterBand(b) for b in set(self.bands)}
+        if nodata is None:
+            values = set()
+            for b in self.bands:
+                v = self.band_objs[b].GetNoDataValue()
+                if v is not None:
+                    values.add("nan" if v != v else v)
+            values = {float("nan") if v == "nan" else v for v in values}
+            if len(values) > 1:
+                self.close()
+                raise RasterError(f"{self.path}: the selected bands have different nodata values {sorted(values)}; "
+                                  "pass --nodata V")
+            nodata = values.pop() if values else None
+        self.nodata = None if nodata is None else float(nodata)
+        first = self.band_objs[self.bands[0]]
+        flags = first.GetMaskFlags()
+        self.has_mask = bool(flags & (gdal.GMF_PER_DATASET | gdal.GMF_ALPHA)) and not flags & gdal.GMF_ALL_VALID
+        dtypes = {_DTYPES.get(gdal.GetDataTypeName(self.band_objs[b].DataType), "unknown") for b in self.bands}
+        if len(dtypes) > 1:
+            self.close()
+            raise RasterError(f"{self.path}: the selected bands have different data types {sorted(dtypes)}")
+        gt = tuple(ds.GetGeoTransform(can_return_null=True) or IDENTITY_GT)
+        wkt = ds.GetProjection() or ""
+        georef = bool(wkt) or gt != IDENTITY_GT or ds.GetGCPCount() > 0
+        self.info = RasterInfo(self.path, ds.RasterXSize, ds.RasterYSize, count, dtypes.pop(), self.bands,
+                               self.nodata, self.has_mask, wkt or None, gt, georef)
+
+    @property
+    def width(self) -> int:
+        return self.info.width
+
+    @property
+    def height(self) -> int:
+        return self.info.height
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
+        h, w = row1 - row0, col1 - col0
+        planes = {b: band.ReadAsArray(col0, row0, w, h) for b, band in self.band_objs.items()}
+        data = np.stack([planes[b] for b in self.bands], axis=-1)
+        valid = np.ones((h, w), bool)
+        if self.nodata is not None:
+            nd = self.nodata
+            same = np.isnan(data) if np.isnan(nd) else data == np.asarray(nd).astype(data.dtype)
+            valid &= ~same.all(axis=-1)
+        if self.has_mask:
+            valid &= self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(col0, row0, w, h) != 0
+        return data, valid
+
+    def close(self) -> None:
+        self.band_objs = {}
+        self.ds = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class GdalLabelWriter:
+    """The uint8 label GeoTIFF through osgeo.gdal (see ``mapseg.raster.LabelWriter``)."""
+    library = "gdal"
+
+    def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
+                 tags: dict | None = None):
+        gdal = self.gdal = _gdal()
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise RasterError(f"output folder {self.path.parent} does not exist")
+        if self.path.suffix.lower() not in (".tif", ".tiff"):
+            raise RasterError(f"output {self.path}: mapseg writes GeoTIFF, use a .tif name")
+        self.cog = cog
+        stem = f".{self.path.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.path.parent / (stem + ".tif")
+        self.tmp_cog = self.path.parent / (stem + ".cog.tif")
+        self.ds = self.band = None
+        try:
+            self.ds = gdal.GetDriverByName("GTiff").Create(
+                str(self.tmp), like.width, like.height, 1, gdal.GDT_Byte,
+                options=["TILED=YES", f"BLOCKXSIZE={BLOCK}", f"BLOCKYSIZE={BLOCK}", "COMPRESS=DEFLATE", "ZLEVEL=1",
+                         "BIGTIFF=IF_SAFER"])
+            if like.georeferenced:
+                gt, crs = like.transform, like.crs
+                if not isinstance(gt, tuple):  # a rasterio Affine (info from the rasterio reader)
+                    gt = tuple(gt.to_gdal())
+                self.ds.SetGeoTransform(gt)
+                if crs:
+                    self.ds.SetProjection(crs if isinstance(crs, str) else crs.to_wkt())
+            self.band = self.ds.GetRasterBand(1)
+            if nodata is not None:
+                self.band.SetNoDataValue(float(nodata))
+            table = gdal.ColorTable()
+            for i, rgba in colormap(k).items():
+                table.SetColorEntry(int(i), tuple(int(v) for v in rgba))
+            self.band.SetRasterColorTable(table)
+            self.band.SetRasterColorInterpretation(gdal.GCI_PaletteIndex)
+            if tags:
+                self.ds.SetMetadata({str(a): str(b) for a, b in tags.items()})
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, labels: np.ndarray, row0: int, col0: int) -> None:
+        self.band.WriteArray(np.ascontiguousarray(labels, dtype=np.uint8), int(col0), int(row0))
+
+    def commit(self) -> Path:
+        self.band = None
+        self.ds.FlushCache()
+        self.ds = None
+        src = self.tmp
+        if self.cog:
+            try:
+                self.gdal.Translate(str(self.tmp_cog), str(self.tmp), format="COG",
+                                    creationOptions=["COMPRESS=DEFLATE", "LEVEL=1", "BLOCKSIZE=512",
+                                                     "OVERVIEW_RESAMPLING=NEAREST", "BIGTIFF=IF_SAFER"])
+            except RuntimeError as exc:
+                self.abort()
+                raise RasterError(f"writing a COG failed ({exc}); GDAL >= 3.1 has the COG driver") from exc
+            self.tmp.unlink()
+            src = self.tmp_cog
+        os.replace(src, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.band = None
+        self.ds = None
+        for p in (self.tmp, self.tmp_cog):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass

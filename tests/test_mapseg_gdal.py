@@ -1,0 +1,112 @@
+"""mapseg through GDAL's own bindings (osgeo), the way it runs inside QGIS: no rasterio, no torch.
+
+The GDAL path runs in the system Python that carries ``osgeo`` (Debian's python3-gdal, installed with
+QGIS: ``apt-get install qgis python3-qgis``), with this repository on PYTHONPATH and MAPSEG_IO=gdal.
+Its output must equal the rasterio path's: labels, CRS, transform, nodata, colour table.
+Skipped with the reason when no such Python is present.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+torch = pytest.importorskip("torch")
+from affine import Affine  # noqa: E402
+
+from mapseg.segment import segment_raster  # noqa: E402
+from training.export import export_artifact  # noqa: E402
+from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM_PY = shutil.which("python3", path="/usr/bin")
+
+
+def _gdal_python() -> str | None:
+    if not SYSTEM_PY:
+        return None
+    r = subprocess.run([SYSTEM_PY, "-c", "from osgeo import gdal, gdal_array; import numpy"], capture_output=True)
+    return SYSTEM_PY if r.returncode == 0 else None
+
+
+GDAL_PY = _gdal_python()
+pytestmark = pytest.mark.skipif(GDAL_PY is None, reason="no system Python with osgeo (GDAL bindings) and numpy: "
+                                                        "apt-get install python3-gdal (comes with python3-qgis)")
+
+SCRIPT = """
+import json, sys
+from mapseg.segment import segment_raster
+r = segment_raster(sys.argv[1], sys.argv[2], k=int(sys.argv[3]), model=sys.argv[4], backend="numpy", tile=int(sys.argv[5]),
+                   progress=False, log=lambda m: None)
+mods = [m for m in ("torch", "rasterio") if m in sys.modules]
+print(json.dumps({"io": r["io"], "backend": r["backend"], "imported": mods}))
+"""
+
+
+def run_gdal(src, out, k, model, tile=64):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MAPSEG_IO": "gdal"}
+    env.pop("VIRTUAL_ENV", None)
+    r = subprocess.run([GDAL_PY, "-c", SCRIPT, str(src), str(out), str(k), str(model), str(tile)], env=env,
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    s = StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm_groups=4)
+    out = tmp_path_factory.mktemp("m") / "best"
+    export_artifact(s, {"model": {"max_k": 6}}, out, {"score": 0.0, "step": 0})
+    return out
+
+
+def _raster(path, nodata=None):
+    rng = np.random.default_rng(0)
+    h, w = 90, 123
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(xx * 2) % 256, (yy * 3) % 256, ((xx + yy) * 5) % 256]).astype(np.uint8)
+    img = np.clip(img.astype(int) + rng.integers(0, 20, img.shape), 1, 255).astype(np.uint8)
+    if nodata is not None:
+        img[:, :10, :] = nodata
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(2.0, 0, 400000.0, 0, -2.0, 5000000.0), nodata=nodata) as ds:
+        ds.write(img)
+    return path
+
+
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_gdal_io_equals_rasterio_io(tmp_path, model, nodata):
+    src = _raster(tmp_path / "in.tif", nodata)
+    segment_raster(src, tmp_path / "rio.tif", k=4, model=model, backend="numpy", tile=64, progress=False,
+                   log=lambda m: None)
+    info = run_gdal(src, tmp_path / "gdal.tif", 4, model, tile=32)
+    assert info["io"] == "gdal" and info["backend"] == "numpy"
+    assert info["imported"] == []          # neither torch nor rasterio was needed
+    with rasterio.open(tmp_path / "rio.tif") as a, rasterio.open(tmp_path / "gdal.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
+        assert a.crs == b.crs and a.transform.almost_equals(b.transform)
+        assert a.nodata == b.nodata == (None if nodata is None else 255)
+        assert a.colormap(1) == b.colormap(1)
+        assert b.profile["tiled"] and b.profile["compress"] == "deflate"
+        assert b.tags()["MAPSEG_K"] == "4"
+    assert not list(tmp_path.glob(".*part*"))
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_gdal_reader_errors_are_clear(tmp_path):
+    with rasterio.open(tmp_path / "four.tif", "w", driver="GTiff", width=8, height=8, count=4, dtype="uint8") as ds:
+        ds.write(np.zeros((4, 8, 8), np.uint8))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MAPSEG_IO": "gdal"}
+    code = ("import sys\nfrom mapseg.raster import open_reader, RasterError\n"
+            "try:\n    open_reader(sys.argv[1])\nexcept RasterError as e:\n    print(e)\n")
+    r = subprocess.run([GDAL_PY, "-c", code, str(tmp_path / "four.tif")], env=env, capture_output=True, text=True)
+    assert "has 4 band(s)" in r.stdout and "--bands" in r.stdout, r.stderr
+    r = subprocess.run([GDAL_PY, "-c", code, str(tmp_path / "missing.tif")], env=env, capture_output=True, text=True)
+    assert "does not exist" in r.stdout, r.stderr

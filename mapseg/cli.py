@@ -19,12 +19,12 @@ import time
 
 from . import __version__
 
-EPILOG = ("--model takes an artifact folder (default: $MAPSEG_MODEL or model/best) or 'kmeans' for colour "
+EPILOG = ("--model takes an artifact folder (default: $MAPSEG_MODEL, else ./model/best, else the shipped model) or 'kmeans' for colour "
           "k-means without a network. See docs/runtime.md.")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="artifact folder, or 'kmeans' (default: $MAPSEG_MODEL or model/best)")
+    p.add_argument("--model", default=None, help="artifact folder, or 'kmeans' (default: $MAPSEG_MODEL, else ./model/best, else the shipped model)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "onnx", "torch"],
                    help="embedding backend; auto picks the fastest available and says which")
     p.add_argument("--bands", default=None, help="three 1-based bands as R,G,B (required unless the raster has 3)")
@@ -61,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(f)
 
     i = sub.add_parser("info", help="print an artifact's metadata")
-    i.add_argument("--model", default=None, help="artifact folder (default: $MAPSEG_MODEL or model/best)")
+    i.add_argument("--model", default=None, help="artifact folder (default: $MAPSEG_MODEL, else ./model/best, else the shipped model)")
     i.add_argument("--json", action="store_true", help="print meta.json and metrics.json as JSON")
 
     b = sub.add_parser("bench", help="embedding throughput of every available backend on a random image")
-    b.add_argument("--model", default=None, help="artifact folder (default: $MAPSEG_MODEL or model/best)")
+    b.add_argument("--model", default=None, help="artifact folder (default: $MAPSEG_MODEL, else ./model/best, else the shipped model)")
     b.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 4)")
     b.add_argument("--repeat", type=int, default=3)
     return p
@@ -113,12 +113,11 @@ def cmd_fit(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import os
-
     from .artifact import describe, load_artifact
     from .backends import available_backends
+    from .segment import default_model_path
 
-    artifact = load_artifact(args.model or os.environ.get("MAPSEG_MODEL", "model/best"))
+    artifact = load_artifact(args.model or default_model_path())
     if args.json:
         print(json.dumps({"meta": artifact.meta, "metrics": artifact.metrics}, indent=1))
         return 0
@@ -129,14 +128,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import os
-
     import numpy as np
 
     from .artifact import load_artifact
     from .backends import AUTO_ORDER, BackendUnavailable, make_backend
+    from .segment import default_model_path
 
-    artifact = load_artifact(args.model or os.environ.get("MAPSEG_MODEL", "model/best"))
+    artifact = load_artifact(args.model or default_model_path())
     if args.size % 4:
         raise SystemExit("--size must be a multiple of 4")
     image = np.random.default_rng(0).random((args.size, args.size, 3), dtype=np.float32)

@@ -47,6 +47,10 @@ class SegmentError(ValueError):
     """A user-facing problem with the inputs or options; the message says what to do."""
 
 
+class SegmentCancelled(Exception):
+    """The caller's ``callback`` asked to stop; no output was written (the partial file is removed)."""
+
+
 # --------------------------------------------------------------------------- feature models
 
 class EmbeddingFeatures:
@@ -84,15 +88,27 @@ class ColourFeatures:
         return image
 
 
+def default_model_path() -> str:
+    """$MAPSEG_MODEL if set; else ./model/best if it exists; else the shipped model/best beside this package
+    (a source checkout or editable install), which is where ``mapseg segment`` finds the default model."""
+    env = os.environ.get("MAPSEG_MODEL")
+    if env:
+        return env
+    if os.path.isdir(DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_MODEL)
+    return shipped if os.path.isdir(shipped) else DEFAULT_MODEL
+
+
 def load_features(model: str | os.PathLike | None, backend: str = "auto", threads: int | None = None):
-    """``kmeans`` -> ColourFeatures; anything else is an artifact folder (default $MAPSEG_MODEL or model/best)."""
+    """``kmeans`` -> ColourFeatures; anything else is an artifact folder (default: ``default_model_path()``)."""
     if str(model) == "kmeans":
         if backend not in ("auto", "numpy"):
             raise SegmentError(f"--backend {backend}: colour k-means (--model kmeans) runs no network")
         return ColourFeatures()
     from .artifact import load_artifact
 
-    path = model if model else os.environ.get("MAPSEG_MODEL", DEFAULT_MODEL)
+    path = model if model else default_model_path()
     return EmbeddingFeatures(load_artifact(path), backend, threads)
 
 
@@ -487,11 +503,21 @@ class Progress:
 
 # --------------------------------------------------------------------------- segment
 
+def _tell(callback, fraction: float, stage: str) -> None:
+    if callback(fraction, stage) is False:
+        raise SegmentCancelled(f"cancelled during {stage}")
+
+
 def segment_raster(input_path, output_path, k: int | None = None, model=None, tile: int = DEFAULT_TILE,
                    backend: str = "auto", bands=None, nodata=None, smooth: int = 0, centers=None,
                    cog: bool = False, stretch=None, seed: int = 0, threads: int | None = None,
-                   progress: bool = True, log=None, features=None) -> dict:
-    """Segment one raster into a uint8 label GeoTIFF; returns a report (timings, centres, backend)."""
+                   progress: bool = True, log=None, features=None, callback=None) -> dict:
+    """Segment one raster into a uint8 label GeoTIFF; returns a report (timings, centres, backend).
+
+    ``callback(fraction, stage)``, if given, is called as the run advances (``stage`` is ``"fit"`` or
+    ``"segment"``, ``fraction`` of the whole run in [0, 1]); returning False cancels the run:
+    ``SegmentCancelled`` is raised and no output file is left behind (QGIS, GUIs).
+    """
     from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -515,7 +541,9 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
             log(f"centres: {k} from {centers if not isinstance(centers, Centers) else 'the caller'}")
         else:
             log(f"fitting K={k} centres on a sample of {input_path} ...")
-            f, c, used = collect_sample(reader, features, scaling, seed)
+            f, c, used = collect_sample(reader, features, scaling, seed,
+                                        None if callback is None else lambda n: _tell(callback, 0.1 * min(1.0, n / 8),
+                                                                                      "fit"))
             try:
                 fitted = fit_centers(f, c, k, features.metric, features.kind, features.model_id, seed,
                                      {"rasters": [{"path": str(input_path), "cells": int(f.shape[0]),
@@ -534,9 +562,11 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
                                  cog, tags)
             bar = Progress(len(wins), "segment", progress)
             t0 = time.perf_counter()
-            for win, labels in iter_labels(reader, features, scaling, scorer, k, wins, smooth):
+            for i, (win, labels) in enumerate(iter_labels(reader, features, scaling, scorer, k, wins, smooth)):
                 writer.write(labels, win.r0, win.c0)
                 bar.update(1, labels.size)
+                if callback is not None:
+                    _tell(callback, 0.1 + 0.9 * (i + 1) / len(wins), "segment")
             bar.close()
             t1 = time.perf_counter()
             out = writer.commit()

@@ -190,6 +190,29 @@ def test_interrupted_run_leaves_no_output(model, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "out.tif"]
 
 
+def test_callback_reports_progress_and_cancels(model, tmp_path):
+    """GUIs (the QGIS plugin) follow the run through ``callback`` and stop it by returning False."""
+    from mapseg.segment import SegmentCancelled
+
+    src = write(tmp_path / "in.tif", scene())
+    seen = []
+    segment_raster(src, tmp_path / "ok.tif", k=3, model=model, tile=48, progress=False, log=lambda m: None,
+                   callback=lambda f, stage: seen.append((f, stage)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert {st for _, st in seen} == {"fit", "segment"}
+    n = {"calls": 0}
+
+    def stop_after_two(fraction, stage):
+        n["calls"] += stage == "segment"
+        return n["calls"] < 2
+
+    with pytest.raises(SegmentCancelled):
+        segment_raster(src, tmp_path / "out.tif", k=3, model=model, tile=48, progress=False, log=lambda m: None,
+                       callback=stop_after_two)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ok.tif"]
+
+
 def test_terminated_process_leaves_no_output(model, tmp_path):
     """SIGTERM in the middle of writing: no output, no temporary file (the CLI unwinds like Ctrl-C)."""
     src = write(tmp_path / "in.tif", scene())

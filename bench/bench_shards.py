@@ -38,9 +38,11 @@ def main(argv=None) -> int:
         for im in images:
             (src / f"{im.parts[-3]}_{im.name}").symlink_to(im)
         py = sys.executable
-        subprocess.run([py, "-m", "training.datasets.generate_headers", "--images", str(src), "--dataset-id",
-                        "bench", "--headers-dir", str(work / "headers")], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        r = subprocess.run([py, "-m", "training.datasets.generate_headers", "--images", str(src), "--dataset-id",
+                            "bench", "--headers-dir", str(work / "headers")], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            print(r.stdout + r.stderr)
+            return r.returncode
         t0 = time.perf_counter()
         subprocess.run([py, "-m", "training.datasets.build_shards", "--header", str(work / "headers" / "bench.yaml"),
                         "--processed-root", str(work / "processed"), "--threads", str(args.threads),

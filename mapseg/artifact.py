@@ -31,15 +31,20 @@ REQUIRED_META = ("format", "format_version", "architecture", "embed_dim", "max_k
 NORM_KINDS = ("group", "batch")
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a unique temporary sibling, then rename: never a half-written file."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a unique temporary sibling, then rename: never a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically (see ``write_bytes_atomic``)."""
+    write_bytes_atomic(path, text.encode())
 
 
 class ArtifactError(ValueError):

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cog", action="store_true", help="write a Cloud Optimized GeoTIFF")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--report", default=None, metavar="JSON", help="also write the run report (timings, centres)")
+    s.add_argument("--preview", default=None, metavar="PNG",
+                   help="also write a PNG of the input beside its colour-coded segments (at most 1600 px wide)")
     _common(s)
 
     f = sub.add_parser("fit", help="fit cluster centres on a sample of one or more rasters", epilog=EPILOG)
@@ -85,9 +87,11 @@ def _log(msg: str) -> None:
 
 
 def cmd_segment(args) -> int:
-    from .raster import parse_bands
+    from .raster import RasterError, parse_bands
     from .segment import parse_stretch, segment_raster
 
+    if args.preview and not args.preview.lower().endswith(".png"):
+        raise RasterError(f"--preview {args.preview}: give a .png name")
     report = segment_raster(args.input, args.output, k=args.k, model=args.model, tile=args.tile,
                             backend=args.backend, bands=parse_bands(args.bands), nodata=args.nodata,
                             smooth=args.smooth, centers=args.centers, cog=args.cog,
@@ -96,6 +100,9 @@ def cmd_segment(args) -> int:
     if args.report:
         from .artifact import write_text_atomic
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
+    if args.preview:
+        from .raster import write_preview
+        _log(f"wrote {write_preview(args.input, args.output, args.preview, parse_bands(args.bands), args.nodata)}")
     return 0
 
 

@@ -212,6 +212,20 @@ class RasterReader:
             valid &= self.ds.read_masks(self.bands[0], window=win) != 0
         return data, valid
 
+    def read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole raster resampled (nearest) to (out_h, out_w): (data (h, w, 3), valid (h, w))."""
+        from rasterio.enums import Resampling
+
+        unique = sorted(set(self.bands))
+        planes = self.ds.read(unique, out_shape=(len(unique), out_h, out_w), resampling=Resampling.nearest)
+        data = np.stack([planes[unique.index(b)] for b in self.bands], axis=-1)
+        valid = np.ones((out_h, out_w), bool)
+        if self.nodata is not None:
+            valid &= ~(data == np.asarray(self.nodata).astype(data.dtype)).all(axis=-1)
+        if self.has_mask:
+            valid &= self.ds.read_masks(self.bands[0], out_shape=(out_h, out_w)) != 0
+        return data, valid
+
     def close(self) -> None:
         if getattr(self, "ds", None) is not None:
             self.ds.close()
@@ -228,6 +242,57 @@ def colormap(k: int) -> dict:
     cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
     cmap[OUTPUT_NODATA] = (0, 0, 0, 0)
     return cmap
+
+
+def _stretch_u8(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(h, w, 3) any dtype -> uint8 for viewing: uint8 as is, others a 2-98 % percentile stretch."""
+    if rgb.dtype == np.uint8:
+        return rgb
+    vals = rgb[valid].astype(np.float64) if valid.any() else rgb.reshape(-1, 3).astype(np.float64)
+    lo, hi = np.percentile(vals, 2, axis=0), np.percentile(vals, 98, axis=0)
+    return np.clip((rgb - lo) / np.maximum(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+
+
+def write_preview(input_path, labels_path, png_path, bands=None, nodata=None, max_width: int = 1600) -> Path:
+    """A PNG for eyes: the input (left) and its colour-coded segments (right), decimated to ``max_width``."""
+    png_path = Path(png_path)
+    if png_path.suffix.lower() != ".png":
+        raise RasterError(f"--preview {png_path}: give a .png name")
+    with io_env():
+        with open_reader(input_path, bands, nodata) as reader:
+            w, h = reader.width, reader.height
+            scale = min(1.0, (max_width // 2) / w)
+            ow, oh = max(1, round(w * scale)), max(1, round(h * scale))
+            rgb, valid = reader.read_decimated(oh, ow)
+        with open_reader(labels_path, (1, 1, 1)) as lab_reader:
+            labels = lab_reader.read_decimated(oh, ow)[0][..., 0]
+    rgb = _stretch_u8(rgb, valid)
+    lut = np.zeros((256, 3), np.uint8)
+    for i, c in colormap(16).items():
+        lut[i] = c[:3]
+    lut[OUTPUT_NODATA] = (255, 255, 255)
+    seg = lut[labels]
+    gap = np.full((oh, 8, 3), 255, np.uint8)
+    image = np.concatenate([rgb, gap, seg], axis=1)
+    _write_png(image, png_path)
+    return png_path
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    """An 8-bit RGB PNG with the standard library (zlib) alone."""
+    import struct
+    import zlib
+
+    h, w, _ = image.shape
+    raw = b"".join(b"\x00" + image[r].tobytes() for r in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    from .artifact import write_bytes_atomic
+    write_bytes_atomic(path, png)
 
 
 class LabelWriter:

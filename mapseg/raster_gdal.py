@@ -132,6 +132,20 @@ class GdalRasterReader:
             valid &= self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(col0, row0, w, h) != 0
         return data, valid
 
+    def read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole raster resampled (nearest) to (out_h, out_w): (data (h, w, 3), valid (h, w))."""
+        w, h = self.width, self.height
+        planes = {b: band.ReadAsArray(0, 0, w, h, buf_xsize=out_w, buf_ysize=out_h)
+                  for b, band in self.band_objs.items()}
+        data = np.stack([planes[b] for b in self.bands], axis=-1)
+        valid = np.ones((out_h, out_w), bool)
+        if self.nodata is not None:
+            valid &= ~(data == np.asarray(self.nodata).astype(data.dtype)).all(axis=-1)
+        if self.has_mask:
+            mask = self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(0, 0, w, h, buf_xsize=out_w, buf_ysize=out_h)
+            valid &= mask != 0
+        return data, valid
+
     def close(self) -> None:
         self.band_objs = {}
         self.ds = None

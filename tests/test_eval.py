@@ -100,7 +100,10 @@ def artifact(tmp_path_factory):
 def test_eval_synthetic_prints_the_side_by_side_table(artifact, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert ev.main(["--synthetic", "--seed", "7", "--samples", "3", "--size", "64", "--model", artifact,
-                    "--out", str(out)]) == 0
+                    "--out", str(out), "--figure", str(tmp_path / "f.png"), "--figure-image", "1"]) == 0
+    from PIL import Image
+    with Image.open(tmp_path / "f.png") as im:
+        assert im.size == (4 * 64 + 3 * 6, 64)      # input | reference | student | colour k-means
     table = capsys.readouterr().out
     assert "student (best)" in table and "colour k-means" in table and "per-class IoU" in table
     report = json.loads(out.read_text())

@@ -374,3 +374,23 @@ def test_progress_and_info(model, tmp_path, capsys):
     assert run("info", "--model", model) == 0
     out = capsys.readouterr().out
     assert "embed_dim       8" in out and "max_k           6" in out and "backend numpy   available" in out
+
+
+def test_preview_png_shows_input_and_segments(model, tmp_path):
+    from PIL import Image
+
+    src = write(tmp_path / "in.tif", scene())
+    assert main(["segment", str(src), str(tmp_path / "out.tif"), "-k", "3", "--model", model, "--no-progress",
+                 "--preview", str(tmp_path / "p.png")]) == 0
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (2 * W + 8, H)
+        arr = np.asarray(im)
+    with rasterio.open(src) as ds:
+        assert np.array_equal(arr[:, :W], ds.read().transpose(1, 2, 0))     # the input, as is
+    with rasterio.open(tmp_path / "out.tif") as ds:
+        labels = ds.read(1)
+    palette = np.array([mraster.PALETTE[i] for i in range(3)], np.uint8)
+    assert np.array_equal(arr[:, W + 8:], palette[labels])                   # the segments, colour-coded
+    assert main(["segment", str(src), str(tmp_path / "o2.tif"), "-k", "3", "--model", model, "--no-progress",
+                 "--preview", str(tmp_path / "p.jpg")]) == 2
+    assert not (tmp_path / "o2.tif").exists()       # refused before any work

@@ -329,6 +329,43 @@ def format_table(evalset: EvalSet, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_figure(path, evalset: EvalSet, results: list[dict], index: int = 0, mask_colors: str | None = None,
+                 max_width: int = 480) -> None:
+    """One evaluation image as a PNG row: input | reference | each method's labels, every cluster drawn in the
+    colour of the class the dataset-level Hungarian matching gave it (unmatched clusters grey)."""
+    from mapseg.raster import _write_png
+
+    if not 0 <= index < len(evalset.images):
+        raise EvalError(f"--figure-image {index}: the set has {len(evalset.images)} images")
+    n_cls = len(evalset.classes)
+    if mask_colors:
+        from .datasets.convert_masks import load_colors
+        by_value = {v: rgb for rgb, v in load_colors(mask_colors)["classes"].values()}
+        class_rgb = np.array([by_value.get(int(c), (128, 128, 128)) for c in evalset.classes], np.uint8)
+    else:
+        from mapseg.raster import PALETTE
+        class_rgb = np.array([PALETTE[i % len(PALETTE)] for i in range(n_cls)], np.uint8)
+    img = evalset.images[index]
+    step = max(1, -(-img.shape[1] // max_width))
+    ref = evalset.labels[index]
+    col_of = {int(c): i for i, c in enumerate(evalset.classes)}
+    ref_rgb = np.full(ref.shape + (3,), 255, np.uint8)
+    for c, i in col_of.items():
+        ref_rgb[ref == c] = class_rgb[i]
+    panels = [img, ref_rgb]
+    for r in results:
+        lab = r["labels"][index]
+        out = np.full(lab.shape + (3,), 160, np.uint8)
+        for cluster, cls in r["dataset"]["mapping"].items():
+            out[lab == int(cluster)] = class_rgb[int(cls)]
+        out[lab == OUTPUT_NODATA] = 255
+        panels.append(out)
+    panels = [p[::step, ::step] for p in panels]
+    gap = np.full((panels[0].shape[0], 6, 3), 255, np.uint8)
+    row = np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=1)
+    _write_png(row, Path(path))
+
+
 def _model_features(args, tmp: Path, log):
     """(method name, features, provenance) of the model under test."""
     if args.checkpoint:
@@ -379,6 +416,9 @@ def run(args, log=None) -> dict:
         for name, feats in methods:
             results.append(evaluate_method(name, feats, evalset, k, k_over, args.seed, args.smooth,
                                            views=not args.no_views, log=log))
+    if args.figure:
+        write_figure(args.figure, evalset, results, args.figure_image, args.mask_colors)
+        log(f"wrote {args.figure}")
     for r in results:
         r.pop("labels")
     table = format_table(evalset, results)
@@ -421,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling / k-means seed; --synthetic: the run's train.seed")
     p.add_argument("--out", help="write the full report as JSON here")
+    p.add_argument("--figure", metavar="PNG", help="also draw one image: input | reference | each method (clusters in "
+                                                   "their matched class's colour)")
+    p.add_argument("--figure-image", type=int, default=0, help="which image --figure draws (index, default 0)")
     return p
 
 

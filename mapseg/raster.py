@@ -254,14 +254,15 @@ def _stretch_u8(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def write_preview(input_path, labels_path, png_path, bands=None, nodata=None, max_width: int = 1600) -> Path:
-    """A PNG for eyes: the input (left) and its colour-coded segments (right), decimated to ``max_width``."""
+    """A PNG for eyes: the input (left) and its colour-coded segments (right), decimated to at most
+    ``max_width`` wide and ``max_width`` tall."""
     png_path = Path(png_path)
     if png_path.suffix.lower() != ".png":
         raise RasterError(f"--preview {png_path}: give a .png name")
     with io_env():
         with open_reader(input_path, bands, nodata) as reader:
             w, h = reader.width, reader.height
-            scale = min(1.0, (max_width // 2) / w)
+            scale = min(1.0, (max_width // 2) / w, max_width / h)  # bounded both ways: never a whole-raster read
             ow, oh = max(1, round(w * scale)), max(1, round(h * scale))
             rgb, valid = reader.read_decimated(oh, ow)
         with open_reader(labels_path, (1, 1, 1)) as lab_reader:

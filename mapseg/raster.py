@@ -133,6 +133,45 @@ class RasterInfo:
         return self.nodata is not None or self.has_mask
 
 
+def choose_bands(path: str, count: int, bands, interp) -> tuple[int, ...]:
+    """The three bands to read (``bands``, or 1,2,3 for a 3-band raster); ``interp()`` describes the bands
+    for the error a raster with another band count gets. Shared by the rasterio and GDAL readers."""
+    if bands is None:
+        if count != 3:
+            hint = "--bands 1,1,1 to use it as grey" if count == 1 else "e.g. --bands 1,2,3"
+            raise RasterError(f"{path} has {count} band(s) ({interp()}); mapseg segments three bands "
+                              f"as RGB: choose them with --bands ({hint})")
+        bands = (1, 2, 3)
+    if any(not 1 <= b <= count for b in bands):
+        raise RasterError(f"--bands {','.join(map(str, bands))}: {path} has bands 1..{count}")
+    return tuple(int(b) for b in bands)
+
+
+def common_nodata(path: str, values) -> float | None:
+    """The one nodata value of the selected bands (``None`` entries: no nodata); differing values are an error."""
+    found = {"nan" if v != v else v for v in values if v is not None}  # NaN != NaN: compare by name
+    found = {float("nan") if v == "nan" else v for v in found}
+    if len(found) > 1:
+        raise RasterError(f"{path}: the selected bands have different nodata values {sorted(found)}; "
+                          "pass --nodata V")
+    return float(found.pop()) if found else None
+
+
+def common_dtype(path: str, dtypes) -> str:
+    dtypes = set(dtypes)
+    if len(dtypes) > 1:
+        raise RasterError(f"{path}: the selected bands have different data types {sorted(dtypes)}")
+    return dtypes.pop()
+
+
+def nodata_valid(data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(h, w) True where not every band equals ``nodata`` (NaN-aware); all True without a nodata value."""
+    if nodata is None:
+        return np.ones(data.shape[:2], bool)
+    same = np.isnan(data) if np.isnan(nodata) else data == np.asarray(nodata).astype(data.dtype)
+    return ~same.all(axis=-1)
+
+
 class RasterReader:
     """Windowed reads of three bands of one raster (any GDAL-readable format), through rasterio."""
     library = "rasterio"
@@ -154,38 +193,20 @@ class RasterReader:
         if ds.width == 0 or ds.height == 0 or ds.count == 0:
             self.close()
             raise RasterError(f"{self.path} is empty ({ds.width} x {ds.height} pixels, {ds.count} bands)")
-        if bands is None:
-            if ds.count != 3:
-                interp = ", ".join(f"{i + 1}={c.name}" for i, c in enumerate(ds.colorinterp))
-                self.close()
-                hint = "--bands 1,1,1 to use it as grey" if ds.count == 1 else "e.g. --bands 1,2,3"
-                raise RasterError(f"{self.path} has {ds.count} band(s) ({interp}); mapseg segments three bands "
-                                  f"as RGB: choose them with --bands ({hint})")
-            bands = (1, 2, 3)
-        bad = [b for b in bands if not 1 <= b <= ds.count]
-        if bad:
+        try:
+            self.bands = choose_bands(self.path, ds.count, bands,
+                                      lambda: ", ".join(f"{i + 1}={c.name}" for i, c in enumerate(ds.colorinterp)))
+            self.nodata = (common_nodata(self.path, (ds.nodatavals[b - 1] for b in self.bands)) if nodata is None
+                           else float(nodata))
+            dtype = common_dtype(self.path, (ds.dtypes[b - 1] for b in self.bands))
+        except RasterError:
             self.close()
-            raise RasterError(f"--bands {','.join(map(str, bands))}: {self.path} has bands 1..{ds.count}")
-        self.bands = tuple(int(b) for b in bands)
-        if nodata is None:
-            values = {"nan" if v != v else v for v in (ds.nodatavals[b - 1] for b in self.bands)}  # NaN != NaN
-            values.discard(None)
-            values = {float("nan") if v == "nan" else v for v in values}
-            if len(values) > 1:
-                self.close()
-                raise RasterError(f"{self.path}: the selected bands have different nodata values {sorted(values)}; "
-                                  "pass --nodata V")
-            nodata = values.pop() if values else None
-        self.nodata = None if nodata is None else float(nodata)
+            raise
         flags = ds.mask_flag_enums[self.bands[0] - 1]
         self.has_mask = MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
         georef = ds.crs is not None or not ds.transform.is_identity or bool(ds.gcps[0])
-        self.info = RasterInfo(self.path, ds.width, ds.height, ds.count, ds.dtypes[self.bands[0] - 1], self.bands,
+        self.info = RasterInfo(self.path, ds.width, ds.height, ds.count, dtype, self.bands,
                                self.nodata, self.has_mask, ds.crs, ds.transform, georef)
-        dtypes = {ds.dtypes[b - 1] for b in self.bands}
-        if len(dtypes) > 1:
-            self.close()
-            raise RasterError(f"{self.path}: the selected bands have different data types {sorted(dtypes)}")
 
     @property
     def width(self) -> int:
@@ -203,11 +224,7 @@ class RasterReader:
         unique = sorted(set(self.bands))
         planes = self.ds.read(unique, window=win)
         data = np.stack([planes[unique.index(b)] for b in self.bands], axis=-1)
-        valid = np.ones(data.shape[:2], bool)
-        if self.nodata is not None:
-            nd = self.nodata
-            same = np.isnan(data) if np.isnan(nd) else data == np.asarray(nd).astype(data.dtype)
-            valid &= ~same.all(axis=-1)
+        valid = nodata_valid(data, self.nodata)
         if self.has_mask:
             valid &= self.ds.read_masks(self.bands[0], window=win) != 0
         return data, valid
@@ -219,9 +236,7 @@ class RasterReader:
         unique = sorted(set(self.bands))
         planes = self.ds.read(unique, out_shape=(len(unique), out_h, out_w), resampling=Resampling.nearest)
         data = np.stack([planes[unique.index(b)] for b in self.bands], axis=-1)
-        valid = np.ones((out_h, out_w), bool)
-        if self.nodata is not None:
-            valid &= ~(data == np.asarray(self.nodata).astype(data.dtype)).all(axis=-1)
+        valid = nodata_valid(data, self.nodata)
         if self.has_mask:
             valid &= self.ds.read_masks(self.bands[0], out_shape=(out_h, out_w)) != 0
         return data, valid

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .raster import BLOCK, GDAL_CACHE_MB, RasterError, RasterInfo, colormap
+from .raster import (BLOCK, GDAL_CACHE_MB, RasterError, RasterInfo, choose_bands, colormap, common_dtype,
+                     common_nodata, nodata_valid)
 
 # GDAL data type names -> numpy dtype names
 _DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Int16": "int16", "UInt32": "uint32", "Int32": "int32",
@@ -69,46 +70,29 @@ class GdalRasterReader:
             self.close()
             raise RasterError(f"{self.path} is empty ({shape[0]} x {shape[1]} pixels, {shape[2]} bands)")
         count = ds.RasterCount
-        if bands is None:
-            if count != 3:
-                interp = ", ".join(
-                    f"{i}={gdal.GetColorInterpretationName(ds.GetRasterBand(i).GetColorInterpretation()).lower()}"
-                    for i in range(1, count + 1))
-                self.close()
-                hint = "--bands 1,1,1 to use it as grey" if count == 1 else "e.g. --bands 1,2,3"
-                raise RasterError(f"{self.path} has {count} band(s) ({interp}); mapseg segments three bands "
-                                  f"as RGB: choose them with --bands ({hint})")
-            bands = (1, 2, 3)
-        bad = [b for b in bands if not 1 <= b <= count]
-        if bad:
+
+        def interp():
+            return ", ".join(
+                f"{i}={gdal.GetColorInterpretationName(ds.GetRasterBand(i).GetColorInterpretation()).lower()}"
+                for i in range(1, count + 1))
+
+        try:
+            self.bands = choose_bands(self.path, count, bands, interp)
+            self.band_objs = {b: ds.GetRasterBand(b) for b in set(self.bands)}
+            self.nodata = (common_nodata(self.path, (self.band_objs[b].GetNoDataValue() for b in self.bands))
+                           if nodata is None else float(nodata))
+            dtype = common_dtype(self.path, (_DTYPES.get(gdal.GetDataTypeName(self.band_objs[b].DataType), "unknown")
+                                             for b in self.bands))
+        except RasterError:
             self.close()
-            raise RasterError(f"--bands {','.join(map(str, bands))}: {self.path} has bands 1..{count}")
-        self.bands = tuple(int(b) for b in bands)
-        self.band_objs = {b: ds.GetRasterBand(b) for b in set(self.bands)}
-        if nodata is None:
-            values = set()
-            for b in self.bands:
-                v = self.band_objs[b].GetNoDataValue()
-                if v is not None:
-                    values.add("nan" if v != v else v)
-            values = {float("nan") if v == "nan" else v for v in values}
-            if len(values) > 1:
-                self.close()
-                raise RasterError(f"{self.path}: the selected bands have different nodata values {sorted(values)}; "
-                                  "pass --nodata V")
-            nodata = values.pop() if values else None
-        self.nodata = None if nodata is None else float(nodata)
+            raise
         first = self.band_objs[self.bands[0]]
         flags = first.GetMaskFlags()
         self.has_mask = bool(flags & (gdal.GMF_PER_DATASET | gdal.GMF_ALPHA)) and not flags & gdal.GMF_ALL_VALID
-        dtypes = {_DTYPES.get(gdal.GetDataTypeName(self.band_objs[b].DataType), "unknown") for b in self.bands}
-        if len(dtypes) > 1:
-            self.close()
-            raise RasterError(f"{self.path}: the selected bands have different data types {sorted(dtypes)}")
         gt = tuple(ds.GetGeoTransform(can_return_null=True) or IDENTITY_GT)
         wkt = ds.GetProjection() or ""
         georef = bool(wkt) or gt != IDENTITY_GT or ds.GetGCPCount() > 0
-        self.info = RasterInfo(self.path, ds.RasterXSize, ds.RasterYSize, count, dtypes.pop(), self.bands,
+        self.info = RasterInfo(self.path, ds.RasterXSize, ds.RasterYSize, count, dtype, self.bands,
                                self.nodata, self.has_mask, wkt or None, gt, georef)
 
     @property
@@ -123,11 +107,7 @@ class GdalRasterReader:
         h, w = row1 - row0, col1 - col0
         planes = {b: band.ReadAsArray(col0, row0, w, h) for b, band in self.band_objs.items()}
         data = np.stack([planes[b] for b in self.bands], axis=-1)
-        valid = np.ones((h, w), bool)
-        if self.nodata is not None:
-            nd = self.nodata
-            same = np.isnan(data) if np.isnan(nd) else data == np.asarray(nd).astype(data.dtype)
-            valid &= ~same.all(axis=-1)
+        valid = nodata_valid(data, self.nodata)
         if self.has_mask:
             valid &= self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(col0, row0, w, h) != 0
         return data, valid
@@ -138,9 +118,7 @@ class GdalRasterReader:
         planes = {b: band.ReadAsArray(0, 0, w, h, buf_xsize=out_w, buf_ysize=out_h)
                   for b, band in self.band_objs.items()}
         data = np.stack([planes[b] for b in self.bands], axis=-1)
-        valid = np.ones((out_h, out_w), bool)
-        if self.nodata is not None:
-            valid &= ~(data == np.asarray(self.nodata).astype(data.dtype)).all(axis=-1)
+        valid = nodata_valid(data, self.nodata)
         if self.has_mask:
             mask = self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(0, 0, w, h, buf_xsize=out_w, buf_ysize=out_h)
             valid &= mask != 0

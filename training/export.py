@@ -211,12 +211,10 @@ def _jsonable(obj):
 # --------------------------------------------------------------------------- export
 
 @torch.no_grad()
-def verify_artifact(student: StudentEmbeddingNet, out_dir: Path, size: int = 64, seed: int = 0) -> float:
-    """Max |numpy - torch| embedding difference of the written artifact on a random image; raises if large."""
-    artifact = load_artifact(out_dir)
-    rng = np.random.default_rng(seed)
-    image = rng.random((size, size, 3), dtype=np.float32)
-    ours = NumpyNetwork.from_artifact(artifact)(image)
+def _check_against_student(student: StudentEmbeddingNet, embed, what: str, size: int, seed: int) -> float:
+    """Max |embed(image) - student(image)| on a seeded random image; ExportError naming ``what`` if too large."""
+    image = np.random.default_rng(seed).random((size, size, 3), dtype=np.float32)
+    ours = embed(image)
     was = student.training
     student.eval()
     try:
@@ -226,8 +224,14 @@ def verify_artifact(student: StudentEmbeddingNet, out_dir: Path, size: int = 64,
         student.train(was)
     diff = float(np.abs(ours - ref).max())
     if not diff <= VERIFY_TOLERANCE:
-        raise ExportError(f"export check failed: the numpy forward pass differs from the student by {diff:.2e}")
+        raise ExportError(f"export check failed: {what} differs from the student by {diff:.2e}")
     return diff
+
+
+def verify_artifact(student: StudentEmbeddingNet, out_dir: Path, size: int = 64, seed: int = 0) -> float:
+    """Max |numpy - torch| embedding difference of the written artifact on a random image; raises if large."""
+    return _check_against_student(student, NumpyNetwork.from_artifact(load_artifact(out_dir)),
+                                  "the numpy forward pass", size, seed)
 
 
 def export_artifact(student: nn.Module, cfg_dict: dict, out_dir: str | os.PathLike, metrics: dict,
@@ -359,7 +363,6 @@ def smoke_export(out_dir: str | os.PathLike, seed: int = 7, steps: int = 1, embe
 
 # --------------------------------------------------------------------------- CLI
 
-@torch.no_grad()
 def verify_onnx(student: StudentEmbeddingNet, out_dir: Path, size: int = 64, seed: int = 1) -> float:
     """Max |onnxruntime - torch| embedding difference of the written model.onnx; raises if large or if
     onnxruntime (which the ``onnx`` extra installs with onnx) is missing: an unchecked model.onnx is not shipped."""
@@ -369,19 +372,7 @@ def verify_onnx(student: StudentEmbeddingNet, out_dir: Path, size: int = 64, see
         backend = OnnxBackend(load_artifact(out_dir), threads=1)
     except BackendUnavailable as exc:
         raise ExportError(f"cannot check model.onnx: {exc}") from exc
-    image = np.random.default_rng(seed).random((size, size, 3), dtype=np.float32)
-    ours = backend.embed(image)
-    was = student.training
-    student.eval()
-    try:
-        dev = next(student.parameters()).device
-        ref = student(torch.from_numpy(image).permute(2, 0, 1)[None].to(dev)).float()[0].permute(1, 2, 0).cpu().numpy()
-    finally:
-        student.train(was)
-    diff = float(np.abs(ours - ref).max())
-    if not diff <= VERIFY_TOLERANCE:
-        raise ExportError(f"export check failed: model.onnx differs from the student by {diff:.2e}")
-    return diff
+    return _check_against_student(student, backend.embed, "model.onnx", size, seed)
 
 
 def dev_eval_summary(path: str | os.PathLike) -> dict:

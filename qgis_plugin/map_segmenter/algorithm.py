@@ -1,6 +1,8 @@
 """The "Segment raster" Processing algorithm (``mapseg:segment``): mapseg's whole-raster pipeline in QGIS."""
 import math
 import os
+import shutil
+import tempfile
 
 from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
                        QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterFile,
@@ -157,20 +159,30 @@ def polygonize(label_path, out_path, min_area, feedback):
     if driver_name is None:
         raise QgsProcessingException(f"Segments as polygons: unsupported format .{ext} (use .gpkg, .shp, .geojson)")
     drv = ogr.GetDriverByName(driver_name)
-    if os.path.exists(out_path):
-        drv.DeleteDataSource(out_path)
-    ds = drv.CreateDataSource(out_path)
-    srs = None
-    if src.GetProjection():
-        srs = osr.SpatialReference()
-        srs.ImportFromWkt(src.GetProjection())
-    lyr = ds.CreateLayer("segments", srs, ogr.wkbPolygon)
-    lyr.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
-    gdal.Polygonize(work_band, work_band.GetMaskBand(), lyr, 0, [],
-                    callback=lambda frac, msg, data: 0 if feedback.isCanceled() else 1)
-    n = lyr.GetFeatureCount()
-    ds = None
-    if feedback.isCanceled():
-        raise QgsProcessingException("Cancelled while polygonizing")
+    # Written in a temporary folder beside the target and moved into place only when complete (a shapefile is
+    # several files): a cancelled or failed run leaves no half-written polygons, and keeps an older result.
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    tmp_dir = tempfile.mkdtemp(prefix=".mapseg-polygons-", dir=out_dir)
+    try:
+        tmp_path = os.path.join(tmp_dir, os.path.basename(out_path))
+        ds = drv.CreateDataSource(tmp_path)
+        srs = None
+        if src.GetProjection():
+            srs = osr.SpatialReference()
+            srs.ImportFromWkt(src.GetProjection())
+        lyr = ds.CreateLayer("segments", srs, ogr.wkbPolygon)
+        lyr.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
+        gdal.Polygonize(work_band, work_band.GetMaskBand(), lyr, 0, [],
+                        callback=lambda frac, msg, data: 0 if feedback.isCanceled() else 1)
+        n = lyr.GetFeatureCount()
+        lyr = ds = None
+        if feedback.isCanceled():
+            raise QgsProcessingException("Cancelled while polygonizing: no polygons written")
+        if os.path.exists(out_path):
+            drv.DeleteDataSource(out_path)
+        for name in os.listdir(tmp_dir):
+            os.replace(os.path.join(tmp_dir, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     feedback.pushInfo(f"wrote {n} polygons to {out_path}")
     return out_path

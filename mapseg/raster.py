@@ -127,6 +127,10 @@ class RasterInfo:
     crs: object
     transform: object
     georeferenced: bool
+    # Ground control points, for rasters georeferenced by GCPs alone (no geotransform): ((row, col, x, y, z),
+    # ...) and their CRS as WKT; copied to the labels, which share the input's pixel grid.
+    gcps: tuple = ()
+    gcp_crs: str | None = None
 
     @property
     def has_nodata(self) -> bool:
@@ -204,9 +208,12 @@ class RasterReader:
             raise
         flags = ds.mask_flag_enums[self.bands[0] - 1]
         self.has_mask = MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
-        georef = ds.crs is not None or not ds.transform.is_identity or bool(ds.gcps[0])
+        points, gcp_crs = ds.gcps
+        gcps = tuple((g.row, g.col, g.x, g.y, g.z or 0.0) for g in points)
+        georef = ds.crs is not None or not ds.transform.is_identity or bool(gcps)
         self.info = RasterInfo(self.path, ds.width, ds.height, ds.count, dtype, self.bands,
-                               self.nodata, self.has_mask, ds.crs, ds.transform, georef)
+                               self.nodata, self.has_mask, ds.crs, ds.transform, georef, gcps,
+                               gcp_crs.to_wkt() if gcps and gcp_crs else None)
 
     @property
     def width(self) -> int:
@@ -331,13 +338,19 @@ class LabelWriter:
                    "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate",
                    # level 1: ~10x faster than the default 6 on label rasters, files ~10 % larger
                    "zlevel": 1, "BIGTIFF": "IF_SAFER", "nodata": nodata}
-        if like.georeferenced:
+        if like.georeferenced and not like.gcps:
             profile.update(crs=like.crs, transform=like.transform)
         self.ds = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 self.ds = rasterio.open(self.tmp, "w", **profile)
+            if like.gcps:  # GCP georeference: the points, which also carry the CRS
+                from rasterio.control import GroundControlPoint
+                from rasterio.crs import CRS
+
+                self.ds.gcps = ([GroundControlPoint(row=r, col=c, x=x, y=y, z=z) for r, c, x, y, z in like.gcps],
+                                CRS.from_wkt(like.gcp_crs) if like.gcp_crs else None)
             self.ds.write_colormap(1, colormap(k))
             if tags:
                 self.ds.update_tags(**{str(a): str(b) for a, b in tags.items()})

@@ -91,9 +91,11 @@ class GdalRasterReader:
         self.has_mask = bool(flags & (gdal.GMF_PER_DATASET | gdal.GMF_ALPHA)) and not flags & gdal.GMF_ALL_VALID
         gt = tuple(ds.GetGeoTransform(can_return_null=True) or IDENTITY_GT)
         wkt = ds.GetProjection() or ""
-        georef = bool(wkt) or gt != IDENTITY_GT or ds.GetGCPCount() > 0
+        gcps = tuple((g.GCPLine, g.GCPPixel, g.GCPX, g.GCPY, g.GCPZ) for g in (ds.GetGCPs() or ()))
+        georef = bool(wkt) or gt != IDENTITY_GT or bool(gcps)
         self.info = RasterInfo(self.path, ds.RasterXSize, ds.RasterYSize, count, dtype, self.bands,
-                               self.nodata, self.has_mask, wkt or None, gt, georef)
+                               self.nodata, self.has_mask, wkt or None, gt, georef, gcps,
+                               (ds.GetGCPProjection() or None) if gcps else None)
 
     @property
     def width(self) -> int:
@@ -157,7 +159,9 @@ class GdalLabelWriter:
                 str(self.tmp), like.width, like.height, 1, gdal.GDT_Byte,
                 options=["TILED=YES", f"BLOCKXSIZE={BLOCK}", f"BLOCKYSIZE={BLOCK}", "COMPRESS=DEFLATE", "ZLEVEL=1",
                          "BIGTIFF=IF_SAFER"])
-            if like.georeferenced:
+            if like.gcps:  # GCP georeference: the points and their CRS
+                self.ds.SetGCPs([gdal.GCP(x, y, z, c, r) for r, c, x, y, z in like.gcps], like.gcp_crs or "")
+            elif like.georeferenced:
                 gt, crs = like.transform, like.crs
                 if not isinstance(gt, tuple):  # a rasterio Affine (info from the rasterio reader)
                     gt = tuple(gt.to_gdal())

@@ -100,6 +100,29 @@ def test_gdal_io_equals_rasterio_io(tmp_path, model, nodata):
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_gdal_io_keeps_gcp_georeference(tmp_path):
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+
+    src = _raster(tmp_path / "in.tif")
+    with rasterio.open(src) as ds:
+        img = ds.read()
+    gcps = [GroundControlPoint(row=0, col=0, x=8.5, y=47.4), GroundControlPoint(row=90, col=123, x=8.51, y=47.39),
+            GroundControlPoint(row=0, col=123, x=8.51, y=47.4, z=12.5)]
+    gsrc = tmp_path / "gcp.tif"
+    with rasterio.open(gsrc, "w", driver="GTiff", width=img.shape[2], height=img.shape[1], count=3,
+                       dtype="uint8") as ds:
+        ds.write(img)
+        ds.gcps = (gcps, CRS.from_epsg(4326))
+    run_gdal(gsrc, tmp_path / "gdal.tif", 3, "kmeans")
+    with rasterio.open(tmp_path / "gdal.tif") as b:
+        points, crs = b.gcps
+        assert crs == CRS.from_epsg(4326) and b.transform.is_identity
+        assert [(g.row, g.col, g.x, g.y, g.z or 0.0) for g in points] == [(g.row, g.col, g.x, g.y, g.z or 0.0)
+                                                                          for g in gcps]
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_gdal_reader_errors_are_clear(tmp_path):
     with rasterio.open(tmp_path / "four.tif", "w", driver="GTiff", width=8, height=8, count=4, dtype="uint8") as ds:
         ds.write(np.zeros((4, 8, 8), np.uint8))

@@ -93,6 +93,28 @@ def test_georeference_roundtrip_and_format(model, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_gcp_georeference_is_kept(tmp_path):
+    """A raster georeferenced by ground control points alone (scanned maps, raw satellite scenes): the labels
+    share its pixel grid, so they carry the same points and CRS."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS as RioCRS
+
+    gcps = [GroundControlPoint(row=0, col=0, x=8.5, y=47.4), GroundControlPoint(row=0, col=W, x=8.51, y=47.4),
+            GroundControlPoint(row=H, col=0, x=8.5, y=47.39, z=410.0)]
+    src = tmp_path / "gcp.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=W, height=H, count=3, dtype="uint8") as ds:
+        ds.write(scene(5))
+        ds.gcps = (gcps, RioCRS.from_epsg(4326))
+    out = tmp_path / "out.tif"
+    assert run("segment", src, out, "-k", 3, "--model", "kmeans", "--no-progress") == 0
+    with rasterio.open(out) as ds:
+        points, crs = ds.gcps
+        assert crs == RioCRS.from_epsg(4326)
+        assert [(g.row, g.col, g.x, g.y, g.z or 0.0) for g in points] == [(g.row, g.col, g.x, g.y, g.z or 0.0)
+                                                                          for g in gcps]
+        assert ds.transform.is_identity and ds.crs is None  # no invented geotransform
+
+
 def test_labels_do_not_depend_on_the_tile(model, tmp_path):
     src = write(tmp_path / "in.tif", scene(1))
     ref = None

@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -233,6 +234,29 @@ def test_callback_reports_progress_and_cancels(model, tmp_path):
         segment_raster(src, tmp_path / "out.tif", k=3, model=model, tile=48, progress=False, log=lambda m: None,
                        callback=stop_after_two)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ok.tif"]
+    # the window read ahead was finished and its thread joined before the input was closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-read")]
+
+
+def test_read_errors_surface_from_the_read_ahead_thread(model, tmp_path, monkeypatch):
+    """Windows are read one ahead on a second thread; a failing read still stops the run with its error
+    (not a hang, not a partial output)."""
+    import mapseg.segment as seg
+
+    src = write(tmp_path / "in.tif", scene())
+    real, calls = seg.read_window, {"n": 0}
+
+    def flaky(reader, win, scaling, fill):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk went away")
+        return real(reader, win, scaling, fill)
+
+    monkeypatch.setattr(seg, "read_window", flaky)
+    with pytest.raises(OSError, match="disk went away"):
+        segment_raster(src, tmp_path / "out.tif", k=3, model="kmeans", centers=None, tile=48, progress=False,
+                       log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
 
 
 def test_terminated_process_leaves_no_output(model, tmp_path):

@@ -1,6 +1,7 @@
 """Shard loaders: epoch partition over ranks x workers, LRU cache, require_slic, crops that are really
 the scheduled size with SLIC / targets aligned, exact resume, rank disjointness, eval items, trainer batch."""
 import json
+import math
 import shutil
 
 import numpy as np
@@ -250,11 +251,16 @@ def test_cli_distils_efficientnet_with_slic_priors_on_shards(shards, tiny_overri
             "--steps", "2", "--device", "cpu", "--checkpoint_dir", str(run), "--no-progress",
             "--teacher", "efficientnet_lite0", "--proj-dim", "32", "--lambda-boundary", "0.5",
             "--lambda-antimerge", "0.5", "--lambda-within", "0.5"]
-    for o in tiny_overrides + ["data.patch_sizes=32,48", "distill.affinity_pairs=256"]:
+    for o in tiny_overrides + ["data.patch_sizes=32,48", "distill.affinity_pairs=256", "train.eval_every=1",
+                               "train.val_loss_batches=2", "knobs.eval_k=4"]:
         args += ["--set", o]
     assert main(args) == 0
-    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss/merged" in r and "event" not in r]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss/merged" in r and "event" not in r]
+    vals = [r for r in log if "val/miou" in r]
+    assert [r["step"] for r in vals] == [0, 1, 2]
     for term in ("distill_feature", "distill_affinity", "prior_boundary", "prior_antimerge", "prior_within"):
         assert all(r[f"loss/{term}/48"] >= 0 for r in steps), term
+        # every evaluation also logs the term on the fixed validation batches
+        assert all(math.isfinite(r[f"val_loss/{term}"]) and r[f"val_loss/{term}"] >= 0 for r in vals), term
     assert json.loads((run / "teacher.json").read_text())["name"] == "efficientnet_lite0"

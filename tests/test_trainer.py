@@ -188,3 +188,29 @@ def test_config_file_completed_by_flags_is_validated_once_at_the_end(tmp_path):
     args = build_parser().parse_args(["--config", str(f), "--raster-paths", "a.tif", "b.tif"])
     cfg = config_from_args(args)
     assert cfg.data.source == "geotiff" and cfg.data.raster_paths == ("a.tif", "b.tif")
+
+
+def test_validation_losses_are_on_fixed_batches(tmp_path, tiny_overrides):
+    """The val_loss/* curves compare like with like: the same batches, views and K at every evaluation,
+    computed without touching the training state."""
+    from training.config import Config, set_value, validate
+    from training.train_distill import Trainer, batches_per_scale
+
+    cfg = Config()
+    for o in tiny_overrides + ["data.source=synthetic", "train.val_loss_batches=2", "knobs.eval_k=3",
+                               f"train.checkpoint_dir={tmp_path / 'run'}"]:
+        key, value = o.split("=", 1)
+        set_value(cfg, key, value)
+    trainer = Trainer(validate(cfg), show_progress=False)
+    batches = trainer.validation_batches()
+    assert len(batches) == 2 and batches[0]["view1"].shape[0] == batches_per_scale(cfg)[0][1]
+    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    first = trainer.validation_losses()
+    assert set(first) == {f"val_loss/{t}" for t in ("consistency", "entropy", "marginal", "smooth", "cluster",
+                                                    "recon")}
+    assert trainer.module.training  # back in training mode
+    assert all(torch.equal(before[k], v) for k, v in trainer.module.state_dict().items())
+    assert trainer.validation_losses() == first
+    with torch.no_grad():  # a changed student changes the figures
+        next(trainer.student.parameters()).mul_(0.5)
+    assert trainer.validation_losses() != first

@@ -117,6 +117,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     eval_every: int = 100             # 0 disables periodic validation
+    val_loss_batches: int = 4         # fixed validation batches whose loss terms each evaluation logs (0 = none)
     log_every: int = 10
     image_every: int = 100            # TensorBoard images every N steps (0 = never)
     checkpoint_dir: str = "runs/default"

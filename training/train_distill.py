@@ -51,6 +51,7 @@ RUN_OUTPUTS = ("last.pt", "student.pt", "best.pt", "decoder_training_only.pt", "
                "log.jsonl", "tb", "model")
 # Settings that do not change what is learned, so a resumed run may change them.
 RESUME_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
+                     "train.val_loss_batches",
                      "train.image_every", "train.device", "data.num_workers", "data.prefetch_factor",
                      "data.persistent_workers", "data.pin_memory"}
 
@@ -248,6 +249,7 @@ class Trainer:
         self.writer = None
         self._val = None      # (items, n_classes, ignore_leq) once loaded
         self._no_val = None   # why there is no validation set, when there is none
+        self._val_batches = None  # fixed batches for validation_losses, once built
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -333,26 +335,9 @@ class Trainer:
         per_scale, logs = {}, {}
         for b, views, (emb, recon, proj) in zip(batches, inputs, outs):
             size = b["view1"].shape[-1]
-            n = b["view1"].shape[0]
-            emb = emb.float()
-            centers = self.head.fit([emb], k, gen)
-            probs, logits = self.head.assign(emb, centers)
-            p1, p2 = probs[:n], probs[n:]
-            grid = b["grid"].to(dev)
-            terms = {
-                "consistency": two_view_consistency(p1, p2, grid),
-                "entropy": pixel_entropy(probs),
-                "marginal": marginal_entropy_gap(probs),
-                "smooth": edge_aware_tv(probs, views, cfg.loss.smooth_edge_alpha),
-                "cluster": self._cluster_term(logits[:n], logits[n:], grid),
-            }
-            weights = {"consistency": cfg.loss.consistency_weight, "entropy": cfg.loss.entropy_weight,
-                       "marginal": cfg.loss.marginal_weight, "smooth": cfg.loss.smooth_weight,
-                       "cluster": cfg.loss.cluster_weight}
-            terms.update(self._distill_terms(b, emb, proj, probs, gen, weights))
-            total = sum(weights[name] * t for name, t in terms.items() if weights[name] > 0)
+            terms, weights = self.batch_terms(b, views, emb.float(), recon, proj, k, gen)
+            total = sum(weights[name] * t for name, t in terms.items() if weights.get(name, 0) > 0)
             if recon is not None:
-                terms["recon"] = recon_loss(recon, views, cfg.autoencoder.blur_sigma, cfg.autoencoder.grad_weight)
                 total = total + cfg.autoencoder.lambda_recon * self.recon_ema.normalize(f"recon/{size}", terms["recon"])
             per_scale[str(size)] = total
             for name, t in terms.items():
@@ -361,6 +346,31 @@ class Trainer:
         merged = scale_neutral_merge(per_scale, self.loss_ema)
         logs["loss/merged"] = float(merged.detach())
         return merged, logs
+
+    def batch_terms(self, b: dict, views: torch.Tensor, emb: torch.Tensor, recon, proj, k: int,
+                    gen: torch.Generator) -> tuple[dict, dict]:
+        """Every loss term of one batch (``views`` = cat(view1, view2)) and the weights of the weighted ones
+        (the reconstruction term, EMA-normalised by the caller, has none)."""
+        cfg, dev = self.cfg, self.policy.device
+        n = b["view1"].shape[0]
+        centers = self.head.fit([emb], k, gen)
+        probs, logits = self.head.assign(emb, centers)
+        p1, p2 = probs[:n], probs[n:]
+        grid = b["grid"].to(dev)
+        terms = {
+            "consistency": two_view_consistency(p1, p2, grid),
+            "entropy": pixel_entropy(probs),
+            "marginal": marginal_entropy_gap(probs),
+            "smooth": edge_aware_tv(probs, views, cfg.loss.smooth_edge_alpha),
+            "cluster": self._cluster_term(logits[:n], logits[n:], grid),
+        }
+        weights = {"consistency": cfg.loss.consistency_weight, "entropy": cfg.loss.entropy_weight,
+                   "marginal": cfg.loss.marginal_weight, "smooth": cfg.loss.smooth_weight,
+                   "cluster": cfg.loss.cluster_weight}
+        terms.update(self._distill_terms(b, emb, proj, probs, gen, weights))
+        if recon is not None:
+            terms["recon"] = recon_loss(recon, views, cfg.autoencoder.blur_sigma, cfg.autoencoder.grad_weight)
+        return terms, weights
 
     def _distill_terms(self, batch: dict, emb: torch.Tensor, proj, probs: torch.Tensor, gen: torch.Generator,
                        weights: dict) -> dict:
@@ -416,6 +426,51 @@ class Trainer:
             if self._no_val is not None and self.is_main:
                 print(f"note: no periodic validation ({self._no_val}); best.pt is not written", file=sys.stderr)
         return self._val
+
+    def validation_batches(self) -> list[dict]:
+        """``train.val_loss_batches`` fixed two-view batches of the validation data (same crops, views and
+        noise at every evaluation), or [] when there is no validation split."""
+        cfg = self.cfg
+        n = cfg.train.val_loss_batches
+        if self._val_batches is None:
+            self._val_batches = []
+            size, per = batches_per_scale(cfg)[0]
+            if n <= 0 or self.validation_set() is None:
+                pass
+            elif cfg.data.source == "shards":
+                from .data.sharded_tif_dataset import ShardStepDataset
+                ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split)
+                self._val_batches = [ds[(i, 0, 0)] for i in range(n)]
+            elif cfg.data.source == "synthetic":
+                ds = TwoViewDataset(SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes,
+                                                     cfg.data.synthetic_cells), cfg.aug, cfg.train.seed + 1)
+                self._val_batches = [torch.utils.data.default_collate([ds[(i, 0, 0, 0, j, size)] for j in range(per)])
+                                     for i in range(n)]
+        return self._val_batches
+
+    @torch.no_grad()
+    def validation_losses(self) -> dict:
+        """Every loss term, unweighted, averaged over the fixed validation batches, with the student in eval
+        mode (as exported) and K = knobs.eval_k: unlike the training log, where K, crops and augmentations
+        change every step, these curves are comparable from one evaluation to the next."""
+        batches = self.validation_batches()
+        if not batches:
+            return {}
+        dev, sums = self.policy.device, {}
+        gen = step_generator(self.cfg.train.seed, 0x7A1D)
+        was = self.module.training
+        self.module.eval()
+        try:
+            for b in batches:
+                views = torch.cat([b["view1"], b["view2"]]).to(dev)
+                with self.policy.autocast():
+                    (emb, recon, proj), = self.module([views])
+                terms, _ = self.batch_terms(b, views, emb.float(), recon, proj, self.cfg.knobs.eval_k, gen)
+                for name, t in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(t)
+        finally:
+            self.module.train(was)
+        return {f"val_loss/{name}": v / len(batches) for name, v in sums.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -574,7 +629,8 @@ class Trainer:
         scores = self.evaluate()
         if scores is None:
             return {}
-        record = {"step": self.step, "val/accuracy": scores["accuracy"], "val/miou": scores["miou"]}
+        record = {"step": self.step, "val/accuracy": scores["accuracy"], "val/miou": scores["miou"],
+                  **self.validation_losses()}
         self._log(record)
         if scores["miou"] > self.best_score:
             self.best_score = scores["miou"]

@@ -28,7 +28,8 @@ def test_shipped_artifact_is_valid_and_documented():
     assert dev["k"] == 5 and dev["evaluation_set"]["images"] == 36
     by = {r["method"]: r["miou"] for r in dev["results"]}
     model = next(v for k, v in by.items() if k.startswith("student"))
-    assert model > by["colour k-means"] and model > by["k-means on efficientnet_lite0 features"]
+    assert model > by["k-means on efficientnet_lite0 features"]
+    assert model >= by["colour k-means"] + 0.15  # the quality bar the default model is shipped on
     size = sum(p.stat().st_size for p in MODEL.iterdir())
     assert size < 5e6
 

@@ -176,7 +176,55 @@ def nodata_valid(data: np.ndarray, nodata: float | None) -> np.ndarray:
     return ~same.all(axis=-1)
 
 
-class RasterReader:
+class _Reader:
+    """What both readers share: size from ``info``, a context manager around ``close``."""
+
+    @property
+    def width(self) -> int:
+        return self.info.width
+
+    @property
+    def height(self) -> int:
+        return self.info.height
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Output:
+    """What both label writers share: the output checks, the temporary names beside the output (a
+    ``.OUT.part-<pid>-<id>`` file, so an interrupted run leaves no half-written OUT), the final rename."""
+
+    def _prepare(self, path, cog: bool) -> None:
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise RasterError(f"output folder {self.path.parent} does not exist")
+        if self.path.suffix.lower() not in (".tif", ".tiff"):
+            raise RasterError(f"output {self.path}: mapseg writes GeoTIFF, use a .tif name")
+        self.cog = cog
+        stem = f".{self.path.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.path.parent / (stem + ".tif")
+        self.tmp_cog = self.path.parent / (stem + ".cog.tif")
+
+    def _move_into_place(self, src: Path) -> Path:
+        """``src`` (the temporary file or its COG copy) becomes the output; the other temporary goes."""
+        if src != self.tmp:
+            self.tmp.unlink()
+        os.replace(src, self.path)
+        return self.path
+
+    def _remove_temporaries(self) -> None:
+        for p in (self.tmp, self.tmp_cog):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class RasterReader(_Reader):
     """Windowed reads of three bands of one raster (any GDAL-readable format), through rasterio."""
     library = "rasterio"
 
@@ -215,14 +263,6 @@ class RasterReader:
                                self.nodata, self.has_mask, ds.crs, ds.transform, georef, gcps,
                                gcp_crs.to_wkt() if gcps and gcp_crs else None)
 
-    @property
-    def width(self) -> int:
-        return self.info.width
-
-    @property
-    def height(self) -> int:
-        return self.info.height
-
     def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
         """(data (h, w, 3) in the raster's dtype, valid (h, w) bool) for rows [row0, row1), cols [col0, col1)."""
         from rasterio.windows import Window
@@ -252,12 +292,6 @@ class RasterReader:
         if getattr(self, "ds", None) is not None:
             self.ds.close()
             self.ds = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def colormap(k: int) -> dict:
@@ -318,22 +352,14 @@ def _write_png(image: np.ndarray, path: Path) -> None:
     write_bytes_atomic(path, png)
 
 
-class LabelWriter:
+class LabelWriter(_Output):
     """A uint8 label raster written window by window under a temporary name, renamed by ``commit`` (rasterio)."""
     library = "rasterio"
 
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
                  tags: dict | None = None):
         rasterio = _rasterio()
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise RasterError(f"output folder {self.path.parent} does not exist")
-        if self.path.suffix.lower() not in (".tif", ".tiff"):
-            raise RasterError(f"output {self.path}: mapseg writes GeoTIFF, use a .tif name")
-        self.cog = cog
-        stem = f".{self.path.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = self.path.parent / (stem + ".tif")
-        self.tmp_cog = self.path.parent / (stem + ".cog.tif")
+        self._prepare(path, cog)
         profile = {"driver": "GTiff", "width": like.width, "height": like.height, "count": 1, "dtype": "uint8",
                    "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate",
                    # level 1: ~10x faster than the default 6 on label rasters, files ~10 % larger
@@ -378,10 +404,8 @@ class LabelWriter:
             except Exception as exc:  # noqa: BLE001 - GDAL errors come in several types
                 self.abort()
                 raise RasterError(f"writing a COG failed ({exc}); GDAL >= 3.1 has the COG driver") from exc
-            self.tmp.unlink()
             src = self.tmp_cog
-        os.replace(src, self.path)
-        return self.path
+        return self._move_into_place(src)
 
     def abort(self) -> None:
         if self.ds is not None:
@@ -389,8 +413,4 @@ class LabelWriter:
                 self.ds.close()
             finally:
                 self.ds = None
-        for p in (self.tmp, self.tmp_cog):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        self._remove_temporaries()

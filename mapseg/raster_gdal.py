@@ -10,14 +10,13 @@ choose between the two (``MAPSEG_IO=auto|rasterio|gdal``).
 from __future__ import annotations
 
 import os
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .raster import (BLOCK, GDAL_CACHE_MB, RasterError, RasterInfo, choose_bands, colormap, common_dtype,
-                     common_nodata, nodata_valid)
+from .raster import (BLOCK, GDAL_CACHE_MB, RasterError, RasterInfo, _Output, _Reader, choose_bands, colormap,
+                     common_dtype, common_nodata, nodata_valid)
 
 # GDAL data type names -> numpy dtype names
 _DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Int16": "int16", "UInt32": "uint32", "Int32": "int32",
@@ -50,7 +49,7 @@ def gdal_env():
             gdal.SetConfigOption(k, v)
 
 
-class GdalRasterReader:
+class GdalRasterReader(_Reader):
     """Windowed reads of three bands of one raster through osgeo.gdal (see ``mapseg.raster.RasterReader``)."""
     library = "gdal"
 
@@ -97,14 +96,6 @@ class GdalRasterReader:
                                self.nodata, self.has_mask, wkt or None, gt, georef, gcps,
                                (ds.GetGCPProjection() or None) if gcps else None)
 
-    @property
-    def width(self) -> int:
-        return self.info.width
-
-    @property
-    def height(self) -> int:
-        return self.info.height
-
     def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
         h, w = row1 - row0, col1 - col0
         planes = {b: band.ReadAsArray(col0, row0, w, h) for b, band in self.band_objs.items()}
@@ -130,29 +121,15 @@ class GdalRasterReader:
         self.band_objs = {}
         self.ds = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class GdalLabelWriter:
+class GdalLabelWriter(_Output):
     """The uint8 label GeoTIFF through osgeo.gdal (see ``mapseg.raster.LabelWriter``)."""
     library = "gdal"
 
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
                  tags: dict | None = None):
         gdal = self.gdal = _gdal()
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise RasterError(f"output folder {self.path.parent} does not exist")
-        if self.path.suffix.lower() not in (".tif", ".tiff"):
-            raise RasterError(f"output {self.path}: mapseg writes GeoTIFF, use a .tif name")
-        self.cog = cog
-        stem = f".{self.path.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = self.path.parent / (stem + ".tif")
-        self.tmp_cog = self.path.parent / (stem + ".cog.tif")
+        self._prepare(path, cog)
         self.ds = self.band = None
         try:
             self.ds = gdal.GetDriverByName("GTiff").Create(
@@ -198,16 +175,10 @@ class GdalLabelWriter:
             except RuntimeError as exc:
                 self.abort()
                 raise RasterError(f"writing a COG failed ({exc}); GDAL >= 3.1 has the COG driver") from exc
-            self.tmp.unlink()
             src = self.tmp_cog
-        os.replace(src, self.path)
-        return self.path
+        return self._move_into_place(src)
 
     def abort(self) -> None:
         self.band = None
         self.ds = None
-        for p in (self.tmp, self.tmp_cog):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        self._remove_temporaries()

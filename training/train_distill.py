@@ -430,23 +430,22 @@ class Trainer:
     def validation_batches(self) -> list[dict]:
         """``train.val_loss_batches`` fixed two-view batches of the validation data (same crops, views and
         noise at every evaluation), or [] when there is no validation split."""
-        cfg = self.cfg
-        n = cfg.train.val_loss_batches
         if self._val_batches is None:
-            self._val_batches = []
-            size, per = batches_per_scale(cfg)[0]
-            if n <= 0 or self.validation_set() is None:
-                pass
-            elif cfg.data.source == "shards":
-                from .data.sharded_tif_dataset import ShardStepDataset
-                ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split)
-                self._val_batches = [ds[(i, 0, 0)] for i in range(n)]
-            elif cfg.data.source == "synthetic":
-                ds = TwoViewDataset(SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes,
-                                                     cfg.data.synthetic_cells), cfg.aug, cfg.train.seed + 1)
-                self._val_batches = [torch.utils.data.default_collate([ds[(i, 0, 0, 0, j, size)] for j in range(per)])
-                                     for i in range(n)]
+            self._val_batches = self._build_validation_batches()
         return self._val_batches
+
+    def _build_validation_batches(self) -> list[dict]:
+        cfg, n = self.cfg, self.cfg.train.val_loss_batches
+        if n <= 0 or self.validation_set() is None:
+            return []
+        if cfg.data.source == "shards":
+            from .data.sharded_tif_dataset import ShardStepDataset
+            ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split)
+            return [ds[(i, 0, 0)] for i in range(n)]
+        size, per = batches_per_scale(cfg)[0]  # synthetic (geotiff has no validation split)
+        ds = TwoViewDataset(SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes, cfg.data.synthetic_cells),
+                            cfg.aug, cfg.train.seed + 1)
+        return [torch.utils.data.default_collate([ds[(i, 0, 0, 0, j, size)] for j in range(per)]) for i in range(n)]
 
     @torch.no_grad()
     def validation_losses(self) -> dict:

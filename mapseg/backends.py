@@ -53,8 +53,9 @@ class TorchBackend:
         except ImportError as exc:
             raise BackendUnavailable(f"torch is not installed ({exc}); use --backend numpy or onnx") from exc
         self.torch, self.F = torch, F
-        if threads:
-            torch.set_num_threads(threads)
+        # torch's thread count is process-wide: the caller's worker plan (mapseg.parallel) sets it
+        # around a run and restores it after, rather than this constructor changing it for good.
+        self.threads = threads
         self.convs = [(torch.from_numpy(c.weight.copy()).contiguous(memory_format=torch.channels_last),
                        torch.from_numpy(c.bias.copy()), c.stride, c.padding, c.relu)
                       for c in fold_layers(artifact.layers, artifact.arrays)]
@@ -76,7 +77,7 @@ class TorchBackend:
             return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())
 
     def describe(self) -> str:
-        return f"torch {self.torch.__version__} ({self.torch.get_num_threads()} threads)"
+        return f"torch {self.torch.__version__}" + (f" ({self.threads} threads)" if self.threads else "")
 
 
 class OnnxBackend:

@@ -32,7 +32,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stretch", default=None, metavar="LOW,HIGH",
                    help="percentile stretch into [0, 1] (e.g. 2,98); default: divide by the dtype maximum")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of k-means")
-    p.add_argument("--threads", type=int, default=None, help="threads for the onnx / torch backends")
+    p.add_argument("--workers", type=int, default=None,
+                   help="windows processed at once, each on its own thread (default: 2 where there are 2+ CPUs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per window for the network (default: CPUs / workers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +99,7 @@ def cmd_segment(args) -> int:
                             backend=args.backend, bands=parse_bands(args.bands), nodata=args.nodata,
                             smooth=args.smooth, centers=args.centers, cog=args.cog,
                             stretch=parse_stretch(args.stretch), seed=args.seed, threads=args.threads,
-                            progress=not args.no_progress, log=_log)
+                            workers=args.workers, progress=not args.no_progress, log=_log)
     if args.report:
         from .artifact import write_text_atomic
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
@@ -110,7 +113,7 @@ def cmd_fit(args) -> int:
     from .raster import parse_bands
     from .segment import fit_raster_centers, load_features, parse_stretch
 
-    features = load_features(args.model, args.backend, args.threads)
+    features = load_features(args.model, args.backend, args.threads, args.workers)
     _log(f"model: {features.name}; {features.backend_message}")
     centers = fit_raster_centers(args.inputs, args.k, bands=parse_bands(args.bands), nodata=args.nodata,
                                  stretch=parse_stretch(args.stretch), seed=args.seed, features=features, log=_log)

@@ -28,6 +28,7 @@ pass over the whole raster (see docs/runtime.md, "Tiling invariance").
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,7 +232,8 @@ class NumpyNetwork:
     the next layer's zero-bordered buffer at offset w+3, whose border is then
     cleared again; so a chain of such layers needs no copies besides the three
     row-shifted slabs of each product. Buffers are kept between calls and grown
-    when needed; only the returned embedding is a fresh array.
+    when needed, one set per calling thread (several windows may be embedded at
+    once, see mapseg.parallel); only the returned embedding is a fresh array.
     """
 
     def __init__(self, layers: list[dict], arrays: dict, mean, std, l2_eps: float = 1e-6,
@@ -245,7 +247,14 @@ class NumpyNetwork:
         self.std = np.asarray(std, np.float32)
         self.l2_eps = np.float32(l2_eps)
         self.embed_dim = self.layers[-1].out_channels
-        self._ws: dict[str, np.ndarray] = {}
+        self._local = threading.local()  # buffers per thread: windows may run on several threads at once
+
+    @property
+    def _ws(self) -> dict[str, np.ndarray]:
+        ws = getattr(self._local, "ws", None)
+        if ws is None:
+            ws = self._local.ws = {}
+        return ws
 
     @classmethod
     def from_artifact(cls, artifact, max_rows: int | None = None) -> "NumpyNetwork":

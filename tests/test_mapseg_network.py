@@ -128,3 +128,18 @@ def test_fold_handles_conv_bias_without_norm():
     arrays = {k: v.detach().numpy() for k, v in s.state_dict().items()}
     folded = fold_layers(layers, arrays)
     np.testing.assert_array_equal(folded[0].bias, arrays["stem1.0.bias"])
+
+
+def test_concurrent_calls_give_the_sequential_results(net_and_student):
+    """Several windows may be embedded at once on worker threads (mapseg.parallel): each thread works in
+    its own buffers, so concurrent calls on one network return exactly what one call at a time does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net, _ = net_and_student
+    rng = np.random.default_rng(3)
+    images = [rng.random((64 + 4 * (i % 3), 96, 3), dtype=np.float32) for i in range(12)]
+    expected = [net(im) for im in images]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(net, images))
+    for a, b in zip(got, expected):
+        assert np.array_equal(a, b)

@@ -234,13 +234,13 @@ def test_callback_reports_progress_and_cancels(model, tmp_path):
         segment_raster(src, tmp_path / "out.tif", k=3, model=model, tile=48, progress=False, log=lambda m: None,
                        callback=stop_after_two)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ok.tif"]
-    # the window read ahead was finished and its thread joined before the input was closed
-    assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-read")]
+    # the windows in flight were finished and their threads joined before the input was closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-window")]
 
 
-def test_read_errors_surface_from_the_read_ahead_thread(model, tmp_path, monkeypatch):
-    """Windows are read one ahead on a second thread; a failing read still stops the run with its error
-    (not a hang, not a partial output)."""
+def test_read_errors_surface_from_the_window_threads(model, tmp_path, monkeypatch):
+    """Windows are read and labelled on worker threads; a failing read still stops the run with its error
+    (not a hang, not a partial output), and no worker is left running."""
     import mapseg.segment as seg
 
     src = write(tmp_path / "in.tif", scene())
@@ -257,6 +257,7 @@ def test_read_errors_surface_from_the_read_ahead_thread(model, tmp_path, monkeyp
         segment_raster(src, tmp_path / "out.tif", k=3, model="kmeans", centers=None, tile=48, progress=False,
                        log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-window")]
 
 
 def test_terminated_process_leaves_no_output(model, tmp_path):
@@ -440,3 +441,24 @@ def test_preview_png_shows_input_and_segments(model, tmp_path):
     assert main(["segment", str(src), str(tmp_path / "o2.tif"), "-k", "3", "--model", model, "--no-progress",
                  "--preview", str(tmp_path / "p.jpg")]) == 2
     assert not (tmp_path / "o2.tif").exists()       # refused before any work
+
+
+@pytest.mark.parametrize("backend", ["numpy", "onnx", "torch"])
+def test_labels_do_not_depend_on_the_workers(model, tmp_path, backend):
+    """Several windows at once (--workers), with any threads each: the same labels and centres as one
+    window at a time, for every backend."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+    src = write(tmp_path / "in.tif", scene(3, 160, 230), nodata=None)
+    outs = []
+    for workers, threads in ((1, 2), (3, 1), (2, 2)):
+        out = tmp_path / f"w{workers}t{threads}.tif"
+        report = segment_raster(src, out, k=4, model=model, tile=48, smooth=1, backend=backend, workers=workers,
+                                threads=threads, progress=False, log=lambda m: None)
+        assert report["workers"] == workers and report["threads_per_worker"] == threads
+        outs.append((labels_of(out), report["centers"]["centers"]))
+    for labels, centers in outs[1:]:
+        assert np.array_equal(labels, outs[0][0])
+        assert centers == outs[0][1]
+    assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-window")]

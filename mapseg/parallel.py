@@ -1,0 +1,124 @@
+"""Window-parallel execution: several windows in flight, each on its own worker thread.
+
+One window at a time with every core inside the network leaves cores idle in
+everything around it: reading and scaling, the assignment, the numpy
+backend's elementwise steps, and the synchronisation at the end of every
+parallel layer. ``workers`` threads each take a whole window (read under a
+lock, since a raster handle serves one read at a time; embed; assign) with
+``threads`` cores for its network, workers x threads = the CPUs, and the
+caller consumes the results in window order (``ordered_map``), so output and
+labels are exactly those of one window at a time: the backends compute every
+value the same way whatever their thread count (checked by the tests).
+
+The numpy backend's products run on the BLAS's own thread pool, which is
+process-wide; holding it at ``threads`` per worker needs ``threadpoolctl``.
+Without it the numpy backend runs one window at a time on the BLAS's default
+threads and says so (``WorkerPlan.note``); asking for more workers is then an
+error rather than a quiet slowdown (two windows each on all BLAS threads
+oversubscribe the cores).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+AUTO_WORKERS = 2            # windows in flight by default (when there are at least 2 CPUs)
+THREAD_PREFIX = "mapseg-window"
+
+
+class WorkerError(ValueError):
+    """--workers / --threads cannot be honoured; the message says why."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    workers: int             # windows in flight
+    threads: int | None      # threads per window for the backend (None: the backend's default)
+    blas_limit: bool         # hold the BLAS pool at ``threads`` while windows run (numpy backend)
+    note: str                # one line for the log and the run report
+
+    backend: str = "none"    # numpy | onnx | torch | none
+
+    @contextlib.contextmanager
+    def context(self):
+        """Enter around the window-parallel part of a run: holds the process-wide pools (the BLAS's for
+        numpy, torch's own) at ``threads`` per window and restores them after. onnxruntime sessions
+        take their thread count when they are made."""
+        if self.blas_limit:
+            from threadpoolctl import threadpool_limits
+            with threadpool_limits(limits=self.threads, user_api="blas"):
+                yield
+        elif self.backend == "torch" and self.threads:
+            import torch
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(before)
+        else:
+            yield
+
+
+def plan_workers(backend: str, workers: int | None = None, threads: int | None = None,
+                 cpus: int | None = None) -> WorkerPlan:
+    """How many windows run at once and with how many threads each, for backend ``backend``
+    (``numpy``, ``onnx``, ``torch``, or ``none`` for colour k-means, which runs no network)."""
+    cpus = cpus or available_cpus()
+    for name, value in (("--workers", workers), ("--threads", threads)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise WorkerError(f"{name} {value}: must be a positive integer")
+    asked = workers is not None
+    if workers is None:
+        workers = min(AUTO_WORKERS, cpus)
+    if backend == "numpy" and workers > 1 and importlib.util.find_spec("threadpoolctl") is None:
+        if asked:
+            raise WorkerError(f"--workers {workers} with the numpy backend needs threadpoolctl to hold the BLAS "
+                              "at one share of the cores per window (pip install threadpoolctl), or use --workers 1")
+        return WorkerPlan(1, threads, False, "1 window at a time on the BLAS's own threads (threadpoolctl is not "
+                                             "installed: pip install threadpoolctl for window-parallel numpy)",
+                          backend)
+    if threads is None:
+        threads = max(1, cpus // workers)
+    blas = backend == "numpy" and importlib.util.find_spec("threadpoolctl") is not None
+    per = "" if backend == "none" else f", {threads} thread{'s' if threads > 1 else ''} each"
+    return WorkerPlan(workers, threads, blas, f"{workers} window{'s' if workers > 1 else ''} at a time{per} "
+                                              f"({cpus} CPUs)", backend)
+
+
+SERIAL = WorkerPlan(1, None, False, "1 window at a time")
+
+
+def ordered_map(fn, items, workers: int):
+    """Yield ``fn(item)`` for every item, in order, computing up to ``workers`` at once on threads.
+
+    At most ``workers + 1`` items are submitted ahead of the consumer (bounded memory). If ``fn``
+    raises, the error comes out at that item; if the consumer stops early (``close()``, an error of
+    its own), queued items are dropped and running ones finish before this returns, so no worker
+    outlives the generator (callers close their inputs right after).
+    """
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=THREAD_PREFIX) as pool:
+        pending = deque(pool.submit(fn, item) for item in itertools.islice(items, workers + 1))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in itertools.islice(items, 1):
+                    pending.append(pool.submit(fn, item))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()

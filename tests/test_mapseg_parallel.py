@@ -1,0 +1,140 @@
+"""mapseg.parallel: several windows in flight, results in window order, nothing left running."""
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mapseg.parallel import THREAD_PREFIX, WorkerError, ordered_map, plan_workers
+from mapseg.segment import make_scaling
+
+
+def _window_threads():
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def test_ordered_map_keeps_order_and_bounds_what_runs_ahead():
+    started, lock, ahead = [], threading.Lock(), []
+    active, most = [0], [0]
+
+    def fn(i):
+        with lock:
+            started.append(i)
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.002 * ((7 * i) % 5))  # finish out of order
+        with lock:
+            active[0] -= 1
+        return i * i
+
+    got = []
+    for i, value in enumerate(ordered_map(fn, range(40), 3)):
+        with lock:
+            ahead.append(len(started) - i)
+        got.append(value)
+    assert got == [i * i for i in range(40)]
+    assert most[0] <= 3                      # never more than `workers` at once
+    assert max(ahead) <= 3 + 2               # never more than workers + 1 queued past the consumer
+    assert not _window_threads()
+
+
+def test_an_error_stops_the_map_at_its_item():
+    def fn(i):
+        if i == 5:
+            raise OSError("bad window")
+        return i
+
+    got = []
+    with pytest.raises(OSError, match="bad window"):
+        for value in ordered_map(fn, range(30), 2):
+            got.append(value)
+    assert got == [0, 1, 2, 3, 4]
+    assert not _window_threads()
+
+
+def test_closing_early_lets_running_items_finish_and_starts_no_more():
+    started, finished, lock = [], [], threading.Lock()
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.02)
+        with lock:
+            finished.append(i)
+        return i
+
+    results = ordered_map(fn, range(100), 2)
+    assert [next(results), next(results)] == [0, 1]
+    results.close()
+    assert sorted(started) == sorted(finished)    # nothing still running once close() returns
+    count = len(started)
+    time.sleep(0.05)
+    assert len(started) == count and count < 10   # and nothing more was started
+    assert not _window_threads()
+
+
+def test_plan_workers_splits_the_cpus():
+    assert (plan_workers("onnx", cpus=2).workers, plan_workers("onnx", cpus=2).threads) == (2, 1)
+    assert (plan_workers("onnx", cpus=16).workers, plan_workers("onnx", cpus=16).threads) == (2, 8)
+    assert (plan_workers("onnx", cpus=1).workers, plan_workers("onnx", cpus=1).threads) == (1, 1)
+    plan = plan_workers("torch", workers=3, threads=2, cpus=2)   # what the user asks for is what runs
+    assert (plan.workers, plan.threads) == (3, 2)
+    assert "3 windows at a time, 2 threads each" in plan.note
+    for bad in ({"workers": 0}, {"threads": -1}, {"workers": 1.5}):
+        with pytest.raises(WorkerError):
+            plan_workers("onnx", cpus=2, **bad)
+
+
+def test_numpy_without_threadpoolctl_runs_one_window_and_says_so(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "threadpoolctl" else real(name, *a))
+    plan = plan_workers("numpy", cpus=2)
+    assert plan.workers == 1 and not plan.blas_limit and "threadpoolctl" in plan.note
+    with pytest.raises(WorkerError, match="threadpoolctl"):
+        plan_workers("numpy", workers=2, cpus=2)
+    assert plan_workers("onnx", cpus=2).workers == 2     # the others do not need it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("threadpoolctl") is None, reason="threadpoolctl not installed")
+def test_numpy_plan_holds_the_blas_pool_and_restores_it():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    before = blas_threads()
+    plan = plan_workers("numpy", cpus=2)
+    assert plan.workers == 2 and plan.blas_limit
+    with plan.context():
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+
+
+def test_torch_plan_sets_and_restores_torch_threads():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    plan = plan_workers("torch", workers=2, threads=1, cpus=2)
+    with plan.context():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype, stretch", [("uint8", None), ("uint16", None), ("uint8", (2, 98)),
+                                            ("uint16", (1, 99))])
+def test_scaling_table_is_the_arithmetic_to_the_bit(dtype, stretch):
+    """uint8 / uint16 inputs are scaled through a table of every value; it must give exactly what the
+    subtract-multiply-clip does, so labels do not change."""
+    rng = np.random.default_rng(0)
+    top = np.iinfo(dtype).max
+    data = rng.integers(0, top + 1, (37, 53, 3)).astype(dtype)
+    data[0, :3] = [[0, 0, 0], [top, top, top], [1, top // 2, top - 1]]
+    raw = rng.integers(top // 10, top - top // 10, (5000, 3)).astype(np.float64)
+    scaling = make_scaling(dtype, stretch, raw)
+    fast = scaling.apply(data, np.empty(data.shape, np.float32))
+    slow = scaling._arithmetic(data, np.empty(data.shape, np.float32))
+    assert np.array_equal(fast, slow)
+    if stretch:
+        assert fast.min() == 0 and fast.max() == 1    # the stretch clips

@@ -142,7 +142,9 @@ def flops_per_megapixel(layers: list[dict]) -> float:
 MIN_GEMM_WORK = 2_000_000     # rows * K * N of every product at least this (OpenBLAS's limit is 100^3)
 GEMM_WORK = 120_000_000       # aim for this much rows * K * N per product: a call costs up to ~ms of
                               # thread start-up on a busy machine, so narrow layers take more rows
-BASE_ROWS = 8712              # rows per product for wide layers (an eighth of a default window's grid)
+BASE_ROWS = 2048              # rows per product for wide layers: a 3 x 3 layer's slabs and parts stay near
+                              # the core's cache (faster than 8712 rows: ~20 % with a single-threaded BLAS per
+                              # window, no slower with two BLAS threads; bench/bench_runtime.py)
 S2D_MAX_CHANNELS = 8          # stride-2 3x3 convs on few channels go through space-to-depth
 
 

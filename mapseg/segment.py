@@ -123,16 +123,11 @@ def load_features(model: str | os.PathLike | None, backend: str = "auto", thread
             if backend not in ("auto", "numpy"):
                 raise SegmentError(f"--backend {backend}: colour k-means (--model kmeans) runs no network")
             return ColourFeatures(workers)
-        return _load_embedding(model, backend, threads, workers)
+        from .artifact import load_artifact
+
+        return EmbeddingFeatures(load_artifact(model if model else default_model_path()), backend, threads, workers)
     except WorkerError as exc:
         raise SegmentError(str(exc)) from exc
-
-
-def _load_embedding(model, backend: str, threads: int | None, workers: int | None) -> EmbeddingFeatures:
-    from .artifact import load_artifact
-
-    path = model if model else default_model_path()
-    return EmbeddingFeatures(load_artifact(path), backend, threads, workers)
 
 
 # --------------------------------------------------------------------------- scaling

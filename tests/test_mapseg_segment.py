@@ -366,6 +366,8 @@ def test_sixteen_bit_inputs(model, tmp_path):
     ("empty", [], "no valid pixels"),
     ("float", [], "--stretch"),
     ("tile", ["--tile", "30"], "multiple of 4"),
+    ("workers", ["--workers", "0"], "--workers 0: must be a positive integer"),
+    ("threads", ["--threads", "0"], "--threads 0: must be a positive integer"),
     ("bad_bands", ["--bands", "1,2,5"], "has bands 1..3"),
     ("no_input", [], "does not exist"),
     ("out_dir", [], "output folder"),

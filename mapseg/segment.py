@@ -353,6 +353,18 @@ def iter_labels(reader, features, scaling: Scaling, scorer, k: int, wins: list[W
     error, a cancel) lets the windows in flight finish before it returns, so no thread touches
     ``reader`` after that.
     """
+    def one(win: Window, image: np.ndarray, valid: np.ndarray):
+        labels = window_labels(features, image, valid, win, scorer, k, smooth)
+        r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
+        return win, np.ascontiguousarray(labels[:r1 - win.r0, :c1 - win.c0])
+
+    yield from map_windows(reader, features, scaling, wins, one)
+
+
+def map_windows(reader, features, scaling: Scaling, wins: list[Window], work):
+    """``work(win, image, valid)`` of every window, in window order, as ``features.plan`` says: each of
+    its worker threads reads a window (one read at a time, under a lock), then works on it. Closing
+    the generator lets the windows in flight finish first (mapseg.parallel.ordered_map)."""
     import threading
 
     from .parallel import SERIAL, ordered_map
@@ -362,9 +374,7 @@ def iter_labels(reader, features, scaling: Scaling, scorer, k: int, wins: list[W
     def one(win: Window):
         with lock:
             image, valid = read_window(reader, win, scaling, features.fill)
-        labels = window_labels(features, image, valid, win, scorer, k, smooth)
-        r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
-        return win, np.ascontiguousarray(labels[:r1 - win.r0, :c1 - win.c0])
+        return work(win, image, valid)
 
     plan = getattr(features, "plan", SERIAL)
     with plan.context():
@@ -439,18 +449,11 @@ def collect_sample(reader, features, scaling: Scaling, seed: int, progress=None)
     The first ``n`` windows are always taken, further ones only until MIN_SAMPLE_CELLS valid cells
     are in; windows run as ``features.plan`` says and are taken in order, so the sample is the same.
     """
-    import threading
-
-    from .parallel import SERIAL, ordered_map
-
     wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
     s = features.stride
     keep = -(-2 * (SAMPLE_COLOURS if features.dim <= 4 else SAMPLE_FEATURES) // n)
-    lock = threading.Lock()
 
-    def one(win: Window):
-        with lock:
-            image, valid = read_window(reader, win, scaling, features.fill)
+    def one(win: Window, image: np.ndarray, valid: np.ndarray):
         core_ok = cell_all(valid[win.r0 - win.rr0:win.r1 - win.rr0, win.c0 - win.cc0:win.c1 - win.cc0], s)
         if not core_ok.any():  # all nodata: nothing to sample, skip the network
             return None
@@ -466,26 +469,24 @@ def collect_sample(reader, features, scaling: Scaling, seed: int, progress=None)
             f_ok, c_ok = f_ok[pick], c_ok[pick]
         return f_ok.astype(np.float32), c_ok.astype(np.float32), int(core_ok.sum())
 
-    plan = getattr(features, "plan", SERIAL)
     feats, colours, cells, used = [], [], 0, 0
-    with plan.context():
-        for first, part in ((True, wins[:n]), (False, wins[n:])):
-            if not first and cells >= MIN_SAMPLE_CELLS:
-                break
-            results = ordered_map(one, part, plan.workers)
-            try:
-                for got in results:
-                    if got is not None:
-                        feats.append(got[0])
-                        colours.append(got[1])
-                        cells += got[2]
-                        used += 1
-                        if progress:
-                            progress(used)
-                    if not first and cells >= MIN_SAMPLE_CELLS:
-                        break
-            finally:
-                results.close()
+    for first, part in ((True, wins[:n]), (False, wins[n:])):
+        if not first and cells >= MIN_SAMPLE_CELLS:
+            break
+        results = map_windows(reader, features, scaling, part, one)
+        try:
+            for got in results:
+                if got is not None:
+                    feats.append(got[0])
+                    colours.append(got[1])
+                    cells += got[2]
+                    used += 1
+                    if progress:
+                        progress(used)
+                if not first and cells >= MIN_SAMPLE_CELLS:
+                    break
+        finally:
+            results.close()
     if cells == 0:
         raise SegmentError(f"{reader.path} has no valid pixels (every pixel is nodata): nothing to segment")
     return np.concatenate(feats), np.concatenate(colours), used

@@ -84,16 +84,17 @@ def plan_workers(backend: str, workers: int | None = None, threads: int | None =
     asked = workers is not None
     if workers is None:
         workers = min(AUTO_WORKERS, cpus)
-    if backend == "numpy" and workers > 1 and importlib.util.find_spec("threadpoolctl") is None:
-        if asked:
-            raise WorkerError(f"--workers {workers} with the numpy backend needs threadpoolctl to hold the BLAS "
-                              "at one share of the cores per window (pip install threadpoolctl), or use --workers 1")
-        return WorkerPlan(1, threads, False, "1 window at a time on the BLAS's own threads (threadpoolctl is not "
-                                             "installed: pip install threadpoolctl for window-parallel numpy)",
+    if backend == "numpy" and importlib.util.find_spec("threadpoolctl") is None:
+        if (asked and workers > 1) or threads is not None:
+            raise WorkerError(f"--workers / --threads with the numpy backend need threadpoolctl to hold the BLAS "
+                              "at one share of the cores per window (pip install threadpoolctl), or leave both "
+                              "out (one window at a time on the BLAS's own threads)")
+        return WorkerPlan(1, None, False, "1 window at a time on the BLAS's own threads (threadpoolctl is not "
+                                          "installed: pip install threadpoolctl for window-parallel numpy)",
                           backend)
     if threads is None:
         threads = max(1, cpus // workers)
-    blas = backend == "numpy" and importlib.util.find_spec("threadpoolctl") is not None
+    blas = backend == "numpy"  # threadpoolctl is there (see above)
     per = "" if backend == "none" else f", {threads} thread{'s' if threads > 1 else ''} each"
     return WorkerPlan(workers, threads, blas, f"{workers} window{'s' if workers > 1 else ''} at a time{per} "
                                               f"({cpus} CPUs)", backend)

@@ -95,6 +95,10 @@ def test_numpy_without_threadpoolctl_runs_one_window_and_says_so(monkeypatch):
     assert plan.workers == 1 and not plan.blas_limit and "threadpoolctl" in plan.note
     with pytest.raises(WorkerError, match="threadpoolctl"):
         plan_workers("numpy", workers=2, cpus=2)
+    with pytest.raises(WorkerError, match="threadpoolctl"):   # threads it could not hold: not a number to ignore
+        plan_workers("numpy", threads=1, cpus=2)
+    one = plan_workers("numpy", workers=1, cpus=2)
+    assert one.workers == 1 and one.threads is None and not one.blas_limit   # the report shows no unheld count
     assert plan_workers("onnx", cpus=2).workers == 2     # the others do not need it
 
 

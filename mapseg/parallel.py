@@ -47,10 +47,14 @@ def available_cpus() -> int:
 class WorkerPlan:
     workers: int             # windows in flight
     threads: int | None      # threads per window for the backend (None: the backend's default)
-    blas_limit: bool         # hold the BLAS pool at ``threads`` while windows run (numpy backend)
     note: str                # one line for the log and the run report
-
     backend: str = "none"    # numpy | onnx | torch | none
+
+    @property
+    def blas_limit(self) -> bool:
+        """Hold the BLAS pool at ``threads`` while windows run (numpy backend; a numpy plan has a thread
+        count only when threadpoolctl can hold it)."""
+        return self.backend == "numpy" and self.threads is not None
 
     @contextlib.contextmanager
     def context(self):
@@ -89,18 +93,17 @@ def plan_workers(backend: str, workers: int | None = None, threads: int | None =
             raise WorkerError(f"--workers / --threads with the numpy backend need threadpoolctl to hold the BLAS "
                               "at one share of the cores per window (pip install threadpoolctl), or leave both "
                               "out (one window at a time on the BLAS's own threads)")
-        return WorkerPlan(1, None, False, "1 window at a time on the BLAS's own threads (threadpoolctl is not "
+        return WorkerPlan(1, None, "1 window at a time on the BLAS's own threads (threadpoolctl is not "
                                           "installed: pip install threadpoolctl for window-parallel numpy)",
                           backend)
     if threads is None:
         threads = max(1, cpus // workers)
-    blas = backend == "numpy"  # threadpoolctl is there (see above)
     per = "" if backend == "none" else f", {threads} thread{'s' if threads > 1 else ''} each"
-    return WorkerPlan(workers, threads, blas, f"{workers} window{'s' if workers > 1 else ''} at a time{per} "
+    return WorkerPlan(workers, threads, f"{workers} window{'s' if workers > 1 else ''} at a time{per} "
                                               f"({cpus} CPUs)", backend)
 
 
-SERIAL = WorkerPlan(1, None, False, "1 window at a time")
+SERIAL = WorkerPlan(1, None, "1 window at a time")
 
 
 def ordered_map(fn, items, workers: int):

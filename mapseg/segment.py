@@ -607,6 +607,7 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
     ``"segment"``, ``fraction`` of the whole run in [0, 1]); returning False cancels the run:
     ``SegmentCancelled`` is raised and no output file is left behind (QGIS, GUIs).
     """
+    from .parallel import SERIAL
     from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -671,12 +672,12 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
         timings["finish_s"] = time.perf_counter() - t1
         info = reader.info
     total = time.perf_counter() - t_start
+    plan = getattr(features, "plan", SERIAL)
     mp = info.width * info.height / 1e6
     report = {
         "input": str(input_path), "output": str(out), "k": k, "model": features.name, "io": reader.library,
         "features": features.kind, "backend": getattr(getattr(features, "backend", None), "name", "none"),
-        "workers": getattr(features, "plan", None) and features.plan.workers,
-        "threads_per_worker": getattr(features, "plan", None) and features.plan.threads,
+        "workers": plan.workers, "threads_per_worker": plan.threads,
         "tile": tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
         "timings": timings, "scaling": scaling.description, "nodata": info.has_nodata,

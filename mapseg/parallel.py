@@ -10,12 +10,19 @@ caller consumes the results in window order (``ordered_map``), so output and
 labels are exactly those of one window at a time: the backends compute every
 value the same way whatever their thread count (checked by the tests).
 
-The numpy backend's products run on the BLAS's own thread pool, which is
-process-wide; holding it at ``threads`` per worker needs ``threadpoolctl``.
-Without it the numpy backend runs one window at a time on the BLAS's default
-threads and says so (``WorkerPlan.note``); asking for more workers is then an
-error rather than a quiet slowdown (two windows each on all BLAS threads
-oversubscribe the cores).
+The BLAS's thread pool is process-wide, and every backend's windows use it:
+the numpy backend for its whole network, all of them for the assignment
+(pixels x centres products, multithreaded by OpenBLAS from a few thousand
+pixels on). Two windows each on all BLAS threads oversubscribe the cores,
+and OpenBLAS's threads spin while they wait, which takes cores from the
+network: end to end on 2 CPUs, the onnx backend ran 11 % and torch 8 % slower
+with their assignments on the default BLAS threads (docs/runtime.md).
+So a plan holds the BLAS at ``threads`` per worker while windows run, which
+needs ``threadpoolctl``. Without it the numpy backend runs one window at a
+time on the BLAS's default threads and says so (``WorkerPlan.note``); asking
+for more workers is then an error rather than a quiet slowdown. The onnx and
+torch backends still run their windows in parallel (their networks have
+their own pools), and the note says the BLAS is not held.
 """
 from __future__ import annotations
 
@@ -49,31 +56,22 @@ class WorkerPlan:
     threads: int | None      # threads per window for the backend (None: the backend's default)
     note: str                # one line for the log and the run report
     backend: str = "none"    # numpy | onnx | torch | none
-
-    @property
-    def blas_limit(self) -> bool:
-        """Hold the BLAS pool at ``threads`` while windows run (numpy backend; a numpy plan has a thread
-        count only when threadpoolctl can hold it)."""
-        return self.backend == "numpy" and self.threads is not None
+    blas_limit: bool = False  # hold the BLAS pool at ``threads`` while windows run (threadpoolctl is installed)
 
     @contextlib.contextmanager
     def context(self):
-        """Enter around the window-parallel part of a run: holds the process-wide pools (the BLAS's for
-        numpy, torch's own) at ``threads`` per window and restores them after. onnxruntime sessions
-        take their thread count when they are made."""
-        if self.blas_limit:
-            from threadpoolctl import threadpool_limits
-            with threadpool_limits(limits=self.threads, user_api="blas"):
-                yield
-        elif self.backend == "torch" and self.threads:
-            import torch
-            before = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                yield
-            finally:
-                torch.set_num_threads(before)
-        else:
+        """Enter around the window-parallel part of a run: holds the process-wide pools (the BLAS's, and
+        torch's own for the torch backend) at ``threads`` per window and restores them after.
+        onnxruntime sessions take their thread count when they are made."""
+        with contextlib.ExitStack() as stack:
+            if self.blas_limit:
+                from threadpoolctl import threadpool_limits
+                stack.enter_context(threadpool_limits(limits=self.threads, user_api="blas"))
+            if self.backend == "torch" and self.threads:
+                import torch
+                before = torch.get_num_threads()
+                torch.set_num_threads(self.threads)
+                stack.callback(torch.set_num_threads, before)
             yield
 
 
@@ -88,7 +86,8 @@ def plan_workers(backend: str, workers: int | None = None, threads: int | None =
     asked = workers is not None
     if workers is None:
         workers = min(AUTO_WORKERS, cpus)
-    if backend == "numpy" and importlib.util.find_spec("threadpoolctl") is None:
+    held = importlib.util.find_spec("threadpoolctl") is not None
+    if backend == "numpy" and not held:
         if (asked and workers > 1) or threads is not None:
             raise WorkerError(f"--workers / --threads with the numpy backend need threadpoolctl to hold the BLAS "
                               "at one share of the cores per window (pip install threadpoolctl), or leave both "
@@ -99,8 +98,11 @@ def plan_workers(backend: str, workers: int | None = None, threads: int | None =
     if threads is None:
         threads = max(1, cpus // workers)
     per = "" if backend == "none" else f", {threads} thread{'s' if threads > 1 else ''} each"
-    return WorkerPlan(workers, threads, f"{workers} window{'s' if workers > 1 else ''} at a time{per} "
-                                              f"({cpus} CPUs)", backend)
+    note = f"{workers} window{'s' if workers > 1 else ''} at a time{per} ({cpus} CPUs)"
+    if not held and backend != "none":  # colour k-means assigns by elementwise arithmetic: no BLAS in its windows
+        note += ("; the BLAS, which the assignment uses, is not held per window (threadpoolctl is not installed: "
+                 "pip install threadpoolctl)")
+    return WorkerPlan(workers, threads, note, backend, held)
 
 
 SERIAL = WorkerPlan(1, None, "1 window at a time")

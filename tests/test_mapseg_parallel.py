@@ -99,19 +99,24 @@ def test_numpy_without_threadpoolctl_runs_one_window_and_says_so(monkeypatch):
         plan_workers("numpy", threads=1, cpus=2)
     one = plan_workers("numpy", workers=1, cpus=2)
     assert one.workers == 1 and one.threads is None and not one.blas_limit   # the report shows no unheld count
-    assert plan_workers("onnx", cpus=2).workers == 2     # the others do not need it
+    other = plan_workers("onnx", cpus=2)     # the others run their windows in parallel all the same ...
+    assert other.workers == 2 and not other.blas_limit and "threadpoolctl" in other.note   # ... and say so
+    assert "threadpoolctl" not in plan_workers("none", cpus=2).note   # colour k-means: no BLAS in its windows
 
 
 @pytest.mark.skipif(importlib.util.find_spec("threadpoolctl") is None, reason="threadpoolctl not installed")
-def test_numpy_plan_holds_the_blas_pool_and_restores_it():
+@pytest.mark.parametrize("backend", ["numpy", "onnx", "torch", "none"])
+def test_every_plan_holds_the_blas_pool_and_restores_it(backend):
+    """The assignment's products run on the BLAS in every backend's windows: two windows on all its
+    threads each oversubscribe the cores (and OpenBLAS's waiting threads spin), so it is held."""
     from threadpoolctl import threadpool_info
 
     def blas_threads():
         return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
 
     before = blas_threads()
-    plan = plan_workers("numpy", cpus=2)
-    assert plan.workers == 2 and plan.blas_limit
+    plan = plan_workers(backend, cpus=2)
+    assert plan.workers == 2 and plan.blas_limit and "threadpoolctl" not in plan.note
     with plan.context():
         assert set(blas_threads()) == {1}
     assert blas_threads() == before

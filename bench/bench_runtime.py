@@ -14,10 +14,13 @@ What it does, printing figures as it goes:
    SWISSIMAGE 875 x 600 tile by default) into georeferenced VRT mosaics in a
    temporary folder outside the repository (nothing is copied).
 3. Segments the throughput raster (``--size``, default 4096 x 4096) end to
-   end -- read, embed, fit, assign, write a compressed GeoTIFF -- once per
-   backend (numpy, onnx, torch: whatever is installed) with the SAME artifact,
+   end -- read, embed, fit, assign, write a compressed GeoTIFF -- with each
+   backend (numpy, onnx, torch: whatever is installed) and the SAME artifact,
    and in colour k-means mode; prints MP/s, effective GFLOP/s and the
-   fraction of the matmul rate.
+   fraction of the matmul rate measured just before that run. ``--repeat N``
+   (default 3) runs the backends in turn N times and ends with each one's
+   median MP/s and median fraction: one run on a shared host can land on a
+   burst of someone else's load, in the run or in its yardstick.
 4. Runs ``mapseg segment`` in a fresh process per raster size (``--rss-sizes``,
    default 1000, 5000, 20000 pixels square) and prints each run's peak RSS.
 
@@ -159,6 +162,7 @@ def main() -> int:
     p.add_argument("--no-kmeans", action="store_true", help="skip the colour k-means throughput run")
     p.add_argument("-k", type=int, default=8)
     p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=3, help="rounds of throughput runs (medians at the end)")
     p.add_argument("--workdir", default=None, help="temporary folder (default: a new one under $TMPDIR)")
     args = p.parse_args()
 
@@ -193,24 +197,40 @@ def main() -> int:
               f"tile {args.tile}; end to end (read, embed, fit, assign, write)")
         print(f"{'mode':<14}{'MP/s':>8}{'s':>8}{'GFLOP/s':>9}{'of matmul':>11}{'matmul now':>12}{'load':>6}"
               f"  fit s / windows s")
-        for backend in backends:
-            # the machine may be shared: measure the yardstick right before each run, under the same load
-            now = max(matmul_rate(lib, repeat=3) for lib in rates)
-            load = os.getloadavg()[0]
-            try:
-                r = run_segment(src, work / f"out_{backend}.tif", model, backend, args.k, args.tile)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
-                print(f"{backend:<14} unavailable: {exc}")
-                continue
-            gf = r["megapixels_per_s"] * flops / 1e9
-            print(f"{backend:<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{gf:9.1f}{gf / now:10.0%}"
-                  f"{now:12.0f}{load:6.1f}  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
-        if not args.no_kmeans:
-            r = run_segment(src, work / "out_kmeans.tif", "kmeans", "auto", args.k, args.tile)
-            print(f"{'colour kmeans':<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{'-':>9}{'-':>11}"
-                  f"  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
-        print(f"(of matmul = effective GFLOP/s / the float32 matmul rate measured just before the run; "
-              f"at the start: {yardstick:.0f} GFLOP/s)")
+        runs = {}  # backend -> [(MP/s, fraction of matmul)]
+        for round_ in range(max(1, args.repeat)):
+            for backend in backends:
+                if backend in runs and not runs[backend]:
+                    continue  # unavailable
+                # the machine may be shared: measure the yardstick right before each run, under the same load
+                now = max(matmul_rate(lib, repeat=3) for lib in rates)
+                load = os.getloadavg()[0]
+                try:
+                    r = run_segment(src, work / f"out_{backend}.tif", model, backend, args.k, args.tile)
+                except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
+                    print(f"{backend:<14} unavailable: {exc}")
+                    runs[backend] = []
+                    continue
+                gf = r["megapixels_per_s"] * flops / 1e9
+                runs.setdefault(backend, []).append((r["megapixels_per_s"], gf / now))
+                print(f"{backend:<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{gf:9.1f}{gf / now:10.0%}"
+                      f"{now:12.0f}{load:6.1f}  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
+            if not args.no_kmeans:
+                r = run_segment(src, work / "out_kmeans.tif", "kmeans", "auto", args.k, args.tile)
+                runs.setdefault("colour kmeans", []).append((r["megapixels_per_s"], None))
+                print(f"{'colour kmeans':<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{'-':>9}{'-':>11}"
+                      f"{'-':>12}{'':6}  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
+        print(f"(of matmul = effective GFLOP/s / the float32 matmul rate (best of 3) measured just before the "
+              f"run; at the start: {yardstick:.0f} GFLOP/s)")
+        if args.repeat > 1:
+            print(f"\nmedians over {args.repeat} rounds")
+            for name, got in runs.items():
+                if got:
+                    share = ("-" if got[0][1] is None
+                             else f"{np.median([g[1] for g in got]):.0%} ({min(g[1] for g in got):.0%}-"
+                                  f"{max(g[1] for g in got):.0%})")
+                    print(f"{name:<14}{np.median([g[0] for g in got]):8.2f} MP/s "
+                          f"({min(g[0] for g in got):.2f}-{max(g[0] for g in got):.2f}), of matmul {share}")
 
     sizes = [int(s) for s in args.rss_sizes.split(",") if s]
     if sizes:

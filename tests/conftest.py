@@ -21,6 +21,31 @@ def tiny_overrides():
     return list(TINY)
 
 
+@pytest.fixture(scope="session")
+def export_tiny_student(tmp_path_factory):
+    """``make(max_k=None, seed=0, random_var=False)`` -> the folder of a freshly exported tiny student
+    (embed 8, width 16, depth 2, 4 norm groups, torch seeded with ``seed``; ``random_var``: running
+    variances drawn from U(0.5, 2) so that folding the norms is exercised). Needs torch."""
+    def make(max_k=None, seed: int = 0, random_var: bool = False) -> Path:
+        import torch
+
+        from training.export import export_artifact
+        from training.models.student_cnn import StudentEmbeddingNet
+
+        torch.manual_seed(seed)
+        student = StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm_groups=4)
+        if random_var:
+            with torch.no_grad():
+                for m in student.modules():
+                    if hasattr(m, "running_var"):
+                        m.running_var.uniform_(0.5, 2.0)
+        out = tmp_path_factory.mktemp("m") / "best"
+        export_artifact(student, {"model": {"max_k": max_k}} if max_k else {}, out, {"score": 0.0, "step": 0})
+        return out
+
+    return make
+
+
 def pytest_configure(config):
     os.environ.setdefault("PYTHONHASHSEED", "0")
     if str(ROOT) not in sys.path:

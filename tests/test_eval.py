@@ -11,8 +11,6 @@ from training.metrics import (agreement, boundary_density, class_ious, cluster_u
 
 torch = pytest.importorskip("torch")
 from training import eval as ev  # noqa: E402
-from training.export import export_artifact  # noqa: E402
-from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
 
 
 # --------------------------------------------------------------------------- metric code
@@ -89,12 +87,8 @@ def test_proxies():
 # --------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    torch.manual_seed(0)
-    s = StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm_groups=4)
-    out = tmp_path_factory.mktemp("m") / "best"
-    export_artifact(s, {"model": {"max_k": 12}}, out, {"score": 0.0, "step": 0})
-    return str(out)
+def artifact(export_tiny_student):
+    return str(export_tiny_student(max_k=12))
 
 
 def test_eval_synthetic_prints_the_side_by_side_table(artifact, tmp_path, capsys):

@@ -11,8 +11,7 @@ torch = pytest.importorskip("torch")
 
 from mapseg.cli import main  # noqa: E402
 from mapseg.segment import segment_raster  # noqa: E402
-from training.export import export_artifact, smoke_export  # noqa: E402
-from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
+from training.export import smoke_export  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 pytestmark = [pytest.mark.data,
@@ -36,12 +35,8 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    export_artifact(StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm_groups=4), {"model": {"max_k": 6}},
-                    out, {"score": 0, "step": 0})
-    return str(out)
+def tiny(export_tiny_student):
+    return str(export_tiny_student(max_k=6))
 
 
 def read(path):

@@ -21,8 +21,6 @@ torch = pytest.importorskip("torch")
 from affine import Affine  # noqa: E402
 
 from mapseg.segment import segment_raster  # noqa: E402
-from training.export import export_artifact  # noqa: E402
-from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_PY = shutil.which("python3", path="/usr/bin")
@@ -59,12 +57,8 @@ def run_gdal(src, out, k, model, tile=64):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    s = StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm_groups=4)
-    out = tmp_path_factory.mktemp("m") / "best"
-    export_artifact(s, {"model": {"max_k": 6}}, out, {"score": 0.0, "step": 0})
-    return out
+def model(export_tiny_student):
+    return export_tiny_student(max_k=6)
 
 
 def _raster(path, nodata=None):

@@ -21,8 +21,6 @@ from mapseg.cluster import Centers  # noqa: E402
 from mapseg.segment import SegmentError, fit_raster_centers, segment_raster  # noqa: E402
 
 torch = pytest.importorskip("torch")
-from training.export import export_artifact  # noqa: E402
-from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
 
 H, W = 150, 203          # not multiples of 4: exercises the bottom/right padding
 CRS = "EPSG:32633"
@@ -30,16 +28,8 @@ TRANSFORM = Affine(0.5, 0, 500000.0, 0, -0.5, 4100000.0)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    s = StudentEmbeddingNet(embed_dim=8, width=16, depth=2, norm_groups=4)
-    with torch.no_grad():
-        for m in s.modules():
-            if hasattr(m, "running_var"):
-                m.running_var.uniform_(0.5, 2.0)
-    out = tmp_path_factory.mktemp("m") / "best"
-    export_artifact(s, {"model": {"max_k": 6}}, out, {"score": 0.0, "step": 0})
-    return str(out)
+def model(export_tiny_student):
+    return str(export_tiny_student(max_k=6, random_var=True))
 
 
 def scene(seed: int = 0, h: int = H, w: int = W) -> np.ndarray:

@@ -12,8 +12,8 @@ imported where it is first needed. mapseg never imports ``training``.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .artifact import ARTIFACT_FORMAT_VERSION
 
-ARTIFACT_FORMAT_VERSION = 1
+__version__ = "0.1.0"
 
 __all__ = ["__version__", "ARTIFACT_FORMAT_VERSION"]

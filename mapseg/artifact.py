@@ -15,40 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from . import ARTIFACT_FORMAT_VERSION
+from .errors import ArtifactError
+from .network import required_halo
 
+ARTIFACT_FORMAT_VERSION = 1  # the meta.json format this runtime reads (and training.export writes)
 ARTIFACT_KIND = "mapseg-artifact"
 REQUIRED_META = ("format", "format_version", "architecture", "embed_dim", "max_k", "stride", "temperature",
                  "input", "cluster_defaults", "provenance", "weights_sha256")
 NORM_KINDS = ("group", "batch")
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a unique temporary sibling, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` atomically (see ``write_bytes_atomic``)."""
-    write_bytes_atomic(path, text.encode())
-
-
-class ArtifactError(ValueError):
-    """The artifact folder is missing, unreadable or inconsistent; the message says which part."""
 
 
 def weights_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -210,8 +190,6 @@ def validate(meta: dict, arrays: dict[str, np.ndarray], where: str = "artifact")
     if digest != meta["weights_sha256"]:
         raise ArtifactError(f"{where}: model.npz does not match meta.json (weights_sha256 differs): "
                             "the files come from different exports")
-    from .network import required_halo  # geometry only, no heavy import
-
     need = required_halo(layers)
     if int(arch.get("halo", -1)) < need:
         raise ArtifactError(f"{where}: architecture.halo={arch.get('halo')} is below the {need} pixels "

@@ -14,19 +14,17 @@ faster ones were not used.
 """
 from __future__ import annotations
 
+import importlib.util
 
 import numpy as np
 
+from .errors import BackendUnavailable
 from .network import NumpyNetwork, fold_layers
 
 AUTO_ORDER = ("onnx", "torch", "numpy")
 BACKENDS = ("auto",) + AUTO_ORDER
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8  # readable by onnxruntime >= 1.10
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend cannot run here; the message says what to install or do."""
 
 
 class NumpyBackend:
@@ -94,7 +92,6 @@ class OnnxBackend:
             model = artifact.onnx_path.read_bytes()
             self.source = "model.onnx"
         else:
-            import importlib.util
             if importlib.util.find_spec("onnx") is None:
                 raise BackendUnavailable("the artifact has no model.onnx (re-export with python -m training.export "
                                          "--onnx) and the onnx package, which could build it, is not installed")

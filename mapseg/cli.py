@@ -18,6 +18,8 @@ import sys
 import time
 
 from . import __version__
+from .errors import USER_ERRORS
+from .fileio import write_text_atomic
 
 EPILOG = ("--model takes an artifact folder (default: $MAPSEG_MODEL, else ./model/best, else the shipped model) or 'kmeans' for colour "
           "k-means without a network. See docs/runtime.md.")
@@ -76,15 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _errors():
-    from .artifact import ArtifactError
-    from .backends import BackendUnavailable
-    from .cluster import ClusterError
-    from .raster import RasterError
-    from .segment import SegmentError
-    return (ArtifactError, BackendUnavailable, ClusterError, RasterError, SegmentError, FileNotFoundError)
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -101,7 +94,6 @@ def cmd_segment(args) -> int:
                             stretch=parse_stretch(args.stretch), seed=args.seed, threads=args.threads,
                             workers=args.workers, progress=not args.no_progress, log=_log)
     if args.report:
-        from .artifact import write_text_atomic
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if args.preview:
         from .raster import write_preview
@@ -185,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: no output written", file=sys.stderr)
         return 130
-    except _errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ClusterError
+from .fileio import write_text_atomic
 from .network import matmul_rows
 
 CENTERS_FORMAT = "mapseg-centers"
@@ -39,10 +41,6 @@ SAMPLE_FEATURES = 30_000  # features the k-means sees at most (embeddings) ...
 SAMPLE_COLOURS = 10_000   # ... and for colours (3 dimensions need fewer)
 ORDER_RULE = ("ascending mean luma (0.299 R + 0.587 G + 0.114 B, RGB in [0, 1]) of the sampled pixels "
               "assigned to each centre; ties by centre coordinates")
-
-
-class ClusterError(ValueError):
-    pass
 
 
 def check_k(k, max_k: int) -> int:
@@ -230,7 +228,6 @@ class Centers:
                    None if counts is None else np.asarray(counts, np.int64), data.get("sample", {}))
 
     def save(self, path: str | Path) -> None:
-        from .artifact import write_text_atomic
         write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod

@@ -34,12 +34,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .errors import WorkerError
+
 AUTO_WORKERS = 2            # windows in flight by default (when there are at least 2 CPUs)
 THREAD_PREFIX = "mapseg-window"
-
-
-class WorkerError(ValueError):
-    """--workers / --threads cannot be honoured; the message says why."""
 
 
 def available_cpus() -> int:

@@ -21,12 +21,14 @@ and renamed into place only when complete.
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .errors import RasterError
+from .fileio import remove_if_present, temp_sibling, write_bytes_atomic
 
 OUTPUT_NODATA = 255
 BLOCK = 256
@@ -35,10 +37,6 @@ GDAL_CACHE_MB = 64  # one window row of 256-pixel blocks of a 20000-pixel-wide r
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
            (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195))
-
-
-class RasterError(ValueError):
-    """The raster cannot be read or written as asked; the message says what to do."""
 
 
 def _rasterio():
@@ -205,9 +203,9 @@ class _Output:
         if self.path.suffix.lower() not in (".tif", ".tiff"):
             raise RasterError(f"output {self.path}: mapseg writes GeoTIFF, use a .tif name")
         self.cog = cog
-        stem = f".{self.path.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = self.path.parent / (stem + ".tif")
-        self.tmp_cog = self.path.parent / (stem + ".cog.tif")
+        stem = temp_sibling(self.path, "part", "")
+        self.tmp = stem.with_name(stem.name + ".tif")
+        self.tmp_cog = stem.with_name(stem.name + ".cog.tif")
 
     def _move_into_place(self, src: Path) -> Path:
         """``src`` (the temporary file or its COG copy) becomes the output; the other temporary goes."""
@@ -217,11 +215,7 @@ class _Output:
         return self.path
 
     def _remove_temporaries(self) -> None:
-        for p in (self.tmp, self.tmp_cog):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        remove_if_present(self.tmp, self.tmp_cog)
 
 
 class RasterReader(_Reader):
@@ -348,7 +342,6 @@ def _write_png(image: np.ndarray, path: Path) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    from .artifact import write_bytes_atomic
     write_bytes_atomic(path, png)
 
 

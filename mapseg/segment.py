@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
+from .errors import SegmentCancelled, SegmentError
 
 DEFAULT_TILE = 1024          # window core side (labels do not depend on it; memory does)
 SAMPLE_WINDOW = 256          # core side of a sampling window
@@ -41,14 +42,6 @@ MAX_SAMPLE_WINDOWS = 64      # ... and at most this many
 MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)
 COLOUR_MAX_K = 16
 DEFAULT_MODEL = "model/best"
-
-
-class SegmentError(ValueError):
-    """A user-facing problem with the inputs or options; the message says what to do."""
-
-
-class SegmentCancelled(Exception):
-    """The caller's ``callback`` asked to stop; no output was written (the partial file is removed)."""
 
 
 # --------------------------------------------------------------------------- feature models

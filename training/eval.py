@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mapseg.cluster import check_k
+from mapseg.fileio import write_text_atomic
 from mapseg.raster import OUTPUT_NODATA
 from mapseg.segment import (ArrayReader, SegmentError, fit_reader_centers, label_reader, load_features,
                             make_scaling)
@@ -476,8 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report["table"])
     if args.out:
-        from mapseg.artifact import write_text_atomic
-
         write_text_atomic(args.out, json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -84,7 +84,8 @@ def _log(msg: str) -> None:
 
 def cmd_segment(args) -> int:
     from .raster import RasterError, parse_bands
-    from .segment import parse_stretch, segment_raster
+    from .scaling import parse_stretch
+    from .segment import segment_raster
 
     if args.preview and not args.preview.lower().endswith(".png"):
         raise RasterError(f"--preview {args.preview}: give a .png name")
@@ -103,7 +104,8 @@ def cmd_segment(args) -> int:
 
 def cmd_fit(args) -> int:
     from .raster import parse_bands
-    from .segment import fit_raster_centers, load_features, parse_stretch
+    from .scaling import parse_stretch
+    from .segment import fit_raster_centers, load_features
 
     features = load_features(args.model, args.backend, args.threads, args.workers)
     _log(f"model: {features.name}; {features.backend_message}")

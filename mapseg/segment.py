@@ -33,6 +33,8 @@ import numpy as np
 
 from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
 from .errors import SegmentCancelled, SegmentError
+from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
+from .scaling import Scaling, make_scaling
 
 DEFAULT_TILE = 1024          # window core side (labels do not depend on it; memory does)
 SAMPLE_WINDOW = 256          # core side of a sampling window
@@ -121,82 +123,6 @@ def load_features(model: str | os.PathLike | None, backend: str = "auto", thread
         return EmbeddingFeatures(load_artifact(model if model else default_model_path()), backend, threads, workers)
     except WorkerError as exc:
         raise SegmentError(str(exc)) from exc
-
-
-# --------------------------------------------------------------------------- scaling
-
-@dataclass(frozen=True)
-class Scaling:
-    """x01 = clip((x - offset) * scale, 0, 1), per band."""
-    offset: np.ndarray
-    scale: np.ndarray
-    clip: bool
-    description: str
-
-    def apply(self, data: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Scale (h, w, bands) ``data`` into float32 ``out``. uint8 / uint16 go through a per-band table of
-        every possible value, computed by ``_arithmetic`` itself, so the result is the same to the bit and
-        about twice as fast (one gather instead of a subtract, a multiply and a clip)."""
-        if data.dtype.name in DTYPE_MAX and data.ndim == 3 and data.shape[2] == self.offset.shape[0]:
-            table = self._table(data.dtype)
-            for b in range(data.shape[2]):
-                np.take(table[b], data[..., b], out=out[..., b], mode="wrap")  # every value is in the table
-            return out
-        return self._arithmetic(data, out)
-
-    def _arithmetic(self, data: np.ndarray, out: np.ndarray) -> np.ndarray:
-        np.subtract(data, self.offset, out=out, casting="unsafe")
-        np.multiply(out, self.scale, out=out)
-        if self.clip:
-            np.clip(out, 0, 1, out=out)
-        return out
-
-    def _table(self, dtype: np.dtype) -> np.ndarray:
-        """(bands, 2**bits) float32: the scaled value of every possible input value, per band (cached;
-        two threads building it at once build the same table)."""
-        tables = self.__dict__.setdefault("_tables", {})
-        table = tables.get(dtype.name)
-        if table is None:
-            values = np.arange(np.iinfo(dtype).max + 1, dtype=dtype)
-            columns = np.repeat(values[:, None], self.offset.shape[0], axis=1)
-            table = tables[dtype.name] = np.ascontiguousarray(
-                self._arithmetic(columns, np.empty(columns.shape, np.float32)).T)
-        return table
-
-
-DTYPE_MAX = {"uint8": 255.0, "uint16": 65535.0}
-
-
-def parse_stretch(text) -> tuple[float, float] | None:
-    if text is None or text == "":
-        return None
-    try:
-        lo, hi = (float(v) for v in str(text).split(","))
-    except ValueError as exc:
-        raise SegmentError(f"--stretch {text!r}: expected two percentiles LOW,HIGH such as 2,98") from exc
-    if not 0 <= lo < hi <= 100:
-        raise SegmentError(f"--stretch {text!r}: need 0 <= LOW < HIGH <= 100")
-    return lo, hi
-
-
-def make_scaling(dtype: str, stretch: tuple[float, float] | None, raw_sample: np.ndarray | None) -> Scaling:
-    """Divide by the dtype maximum (uint8, uint16), or a percentile stretch measured on the sample."""
-    if stretch is None:
-        if dtype not in DTYPE_MAX:
-            raise SegmentError(f"input data type {dtype} has no fixed range: pass --stretch LOW,HIGH "
-                               "(percentiles, e.g. 2,98) to scale it into [0, 1]")
-        top = DTYPE_MAX[dtype]
-        return Scaling(np.zeros(3, np.float32), np.full(3, 1 / top, np.float32), False, f"x / {top:g} ({dtype})")
-    if raw_sample is None or raw_sample.shape[0] == 0:
-        raise SegmentError("--stretch: the raster has no valid pixels to measure percentiles on")
-    lo = np.percentile(raw_sample, stretch[0], axis=0)
-    hi = np.percentile(raw_sample, stretch[1], axis=0)
-    if np.any(hi <= lo):
-        raise SegmentError(f"--stretch {stretch[0]:g},{stretch[1]:g}: a band is constant between these "
-                           f"percentiles (low {lo.tolist()}, high {hi.tolist()}); widen them")
-    return Scaling(lo.astype(np.float32), (1 / (hi - lo)).astype(np.float32), True,
-                   f"percentile stretch {stretch[0]:g}-{stretch[1]:g}: low {np.round(lo, 3).tolist()}, "
-                   f"high {np.round(hi, 3).tolist()}")
 
 
 # --------------------------------------------------------------------------- windows
@@ -311,8 +237,6 @@ def cell_all(mask: np.ndarray, s: int) -> np.ndarray:
 def window_labels(features, image: np.ndarray, valid: np.ndarray, win: Window, scorer, k: int,
                   smooth: int) -> np.ndarray:
     """uint8 labels (r1 - r0, c1 - c0) of a window's core, full resolution, 255 at nodata."""
-    from .raster import OUTPUT_NODATA
-
     s = features.stride
     feats = features(image)
     # Labels are needed on the core plus `smooth` cells around it (available: the halo covers them).
@@ -387,36 +311,6 @@ def label_reader(reader, features, scaling: Scaling, centers: Centers, tile: int
     finally:
         windows.close()
     return out
-
-
-class ArrayReader:
-    """The reader interface (``height``, ``width``, ``info.dtype``, ``read``) over an in-memory (H, W, 3)
-    uint8 or uint16 image, with an optional (H, W) validity mask: the pipeline without a raster file."""
-
-    def __init__(self, image: np.ndarray, valid: np.ndarray | None = None, name: str = "<array>"):
-        from types import SimpleNamespace
-
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype.name not in DTYPE_MAX:
-            raise SegmentError(f"{name}: expected an (H, W, 3) uint8 or uint16 image, got {image.shape} {image.dtype}")
-        if image.shape[0] == 0 or image.shape[1] == 0:
-            raise SegmentError(f"{name} is empty")
-        self.image, self.valid, self.path = image, valid, name
-        self.info = SimpleNamespace(dtype=image.dtype.name, width=image.shape[1], height=image.shape[0],
-                                    has_nodata=valid is not None)
-
-    @property
-    def height(self) -> int:
-        return self.image.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.image.shape[1]
-
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
-        data = self.image[row0:row1, col0:col1]
-        ok = (np.ones(data.shape[:2], bool) if self.valid is None else self.valid[row0:row1, col0:col1])
-        return data, ok
 
 
 # --------------------------------------------------------------------------- sampling and fitting
@@ -497,8 +391,6 @@ def fit_raster_centers(inputs: list[str | os.PathLike], k: int, model=None, back
                        bands=None, nodata=None, stretch=None, seed: int = 0, features=None,
                        log=None) -> Centers:
     """Fit K centres on a sample drawn from all ``inputs`` (``mapseg fit``)."""
-    from .raster import io_env, open_reader
-
     log = log or (lambda msg: None)
     features = features or load_features(model, backend)
     k = check_k(k, features.max_k)
@@ -601,7 +493,6 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
     ``SegmentCancelled`` is raised and no output file is left behind (QGIS, GUIs).
     """
     from .parallel import SERIAL
-    from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t_start = time.perf_counter()

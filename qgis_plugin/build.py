@@ -31,8 +31,8 @@ def build(out_dir: Path, model: Path | None) -> Path:
         for f in sorted(PLUGIN.iterdir()):
             if f.suffix in (".py", ".txt", ".png"):
                 z.write(f, f"map_segmenter/{f.name}")
-        for f in sorted((ROOT / "mapseg").glob("*.py")):
-            z.write(f, f"map_segmenter/mapseg/{f.name}")
+        for f in sorted((ROOT / "mapseg").rglob("*.py")):
+            z.write(f, f"map_segmenter/mapseg/{f.relative_to(ROOT / 'mapseg').as_posix()}")
         if model is not None:
             if not (model / "meta.json").is_file():
                 raise SystemExit(f"{model} is not a model folder (no meta.json)")

@@ -116,7 +116,8 @@ def test_eval_synthetic_prints_the_side_by_side_table(artifact, tmp_path, capsys
 def test_eval_labels_come_from_the_mapseg_pipeline(artifact):
     """The labels eval scores are the labels mapseg writes for the same image and centres."""
     rasterio = pytest.importorskip("rasterio")
-    from mapseg.segment import ArrayReader, fit_reader_centers, load_features, segment_raster
+    from mapseg.raster import ArrayReader
+    from mapseg.segment import fit_reader_centers, load_features, segment_raster
 
     evalset = ev.synthetic_set(3, samples=2, size=96)
     feats = load_features(artifact, "numpy")

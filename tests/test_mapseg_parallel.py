@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mapseg.parallel import THREAD_PREFIX, WorkerError, ordered_map, plan_workers
-from mapseg.segment import make_scaling
+from mapseg.scaling import make_scaling
 
 
 def _window_threads():

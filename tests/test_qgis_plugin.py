@@ -88,7 +88,7 @@ def test_zip_is_an_installable_plugin(plugin):
         meta = configparser.ConfigParser()
         meta.read_string(z.read("map_segmenter/metadata.txt").decode())
     assert {"map_segmenter/__init__.py", "map_segmenter/metadata.txt", "map_segmenter/icon.png",
-            "map_segmenter/mapseg/segment.py", "map_segmenter/mapseg/raster_gdal.py",
+            "map_segmenter/mapseg/segment.py", "map_segmenter/mapseg/raster/gdal_io.py",
             "map_segmenter/model/model.npz", "map_segmenter/model/meta.json"} <= names
     assert not any("torch" in n or n.startswith("map_segmenter/training") for n in names)
     g = meta["general"]

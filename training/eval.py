@@ -35,9 +35,9 @@ import numpy as np
 
 from mapseg.cluster import check_k
 from mapseg.fileio import write_text_atomic
-from mapseg.raster import OUTPUT_NODATA
-from mapseg.segment import (ArrayReader, SegmentError, fit_reader_centers, label_reader, load_features,
-                            make_scaling)
+from mapseg.raster import OUTPUT_NODATA, PALETTE, ArrayReader, write_png
+from mapseg.scaling import make_scaling
+from mapseg.segment import SegmentError, fit_reader_centers, label_reader, load_features
 
 from .teachers.base import TeacherLoadError
 from .metrics import (agreement, boundary_density, cluster_utilisation, confusion_matrix, hungarian_scores,
@@ -334,8 +334,6 @@ def write_figure(path, evalset: EvalSet, results: list[dict], index: int = 0, ma
                  max_width: int = 480) -> None:
     """One evaluation image as a PNG row: input | reference | each method's labels, every cluster drawn in the
     colour of the class the dataset-level Hungarian matching gave it (unmatched clusters grey)."""
-    from mapseg.raster import _write_png
-
     if not 0 <= index < len(evalset.images):
         raise EvalError(f"--figure-image {index}: the set has {len(evalset.images)} images")
     n_cls = len(evalset.classes)
@@ -344,7 +342,6 @@ def write_figure(path, evalset: EvalSet, results: list[dict], index: int = 0, ma
         by_value = {v: rgb for rgb, v in load_colors(mask_colors)["classes"].values()}
         class_rgb = np.array([by_value.get(int(c), (128, 128, 128)) for c in evalset.classes], np.uint8)
     else:
-        from mapseg.raster import PALETTE
         class_rgb = np.array([PALETTE[i % len(PALETTE)] for i in range(n_cls)], np.uint8)
     img = evalset.images[index]
     step = max(1, -(-img.shape[1] // max_width))
@@ -364,7 +361,7 @@ def write_figure(path, evalset: EvalSet, results: list[dict], index: int = 0, ma
     panels = [p[::step, ::step] for p in panels]
     gap = np.full((panels[0].shape[0], 6, 3), 255, np.uint8)
     row = np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=1)
-    _write_png(row, Path(path))
+    write_png(row, Path(path))
 
 
 def _model_features(args, tmp: Path, log):

@@ -1,6 +1,6 @@
 """Raster I/O through GDAL's own Python bindings (``osgeo``), for QGIS, whose Python has GDAL but not rasterio.
 
-Same contract as the rasterio classes in ``mapseg.raster`` (which documents it):
+Same contract as the rasterio classes in ``mapseg.raster.rasterio_io`` (``mapseg.raster`` documents it):
 ``GdalRasterReader`` reads three bands window by window with nodata and mask
 handling, ``GdalLabelWriter`` writes the tiled, compressed uint8 label GeoTIFF
 (or COG) with CRS, transform, nodata 255 and a colour table under a temporary
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .raster import (BLOCK, GDAL_CACHE_MB, RasterError, RasterInfo, _Output, _Reader, choose_bands, colormap,
-                     common_dtype, common_nodata, nodata_valid)
+from ..errors import RasterError
+from .common import (BLOCK, GDAL_CACHE_MB, LabelWriterBase, RasterInfo, ReaderBase, check_input_exists,
+                     choose_bands, colormap, common_dtype, common_nodata, nodata_valid)
 
 # GDAL data type names -> numpy dtype names
 _DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Int16": "int16", "UInt32": "uint32", "Int32": "int32",
@@ -35,7 +36,7 @@ def _gdal():
 
 
 @contextmanager
-def gdal_env():
+def env():
     """A bounded block cache and multi-threaded decoding for the run; previous settings restored after."""
     gdal = _gdal()
     settings = {"GDAL_CACHEMAX": str(GDAL_CACHE_MB), "GDAL_NUM_THREADS": "ALL_CPUS"}
@@ -49,16 +50,15 @@ def gdal_env():
             gdal.SetConfigOption(k, v)
 
 
-class GdalRasterReader(_Reader):
-    """Windowed reads of three bands of one raster through osgeo.gdal (see ``mapseg.raster.RasterReader``)."""
+class GdalRasterReader(ReaderBase):
+    """Windowed reads of three bands of one raster through osgeo.gdal (see ``rasterio_io.RasterReader``)."""
     library = "gdal"
 
     def __init__(self, path: str | os.PathLike, bands: tuple[int, ...] | None = None, nodata: float | None = None):
         gdal = _gdal()
         self.path = str(path)
         self.ds = None
-        if not Path(self.path).exists() and "://" not in self.path and not self.path.startswith("/vsi"):
-            raise RasterError(f"input raster {self.path} does not exist")
+        check_input_exists(self.path)
         try:
             self.ds = gdal.Open(self.path, gdal.GA_ReadOnly)
         except RuntimeError as exc:
@@ -122,8 +122,8 @@ class GdalRasterReader(_Reader):
         self.ds = None
 
 
-class GdalLabelWriter(_Output):
-    """The uint8 label GeoTIFF through osgeo.gdal (see ``mapseg.raster.LabelWriter``)."""
+class GdalLabelWriter(LabelWriterBase):
+    """The uint8 label GeoTIFF through osgeo.gdal (see ``rasterio_io.LabelWriter``)."""
     library = "gdal"
 
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,

@@ -1,0 +1,158 @@
+"""What both raster backends share: the output's nodata and colours, band / nodata / dtype checks, the base classes.
+
+A reader (``ReaderBase``) gives ``info`` (``RasterInfo``), ``read(row0, row1, col0, col1)`` ->
+``(data (h, w, 3) in the raster's dtype, valid (h, w))`` and ``read_decimated``; a label writer
+(``LabelWriterBase``) writes uint8 windows under a temporary name and ``commit``s by renaming.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RasterError
+from ..fileio import remove_if_present, temp_sibling
+
+OUTPUT_NODATA = 255
+BLOCK = 256
+GDAL_CACHE_MB = 64  # one window row of 256-pixel blocks of a 20000-pixel-wide raster fits
+# Distinct colours for labels 0..15 (label 255 = nodata is transparent).
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+           (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195))
+
+
+def colormap(k: int) -> dict:
+    cmap = {i: PALETTE[i % len(PALETTE)] + (255,) for i in range(k)}
+    cmap[OUTPUT_NODATA] = (0, 0, 0, 0)
+    return cmap
+
+
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    if text is None or text == "":
+        return None
+    try:
+        bands = tuple(int(v) for v in str(text).split(","))
+    except ValueError as exc:
+        raise RasterError(f"--bands {text!r}: expected three 1-based band numbers such as 1,2,3") from exc
+    if len(bands) != 3:
+        raise RasterError(f"--bands {text!r}: give exactly three bands (R,G,B); for a single-band raster "
+                          "use --bands 1,1,1")
+    return bands
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    bands: tuple[int, ...]
+    nodata: float | None
+    has_mask: bool
+    crs: object
+    transform: object
+    georeferenced: bool
+    # Ground control points, for rasters georeferenced by GCPs alone (no geotransform): ((row, col, x, y, z),
+    # ...) and their CRS as WKT; copied to the labels, which share the input's pixel grid.
+    gcps: tuple = ()
+    gcp_crs: str | None = None
+
+    @property
+    def has_nodata(self) -> bool:
+        return self.nodata is not None or self.has_mask
+
+
+def check_input_exists(path: str) -> None:
+    """A local input must exist (URLs and GDAL's /vsi paths are left to the library)."""
+    if not Path(path).exists() and "://" not in path and not path.startswith("/vsi"):
+        raise RasterError(f"input raster {path} does not exist")
+
+
+def choose_bands(path: str, count: int, bands, interp) -> tuple[int, ...]:
+    """The three bands to read (``bands``, or 1,2,3 for a 3-band raster); ``interp()`` describes the bands
+    for the error a raster with another band count gets."""
+    if bands is None:
+        if count != 3:
+            hint = "--bands 1,1,1 to use it as grey" if count == 1 else "e.g. --bands 1,2,3"
+            raise RasterError(f"{path} has {count} band(s) ({interp()}); mapseg segments three bands "
+                              f"as RGB: choose them with --bands ({hint})")
+        bands = (1, 2, 3)
+    if any(not 1 <= b <= count for b in bands):
+        raise RasterError(f"--bands {','.join(map(str, bands))}: {path} has bands 1..{count}")
+    return tuple(int(b) for b in bands)
+
+
+def common_nodata(path: str, values) -> float | None:
+    """The one nodata value of the selected bands (``None`` entries: no nodata); differing values are an error."""
+    found = {"nan" if v != v else v for v in values if v is not None}  # NaN != NaN: compare by name
+    found = {float("nan") if v == "nan" else v for v in found}
+    if len(found) > 1:
+        raise RasterError(f"{path}: the selected bands have different nodata values {sorted(found)}; "
+                          "pass --nodata V")
+    return float(found.pop()) if found else None
+
+
+def common_dtype(path: str, dtypes) -> str:
+    dtypes = set(dtypes)
+    if len(dtypes) > 1:
+        raise RasterError(f"{path}: the selected bands have different data types {sorted(dtypes)}")
+    return dtypes.pop()
+
+
+def nodata_valid(data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(h, w) True where not every band equals ``nodata`` (NaN-aware); all True without a nodata value."""
+    if nodata is None:
+        return np.ones(data.shape[:2], bool)
+    same = np.isnan(data) if np.isnan(nodata) else data == np.asarray(nodata).astype(data.dtype)
+    return ~same.all(axis=-1)
+
+
+class ReaderBase:
+    """What every reader shares: size from ``info``, a context manager around ``close``."""
+
+    @property
+    def width(self) -> int:
+        return self.info.width
+
+    @property
+    def height(self) -> int:
+        return self.info.height
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LabelWriterBase:
+    """What both label writers share: the output checks, the temporary names beside the output (a
+    ``.OUT.part-<pid>-<id>`` file, so an interrupted run leaves no half-written OUT), the final rename."""
+
+    def _prepare(self, path, cog: bool) -> None:
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise RasterError(f"output folder {self.path.parent} does not exist")
+        if self.path.suffix.lower() not in (".tif", ".tiff"):
+            raise RasterError(f"output {self.path}: mapseg writes GeoTIFF, use a .tif name")
+        self.cog = cog
+        stem = temp_sibling(self.path, "part", "")
+        self.tmp = stem.with_name(stem.name + ".tif")
+        self.tmp_cog = stem.with_name(stem.name + ".cog.tif")
+
+    def _move_into_place(self, src: Path) -> Path:
+        """``src`` (the temporary file or its COG copy) becomes the output; the other temporary goes."""
+        if src != self.tmp:
+            self.tmp.unlink()
+        os.replace(src, self.path)
+        return self.path
+
+    def _remove_temporaries(self) -> None:
+        remove_if_present(self.tmp, self.tmp_cog)

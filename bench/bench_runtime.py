@@ -46,6 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mapseg.windows import DEFAULT_TILE  # noqa: E402 - after the repository is on the path
 DATA = ROOT.parent / "shared" / "datasets"
 SOURCE = DATA / "swissimage" / "big_img" / "1091-322_00.tif"
 
@@ -161,7 +162,7 @@ def main() -> int:
     p.add_argument("--backends", default="numpy,onnx,torch", help="throughput runs ('' = none)")
     p.add_argument("--no-kmeans", action="store_true", help="skip the colour k-means throughput run")
     p.add_argument("-k", type=int, default=8)
-    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE)
     p.add_argument("--repeat", type=int, default=3, help="rounds of throughput runs (medians at the end)")
     p.add_argument("--workdir", default=None, help="temporary folder (default: a new one under $TMPDIR)")
     args = p.parse_args()

@@ -20,6 +20,7 @@ import time
 from . import __version__
 from .errors import USER_ERRORS
 from .fileio import write_text_atomic
+from .windows import DEFAULT_TILE
 
 EPILOG = ("--model takes an artifact folder (default: $MAPSEG_MODEL, else ./model/best, else the shipped model) or 'kmeans' for colour "
           "k-means without a network. See docs/runtime.md.")
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="input raster (GeoTIFF, VRT, PNG, JPG, ...)")
     s.add_argument("output", help="output label GeoTIFF (.tif)")
     s.add_argument("-k", type=int, default=None, help="number of clusters (2..max_k); not needed with --centers")
-    s.add_argument("--tile", type=int, default=1024, help="window core size in pixels (a multiple of 4); "
+    s.add_argument("--tile", type=int, default=DEFAULT_TILE, help="window core size in pixels (a multiple of 4); "
                    "labels do not depend on it, memory does")
     s.add_argument("--smooth", type=int, default=0, metavar="N",
                    help="majority filter of radius N label cells (stride-4 cells; pixels for kmeans)")

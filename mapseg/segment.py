@@ -23,7 +23,6 @@ file written by ``mapseg fit``. Every window is then assigned against them.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -35,12 +34,8 @@ from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, ass
 from .errors import SegmentCancelled, SegmentError
 from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
 from .scaling import Scaling, make_scaling
+from .windows import DEFAULT_TILE, Window, plan_windows, sample_window_order
 
-DEFAULT_TILE = 1024          # window core side (labels do not depend on it; memory does)
-SAMPLE_WINDOW = 256          # core side of a sampling window
-SAMPLE_FRACTION = 0.03       # share of the raster's sampling-grid windows drawn ...
-MIN_SAMPLE_WINDOWS = 4       # ... but at least this many (or all there are)
-MAX_SAMPLE_WINDOWS = 64      # ... and at most this many
 MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)
 COLOUR_MAX_K = 16
 DEFAULT_MODEL = "model/best"
@@ -127,58 +122,17 @@ def load_features(model: str | os.PathLike | None, backend: str = "auto", thread
 
 # --------------------------------------------------------------------------- windows
 
-@dataclass(frozen=True)
-class Window:
-    """Core rows/cols [r0, r1) x [c0, c1) and read region [rr0, rr1) x [cc0, cc1), padded-raster pixels."""
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-    rr0: int
-    rr1: int
-    cc0: int
-    cc1: int
-
-
-def padded_size(n: int, stride: int) -> int:
-    return -(-n // stride) * stride
-
-
-def _window(r0, r1, c0, c1, hp, wp, halo) -> Window:
-    return Window(r0, r1, c0, c1, max(0, r0 - halo), min(hp, r1 + halo), max(0, c0 - halo), min(wp, c1 + halo))
-
-
-def plan_windows(height: int, width: int, tile: int, stride: int, halo: int) -> list[Window]:
-    """Row-major windows whose cores tile the stride-padded raster; reads carry ``halo`` (clipped)."""
-    if tile < stride or tile % stride:
-        raise SegmentError(f"--tile {tile}: must be a positive multiple of {stride}")
-    hp, wp = padded_size(height, stride), padded_size(width, stride)
-    return [_window(r0, min(r0 + tile, hp), c0, min(c0 + tile, wp), hp, wp, halo)
-            for r0 in range(0, hp, tile) for c0 in range(0, wp, tile)]
-
-
-def sample_window_order(height: int, width: int, stride: int, halo: int, seed: int) -> tuple[list[Window], int]:
-    """All sampling windows in a seeded random order, and how many to take first (see module doc)."""
-    s = padded_size(SAMPLE_WINDOW, stride)
-    hp, wp = padded_size(height, stride), padded_size(width, stride)
-    grid = [(r0, c0) for r0 in range(0, hp, s) for c0 in range(0, wp, s)]
-    n = max(min(len(grid), MIN_SAMPLE_WINDOWS), min(MAX_SAMPLE_WINDOWS, math.ceil(SAMPLE_FRACTION * len(grid))))
-    order = np.random.default_rng([seed, height, width, 0x5A4D]).permutation(len(grid))
-    wins = [_window(grid[i][0], min(grid[i][0] + s, hp), grid[i][1], min(grid[i][1] + s, wp), hp, wp, halo)
-            for i in order]
-    return wins, n
-
-
 def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(image (rh, rw, 3) float32 in [0, 1], valid (rh, rw)) of a window's read region.
 
     Rows/cols past the raster (stride padding) and nodata pixels hold ``fill``.
     """
-    rh, rw = win.rr1 - win.rr0, win.cc1 - win.cc0
-    dh, dw = min(win.rr1, reader.height) - win.rr0, min(win.cc1, reader.width) - win.cc0
+    rh, rw = win.read.shape
+    inside = win.read.in_raster(reader.height, reader.width)
+    dh, dw = inside.shape
     image = np.empty((rh, rw, 3), np.float32)
     valid = np.zeros((rh, rw), bool)
-    data, ok = reader.read(win.rr0, win.rr0 + dh, win.cc0, win.cc0 + dw)
+    data, ok = reader.read(*inside.bounds)
     scaling.apply(data, image[:dh, :dw])
     valid[:dh, :dw] = ok
     if dh < rh:
@@ -236,27 +190,24 @@ def cell_all(mask: np.ndarray, s: int) -> np.ndarray:
 
 def window_labels(features, image: np.ndarray, valid: np.ndarray, win: Window, scorer, k: int,
                   smooth: int) -> np.ndarray:
-    """uint8 labels (r1 - r0, c1 - c0) of a window's core, full resolution, 255 at nodata."""
+    """uint8 labels (the core's shape) of a window's core, full resolution, 255 at nodata."""
     s = features.stride
     feats = features(image)
     # Labels are needed on the core plus `smooth` cells around it (available: the halo covers them).
-    lr0, lr1 = max(win.rr0, win.r0 - smooth * s), min(win.rr1, win.r1 + smooth * s)
-    lc0, lc1 = max(win.cc0, win.c0 - smooth * s), min(win.cc1, win.c1 + smooth * s)
+    kept = win.core.grown(smooth * s, win.read)
     # every cell of the window is assigned (a contiguous block: no copy of the kept part; a cell's label
     # does not depend on which cells share its product, see assign_labels), then the kept part is cut
-    labels = assign_labels(feats, scorer)[(lr0 - win.rr0) // s:(lr1 - win.rr0) // s,
-                                          (lc0 - win.cc0) // s:(lc1 - win.cc0) // s]
+    labels = assign_labels(feats, scorer)[kept.within(win.read, s)]
     if smooth:
-        voters = cell_any(valid[lr0 - win.rr0:lr1 - win.rr0, lc0 - win.cc0:lc1 - win.cc0], s)
+        voters = cell_any(valid[kept.within(win.read)], s)
         labels = majority_filter(labels, voters, k, smooth)
-    core = labels[(win.r0 - lr0) // s:(win.r1 - lr0) // s, (win.c0 - lc0) // s:(win.c1 - lc0) // s]
+    core = labels[win.core.within(kept, s)]
     if s > 1:
         h, w = core.shape
         core = np.broadcast_to(core[:, None, :, None], (h, s, w, s)).reshape(h * s, w * s)
     else:
         core = np.array(core)
-    core_valid = valid[win.r0 - win.rr0:win.r1 - win.rr0, win.c0 - win.cc0:win.c1 - win.cc0]
-    core[~core_valid] = OUTPUT_NODATA
+    core[~valid[win.core_in_read]] = OUTPUT_NODATA
     return core
 
 
@@ -272,8 +223,8 @@ def iter_labels(reader, features, scaling: Scaling, scorer, k: int, wins: list[W
     """
     def one(win: Window, image: np.ndarray, valid: np.ndarray):
         labels = window_labels(features, image, valid, win, scorer, k, smooth)
-        r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
-        return win, np.ascontiguousarray(labels[:r1 - win.r0, :c1 - win.c0])
+        h, w = win.core.in_raster(reader.height, reader.width).shape
+        return win, np.ascontiguousarray(labels[:h, :w])
 
     yield from map_windows(reader, features, scaling, wins, one)
 
@@ -307,7 +258,8 @@ def label_reader(reader, features, scaling: Scaling, centers: Centers, tile: int
     windows = iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth)
     try:
         for win, labels in windows:
-            out[win.r0:win.r0 + labels.shape[0], win.c0:win.c0 + labels.shape[1]] = labels
+            h, w = labels.shape
+            out[win.core.row0:win.core.row0 + h, win.core.col0:win.core.col0 + w] = labels
     finally:
         windows.close()
     return out
@@ -319,8 +271,7 @@ def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000)
     """Valid raw pixel values (N, 3) from the cores of the first n sampling windows (for --stretch)."""
     chunks = []
     for win in wins[:n]:
-        r1, c1 = min(win.r1, reader.height), min(win.c1, reader.width)
-        data, ok = reader.read(win.r0, r1, win.c0, c1)
+        data, ok = reader.read(*win.core.in_raster(reader.height, reader.width).bounds)
         chunks.append(data[ok].astype(np.float64))
     values = np.concatenate(chunks) if chunks else np.zeros((0, 3))
     if values.shape[0] > max_values:
@@ -341,18 +292,17 @@ def collect_sample(reader, features, scaling: Scaling, seed: int, progress=None)
     keep = -(-2 * (SAMPLE_COLOURS if features.dim <= 4 else SAMPLE_FEATURES) // n)
 
     def one(win: Window, image: np.ndarray, valid: np.ndarray):
-        core_ok = cell_all(valid[win.r0 - win.rr0:win.r1 - win.rr0, win.c0 - win.cc0:win.c1 - win.cc0], s)
+        core_ok = cell_all(valid[win.core_in_read], s)
         if not core_ok.any():  # all nodata: nothing to sample, skip the network
             return None
         f = features(image)
-        cr = slice((win.r0 - win.rr0) // s, (win.r1 - win.rr0) // s)
-        cc = slice((win.c0 - win.cc0) // s, (win.c1 - win.cc0) // s)
-        core_img = image[win.r0 - win.rr0:win.r1 - win.rr0, win.c0 - win.cc0:win.c1 - win.cc0]
+        core_img = image[win.core_in_read]
         h, w = core_ok.shape
         mean_rgb = core_img.reshape(h, s, w, s, 3).mean(axis=(1, 3)) if s > 1 else core_img
-        f_ok, c_ok = f[cr, cc][core_ok], mean_rgb[core_ok]
+        f_ok, c_ok = f[win.core_cells(s)][core_ok], mean_rgb[core_ok]
         if f_ok.shape[0] > keep:  # bounded memory: a seeded subset per window (k-means sees <= 30000 anyway)
-            pick = np.sort(np.random.default_rng([seed, win.r0, win.c0]).choice(f_ok.shape[0], keep, replace=False))
+            rng = np.random.default_rng([seed, win.core.row0, win.core.col0])
+            pick = np.sort(rng.choice(f_ok.shape[0], keep, replace=False))
             f_ok, c_ok = f_ok[pick], c_ok[pick]
         return f_ok.astype(np.float32), c_ok.astype(np.float32), int(core_ok.sum())
 
@@ -539,7 +489,7 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
             windows = iter_labels(reader, features, scaling, scorer, k, wins, smooth)
             try:
                 for i, (win, labels) in enumerate(windows):
-                    writer.write(labels, win.r0, win.c0)
+                    writer.write(labels, win.core.row0, win.core.col0)
                     bar.update(1, labels.size)
                     if callback is not None:
                         _tell(callback, 0.1 + 0.9 * (i + 1) / len(wins), "segment")

@@ -38,13 +38,13 @@ from mapseg.fileio import write_text_atomic
 from mapseg.raster import OUTPUT_NODATA, PALETTE, ArrayReader, write_png
 from mapseg.scaling import make_scaling
 from mapseg.segment import SegmentError, fit_reader_centers, label_reader, load_features
+from mapseg.windows import DEFAULT_TILE
 
 from .teachers.base import TeacherLoadError
 from .metrics import (agreement, boundary_density, cluster_utilisation, confusion_matrix, hungarian_scores,
                       overcluster_scores, per_image_scores, scored_classes, speckle)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-EVAL_TILE = 1024
 
 
 class EvalError(ValueError):
@@ -234,7 +234,7 @@ def label_set(features, evalset: EvalSet, k: int, seed: int = 0, smooth: int = 0
 
     def tile_for(reader):
         if not whole:
-            return EVAL_TILE
+            return DEFAULT_TILE
         return -(-max(reader.height, reader.width) // features.stride) * features.stride
 
     labels, second = [], [] if views else None

@@ -56,7 +56,8 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.BANDS, "Bands as R,G,B (e.g. 1,2,3; empty: a 3-band "
                                                                    "raster's bands)", optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.TILE, "Window size (pixels, multiple of 4)",
-                                                       QgsProcessingParameterNumber.Integer, 1024, False, 64, 8192))
+                                                       QgsProcessingParameterNumber.Integer,
+                                                       runtime.submodule("windows").DEFAULT_TILE, False, 64, 8192))
         self.addParameter(QgsProcessingParameterNumber(self.SMOOTH, "Smoothing radius (cells, 0 = none)",
                                                        QgsProcessingParameterNumber.Integer, 0, False, 0, 8))
         self.addParameter(QgsProcessingParameterFile(self.CENTERS, "Cluster centres file (from mapseg fit)",

@@ -9,7 +9,7 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 # Tiny, fast settings for trainer tests: the architecture and loop are the real ones.
 TINY = [
-    "student.width=16", "student.embed_dim=8", "model.embed_dim=8", "student.norm_groups=4",
+    "student.width=16", "student.embed_dim=8", "student.norm_groups=4",
     "data.patch_sizes=32,64", "data.patch_size=64", "train.batch_size=2", "data.val_size=64",
     "data.val_samples=2", "model.kmeans_sample=512", "train.warmup_steps=2", "train.log_every=1",
     "train.eval_every=0", "train.image_every=0", "autoencoder.hidden=8",
@@ -29,7 +29,7 @@ def export_tiny_student(tmp_path_factory):
     def make(max_k=None, seed: int = 0, random_var: bool = False) -> Path:
         import torch
 
-        from training.export import export_artifact
+        from training.artifact import export_artifact
         from training.models.student_cnn import StudentEmbeddingNet
 
         torch.manual_seed(seed)

@@ -7,7 +7,7 @@ from training.config import Config, ConfigError, build_config, load_file, save_c
 
 def test_documented_defaults():
     c = Config()
-    assert (c.model.embed_dim, c.model.max_k, c.model.temperature) == (96, 16, 0.1)
+    assert (c.model.max_k, c.model.temperature) == (16, 0.1)
     assert c.data.patch_sizes == (256, 512, 1024) and c.data.patch_size == 512
     assert c.data.source == "synthetic" and c.data.require_slic is True
     assert c.autoencoder.enabled is True and c.autoencoder.lambda_recon == 1.0
@@ -30,11 +30,18 @@ def test_set_overrides_are_coerced():
     ("model.max_k=17", "model.max_k"),
     ("knobs.k_choices=1,4", "knobs.k_choices"),
     ("data.patch_sizes=250", "data.patch_sizes"),
-    ("student.embed_dim=8", "model.embed_dim"),
+    ("model.embed_dim=8", "model.embed_dim"),   # an older config's second embedding width must agree
 ])
 def test_bad_keys_and_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         build_config(None, [override])
+
+
+def test_one_embedding_width_older_configs_still_load():
+    """student.embed_dim is the one setting; model.embed_dim (older configs) is accepted when it agrees."""
+    c = build_config(None, ["student.embed_dim=8", "model.embed_dim=8"])
+    assert c.student.embed_dim == 8 and "embed_dim" not in c.to_dict()["model"]
+    assert build_config(None, ["student.embed_dim=8"]).student.embed_dim == 8
 
 
 def test_yaml_merge_coerces_lists_to_tuples(tmp_path):

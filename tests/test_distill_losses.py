@@ -6,11 +6,11 @@ import torch
 from training.augmentations import apply_geometric, make_views
 from training.config import AugConfig
 from training.datasets.superpixels import boundary_mask, grid_labels
-from training.losses.distill import (DistillHead, affinity_distill_loss, distill_losses, feature_distill_loss,
+from training.losses.distill import (affinity_distill_loss, distill_losses, feature_distill_loss,
                                      pair_cosines, sample_pairs, teacher_targets)
 from training.losses.priors import (antimerge_loss, boundary_loss, slic_prior_losses, slic_prior_losses_two_views,
                                     within_loss, WITHIN_EPS)
-from training.models import SoftKMeansHead
+from training.models import DistillHead, SoftKMeansHead
 from training.models.student_cnn import StudentEmbeddingNet
 from training.teachers.fake import FakeTeacher
 

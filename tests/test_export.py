@@ -12,8 +12,10 @@ from mapseg.artifact import ArtifactError, load_artifact
 from mapseg.backends import NumpyBackend, TorchBackend, make_backend
 from mapseg.network import NumpyNetwork
 from training.config import Config, set_value
-from training.export import (ExportError, export_artifact, load_checkpoint_student, main, smoke_config,
-                             student_arrays, describe_student)
+import training.artifact
+from training.artifact import ExportError, export_artifact, student_arrays
+from training.checkpoints import load_checkpoint_student
+from training.export import main, smoke_config
 from training.models.student_cnn import StudentEmbeddingNet
 from training.train_distill import Trainer
 
@@ -112,7 +114,7 @@ def test_export_from_checkpoints(trained, tmp_path):
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["evaluated_by"] == "training.export" and "miou" in metrics
     student, cfg, _ = load_checkpoint_student(run / "last.pt")
-    assert cfg["student"]["width"] == 16 and not student.training
+    assert cfg.student.width == 16 and not student.training
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -123,7 +125,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_meta_records_what_the_runtime_needs(tmp_path):
     student = StudentEmbeddingNet(embed_dim=8, width=16, depth=3)
     cfg = Config()
-    for key, value in (("student.embed_dim", 8), ("model.embed_dim", 8), ("student.width", 16),
+    for key, value in (("student.embed_dim", 8), ("student.width", 16),
                        ("model.max_k", 6), ("teacher.name", "fake")):
         set_value(cfg, key, value)
     export_artifact(student, cfg.to_dict(), tmp_path / "m", {"score": 0.1, "step": 5, "miou": 0.1},
@@ -183,7 +185,7 @@ def test_unknown_student_state_is_refused():
     student = StudentEmbeddingNet(embed_dim=8, width=16, depth=1)
     student.register_buffer("extra", torch.zeros(3))
     with pytest.raises(ExportError, match="extra"):
-        student_arrays(student, describe_student(student))
+        student_arrays(student, student.layers())
 
 
 def test_artifact_rejects_tampering(tmp_path):
@@ -214,7 +216,7 @@ def test_a_wrong_model_onnx_is_never_shipped(trained, tmp_path, monkeypatch):
                 init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.05, "input_std"))
         return model.SerializeToString()
 
-    monkeypatch.setattr(mb, "build_onnx_model", off_by_a_bit)
+    monkeypatch.setattr(training.artifact, "build_onnx_model", off_by_a_bit)  # the writer's graph builder
     trainer, _ = trained
     with pytest.raises(ExportError, match="model.onnx differs from the student"):
         export_artifact(trainer.student, trainer.cfg.to_dict(), tmp_path / "best", {"score": 0.5, "step": 2},

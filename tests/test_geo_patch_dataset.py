@@ -9,6 +9,7 @@ from rasterio.transform import Affine
 from training.config import build_config
 from training.data import geo_patch_dataset as gp
 from training.data.geo_patch_dataset import GeoPatchDataset, geotiff_batches, inspect_rasters
+from training.data.schedule import StepSchedule
 
 TR = Affine(2.0, 0, 300000.0, 0, -2.0, 5000000.0)
 NODATA_COLS = 60                      # raster A: columns [0, 60) are nodata (0 in every band)
@@ -105,8 +106,9 @@ def test_only_windows_are_read(rasters, monkeypatch):
     cfg = make_cfg(rasters, steps=2)
     ds = GeoPatchDataset(cfg)
     monkeypatch.setattr(gp, "_open", lambda p: Spy(real_open(p)))
-    ds[(0, 0, 1)]
-    ds[(1, 1, 0)]
+    key = StepSchedule.from_config(cfg).key
+    ds[key(0, 0, 1)]
+    ds[key(1, 1, 0)]
     assert reads and all(w is not None and w.width <= 64 and w.height <= 64 for w in reads)
 
 
@@ -142,7 +144,7 @@ def test_clear_errors(rasters, tmp_path):
     with pytest.raises(ValueError, match="data.small_tiles"):
         GeoPatchDataset(cfg)
     cfg.data.small_tiles = "pad"
-    b = GeoPatchDataset(cfg)[(0, 0, 1)]
+    b = GeoPatchDataset(cfg)[StepSchedule.from_config(cfg).key(0, 0, 1)]
     assert b["image"].shape[-2:] == (128, 128)
 
 

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from training.augmentations import identity_grid, warp
 from training.config import AugConfig
-from training.data.dataset import StepBatchSampler, TwoViewDataset
+from training.data.dataset import TwoViewDataset
+from training.data.schedule import StepSchedule
 from training.data.synthetic import SyntheticDataset
 
 
@@ -57,10 +58,11 @@ def test_photometric_changes_are_small_and_view_specific():
 
 
 def test_step_sampler_keys_unique_and_resumable():
-    full = list(StepBatchSampler(0, 5, [(32, 2), (64, 1)], grad_accum=2, rank=0))
+    full = list(StepSchedule([(32, 2), (64, 1)], grad_accum=2, rank=0, start_step=0, steps=5))
     assert len(full) == 5 * 2 * 2
-    keys = [k for batch in full for k in batch]
+    keys = [k for batch in full for k in batch.slots()]
     assert len(set(keys)) == len(keys)
-    assert list(StepBatchSampler(3, 5, [(32, 2), (64, 1)], grad_accum=2, rank=0)) == full[3 * 4:]
-    other = [k for b in StepBatchSampler(0, 5, [(32, 2), (64, 1)], grad_accum=2, rank=1) for k in b]
+    assert list(StepSchedule([(32, 2), (64, 1)], grad_accum=2, rank=0, start_step=3, steps=5)) == full[3 * 4:]
+    other = [k for b in StepSchedule([(32, 2), (64, 1)], grad_accum=2, rank=1, start_step=0, steps=5)
+             for k in b.slots()]
     assert not set(other) & set(keys)

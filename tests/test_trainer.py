@@ -194,7 +194,8 @@ def test_validation_losses_are_on_fixed_batches(tmp_path, tiny_overrides):
     """The val_loss/* curves compare like with like: the same batches, views and K at every evaluation,
     computed without touching the training state."""
     from training.config import Config, set_value, validate
-    from training.train_distill import Trainer, batches_per_scale
+    from training.data.schedule import batches_per_scale
+    from training.train_distill import Trainer
 
     cfg = Config()
     for o in tiny_overrides + ["data.source=synthetic", "train.val_loss_batches=2", "knobs.eval_k=3",

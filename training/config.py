@@ -29,7 +29,6 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    embed_dim: int = 96          # embedding size the clustering head works on (== student.embed_dim)
     max_k: int = 16              # largest K the soft k-means head accepts
     # Softmax temperature over cosine similarities of unit embeddings. The predecessor documented
     # 0.8, but cosines lie in [-1, 1]: at 0.8 assignments stay near-uniform, and the entropy and
@@ -187,6 +186,10 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
+# Keys of older configs (run folders' config.json, checkpoints, meta.json provenance) that now name another
+# setting. Such a key is accepted only when it agrees with the setting that replaced it (checked by validate).
+LEGACY_KEYS = {"model.embed_dim": "student.embed_dim"}  # the embedding width was set twice
+
 _CHOICES = {
     ("data", "source"): ("synthetic", "shards", "geotiff"),
     ("data", "cache_mode"): ("none", "lru"),
@@ -263,12 +266,22 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+def _field(cfg: Config, dotted: str) -> tuple[Any, str]:
+    """(section object, field name) of a ``section.field`` key."""
+    section, name = dotted.split(".")
+    return getattr(cfg, section), name
+
+
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Set ``section.field`` on ``cfg`` with coercion; unknown keys raise."""
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"config key '{dotted}': expected 'section.field' (sections: {', '.join(SECTIONS)})")
     section, name = parts
+    if dotted in LEGACY_KEYS:  # remembered on the config, checked against its replacement by validate()
+        sec, current = _field(cfg, LEGACY_KEYS[dotted])
+        cfg.__dict__.setdefault("_legacy", {})[dotted] = _coerce(dotted, value, _hints(type(sec))[current])
+        return
     if section not in SECTIONS:
         raise ConfigError(f"config key '{dotted}': unknown section '{section}' (sections: {', '.join(SECTIONS)})")
     sec = getattr(cfg, section)
@@ -302,11 +315,11 @@ def validate(cfg: Config) -> Config:
         v = getattr(getattr(cfg, section), name)
         if v not in choices:
             raise ConfigError(f"config key '{section}.{name}': {v!r} is not one of {', '.join(choices)}")
-    if cfg.model.embed_dim != cfg.student.embed_dim:
-        raise ConfigError(
-            f"config keys 'model.embed_dim' ({cfg.model.embed_dim}) and 'student.embed_dim' "
-            f"({cfg.student.embed_dim}) must be equal"
-        )
+    for old, value in getattr(cfg, "_legacy", {}).items():
+        section, current = _field(cfg, LEGACY_KEYS[old])
+        if value != getattr(section, current):
+            raise ConfigError(f"config key '{old}' ({value}) is the same setting as '{LEGACY_KEYS[old]}' "
+                              f"({getattr(section, current)}), kept for older configs; set '{LEGACY_KEYS[old]}' alone")
     if not 2 <= cfg.model.max_k <= 16:
         raise ConfigError(f"config key 'model.max_k': {cfg.model.max_k} must be in [2, 16]")
     for k in cfg.knobs.k_choices:

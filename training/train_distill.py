@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -29,32 +28,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+from tqdm import tqdm
 
+from mapseg.raster import PALETTE
+
+from .artifact import export_artifact
+from .checkpoints import (CHECKPOINT_VERSION, prepare_run_folder, read_resume_state, refuse_earlier_run,
+                          restore_rng_state, rng_state, state_digest, write_best, write_checkpoint)
 from .config import Config, ConfigError, load_file, parse_overrides, save_config, set_value, validate
-from .augmentations import warp
-from .data.dataset import StepBatchSampler, TwoViewDataset
-from .data.synthetic import SyntheticDataset
+from .data.sources import train_batches
 from .device_policy import resolve_device
-from .losses import (EMANormalizer, edge_aware_tv, marginal_entropy_gap, pixel_entropy, pseudo_label_ce,
-                     recon_loss, scale_neutral_merge, two_view_consistency)
-from .metrics import confusion_matrix, hungarian_scores, scored_classes
-from .losses.distill import DistillHead, affinity_distill_loss, feature_distill_loss, teacher_targets
-from .losses.priors import slic_prior_losses_two_views
-from .models import SoftKMeansHead, TinyReconDecoder, build_student, kmeans_fit
+from .models import DistillHead, TinyReconDecoder, build_student, kmeans_fit
+from .objective import Objective, k_for_step, step_generator
 from .teachers import TeacherLoadError, build_teacher
-from .models.soft_kmeans import kmeans_best_of
-
-CHECKPOINT_VERSION = 1
-# What a run writes in its folder; --overwrite removes these and nothing else.
-RUN_OUTPUTS = ("last.pt", "student.pt", "best.pt", "decoder_training_only.pt", "config.json", "teacher.json",
-               "log.jsonl", "tb", "model")
-# Settings that do not change what is learned, so a resumed run may change them.
-RESUME_MAY_CHANGE = {"train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
-                     "train.val_loss_batches",
-                     "train.image_every", "train.device", "data.num_workers", "data.prefetch_factor",
-                     "data.persistent_workers", "data.pin_memory"}
-
+from .validation import Validation
 
 # --------------------------------------------------------------------------- CLI
 
@@ -138,48 +125,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 # --------------------------------------------------------------------------- helpers
 
-def batches_per_scale(cfg: Config) -> list[tuple[int, int]]:
-    """(patch size, images) per scale: batch_size at data.patch_size, scaled by area, at least 1."""
-    ref = cfg.data.patch_size
-    return [(s, max(1, int(round(cfg.train.batch_size * (ref / s) ** 2)))) for s in cfg.data.patch_sizes]
-
-
 def lr_at(cfg: Config, step: int) -> float:
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def step_generator(seed: int, *ids: int) -> torch.Generator:
-    ss = np.random.SeedSequence([seed, *ids])
-    return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
-
-
-def k_for_step(cfg: Config, step: int) -> int:
-    rng = np.random.default_rng([cfg.train.seed, 0x4B, step])
-    return int(rng.choice(cfg.knobs.k_choices))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def weights_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-                    [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-                    [170, 255, 195]], dtype=np.uint8)
 
 
 class TrainModule(nn.Module):
@@ -204,6 +155,13 @@ class TrainModule(nn.Module):
 # --------------------------------------------------------------------------- trainer
 
 class Trainer:
+    """One training run: the parts (student, training-only heads, teacher, optimiser), DDP, and the loop.
+
+    Data comes from ``data.sources``, the loss from ``objective.Objective``, scores from
+    ``validation.Validation``, files from ``checkpoints``; the best student is exported with
+    ``artifact.export_artifact``.
+    """
+
     def __init__(self, cfg: Config, show_progress: bool = True):
         self.cfg = cfg
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -237,19 +195,14 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         else:
             self.ddp = self.module
-        self.head = SoftKMeansHead(cfg.model.max_k, cfg.model.temperature, cfg.model.kmeans_iters,
-                                   cfg.model.kmeans_sample)
+        self.objective = Objective(cfg, self.teacher, dev)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=cfg.train.lr,
                                            weight_decay=cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.policy.use_scaler)
-        self.loss_ema = EMANormalizer(cfg.loss.ema_momentum)
-        self.recon_ema = EMANormalizer(cfg.autoencoder.ema_momentum)
+        self.validation = Validation(cfg, dev, verbose=self.is_main)
         self.step = 0
         self.best_score = -math.inf
         self.writer = None
-        self._val = None      # (items, n_classes, ignore_leq) once loaded
-        self._no_val = None   # why there is no validation set, when there is none
-        self._val_batches = None  # fixed batches for validation_losses, once built
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -263,16 +216,12 @@ class Trainer:
             "teacher": self.teacher.describe() if self.teacher is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "loss_ema": self.loss_ema.state_dict(),
-            "recon_ema": self.recon_ema.state_dict(),
+            **self.objective.state_dict(),
             "best_score": self.best_score,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise RuntimeError(f"checkpoint version {state.get('version')} is not supported "
-                               f"(this trainer writes version {CHECKPOINT_VERSION})")
         self.student.load_state_dict(state["student"])
         if self.decoder is not None and state["decoder"] is not None:
             self.decoder.load_state_dict(state["decoder"])
@@ -280,13 +229,10 @@ class Trainer:
             self.distill_head.load_state_dict(state["distill_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.loss_ema.load_state_dict(state["loss_ema"])
-        self.recon_ema.load_state_dict(state["recon_ema"])
+        self.objective.load_state_dict(state)
         self.best_score = state["best_score"]
         self.step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        restore_rng_state(state["rng"])
 
     def sync_buffers(self) -> None:
         """Average floating buffers (norm running statistics) over ranks: each rank saw other samples.
@@ -303,203 +249,32 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.sync_buffers()
-        if not self.is_main:
-            return
-        atomic_torch_save(self.state_dict(), self.out / "last.pt")
-        atomic_torch_save({"step": self.step, "config": self.cfg.to_dict(), "student": self.student.state_dict()},
-                          self.out / "student.pt")
-        if self.decoder is not None:
-            atomic_torch_save({"step": self.step, "decoder": self.decoder.state_dict()},
-                              self.out / "decoder_training_only.pt")
+        if self.is_main:
+            write_checkpoint(self.out, self.state_dict(), self.student, self.decoder)
 
     def resume(self) -> None:
-        path = self.out / "last.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.policy.device, weights_only=False)
-        saved, now = Config().to_dict(), self.cfg.to_dict()
-        saved.update(state["config"])
-        diff = [f"{s}.{k}" for s in saved for k in saved[s]
-                if saved[s][k] != now[s][k] and f"{s}.{k}" not in RESUME_MAY_CHANGE]
-        if diff:
-            raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}; "
-                              "resume with the same config (see config.json in the run folder)")
-        self.load_state_dict(state)
+        self.load_state_dict(read_resume_state(self.out, self.cfg, self.policy.device))
 
     # ----------------------------------------------------------------- losses
     def compute_losses(self, batches: list[dict], k: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        cfg, dev = self.cfg, self.policy.device
-        inputs = [torch.cat([b["view1"], b["view2"]]).to(dev, non_blocking=True) for b in batches]
+        """Merged loss and logs of one micro-step (``batches``: one per scale): one forward pass through DDP."""
+        inputs = [torch.cat([b["view1"], b["view2"]]).to(self.policy.device, non_blocking=True) for b in batches]
         with self.policy.autocast():
             outs = self.ddp(inputs)
-        per_scale, logs = {}, {}
-        for b, views, (emb, recon, proj) in zip(batches, inputs, outs):
-            size = b["view1"].shape[-1]
-            terms, weights = self.batch_terms(b, views, emb.float(), recon, proj, k, gen)
-            total = sum(weights[name] * t for name, t in terms.items() if weights.get(name, 0) > 0)
-            if recon is not None:
-                total = total + cfg.autoencoder.lambda_recon * self.recon_ema.normalize(f"recon/{size}", terms["recon"])
-            per_scale[str(size)] = total
-            for name, t in terms.items():
-                logs[f"loss/{name}/{size}"] = float(t.detach())
-            logs[f"loss/total/{size}"] = float(total.detach())
-        merged = scale_neutral_merge(per_scale, self.loss_ema)
-        logs["loss/merged"] = float(merged.detach())
-        return merged, logs
-
-    def batch_terms(self, b: dict, views: torch.Tensor, emb: torch.Tensor, recon, proj, k: int,
-                    gen: torch.Generator) -> tuple[dict, dict]:
-        """Every loss term of one batch (``views`` = cat(view1, view2)) and the weights of the weighted ones
-        (the reconstruction term, EMA-normalised by the caller, has none)."""
-        cfg, dev = self.cfg, self.policy.device
-        n = b["view1"].shape[0]
-        centers = self.head.fit([emb], k, gen)
-        probs, logits = self.head.assign(emb, centers)
-        p1, p2 = probs[:n], probs[n:]
-        grid = b["grid"].to(dev)
-        terms = {
-            "consistency": two_view_consistency(p1, p2, grid),
-            "entropy": pixel_entropy(probs),
-            "marginal": marginal_entropy_gap(probs),
-            "smooth": edge_aware_tv(probs, views, cfg.loss.smooth_edge_alpha),
-            "cluster": self._cluster_term(logits[:n], logits[n:], grid),
-        }
-        weights = {"consistency": cfg.loss.consistency_weight, "entropy": cfg.loss.entropy_weight,
-                   "marginal": cfg.loss.marginal_weight, "smooth": cfg.loss.smooth_weight,
-                   "cluster": cfg.loss.cluster_weight}
-        terms.update(self._distill_terms(b, emb, proj, probs, gen, weights))
-        if recon is not None:
-            terms["recon"] = recon_loss(recon, views, cfg.autoencoder.blur_sigma, cfg.autoencoder.grad_weight)
-        return terms, weights
-
-    def _distill_terms(self, batch: dict, emb: torch.Tensor, proj, probs: torch.Tensor, gen: torch.Generator,
-                       weights: dict) -> dict:
-        """Teacher distillation (feature, affinity) and SLIC priors; fills ``weights`` for the terms returned."""
-        d, terms = self.cfg.distill, {}
-        if self.teacher is not None:
-            # The teacher sees the clean image once; the view-2 half of the targets is warped by the view grid.
-            targets = teacher_targets(self.teacher, batch, tuple(emb.shape[-2:]), self.policy.device)
-            if d.feature_weight > 0:
-                terms["distill_feature"] = feature_distill_loss(proj.float(), targets)
-            if d.affinity_weight > 0:
-                terms["distill_affinity"] = affinity_distill_loss(emb, targets, d.affinity_pairs, gen)
-            weights.update(distill_feature=d.feature_weight, distill_affinity=d.affinity_weight)
-        priors = [t for t in ("boundary", "antimerge", "within") if getattr(d, f"{t}_weight") > 0]
-        if priors:
-            terms.update(slic_prior_losses_two_views(probs, batch, priors, d.prior_scale, d.prior_sigma))
-            weights.update({f"prior_{t}": getattr(d, f"{t}_weight") for t in priors})
-        return terms
-
-    def _cluster_term(self, logits1: torch.Tensor, logits2: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Swapped pseudo-labels between the views, both in view-2 layout."""
-        if not self.cfg.loss.cross_view_labels:
-            return 0.5 * (pseudo_label_ce(logits1) + pseudo_label_ce(logits2))
-        warped1 = warp(logits1, grid)
-        return 0.5 * (pseudo_label_ce(logits2, warped1) + pseudo_label_ce(warped1, logits2))
+        return self.objective(batches, inputs, outs, k, gen)
 
     # ----------------------------------------------------------------- eval
-    def validation_set(self):
-        """(items, n_classes, ignore_leq) to score on, or None when the data has no labeled validation split.
-
-        synthetic: held-out synthetic images (region types are the labels); shards: the labeled items of
-        ``data.val_split`` with the dataset's IoU ignore threshold; geotiff: none (targets there feed no
-        periodic validation; use python -m training.eval).
-        """
-        if self._val is None and self._no_val is None:
-            cfg = self.cfg
-            if cfg.data.source == "synthetic":
-                src = SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes, cfg.data.synthetic_cells)
-                items = [src[(0xE7A1, i, cfg.data.val_size)] for i in range(cfg.data.val_samples)]
-                self._val = ([(torch.from_numpy(it["image"]), it["labels"]) for it in items],
-                             cfg.data.synthetic_classes, None)
-            elif cfg.data.source == "shards":
-                from .data.sharded_tif_dataset import eval_items, eval_settings
-                try:
-                    items = eval_items(cfg, cfg.data.val_split)
-                except (ValueError, FileNotFoundError) as exc:
-                    self._no_val = str(exc)
-                else:
-                    n_classes = int(max(int(lab.max()) for _, lab in items)) + 1
-                    self._val = (items, max(n_classes, 2), eval_settings(cfg)["iou_ignore_label_leq"])
-            else:
-                self._no_val = "data.source=geotiff has no validation split"
-            if self._no_val is not None and self.is_main:
-                print(f"note: no periodic validation ({self._no_val}); best.pt is not written", file=sys.stderr)
-        return self._val
-
     def validation_batches(self) -> list[dict]:
-        """``train.val_loss_batches`` fixed two-view batches of the validation data (same crops, views and
-        noise at every evaluation), or [] when there is no validation split."""
-        if self._val_batches is None:
-            self._val_batches = self._build_validation_batches()
-        return self._val_batches
+        return self.validation.batches()
 
-    def _build_validation_batches(self) -> list[dict]:
-        cfg, n = self.cfg, self.cfg.train.val_loss_batches
-        if n <= 0 or self.validation_set() is None:
-            return []
-        if cfg.data.source == "shards":
-            from .data.sharded_tif_dataset import ShardStepDataset
-            ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split)
-            return [ds[(i, 0, 0)] for i in range(n)]
-        size, per = batches_per_scale(cfg)[0]  # synthetic (geotiff has no validation split)
-        ds = TwoViewDataset(SyntheticDataset(cfg.train.seed + 1, cfg.data.synthetic_classes, cfg.data.synthetic_cells),
-                            cfg.aug, cfg.train.seed + 1)
-        return [torch.utils.data.default_collate([ds[(i, 0, 0, 0, j, size)] for j in range(per)]) for i in range(n)]
-
-    @torch.no_grad()
     def validation_losses(self) -> dict:
-        """Every loss term, unweighted, averaged over the fixed validation batches, with the student in eval
-        mode (as exported) and K = knobs.eval_k: unlike the training log, where K, crops and augmentations
-        change every step, these curves are comparable from one evaluation to the next."""
-        batches = self.validation_batches()
-        if not batches:
-            return {}
-        dev, sums = self.policy.device, {}
-        gen = step_generator(self.cfg.train.seed, 0x7A1D)
-        was = self.module.training
-        self.module.eval()
-        try:
-            for b in batches:
-                views = torch.cat([b["view1"], b["view2"]]).to(dev)
-                with self.policy.autocast():
-                    (emb, recon, proj), = self.module([views])
-                terms, _ = self.batch_terms(b, views, emb.float(), recon, proj, self.cfg.knobs.eval_k, gen)
-                for name, t in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(t)
-        finally:
-            self.module.train(was)
-        return {f"val_loss/{name}": v / len(batches) for name, v in sums.items()}
+        return self.validation.losses(self.module, self.objective, self.policy.autocast)
 
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Global k-means (K = knobs.eval_k) over the validation set's embeddings, Hungarian-matched."""
-        val = self.validation_set()
-        if val is None:
-            return None
-        items, n_classes, ignore_leq = val
-        return evaluate_student(self.student, items, self.cfg.knobs.eval_k, n_classes, self.policy.device,
-                                self.cfg.train.seed, ignore_leq=ignore_leq)
+        """Scores of the student on the validation set (``validation.evaluate_student``), None without one."""
+        return self.validation.scores(self.student)
 
     # ----------------------------------------------------------------- loop
-    def _loader(self, start: int, steps: int):
-        """Batches in (step, micro-step, scale) order from ``start``; the same for a resumed run."""
-        cfg = self.cfg
-        if cfg.data.source == "shards":
-            from .data.sharded_tif_dataset import shard_batches
-            return shard_batches(cfg, self.rank, self.world, start)
-        if cfg.data.source == "geotiff":
-            from .data.geo_patch_dataset import geotiff_batches
-            return geotiff_batches(cfg, self.rank, self.world, start)
-        ds = TwoViewDataset(SyntheticDataset(cfg.train.seed, cfg.data.synthetic_classes, cfg.data.synthetic_cells),
-                            cfg.aug, cfg.train.seed)
-        sampler = StepBatchSampler(start, steps, batches_per_scale(cfg), cfg.train.grad_accum, self.rank)
-        kw = {}
-        if cfg.data.num_workers > 0:
-            kw = {"prefetch_factor": cfg.data.prefetch_factor, "persistent_workers": cfg.data.persistent_workers}
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                           pin_memory=cfg.data.pin_memory, **kw)
-
     def _log(self, record: dict) -> None:
         if not self.is_main:
             return
@@ -521,24 +296,22 @@ class Trainer:
             centers = kmeans_fit(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]), k, 10, gen)
             lab = torch.einsum("bdhw,kd->bkhw", emb, centers).argmax(1)[0].cpu().numpy()
         self.student.train(was)
+        palette = np.array(PALETTE, dtype=np.uint8)
         self.writer.add_image("input", img[0].cpu(), self.step)
-        self.writer.add_image("clusters", torch.from_numpy(PALETTE[lab % len(PALETTE)]).permute(2, 0, 1), self.step)
+        self.writer.add_image("clusters", torch.from_numpy(palette[lab % len(palette)]).permute(2, 0, 1), self.step)
 
     def fit(self, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> dict:
         cfg = self.cfg
         if overwrite and resume:
             raise ConfigError("--overwrite and --resume contradict each other")
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if overwrite:
-                remove_run_outputs(self.out)
+            prepare_run_folder(self.out, overwrite)
         if self.distributed:
             dist.barrier()
         if resume:
             self.resume()
-        elif (self.out / "last.pt").exists():
-            raise FileExistsError(f"{self.out} already holds a run (last.pt); use --resume to continue it, "
-                                  "--overwrite to start afresh, or another --checkpoint_dir")
+        else:
+            refuse_earlier_run(self.out)
         if self.is_main:
             save_config(cfg, self.out / "config.json")
             if self.teacher is not None:
@@ -548,11 +321,10 @@ class Trainer:
             if not resume:
                 self._record_eval()
         end = cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
-        loader = iter(self._loader(self.step, end))
+        loader = iter(train_batches(cfg, self.rank, self.world, self.step))
         n_scales = len(cfg.data.patch_sizes)
         bar = None
         if self.show_progress:
-            from tqdm import tqdm
             bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.module.train()
         t_last, px_since, img_since = time.perf_counter(), 0, 0
@@ -610,7 +382,7 @@ class Trainer:
         if self.step >= cfg.train.steps and cfg.train.eval_every and self.step % cfg.train.eval_every:
             if self.is_main:
                 summary.update(self._record_eval())
-        digest = weights_digest(self.student)
+        digest = state_digest(self.student)
         if self.distributed:
             digests = [None] * self.world
             dist.all_gather_object(digests, digest)
@@ -633,56 +405,14 @@ class Trainer:
         self._log(record)
         if scores["miou"] > self.best_score:
             self.best_score = scores["miou"]
-            atomic_torch_save({"step": self.step, "config": self.cfg.to_dict(), "student": self.student.state_dict(),
-                               "score": scores["miou"], "scores": scores}, self.out / "best.pt")
+            write_best(self.out, self.step, self.cfg, self.student, scores)
             # The deployable artifact of the best student so far (the runtime's model folder, never the decoder).
-            from .export import export_artifact
             metrics = {"score": scores["miou"], "step": self.step, "val_accuracy": scores["accuracy"],
                        "val_miou": scores["miou"], "val_per_class_iou": scores["per_class_iou"],
                        "eval_k": self.cfg.knobs.eval_k, "data_source": self.cfg.data.source}
             provenance = {"teacher": self.teacher.describe() if self.teacher is not None else None}
-            export_artifact(self.student, self.cfg.to_dict(), self.out / "model" / "best", metrics, provenance)
+            export_artifact(self.student, self.cfg, self.out / "model" / "best", metrics, provenance)
         return record
-
-
-def remove_run_outputs(folder: Path) -> None:
-    import shutil
-    for name in RUN_OUTPUTS:
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-@torch.no_grad()
-def embed_image(student: nn.Module, image: torch.Tensor, device) -> torch.Tensor:
-    """(D, h, w) eval-mode embedding of one (3, H, W) image, cropped to a multiple of 4."""
-    h, w = image.shape[-2:]
-    x = image[:, : h - h % 4, : w - w % 4].unsqueeze(0).to(device)
-    return student(x)[0].float()
-
-
-@torch.no_grad()
-def evaluate_student(student: nn.Module, items, k: int, n_classes: int, device, seed: int = 0,
-                     sample: int = 20000, ignore_leq: int | None = None) -> dict:
-    """Fit K centres once over all images' embeddings, label every pixel, score with Hungarian matching."""
-    was = student.training
-    student.eval()
-    embs = [embed_image(student, img, device) for img, _ in items]
-    student.train(was)
-    gen = torch.Generator().manual_seed(seed)
-    flat = torch.cat([e.permute(1, 2, 0).reshape(-1, e.shape[0]) for e in embs])
-    if flat.shape[0] > sample:
-        flat = flat[torch.randperm(flat.shape[0], generator=gen)[:sample].to(flat.device)]
-    centers = kmeans_best_of(flat, k, 20, 3, gen)
-    conf = np.zeros((k, n_classes), np.int64)
-    for e, (img, labels) in zip(embs, items):
-        lab = torch.einsum("dhw,kd->khw", e, centers).argmax(0)
-        full = F.interpolate(lab[None, None].float(), scale_factor=4, mode="nearest")[0, 0].long().cpu().numpy()
-        h, w = full.shape
-        conf += confusion_matrix(full, np.asarray(labels)[:h, :w], k, n_classes, ignore_leq)
-    return hungarian_scores(conf[:, scored_classes(n_classes, ignore_leq)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Two augmented views per sample, deterministic from (seed, key).
+"""Two augmented views per sample, deterministic from (seed, key); batches of them by schedule key.
 
 ``TwoViewDataset`` wraps any source whose ``source[key]`` returns a dict with an
 ``image`` (3, H, W) float32 array in [0, 1] and optionally ``labels`` (H, W),
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..augmentations import make_views
+from .schedule import BatchKey
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
@@ -29,25 +30,12 @@ class TwoViewDataset(torch.utils.data.Dataset):
         return out
 
 
-class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields, for every training step from ``start_step``, one batch of keys per patch size.
+class TwoViewBatches(torch.utils.data.Dataset):
+    """``ds[key]``: the batch of schedule key ``key`` (a ``BatchKey``), one two-view item per slot, each seeded
+    by its slot key ``(step, micro, scale, rank, j, size)`` (``BatchKey.slots``)."""
 
-    A key is ``(step, micro, scale_index, rank, j, size)``: unique across steps,
-    gradient-accumulation micro-steps, scales, DDP ranks and batch slots, so
-    every rank sees different samples and a resumed run sees exactly the
-    samples an uninterrupted one would.
-    """
+    def __init__(self, source, aug, seed: int = 0):
+        self.items = TwoViewDataset(source, aug, seed)
 
-    def __init__(self, start_step: int, steps: int, sizes_and_batches: list[tuple[int, int]],
-                 grad_accum: int = 1, rank: int = 0):
-        self.start_step, self.steps = start_step, steps
-        self.sizes_and_batches, self.grad_accum, self.rank = sizes_and_batches, grad_accum, rank
-
-    def __iter__(self):
-        for step in range(self.start_step, self.steps):
-            for micro in range(self.grad_accum):
-                for si, (size, n) in enumerate(self.sizes_and_batches):
-                    yield [(step, micro, si, self.rank, j, size) for j in range(n)]
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start_step) * self.grad_accum * len(self.sizes_and_batches)
+    def __getitem__(self, key: BatchKey) -> dict:
+        return torch.utils.data.default_collate([self.items[slot] for slot in key.slots()])

@@ -10,9 +10,8 @@ redrawn (up to 10 tries, then the emptiest of them is used). Optional
 ``data.target_paths`` (one per raster, same pixel grid) give ``labels``
 (int64, -1 at nodata) for metrics only.
 
-Batches follow the trainer's (step, micro-step, patch size) order and are a
-pure function of ``train.seed``, the rank and those numbers (see
-``sharded_tif_dataset``), so resuming is exact and ranks draw different
+Batches follow the one schedule (``training.data.schedule``) and are a pure
+function of ``train.seed``, the rank and the batch key, so resuming is exact and ranks draw different
 windows. No SLIC here: superpixels are precomputed by the shard builder only,
 never at training time, so use shards when the SLIC losses are on. Rasters
 smaller than ``S`` follow ``data.small_tiles`` (skip | pad | error).
@@ -28,8 +27,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .sharded_tif_dataset import (NODATA_TRIES, _item_rng, choose_window, collate, eligible_for_size,
-                                  finish_item, least_nodata_crop, step_loader)
+from .crops import NODATA_TRIES, choose_window, collate, eligible_for_size, finish_item, least_nodata_crop
+from .schedule import BatchKey, batches_per_scale, step_loader
 
 
 @dataclass(frozen=True)
@@ -97,13 +96,11 @@ def inspect_rasters(raster_paths, target_paths=(), bands=(1, 2, 3)) -> list[Rast
 
 
 class GeoPatchDataset(torch.utils.data.Dataset):
-    """``ds[(step, micro, scale_index)]`` is that batch of windows for this rank."""
+    """``ds[key]`` is the batch of windows of schedule key ``key`` (a ``BatchKey``) for this rank."""
 
     def __init__(self, cfg, rank: int = 0, world: int = 1):
-        from ..train_distill import batches_per_scale  # late: train_distill imports the loaders
         d = cfg.data
         self.seed, self.rank, self.world, self.aug = cfg.train.seed, rank, world, cfg.aug
-        self.grad_accum = cfg.train.grad_accum
         self.sizes_and_batches = batches_per_scale(cfg)
         self.max_nodata = float(cfg.data.max_nodata_fraction)
         self.rasters = inspect_rasters(d.raster_paths, d.target_paths, d.bands)
@@ -165,16 +162,14 @@ class GeoPatchDataset(torch.utils.data.Dataset):
             return self.read_window(r, choose_window(r.height, r.width, size, rng))
         return least_nodata_crop(draw, NODATA_TRIES, self.max_nodata, size)
 
-    def __getitem__(self, key) -> dict:
-        step, micro, si = (int(k) for k in key)
-        size, n = self.sizes_and_batches[si]
+    def __getitem__(self, key: BatchKey) -> dict:
         items = []
-        for j in range(n):
-            rng = _item_rng(self.seed, 0x6E0, self.rank, step, micro, si, j)
-            items.append(finish_item(self.sample(si, size, rng), rng, self.aug, self.with_labels, False))
+        for j in range(key.n):
+            rng = key.item_rng(self.seed, 0x6E0, j)
+            items.append(finish_item(self.sample(key.scale, key.size, rng), rng, self.aug, self.with_labels, False))
         return collate(items)
 
 
 def geotiff_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:
-    """Batches of random windows for this rank, in the trainer's (step, micro, scale) order."""
-    return step_loader(GeoPatchDataset(cfg, rank, world), cfg, start_step)
+    """Batches of random windows for this rank, in schedule order from ``start_step``."""
+    return step_loader(GeoPatchDataset(cfg, rank, world), cfg, rank, start_step)

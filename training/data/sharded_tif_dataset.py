@@ -11,20 +11,19 @@ Two ways to draw items, one reader:
   worker) slots, ``shard i -> slot i % (world * workers)``, so in one epoch
   every item is seen exactly once across all ranks and workers.
 * ``shard_batches(cfg, rank, world, start_step)``: the trainer's stream, one
-  batch per (step, micro-step, patch size), in the order of
-  ``training.data.dataset.StepBatchSampler``. Shards are dealt to ranks
-  (``shard i -> rank i % world``); each rank draws its items in epochs (a
-  seeded permutation per epoch and scale, cycling forever). What batch
-  ``(step, micro, scale)`` holds is a pure function of the seed, the rank and
-  those three numbers, so a run resumed at ``start_step`` sees exactly the
-  batches of the uninterrupted run, whatever ``data.num_workers`` is (a
-  resumed run may change it). DataLoader workers only build batches.
+  batch per ``training.data.schedule.BatchKey`` (step, micro-step, patch
+  size). Shards are dealt to ranks (``shard i -> rank i % world``); each rank
+  draws its items in epochs (``schedule.EpochDraws``: a seeded permutation per
+  epoch and scale, cycling forever). What a batch holds is a pure function of
+  the seed, the rank and its key, so a run resumed at ``start_step`` sees
+  exactly the batches of the uninterrupted run, whatever ``data.num_workers``
+  is (a resumed run may change it). DataLoader workers only build batches.
 
-A training item is a random crop of exactly the scheduled patch size ``S``:
-RGB, the three SLIC scales, the boundary mask and the target are cropped with
-the same window and given the same random flip / quarter turn, then
-``training.augmentations.make_views`` makes the two views (per-pixel extras
-are in the clean / view-1 frame, as for the synthetic source). Tiles smaller
+A training item is a random crop of exactly the scheduled patch size ``S``
+(``training.data.crops``): RGB, the three SLIC scales, the boundary mask and
+the target are cropped with the same window and given the same random flip /
+quarter turn, then the two views are made (per-pixel extras are in the clean /
+view-1 frame, as for the synthetic source). Tiles smaller
 than ``S`` follow ``data.small_tiles``: ``skip`` (default; such tiles are not
 drawn at that scale, and a scale no tile can serve is an error), ``pad``
 (mirror-padded up to ``S``, labels -1 in the padding) or ``error``.
@@ -38,6 +37,7 @@ split has labeled items. Targets are for metrics only.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Optional
@@ -45,10 +45,9 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from ..augmentations import apply_geometric, make_views, sample_geometric
 from ..datasets.superpixels import read_npz
-
-NODATA_TRIES = 10
+from .crops import NODATA_TRIES, choose_window, collate, eligible_for_size, finish_item, least_nodata_crop, pad_to
+from .schedule import BatchKey, EpochDraws, StepSchedule, step_loader
 
 
 # --------------------------------------------------------------------------- shard index
@@ -101,8 +100,6 @@ def eval_settings(cfg) -> dict:
 # --------------------------------------------------------------------------- reading tiles
 
 def _open_raster(path: Path):
-    import warnings
-
     import rasterio
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # targets without georeference are fine here
@@ -173,133 +170,16 @@ def _slice_tile(tile: dict, window) -> dict:
     return {k: (None if v is None else v[..., r:r + h, c:c + w]) for k, v in tile.items()}
 
 
-# --------------------------------------------------------------------------- crops and items
-
-def choose_window(h: int, w: int, size: int, rng: np.random.Generator) -> tuple:
-    """Random (row, col, height, width) of a size x size window; a side shorter than size is taken whole."""
-    wh, ww = min(h, size), min(w, size)
-    return int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1)), wh, ww
-
-
-def pad_to(arrays: dict, size: int) -> dict:
-    """Mirror-pad every per-pixel array to size x size (labels get -1 in the padding, 'valid' False)."""
-    out = {}
-    for k, v in arrays.items():
-        if v is None:
-            out[k] = None
-            continue
-        h, w = v.shape[-2:]
-        ph, pw = size - h, size - w
-        if ph == 0 and pw == 0:
-            out[k] = v
-            continue
-        spec = [(0, 0)] * (v.ndim - 2) + [(0, ph), (0, pw)]
-        if k == "labels":
-            out[k] = np.pad(v, spec, constant_values=-1)
-        elif k == "valid":
-            out[k] = np.pad(v, spec, constant_values=False)
-        else:
-            out[k] = np.pad(v, spec, mode="symmetric")
-    return out
-
-
-def finish_item(crop: dict, rng: np.random.Generator, aug, with_labels: bool, with_slic: bool) -> dict:
-    """Joint random flip / quarter turn of every per-pixel array, then the two views of the image."""
-    hflip, vflip, rot = sample_geometric(rng, aug, square=True)
-    geo = lambda a: apply_geometric(torch.from_numpy(np.ascontiguousarray(a)), hflip, vflip, rot).contiguous()
-    image = geo(crop["image"]).float().div_(255.0)
-    out = make_views(image, rng, aug)
-    out["image"] = image
-    if with_slic:
-        out["slic"] = geo(crop["slic"].astype(np.int32))
-        out["slic_boundary"] = geo(crop["boundary"].astype(np.uint8))
-    if with_labels:
-        labels = crop["labels"] if crop.get("labels") is not None else np.full(crop["image"].shape[1:], -1, np.int64)
-        out["labels"] = geo(labels.astype(np.int64))
-    return out
-
-
-def collate(items: list[dict]) -> dict:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-def eligible_for_size(sizes: list[tuple[int, int]], size: int, policy: str, what: str) -> list[int]:
-    """Indices of sources (height, width) that can give a size x size crop under ``data.small_tiles``."""
-    if policy == "pad":
-        return list(range(len(sizes)))
-    ok = [i for i, (h, w) in enumerate(sizes) if h >= size and w >= size]
-    if policy == "error" and len(ok) < len(sizes):
-        small = [sizes[i] for i in range(len(sizes)) if i not in set(ok)]
-        raise ValueError(f"{len(small)} {what} are smaller than the patch size {size} (e.g. {small[0][0]}x"
-                         f"{small[0][1]}) and data.small_tiles=error; lower data.patch_sizes or set "
-                         "data.small_tiles=skip|pad")
-    if not ok:
-        big = max(sizes, key=lambda s: min(s)) if sizes else (0, 0)
-        raise ValueError(f"no {what} is at least {size}x{size} (largest: {big[0]}x{big[1]}), so patch size "
-                         f"{size} cannot be served with data.small_tiles=skip; lower data.patch_sizes or set "
-                         "data.small_tiles=pad")
-    return ok
-
-
-class EpochDraws:
-    """The k-th draw of a stream over n items: epoch k // n, position k % n of that epoch's permutation."""
-
-    def __init__(self, n: int, seed: int, *tags: int):
-        self.n, self.seed, self.tags = n, seed, tags
-        self._perms: OrderedDict = OrderedDict()
-
-    def __getitem__(self, k: int) -> int:
-        epoch, pos = divmod(int(k), self.n)
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, 0xE90C, *self.tags, epoch]).permutation(self.n)
-            self._perms[epoch] = perm
-            if len(self._perms) > 4:
-                self._perms.popitem(last=False)
-        return int(perm[pos])
-
-
-class StepKeys(torch.utils.data.Sampler):
-    """(step, micro, scale_index) for every batch of the trainer's loop from ``start_step`` to ``steps``."""
-
-    def __init__(self, start_step: int, steps: int, grad_accum: int, n_scales: int):
-        self.start_step, self.steps, self.grad_accum, self.n_scales = start_step, steps, grad_accum, n_scales
-
-    def __iter__(self):
-        for step in range(self.start_step, self.steps):
-            for micro in range(self.grad_accum):
-                for si in range(self.n_scales):
-                    yield (step, micro, si)
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start_step) * self.grad_accum * self.n_scales
-
-
-def step_loader(dataset, cfg, start_step: int) -> torch.utils.data.DataLoader:
-    """DataLoader over pre-built batches keyed by (step, micro, scale), with the data.* performance knobs."""
-    keys = StepKeys(start_step, cfg.train.steps, cfg.train.grad_accum, len(cfg.data.patch_sizes))
-    kw = {}
-    if cfg.data.num_workers > 0:
-        kw = {"prefetch_factor": cfg.data.prefetch_factor, "persistent_workers": cfg.data.persistent_workers}
-    return torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=None, num_workers=cfg.data.num_workers,
-                                       pin_memory=cfg.data.pin_memory, **kw)
-
-
-def _item_rng(seed: int, kind: int, rank: int, step: int, micro: int, si: int, j: int) -> np.random.Generator:
-    return np.random.default_rng([seed, kind, rank, step, micro, si, j])
-
-
 # --------------------------------------------------------------------------- the trainer's stream
 
 class ShardStepDataset(torch.utils.data.Dataset):
-    """Map-style: ``ds[(step, micro, scale_index)]`` is that batch of this rank (see module docstring)."""
+    """Map-style: ``ds[key]`` is the batch of schedule key ``key`` (a ``BatchKey``) for this rank."""
 
     def __init__(self, cfg, rank: int, world: int, split: Optional[str] = None):
-        from ..train_distill import batches_per_scale  # late: train_distill imports this module
         d = cfg.data
         self.seed, self.rank, self.world, self.aug = cfg.train.seed, rank, world, cfg.aug
-        self.grad_accum = cfg.train.grad_accum
-        self.sizes_and_batches = batches_per_scale(cfg)
+        self.schedule = StepSchedule.from_config(cfg, rank)
+        self.sizes_and_batches = self.schedule.sizes_and_batches
         self.split = split or d.train_split
         self.max_nodata = float(cfg.data.max_nodata_fraction)
         policy = cfg.data.small_tiles
@@ -328,18 +208,17 @@ class ShardStepDataset(torch.utils.data.Dataset):
 
     def item_index(self, step: int, micro: int, si: int, j: int) -> int:
         """Index into ``self.items`` of slot j of batch (step, micro, scale si)."""
-        n = self.sizes_and_batches[si][1]
-        k = (step * self.grad_accum + micro) * n + j
-        return self.eligible[si][self.draws[si][k]]
+        return self._item_index(self.schedule.key(step, micro, si), j)
 
-    def __getitem__(self, key) -> dict:
-        step, micro, si = (int(k) for k in key)
-        size, n = self.sizes_and_batches[si]
+    def _item_index(self, key: BatchKey, j: int) -> int:
+        return self.eligible[key.scale][self.draws[key.scale][key.first_draw + j]]
+
+    def __getitem__(self, key: BatchKey) -> dict:
         out = []
-        for j in range(n):
-            shard, entry = self.items[self.item_index(step, micro, si, j)]
-            rng = _item_rng(self.seed, 0xC209, self.rank, step, micro, si, j)
-            crop = self._crop(shard, entry, size, rng)
+        for j in range(key.n):
+            shard, entry = self.items[self._item_index(key, j)]
+            rng = key.item_rng(self.seed, 0xC209, j)
+            crop = self._crop(shard, entry, key.size, rng)
             out.append(finish_item(crop, rng, self.aug, self.with_labels, self.with_slic))
         return collate(out)
 
@@ -350,24 +229,9 @@ class ShardStepDataset(torch.utils.data.Dataset):
                                  tries, self.max_nodata, size)
 
 
-def least_nodata_crop(draw, tries: int, max_nodata: float, size: int) -> dict:
-    """Draw up to ``tries`` crops with ``draw()``: the first with at most ``max_nodata`` nodata, else the
-    one with the least; padded to ``size``."""
-    best = None
-    for _ in range(tries):
-        crop = draw()
-        bad = 1.0 - float(crop["valid"].mean())
-        if best is None or bad < best[0]:
-            best = (bad, crop)
-        if bad <= max_nodata:
-            break
-    return pad_to(best[1], size)
-
-
 def shard_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:
-    """Batches of the training split for this rank, in the trainer's (step, micro, scale) order."""
-    ds = ShardStepDataset(cfg, rank, world)
-    return step_loader(ds, cfg, start_step)
+    """Batches of the training split for this rank, in schedule order from ``start_step``."""
+    return step_loader(ShardStepDataset(cfg, rank, world), cfg, rank, start_step)
 
 
 def eval_items(cfg, split: str) -> list[tuple[torch.Tensor, np.ndarray]]:

@@ -8,7 +8,7 @@ into view-2 layout with the batch's exact view grid, so target ``i`` lines up
 pixel for pixel with ``emb[i]``.
 
 * Feature distillation: ``1 - cos(head(emb), target)`` averaged over cells,
-  where ``DistillHead`` is a learned 1x1-conv projection of the student
+  where ``models.distill_head.DistillHead`` is a learned 1x1-conv projection of the student
   embedding into the teacher's feature space (training only, never exported).
 * Affinity distillation: the same sampled pixel pairs (i, j) of the same image
   on both sides; the student's cosine ``<e_i, e_j>`` (of its unit embeddings,
@@ -23,22 +23,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..augmentations import warp
-
-
-class DistillHead(nn.Module):
-    """Learned projection of student embeddings (B, D, h, w) into the teacher's space (B, T, h, w)."""
-
-    def __init__(self, embed_dim: int, proj_dim: int, teacher_dim: int):
-        super().__init__()
-        self.embed_dim, self.proj_dim, self.teacher_dim = embed_dim, proj_dim, teacher_dim
-        self.net = nn.Sequential(nn.Conv2d(embed_dim, proj_dim, 1), nn.GELU(), nn.Conv2d(proj_dim, teacher_dim, 1))
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.net(emb)
+from ..models.distill_head import DistillHead
 
 
 def resize_to(feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -145,5 +133,5 @@ def distill_losses(emb: torch.Tensor, targets: torch.Tensor, head: Optional[Dist
     return out
 
 
-__all__ = ["DistillHead", "resize_to", "teacher_targets", "feature_distill_loss", "sample_pairs", "pair_cosines",
+__all__ = ["resize_to", "teacher_targets", "feature_distill_loss", "sample_pairs", "pair_cosines",
            "affinity_distill_loss", "distill_losses"]

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mapseg.network import flops_per_megapixel, receptive_field
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -105,14 +107,19 @@ class StudentEmbeddingNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def layers(self) -> list[dict]:
+        """This network as the runtime rebuilds it: meta.json's layer list (``mapseg.network``), one conv per
+        entry with its norm and activation, array names as in ``state_dict()``."""
+        blocks = [("stem1", self.stem1), ("stem2", self.stem2)]
+        blocks += [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
+        layers = [_conv_layer(name, f"{name}.0", conv, _norm_layer(f"{name}.1", norm), True)
+                  for name, (conv, norm, _) in blocks]
+        return layers + [_conv_layer("proj", "proj", self.proj, None, False)]
+
     @property
     def receptive_field(self) -> int:
         """Receptive field in input pixels of one output embedding."""
-        rf, jump = 1, 1
-        for stride in (2, 2) + (1,) * self.depth:
-            rf += 2 * jump
-            jump *= stride
-        return rf
+        return receptive_field(self.layers())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-projection stride-4 features (the reconstruction decoder's input)."""
@@ -131,11 +138,25 @@ class StudentEmbeddingNet(nn.Module):
 
     def flops_per_megapixel(self) -> float:
         """Multiply-adds x2 of one forward pass per input megapixel."""
-        half, w = self.width // 2, self.width
-        px2, px4 = 1e6 / 4, 1e6 / 16
-        conv = lambda cin, cout, k, px: 2 * k * k * cin * cout * px  # noqa: E731
-        total = conv(3, half, 3, px2) + conv(half, w, 3, px4) + self.depth * conv(w, w, 3, px4)
-        return total + conv(w, self.embed_dim, 1, px4)
+        return flops_per_megapixel(self.layers())
+
+
+def _norm_layer(prefix: str, norm: nn.Module) -> dict | None:
+    if isinstance(norm, RunningGroupNorm):
+        return {"kind": "group", "groups": norm.num_groups, "eps": norm.eps, "weight": f"{prefix}.weight",
+                "bias": f"{prefix}.bias", "running_mean": f"{prefix}.running_mean",
+                "running_var": f"{prefix}.running_var"}
+    if isinstance(norm, nn.BatchNorm2d):
+        return {"kind": "batch", "eps": norm.eps, "weight": f"{prefix}.weight", "bias": f"{prefix}.bias",
+                "running_mean": f"{prefix}.running_mean", "running_var": f"{prefix}.running_var"}
+    return None  # nn.Identity (norm "none"): the conv has a bias
+
+
+def _conv_layer(name: str, prefix: str, conv: nn.Conv2d, norm: dict | None, relu: bool) -> dict:
+    return {"name": name, "op": "conv2d", "kernel": conv.kernel_size[0], "stride": conv.stride[0],
+            "padding": conv.padding[0], "in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            "weight": f"{prefix}.weight", "bias": f"{prefix}.bias" if conv.bias is not None else None,
+            "norm": norm, "activation": "relu" if relu else None}
 
 
 def build_student(cfg) -> StudentEmbeddingNet:

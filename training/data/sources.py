@@ -1,0 +1,96 @@
+"""Where the training data comes from: the one place that switches on ``data.source``.
+
+* ``synthetic``: structured synthetic tiles (``training.data.synthetic``), the
+  default for offline work and CI; held-out synthetic images (region types as
+  labels) are its validation set.
+* ``shards``: shards built by ``python -m training.datasets.build_shards``
+  (``training.data.sharded_tif_dataset``); the labeled items of
+  ``data.val_split`` are its validation set.
+* ``geotiff``: random windows of whole rasters (``training.data.geo_patch_dataset``);
+  no validation split (score with ``python -m training.eval``).
+
+Every source's training stream follows the one batch schedule
+(``training.data.schedule``). A new source adds a branch to each function
+here and nothing anywhere else (and its name to ``config._CHOICES``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from .dataset import TwoViewBatches
+from .geo_patch_dataset import geotiff_batches
+from .schedule import StepSchedule, step_loader
+from .sharded_tif_dataset import ShardStepDataset, eval_items, eval_settings, shard_batches
+from .synthetic import SyntheticDataset
+
+VALIDATION_SEED_OFFSET = 1     # synthetic validation images come from train.seed + 1: never trained on
+SYNTHETIC_VAL_KEY = 0xE7A1
+
+
+class NoValidationData(Exception):
+    """The configured data has no labeled validation split; the message says why."""
+
+
+@dataclass
+class ValidationSet:
+    items: list[tuple[torch.Tensor, np.ndarray]]   # ((3, H, W) float32 in [0, 1], (H, W) int64 labels, -1 = none)
+    n_classes: int
+    ignore_leq: Optional[int]                      # labels <= this are not scored (None: all are)
+
+
+def _synthetic(cfg, seed: int) -> SyntheticDataset:
+    return SyntheticDataset(seed, cfg.data.synthetic_classes, cfg.data.synthetic_cells)
+
+
+def train_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:
+    """This rank's training batches, in schedule order from ``start_step`` (the same for a resumed run)."""
+    source = cfg.data.source
+    if source == "shards":
+        return shard_batches(cfg, rank, world, start_step)
+    if source == "geotiff":
+        return geotiff_batches(cfg, rank, world, start_step)
+    if source == "synthetic":
+        batches = TwoViewBatches(_synthetic(cfg, cfg.train.seed), cfg.aug, cfg.train.seed)
+        return step_loader(batches, cfg, rank, start_step)
+    raise ValueError(f"unknown data.source {source!r}")
+
+
+def validation_set(cfg) -> ValidationSet:
+    """The labeled images periodic validation scores on; ``NoValidationData`` when there are none."""
+    source = cfg.data.source
+    if source == "synthetic":
+        src = _synthetic(cfg, cfg.train.seed + VALIDATION_SEED_OFFSET)
+        items = [src[(SYNTHETIC_VAL_KEY, i, cfg.data.val_size)] for i in range(cfg.data.val_samples)]
+        return ValidationSet([(torch.from_numpy(it["image"]), it["labels"]) for it in items],
+                             cfg.data.synthetic_classes, None)
+    if source == "shards":
+        try:
+            items = eval_items(cfg, cfg.data.val_split)
+        except (ValueError, FileNotFoundError) as exc:
+            raise NoValidationData(str(exc)) from exc
+        n_classes = int(max(int(lab.max()) for _, lab in items)) + 1
+        return ValidationSet(items, max(n_classes, 2), eval_settings(cfg)["iou_ignore_label_leq"])
+    if source == "geotiff":
+        raise NoValidationData("data.source=geotiff has no validation split")
+    raise ValueError(f"unknown data.source {source!r}")
+
+
+def validation_batches(cfg, n: int) -> list[dict]:
+    """``n`` fixed two-view batches of the validation data: the schedule's first ``n`` steps at the first patch
+    size, drawn from the validation split (synthetic: from the validation seed)."""
+    keys = [StepSchedule.from_config(cfg).key(i, 0, 0) for i in range(n)]
+    source = cfg.data.source
+    if source == "shards":
+        ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split)
+    elif source == "synthetic":
+        seed = cfg.train.seed + VALIDATION_SEED_OFFSET
+        ds = TwoViewBatches(_synthetic(cfg, seed), cfg.aug, seed)
+    elif source == "geotiff":
+        return []
+    else:
+        raise ValueError(f"unknown data.source {source!r}")
+    return [ds[key] for key in keys]

@@ -1,0 +1,122 @@
+"""Validation: how a student is scored during training and by the export command.
+
+* ``evaluate_student``: global k-means (K = knobs.eval_k) fitted once over the
+  embeddings of every validation image, every pixel labelled, Hungarian-matched
+  to the classes (``training.metrics``). This is ``val/miou``, the score that
+  picks ``best.pt``.
+* ``Validation.losses``: every loss term, unweighted, averaged over fixed
+  validation batches with the student in eval mode (as exported) and
+  K = knobs.eval_k. Unlike the training log, where K, crops and augmentations
+  change every step, these curves are comparable from one evaluation to the
+  next.
+
+What the validation data is comes from ``training.data.sources``.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .data.sources import NoValidationData, ValidationSet, validation_batches, validation_set
+from .metrics import confusion_matrix, hungarian_scores, scored_classes
+from .models.soft_kmeans import kmeans_best_of
+from .objective import Objective, step_generator
+
+VAL_LOSS_STREAM = 0x7A1D  # the random stream of the validation losses' k-means and pairs, the same every time
+
+
+@torch.no_grad()
+def embed_image(student: nn.Module, image: torch.Tensor, device) -> torch.Tensor:
+    """(D, h, w) eval-mode embedding of one (3, H, W) image, cropped to a multiple of 4."""
+    h, w = image.shape[-2:]
+    x = image[:, : h - h % 4, : w - w % 4].unsqueeze(0).to(device)
+    return student(x)[0].float()
+
+
+@torch.no_grad()
+def evaluate_student(student: nn.Module, items, k: int, n_classes: int, device, seed: int = 0,
+                     sample: int = 20000, ignore_leq: int | None = None) -> dict:
+    """Fit K centres once over all images' embeddings, label every pixel, score with Hungarian matching."""
+    was = student.training
+    student.eval()
+    embs = [embed_image(student, img, device) for img, _ in items]
+    student.train(was)
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.cat([e.permute(1, 2, 0).reshape(-1, e.shape[0]) for e in embs])
+    if flat.shape[0] > sample:
+        flat = flat[torch.randperm(flat.shape[0], generator=gen)[:sample].to(flat.device)]
+    centers = kmeans_best_of(flat, k, 20, 3, gen)
+    conf = np.zeros((k, n_classes), np.int64)
+    for e, (img, labels) in zip(embs, items):
+        lab = torch.einsum("dhw,kd->khw", e, centers).argmax(0)
+        full = F.interpolate(lab[None, None].float(), scale_factor=4, mode="nearest")[0, 0].long().cpu().numpy()
+        h, w = full.shape
+        conf += confusion_matrix(full, np.asarray(labels)[:h, :w], k, n_classes, ignore_leq)
+    return hungarian_scores(conf[:, scored_classes(n_classes, ignore_leq)])
+
+
+def score_on(student: nn.Module, val: ValidationSet, cfg: Config, device) -> dict:
+    """``evaluate_student`` on a validation set with the run's K and seed."""
+    return evaluate_student(student, val.items, cfg.knobs.eval_k, val.n_classes, device, cfg.train.seed,
+                            ignore_leq=val.ignore_leq)
+
+
+class Validation:
+    """A run's periodic validation; the set and the fixed batches are loaded once, on first use."""
+
+    def __init__(self, cfg: Config, device, verbose: bool = True):
+        self.cfg, self.device, self.verbose = cfg, device, verbose
+        self._set: ValidationSet | None = None
+        self._no_set: str | None = None      # why there is no validation set, when there is none
+        self._batches: list[dict] | None = None
+
+    def set(self) -> ValidationSet | None:
+        """The labeled validation images, or None when the data has none (said once on stderr)."""
+        if self._set is None and self._no_set is None:
+            try:
+                self._set = validation_set(self.cfg)
+            except NoValidationData as exc:
+                self._no_set = str(exc)
+                if self.verbose:
+                    print(f"note: no periodic validation ({self._no_set}); best.pt is not written", file=sys.stderr)
+        return self._set
+
+    def batches(self) -> list[dict]:
+        """``train.val_loss_batches`` fixed two-view batches of the validation data (same crops, views and
+        noise at every evaluation), or [] when there is no validation split."""
+        if self._batches is None:
+            n = self.cfg.train.val_loss_batches
+            self._batches = validation_batches(self.cfg, n) if n > 0 and self.set() is not None else []
+        return self._batches
+
+    def scores(self, student: nn.Module) -> dict | None:
+        val = self.set()
+        return None if val is None else score_on(student, val, self.cfg, self.device)
+
+    @torch.no_grad()
+    def losses(self, module: nn.Module, objective: Objective, autocast) -> dict:
+        """``val_loss/<term>`` of the train module (student + training-only heads) under ``objective``; the
+        module's train/eval mode is left as it was."""
+        batches = self.batches()
+        if not batches:
+            return {}
+        sums = {}
+        gen = step_generator(self.cfg.train.seed, VAL_LOSS_STREAM)
+        was = module.training
+        module.eval()
+        try:
+            for b in batches:
+                views = torch.cat([b["view1"], b["view2"]]).to(self.device)
+                with autocast():
+                    (emb, recon, proj), = module([views])
+                terms, _ = objective.batch_terms(b, views, emb.float(), recon, proj, self.cfg.knobs.eval_k, gen)
+                for name, t in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(t)
+        finally:
+            module.train(was)
+        return {f"val_loss/{name}": v / len(batches) for name, v in sums.items()}

@@ -10,7 +10,7 @@ import pytest
 from mapseg.artifact import ArtifactError, describe, load_artifact, weights_digest
 
 torch = pytest.importorskip("torch")
-from training.export import export_artifact  # noqa: E402
+from training.artifact import export_artifact  # noqa: E402
 from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
 
 

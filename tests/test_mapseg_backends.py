@@ -10,7 +10,7 @@ from mapseg.artifact import load_artifact
 from mapseg.backends import AUTO_ORDER, BackendUnavailable, NumpyBackend, make_backend
 
 torch = pytest.importorskip("torch")
-from training.export import export_artifact  # noqa: E402
+from training.artifact import export_artifact  # noqa: E402
 from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from mapseg.network import (NumpyNetwork, edge_contamination, fold_layers, matmu
                             required_halo)
 
 torch = pytest.importorskip("torch")
-from training.export import describe_student, export_artifact  # noqa: E402
+from training.artifact import export_artifact  # noqa: E402
 from training.models.student_cnn import StudentEmbeddingNet  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def _torch(s, image):
 @pytest.mark.parametrize("depth", [0, 1, 3, 5])
 def test_geometry_matches_the_student(depth):
     s = StudentEmbeddingNet(embed_dim=8, width=16, depth=depth, norm_groups=4)
-    layers = describe_student(s)
+    layers = s.layers()
     assert receptive_field(layers) == s.receptive_field
     top, bottom = edge_contamination(layers)
     assert (top, bottom) == (depth + 1, depth)
@@ -124,7 +124,7 @@ def test_matmul_rows_is_row_independent():
 
 def test_fold_handles_conv_bias_without_norm():
     s = StudentEmbeddingNet(embed_dim=8, width=16, depth=1, norm="none")
-    layers = describe_student(s)
+    layers = s.layers()
     arrays = {k: v.detach().numpy() for k, v in s.state_dict().items()}
     folded = fold_layers(layers, arrays)
     np.testing.assert_array_equal(folded[0].bias, arrays["stem1.0.bias"])

@@ -44,7 +44,7 @@ print('HEAVY', heavy)
 @pytest.fixture(scope="module")
 def artifact_dir(tmp_path_factory):
     torch = pytest.importorskip("torch")
-    from training.export import export_artifact
+    from training.artifact import export_artifact
     from training.models.student_cnn import StudentEmbeddingNet
 
     torch.manual_seed(0)

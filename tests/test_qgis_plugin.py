@@ -42,7 +42,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
     """The built zip, installed into a fresh QGIS profile (as "Install from ZIP" would) and enabled."""
-    from training.export import export_artifact
+    from training.artifact import export_artifact
     from training.models.student_cnn import StudentEmbeddingNet
 
     tmp = tmp_path_factory.mktemp("qgis")

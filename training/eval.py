@@ -367,13 +367,14 @@ def write_figure(path, evalset: EvalSet, results: list[dict], index: int = 0, ma
 def _model_features(args, tmp: Path, log):
     """(method name, features, provenance) of the model under test."""
     if args.checkpoint:
-        from .export import ExportError, export_artifact, load_checkpoint_student
+        from .artifact import ExportError, export_artifact  # torch: only for --checkpoint
+        from .checkpoints import CheckpointError, load_checkpoint_student
 
         try:
-            student, cfg_dict, ckpt = load_checkpoint_student(args.checkpoint)
-            out = export_artifact(student, cfg_dict, tmp / "artifact",
+            student, cfg, ckpt = load_checkpoint_student(args.checkpoint)
+            out = export_artifact(student, cfg, tmp / "artifact",
                                   {"score": ckpt.get("score"), "step": ckpt.get("step")})
-        except ExportError as exc:
+        except (ExportError, CheckpointError) as exc:
             raise EvalError(str(exc)) from exc
         log(f"exported {args.checkpoint} to a temporary artifact")
         return f"student ({Path(args.checkpoint).name})", load_features(out, args.backend, args.threads), \

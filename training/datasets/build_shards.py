@@ -1,7 +1,8 @@
 """Build training shards from dataset headers: ``python -m training.datasets.build_shards``.
 
 For each header: find the input (and target) rasters, pair them by stem or
-regex, assign every item a split deterministically from the seed, and write::
+regex, assign every item a split deterministically from the seed
+(``discovery``), process every tile (``tiles``), and write::
 
     <processed_root>/<dataset_id>/
         summary.json  header.yaml  .build_shards.json
@@ -28,457 +29,27 @@ timings are kept out of the index (``timing.jsonl``, ``summary.json``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
 import os
-import re
 import shutil
 import sys
 import time
-import warnings
-import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
+import cv2
+from tqdm import tqdm
 
+from .discovery import BuildError, assign_splits, discover
 from .header_schema import DatasetHeader, HeaderError, dump_header_yaml, load_header, load_headers
-from .superpixels import SuperpixelError, compute_superpixels, preview_panel, require_ximgproc, write_npz
+from .superpixels import SuperpixelError, require_ximgproc
+from .tiles import Task, process_tile
 
 TOOL = "training.datasets.build_shards"
 MARKER = ".build_shards.json"
-MIN_SIDE = 16
 DEFAULT_PROCESSED_ROOT = "training/datasets/processed"
-
-
-class BuildError(RuntimeError):
-    """The build cannot go on; the message says why and what to do."""
-
-
-@dataclass
-class Item:
-    key: tuple                      # (raw_split, stem)
-    raw_split: str
-    stem: str
-    input_path: Optional[Path]
-    target_path: Optional[Path]
-    item_id: str = ""
-    split: str = ""
-    rule: str = ""                  # which split rule placed it
-
-
-@dataclass
-class Discovery:
-    items: list
-    missing_input: list = field(default_factory=list)     # targets without an input
-    missing_target: list = field(default_factory=list)    # inputs without a target
-    unmatched: list = field(default_factory=list)         # files the stem regex did not match
-    manifest_unmatched: list = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- discovery & pairing
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _glob(root: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in root.glob(pattern) if p.is_file())
-
-
-def _files_by_key(header: DatasetHeader, modality, root: Path, unmatched: list) -> dict:
-    """{(raw_split, stem): path} for one modality over every raw split."""
-    regex = re.compile(header.pairing.stem_regex) if header.pairing.strategy == "regex" else None
-    out: dict = {}
-    raws = header.splits.raw if "{split}" in modality.pattern else header.splits.raw[:1]
-    for raw in raws:
-        for path in _glob(root, modality.pattern.replace("{split}", raw)):
-            rel = _rel(path, root)
-            if regex is not None:
-                m = regex.search(rel)
-                if m is None or not m.group("stem"):
-                    unmatched.append({"modality": modality.name, "file": rel})
-                    continue
-                stem = m.group("stem")
-            else:
-                stem = path.stem
-            key = (raw, stem)
-            if key in out:
-                raise BuildError(f"{header.path}: modality {modality.name!r}: two files have the stem {stem!r} "
-                                 f"in raw split {raw!r}: {_rel(out[key], root)} and {rel}; make stems unique "
-                                 "or use pairing.strategy: regex")
-            out[key] = path
-    return out
-
-
-def _safe_id(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem).strip(".") or "item"
-
-
-def discover(header: DatasetHeader, root: Path) -> Discovery:
-    """Pair inputs and targets and apply ``on_missing_input`` / ``on_missing_target``."""
-    if not root.is_dir():
-        raise BuildError(f"{header.path}: source_root {root} is not a folder")
-    unmatched: list = []
-    inputs = _files_by_key(header, header.input, root, unmatched)
-    targets = _files_by_key(header, header.target, root, unmatched) if header.target else {}
-    if not inputs:
-        raise BuildError(f"{header.path}: no input files match {header.input.pattern!r} under {root} "
-                         f"(raw splits: {', '.join(header.splits.raw)})")
-    disc = Discovery(items=[], unmatched=unmatched)
-    p = header.pairing
-    for key in sorted(set(inputs) | set(targets)):
-        raw, stem = key
-        inp, tgt = inputs.get(key), targets.get(key)
-        if inp is None:
-            rec = {"raw_split": raw, "stem": stem, "target": _rel(tgt, root), "action": p.on_missing_input}
-            if p.on_missing_input == "error":
-                raise BuildError(f"{header.path}: target {rec['target']} has no input "
-                                 f"(pairing.on_missing_input: error)")
-            disc.missing_input.append(rec)
-            continue
-        if header.target is not None and tgt is None:
-            rec = {"raw_split": raw, "stem": stem, "input": _rel(inp, root), "action": p.on_missing_target}
-            if p.on_missing_target == "error":
-                raise BuildError(f"{header.path}: input {rec['input']} has no target "
-                                 f"(pairing.on_missing_target: error)")
-            disc.missing_target.append(rec)
-            if p.on_missing_target == "drop_item":
-                continue
-        disc.items.append(Item(key=key, raw_split=raw, stem=stem, input_path=inp, target_path=tgt))
-    # Item ids are the (file-safe) stems; stems repeated across raw splits get the raw split as a prefix.
-    by_id: dict = {}
-    for it in disc.items:
-        by_id.setdefault(_safe_id(it.stem), []).append(it)
-    for sid, group in by_id.items():
-        for it in group:
-            it.item_id = sid if len(group) == 1 else _safe_id(f"{it.raw_split}__{it.stem}")
-    ids = [it.item_id for it in disc.items]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise BuildError(f"{header.path}: item ids collide after making them file-safe: {', '.join(dup[:5])}")
-    return disc
-
-
-# --------------------------------------------------------------------------- splits
-
-def _read_manifest(path: Path) -> list[str]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(line)
-    return out
-
-
-def _permutation(n: int, seed: int, *tags: int) -> np.ndarray:
-    return np.random.default_rng([seed, *tags]).permutation(n)
-
-
-def _tag(name: str) -> int:
-    return zlib.crc32(name.encode())
-
-
-def assign_splits(disc: Discovery, header: DatasetHeader, seed: int, root: Path) -> dict:
-    """Give every item its output split; returns {split: [items in shard order]}.
-
-    Rules, in order: ``preserve_raw_split`` (split = raw split); items listed in
-    ``manifest_files``; unlabeled items -> ``train``; labeled items -> a
-    ``train_metric_fraction_of_labeled`` share to ``metrics_train`` and the rest
-    to ``val`` (or by ``ratios`` with ``labeled_policy: ratios``). Shares are
-    exact counts (rounded half up) over a seeded permutation of the items sorted
-    by id, so the result depends only on the item ids and the seed.
-    """
-    s = header.splits
-    items = sorted(disc.items, key=lambda it: it.item_id)
-    if s.preserve_raw_split:
-        for it in items:
-            it.split, it.rule = it.raw_split, "preserve_raw_split"
-    else:
-        # A manifest line names an item by file name or stem ("tokyo_1.tif" or "tokyo_1").
-        listed: dict = {}
-        entries: list = []
-        for split, rel in (s.manifest_files or {}).items():
-            mpath = Path(rel) if Path(rel).is_absolute() else root / rel
-            if not mpath.is_file():
-                raise BuildError(f"{header.path}: splits.manifest_files.{split}: file not found: {mpath}")
-            for entry in _read_manifest(mpath):
-                name = Path(entry).name
-                entries.append(name)
-                for cand in {name, Path(name).stem}:
-                    listed.setdefault(cand, set()).add(split)
-        for it in items:
-            splits = listed.get(it.stem)
-            if splits:
-                if len(splits) > 1:
-                    raise BuildError(f"{header.path}: item {it.stem!r} is listed in several manifests: "
-                                     f"{', '.join(sorted(splits))}")
-                it.split, it.rule = next(iter(splits)), "manifest"
-        stems = {it.stem for it in items}
-        disc.manifest_unmatched = sorted({e for e in entries if e not in stems and Path(e).stem not in stems})
-        rest = [it for it in items if not it.split]
-        for it in rest:
-            if it.target_path is None:
-                it.split, it.rule = "train", "unlabeled"
-        labeled = [it for it in rest if it.target_path is not None]
-        perm = _permutation(len(labeled), seed, 0x5B117)
-        shuffled = [labeled[i] for i in perm]
-        if s.labeled_policy == "ratios":
-            counts = _largest_remainder(len(shuffled), s.ratios)
-            pos = 0
-            for name in sorted(s.ratios):
-                for it in shuffled[pos:pos + counts[name]]:
-                    it.split, it.rule = name, "labeled_ratios"
-                pos += counts[name]
-        else:
-            k = int(math.floor(s.train_metric_fraction_of_labeled * len(shuffled) + 0.5))
-            for i, it in enumerate(shuffled):
-                it.split, it.rule = ("metrics_train", "labeled_metrics_fraction") if i < k else \
-                                    ("val", "labeled_metrics_fraction")
-    out: dict = {}
-    for it in items:
-        out.setdefault(it.split, []).append(it)
-    # Shard order: a seeded shuffle per split, so neighbouring tiles spread over shards.
-    for split in out:
-        group = out[split]
-        out[split] = [group[i] for i in _permutation(len(group), seed, 0x5A4D, _tag(split))]
-    return dict(sorted(out.items()))
-
-
-def _largest_remainder(n: int, ratios: dict) -> dict:
-    names = sorted(ratios)
-    total = sum(ratios.values())
-    exact = {k: n * ratios[k] / total for k in names}
-    counts = {k: int(math.floor(exact[k])) for k in names}
-    left = n - sum(counts.values())
-    for k in sorted(names, key=lambda k: (-(exact[k] - counts[k]), k))[:left]:
-        counts[k] += 1
-    return counts
-
-
-# --------------------------------------------------------------------------- one tile
-
-@dataclass
-class Task:
-    item: Item
-    split: str
-    shard_dir: Path
-    preview_path: Optional[Path]
-
-
-def _georeferenced(src) -> bool:
-    return src.crs is not None and not src.transform.is_identity
-
-
-def _open(path: Path):
-    import rasterio
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return rasterio.open(path)
-
-
-class InvalidTile(Exception):
-    pass
-
-
-def _read_input(header: DatasetHeader, path: Path):
-    m = header.input
-    try:
-        src = _open(path)
-    except Exception as exc:  # rasterio raises RasterioIOError; anything else is just as unreadable
-        raise InvalidTile(f"unreadable: {exc}") from None
-    with src:
-        if m.bands:
-            if max(m.bands) > src.count:
-                raise InvalidTile(f"has {src.count} band(s), header selects bands {list(m.bands)}")
-            bands = list(m.bands)
-        elif src.count != 3:
-            raise InvalidTile(f"not RGB: {src.count} band(s) (select three with modalities[].bands)")
-        else:
-            bands = [1, 2, 3]
-        dtypes = {src.dtypes[b - 1] for b in bands}
-        want = m.dtype or "uint8"
-        if dtypes != {want}:
-            raise InvalidTile(f"wrong dtype: {'/'.join(sorted(dtypes))}, expected {want}")
-        if src.height < MIN_SIDE or src.width < MIN_SIDE:
-            raise InvalidTile(f"too small: {src.height}x{src.width} (minimum {MIN_SIDE}x{MIN_SIDE})")
-        geo = _georeferenced(src)
-        if m.georef_required and not geo:
-            raise InvalidTile("no georeference (CRS and transform), and georef_required is true")
-        try:
-            data = src.read(bands)
-        except Exception as exc:
-            raise InvalidTile(f"unreadable: {exc}") from None
-        nodata = m.nodata if m.nodata is not None else src.nodata
-        info = {"crs": src.crs.to_string() if src.crs else None, "transform": list(src.transform)[:6],
-                "georeferenced": geo, "nodata": None if nodata is None else float(nodata),
-                "compress": src.profile.get("compress"), "bands": bands,
-                "crs_obj": src.crs, "transform_obj": src.transform}
-    return data, info
-
-
-def _read_target(header: DatasetHeader, path: Path, shape, input_info: dict):
-    m = header.target
-    try:
-        src = _open(path)
-    except Exception as exc:
-        raise InvalidTile(f"target unreadable: {exc}") from None
-    with src:
-        if src.count != 1:
-            raise InvalidTile(f"target has {src.count} bands (expected one band of class ids)")
-        dt = np.dtype(src.dtypes[0])
-        if dt.kind not in "iu":
-            raise InvalidTile(f"target dtype {dt.name} is not an integer type")
-        if m.dtype and dt.name != m.dtype:
-            raise InvalidTile(f"target dtype {dt.name}, expected {m.dtype}")
-        if (src.height, src.width) != tuple(shape):
-            raise InvalidTile(f"target is {src.height}x{src.width}, input is {shape[0]}x{shape[1]}")
-        geo = _georeferenced(src)
-        if m.georef_required and not geo:
-            raise InvalidTile("target has no georeference, and georef_required is true")
-        if geo and input_info["georeferenced"] and (
-                src.crs != input_info["crs_obj"] or not src.transform.almost_equals(input_info["transform_obj"])):
-            raise InvalidTile("target is not aligned with its input (CRS or transform differ)")
-        try:
-            data = src.read(1)
-        except Exception as exc:
-            raise InvalidTile(f"target unreadable: {exc}") from None
-        nodata = m.nodata if m.nodata is not None else src.nodata
-        if m.label_values is not None:
-            values = np.unique(data)
-            allowed = set(m.label_values) | ({int(nodata)} if nodata is not None else set())
-            extra = [int(v) for v in values if int(v) not in allowed]
-            if extra:
-                raise InvalidTile(f"target has values {extra[:8]} outside label_values")
-        info = {"crs": src.crs.to_string() if src.crs else None, "transform": list(src.transform)[:6],
-                "georeferenced": geo, "nodata": None if nodata is None else float(nodata),
-                "compress": src.profile.get("compress"), "crs_obj": src.crs, "transform_obj": src.transform}
-    return data, info
-
-
-def _write_tif(path: Path, data: np.ndarray, crs, transform, nodata, compress, photometric=None) -> None:
-    import rasterio
-    bands, h, w = data.shape
-    profile = {"driver": "GTiff", "width": w, "height": h, "count": bands, "dtype": data.dtype.name,
-               "nodata": nodata}
-    if crs is not None:
-        profile["crs"] = crs
-    if transform is not None:
-        profile["transform"] = transform
-    if compress:
-        profile["compress"] = compress
-    if h >= 256 and w >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    if photometric:
-        profile["photometric"] = photometric
-    tmp = path.with_name(path.name + ".partial")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(data)
-    os.replace(tmp, path)
-
-
-def process_tile(header: DatasetHeader, root: Path, task: Task, allow_grid: bool) -> dict:
-    """Validate, copy and superpixel one item. Returns {'entry', 'timing', 'target_problem'} or {'invalid'}."""
-    it = task.item
-    t0 = time.perf_counter()
-    base = {"item_id": it.item_id, "raw_split": it.raw_split, "input": _rel(it.input_path, root),
-            "target": _rel(it.target_path, root) if it.target_path else None}
-    try:
-        rgb, info = _read_input(header, it.input_path)
-    except InvalidTile as exc:
-        return _mark_done(task, {"invalid": {**base, "reason": str(exc)}})
-    h, w = rgb.shape[1:]
-    target, tinfo, target_problem = None, None, None
-    if it.target_path is not None:
-        try:
-            target, tinfo = _read_target(header, it.target_path, (h, w), info)
-        except InvalidTile as exc:
-            # An unusable target counts as a missing one: on_missing_target decides.
-            target_problem = {**base, "reason": str(exc), "action": header.pairing.on_missing_target}
-            if header.pairing.on_missing_target == "error":
-                raise BuildError(f"{header.path}: {base['target']}: {exc} (pairing.on_missing_target: error)")
-            if header.pairing.on_missing_target == "drop_item":
-                return _mark_done(task, {"invalid": {**base, "reason": str(exc)}})
-    t_read = time.perf_counter() - t0
-    crs = info["crs_obj"] if info["georeferenced"] else None
-    transform = info["transform_obj"] if info["georeferenced"] else None
-    compress_in = None if header.sharding.force_uncompressed_tiff else info["compress"]
-    for sub in ("inputs", "slic") + (("targets",) if target is not None else ()):
-        (task.shard_dir / sub).mkdir(parents=True, exist_ok=True)
-    t1 = time.perf_counter()
-    _write_tif(task.shard_dir / "inputs" / f"{it.item_id}.tif", rgb, crs, transform, info["nodata"], compress_in,
-               photometric="RGB")
-    target_georef = None
-    if target is not None:
-        if tinfo["georeferenced"]:
-            t_crs, t_tr, target_georef = tinfo["crs_obj"], tinfo["transform_obj"], "own"
-        elif info["georeferenced"]:
-            # Same pixel grid as the input (shapes checked): give the target the input's georeference.
-            t_crs, t_tr, target_georef = crs, transform, "from_input"
-        else:
-            t_crs, t_tr, target_georef = None, None, "none"
-        compress_t = None if header.sharding.force_uncompressed_tiff else tinfo["compress"]
-        _write_tif(task.shard_dir / "targets" / f"{it.item_id}.tif", target[None], t_crs, t_tr,
-                   tinfo["nodata"], compress_t)
-    t_write = time.perf_counter() - t1
-    rgb_hwc = np.ascontiguousarray(rgb.transpose(1, 2, 0))
-    sp = compute_superpixels(rgb_hwc, header.slic, allow_grid=allow_grid)
-    tmp = task.shard_dir / "slic" / f"{it.item_id}.npz.partial"
-    write_npz(tmp, sp)
-    os.replace(tmp, task.shard_dir / "slic" / f"{it.item_id}.npz")
-    if task.preview_path is not None:
-        _write_preview(task.preview_path, rgb_hwc, sp)
-    nodata_fraction = 0.0
-    if info["nodata"] is not None:
-        nodata_fraction = float(np.mean(np.all(rgb == info["nodata"], axis=0)))
-    entry = {
-        "dataset_id": header.dataset_id, "item_id": it.item_id, "raw_split": it.raw_split, "split": task.split,
-        "input": f"inputs/{it.item_id}.tif", "has_target": target is not None,
-        "target": f"targets/{it.item_id}.tif" if target is not None else None,
-        "slic": f"slic/{it.item_id}.npz", "slic_meta": sp.meta,
-        "height": int(h), "width": int(w), "bands": info["bands"], "crs": info["crs"],
-        "transform": info["transform"] if info["georeferenced"] else None,
-        "nodata": info["nodata"], "nodata_fraction": round(nodata_fraction, 6),
-        "target_nodata": tinfo["nodata"] if target is not None else None,
-        "target_georef": target_georef, "split_rule": it.rule,
-        "source_input": base["input"], "source_target": base["target"],
-    }
-    timing = {"item_id": it.item_id, "megapixels": h * w / 1e6, "read_s": round(t_read, 4),
-              "write_s": round(t_write, 4), "slic_s": round(sp.seconds, 4),
-              "total_s": round(time.perf_counter() - t0, 4)}
-    return _mark_done(task, {"entry": entry, "timing": timing, "target_problem": target_problem})
-
-
-def _mark_done(task: Task, rec: dict) -> dict:
-    """Record a finished tile (written or invalid) so that --resume skips it."""
-    done = task.shard_dir / ".done"
-    done.mkdir(parents=True, exist_ok=True)
-    tmp = done / f"{task.item.item_id}.json.partial"
-    tmp.write_text(json.dumps(rec, sort_keys=True))
-    os.replace(tmp, done / f"{task.item.item_id}.json")
-    return rec
-
-
-def _write_preview(path: Path, rgb_hwc: np.ndarray, sp) -> None:
-    import cv2
-    panel = preview_panel(rgb_hwc, sp)
-    if panel.shape[1] > 3072:  # keep previews light for big tiles
-        scale = 3072 / panel.shape[1]
-        panel = cv2.resize(panel, (3072, max(1, int(round(panel.shape[0] * scale)))), interpolation=cv2.INTER_AREA)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise BuildError(f"could not encode preview {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(png.tobytes())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- output folders
@@ -511,7 +82,6 @@ def _recover_swap(final: Path, old: Path) -> None:
 
 
 def _plan_digest(header: DatasetHeader, seed: int, shard_size: int, allow_grid: bool, plan) -> str:
-    import hashlib
     h = hashlib.sha256()
     h.update(json.dumps({"header": header.digest(), "seed": seed, "shard_size": shard_size,
                          "allow_grid": allow_grid}, sort_keys=True).encode())
@@ -596,17 +166,11 @@ def build_dataset(header: DatasetHeader, processed_root: str | Path, *, seed: Op
     todo = [t for t in plan if t.item.item_id not in done]
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(plan), initial=len(done), desc=f"shards {header.dataset_id}", unit="tile",
                    dynamic_ncols=True, file=sys.stderr)
-    cv2_threads = None
-    try:
-        import cv2
-        cv2_threads = cv2.getNumThreads()
-        if threads > 1:
-            cv2.setNumThreads(1)  # our workers already use the cores
-    except ImportError:
-        pass
+    cv2_threads = cv2.getNumThreads()
+    if threads > 1:
+        cv2.setNumThreads(1)  # our workers already use the cores
     pool = ThreadPoolExecutor(max_workers=threads)
     try:
         pending = {pool.submit(process_tile, header, root, t, allow_grid): t for t in todo}
@@ -637,9 +201,7 @@ def build_dataset(header: DatasetHeader, processed_root: str | Path, *, seed: Op
     finally:
         if bar is not None:
             bar.close()
-        if cv2_threads is not None:
-            import cv2
-            cv2.setNumThreads(cv2_threads)
+        cv2.setNumThreads(cv2_threads)
 
     summary = _finalize(header, building, plan, results, invalid, disc, assignments, seed, shard_size, threads,
                         len(done), allow_grid, t_start)

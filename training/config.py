@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
+import yaml
+
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key."""
@@ -409,10 +411,6 @@ def load_file(path: str | Path, cfg: Optional[Config] = None) -> Config:
             return merge_dict(cfg, obj.to_dict(), origin=str(path))
         return merge_dict(cfg, obj, origin=str(path))
     if suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as exc:  # pragma: no cover - PyYAML is a dependency
-            raise ConfigError(f"{path}: YAML configs need PyYAML (pip install pyyaml)") from exc
         with path.open() as fh:
             data = yaml.safe_load(fh) or {}
         return merge_dict(cfg, data, origin=str(path))

@@ -22,6 +22,7 @@ validated by parsing it back before it is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -200,7 +201,6 @@ LAYOUTS = {"ms_buildings": layout_ms_buildings, "whu_building": layout_whu_build
 
 
 def _with(header: DatasetHeader, **changes) -> DatasetHeader:
-    import dataclasses
     return dataclasses.replace(header, **changes)
 
 

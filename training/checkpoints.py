@@ -17,6 +17,7 @@ run then continues exactly as the uninterrupted one would (same batches: see
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -82,10 +83,32 @@ def prepare_run_folder(out: Path, overwrite: bool) -> None:
 
 
 def refuse_earlier_run(out: Path) -> None:
-    """A fresh run never continues or mixes with an earlier one in the same folder."""
-    if (out / "last.pt").exists():
+    """A fresh run never continues or mixes with an earlier one in the same folder (its log, config, events)."""
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if "last.pt" in found:
         raise FileExistsError(f"{out} already holds a run (last.pt); use --resume to continue it, "
                               "--overwrite to start afresh, or another --checkpoint_dir")
+    if found:
+        raise FileExistsError(f"{out} holds an earlier run that stopped before its first checkpoint "
+                              f"({', '.join(found)}), so there is nothing to resume; use --overwrite to start "
+                              "afresh, or another --checkpoint_dir")
+
+
+def rewind_log(out: Path, step: int) -> None:
+    """Cut ``out``/log.jsonl back to what the run had logged when its checkpoint at ``step`` was written: the
+    records of later steps (logged by an invocation that then died) and the end records of interrupted
+    invocations go, so a resumed run's log reads as the uninterrupted run's would."""
+    path = out / "log.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("step", 0) <= step and record.get("event") != "end":
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def write_checkpoint(out: Path, state: dict, student: nn.Module, decoder: nn.Module | None) -> None:

@@ -34,7 +34,7 @@ from mapseg.raster import PALETTE
 
 from .artifact import export_artifact
 from .checkpoints import (CHECKPOINT_VERSION, prepare_run_folder, read_resume_state, refuse_earlier_run,
-                          restore_rng_state, rng_state, state_digest, write_best, write_checkpoint)
+                          restore_rng_state, rewind_log, rng_state, state_digest, write_best, write_checkpoint)
 from .config import Config, ConfigError, load_file, parse_overrides, save_config, set_value, validate
 from .data.sources import train_batches
 from .device_policy import resolve_device
@@ -254,6 +254,8 @@ class Trainer:
 
     def resume(self) -> None:
         self.load_state_dict(read_resume_state(self.out, self.cfg, self.policy.device))
+        if self.is_main:
+            rewind_log(self.out, self.step)
 
     # ----------------------------------------------------------------- losses
     def compute_losses(self, batches: list[dict], k: int, gen: torch.Generator) -> tuple[torch.Tensor, dict]:

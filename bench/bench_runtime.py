@@ -33,6 +33,7 @@ not depend on the weights, only on the architecture.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -46,7 +47,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mapseg.windows import DEFAULT_TILE  # noqa: E402 - after the repository is on the path
+from mapseg.artifact import load_artifact  # noqa: E402 - after the repository is on the path
+from mapseg.backends import build_onnx_model  # noqa: E402
+from mapseg.segment import SegmentOptions, segment_raster  # noqa: E402
+from mapseg.windows import DEFAULT_TILE  # noqa: E402
 DATA = ROOT.parent / "shared" / "datasets"
 SOURCE = DATA / "swissimage" / "big_img" / "1091-322_00.tif"
 
@@ -96,14 +100,11 @@ def mosaic_vrt(source: Path, side: int, path: Path) -> Path:
 
 
 def default_artifact(work: Path, model: str | None) -> Path:
-    from mapseg.artifact import load_artifact
-
     if model:
         art = load_artifact(model)
         if art.onnx_path is not None:
             return Path(model)
         try:
-            from mapseg.backends import build_onnx_model
             dst = work / "model"
             shutil.copytree(model, dst)
             (dst / "model.onnx").write_bytes(build_onnx_model(art))
@@ -111,9 +112,8 @@ def default_artifact(work: Path, model: str | None) -> Path:
         except Exception as exc:  # noqa: BLE001
             print(f"note: no model.onnx for the onnx backend ({exc})")
             return Path(model)
-    from training.export import smoke_export
+    from training.export import smoke_export  # torch, needed only here
 
-    import importlib.util
     onnx = importlib.util.find_spec("onnx") is not None
     print("artifact: default architecture (embed 96, width 96, depth 3), one smoke training step "
           "(throughput does not depend on the weights)")
@@ -122,9 +122,7 @@ def default_artifact(work: Path, model: str | None) -> Path:
 
 
 def run_segment(src: Path, out: Path, model: str, backend: str, k: int, tile: int) -> dict:
-    from mapseg.segment import segment_raster
-
-    return segment_raster(src, out, k=k, model=model, tile=tile, backend=backend, progress=False,
+    return segment_raster(src, out, SegmentOptions(k=k, model=model, tile=tile, backend=backend), progress=False,
                           log=lambda msg: None)
 
 
@@ -136,9 +134,9 @@ def peak_rss_run(src: Path, out: Path, model: str, backend: str, k: int, tile: i
     and exec.
     """
     code = ("import json, resource, sys, time\n"
-            "from mapseg.segment import segment_raster\n"
-            f"r = segment_raster({str(src)!r}, {str(out)!r}, k={k}, model={model!r}, tile={tile}, "
-            f"backend={backend!r}, progress=False, log=lambda m: None)\n"
+            "from mapseg.segment import SegmentOptions, segment_raster\n"
+            f"r = segment_raster({str(src)!r}, {str(out)!r}, SegmentOptions(k={k}, model={model!r}, tile={tile}, "
+            f"backend={backend!r}), progress=False, log=lambda m: None)\n"
             "try:\n"
             "    hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
             "except OSError:\n"
@@ -185,7 +183,6 @@ def main() -> int:
     yardstick = max(rates.values())
 
     model = str(default_artifact(work, args.model))
-    from mapseg.artifact import load_artifact
     art = load_artifact(model)
     flops = art.meta["architecture"]["flops_per_megapixel"]
     print(f"artifact {model}: embed {art.embed_dim}, {flops / 1e9:.1f} GFLOP per megapixel, halo {art.halo}")

@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 
+import numpy as np
+
 from . import __version__
-from .errors import USER_ERRORS
+from .artifact import describe, load_artifact
+from .backends import AUTO_ORDER, BackendUnavailable, available_backends, make_backend
+from .errors import USER_ERRORS, RasterError
+from .features import default_model_path
 from .fileio import write_text_atomic
+from .raster import parse_bands, write_preview
+from .scaling import parse_stretch
+from .segment import SegmentOptions, fit_raster_centers, segment_raster
 from .windows import DEFAULT_TILE
 
 EPILOG = ("--model takes an artifact folder (default: $MAPSEG_MODEL, else ./model/best, else the shipped model) or 'kmeans' for colour "
@@ -83,45 +93,33 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def cmd_segment(args) -> int:
-    from .raster import RasterError, parse_bands
-    from .scaling import parse_stretch
-    from .segment import segment_raster
+def _options(args, **settings) -> SegmentOptions:
+    """A run's SegmentOptions: the flags every command shares (``_common``) and this command's ``settings``."""
+    return SegmentOptions(model=args.model, backend=args.backend, threads=args.threads, workers=args.workers,
+                          bands=parse_bands(args.bands), nodata=args.nodata, stretch=parse_stretch(args.stretch),
+                          seed=args.seed, **settings)
 
+
+def cmd_segment(args) -> int:
     if args.preview and not args.preview.lower().endswith(".png"):
         raise RasterError(f"--preview {args.preview}: give a .png name")
-    report = segment_raster(args.input, args.output, k=args.k, model=args.model, tile=args.tile,
-                            backend=args.backend, bands=parse_bands(args.bands), nodata=args.nodata,
-                            smooth=args.smooth, centers=args.centers, cog=args.cog,
-                            stretch=parse_stretch(args.stretch), seed=args.seed, threads=args.threads,
-                            workers=args.workers, progress=not args.no_progress, log=_log)
+    options = _options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers, cog=args.cog)
+    report = segment_raster(args.input, args.output, options, progress=not args.no_progress, log=_log)
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if args.preview:
-        from .raster import write_preview
-        _log(f"wrote {write_preview(args.input, args.output, args.preview, parse_bands(args.bands), args.nodata)}")
+        _log(f"wrote {write_preview(args.input, args.output, args.preview, options.bands, options.nodata)}")
     return 0
 
 
 def cmd_fit(args) -> int:
-    from .raster import parse_bands
-    from .scaling import parse_stretch
-    from .segment import fit_raster_centers, load_features
-
-    features = load_features(args.model, args.backend, args.threads, args.workers)
-    _log(f"model: {features.name}; {features.backend_message}")
-    centers = fit_raster_centers(args.inputs, args.k, bands=parse_bands(args.bands), nodata=args.nodata,
-                                 stretch=parse_stretch(args.stretch), seed=args.seed, features=features, log=_log)
+    centers = fit_raster_centers(args.inputs, _options(args, k=args.k), log=_log)
     centers.save(args.output)
     _log(f"wrote {args.output}: K={centers.k} {centers.features} centres from {len(args.inputs)} raster(s)")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .artifact import describe, load_artifact
-    from .backends import available_backends
-    from .segment import default_model_path
-
     artifact = load_artifact(args.model or default_model_path())
     if args.json:
         print(json.dumps({"meta": artifact.meta, "metrics": artifact.metrics}, indent=1))
@@ -133,12 +131,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import numpy as np
-
-    from .artifact import load_artifact
-    from .backends import AUTO_ORDER, BackendUnavailable, make_backend
-    from .segment import default_model_path
-
     artifact = load_artifact(args.model or default_model_path())
     if args.size % 4:
         raise SystemExit("--size must be a multiple of 4")
@@ -169,9 +161,6 @@ def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C: temporary outputs
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     handler = {"segment": cmd_segment, "fit": cmd_fit, "info": cmd_info, "bench": cmd_bench}[args.command]

@@ -1,7 +1,7 @@
 """The whole-raster pipeline: plan windows -> embed -> fit centres once -> assign -> write.
 
-    from mapseg.segment import segment_raster, fit_raster_centers
-    segment_raster("in.tif", "out.tif", k=6, model="model/best")
+    from mapseg.segment import SegmentOptions, segment_raster, fit_raster_centers
+    segment_raster("in.tif", "out.tif", SegmentOptions(k=6, model="model/best"))
 
 Reference result (what every window reproduces exactly): the network run once
 on the whole raster after (a) scaling to [0, 1], (b) replacing nodata pixels
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,92 +33,47 @@ import numpy as np
 
 from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
 from .errors import SegmentCancelled, SegmentError
+from .features import FeatureModel, load_features
+from .parallel import ordered_map
 from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
 from .scaling import Scaling, make_scaling
 from .windows import DEFAULT_TILE, Window, plan_windows, sample_window_order
 
 MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)
-COLOUR_MAX_K = 16
-DEFAULT_MODEL = "model/best"
 
 
-# --------------------------------------------------------------------------- feature models
+# --------------------------------------------------------------------------- options
 
-class EmbeddingFeatures:
-    """The exported student: (h, w, 3) [0, 1] -> (h/4, w/4, D) L2-normalised, cosine metric."""
-    kind, metric = "embedding", "cosine"
+@dataclass(frozen=True)
+class SegmentOptions:
+    """The settings of a run (``mapseg segment`` / ``mapseg fit`` flags), one object for every caller.
 
-    def __init__(self, artifact, backend: str = "auto", threads: int | None = None, workers: int | None = None):
-        from .backends import make_backend
-        from .network import required_halo
-        from .parallel import plan_workers
-
-        self.artifact = artifact
-        # threads per window for a network backend first (onnxruntime takes them when the session is made);
-        # then the plan of the backend actually picked (numpy may have to run one window at a time)
-        self.backend, message = make_backend(backend, artifact, plan_workers("onnx", workers, threads).threads)
-        self.plan = plan_workers(self.backend.name, workers, threads)
-        self.backend_message = f"{message}; {self.plan.note}"
-        self.stride = artifact.stride
-        self.halo = max(artifact.halo, required_halo(artifact.layers))
-        self.fill = artifact.input_mean.astype(np.float32)
-        self.max_k = artifact.max_k
-        self.dim = artifact.embed_dim
-        self.name = str(artifact.path)
-        self.model_id = {"kind": "artifact", "weights_sha256": artifact.digest, "embed_dim": artifact.embed_dim}
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self.backend.embed(image)
-
-
-class ColourFeatures:
-    """``--model kmeans``: the pixel's RGB in [0, 1], Euclidean metric, full resolution."""
-    kind, metric = "colour", "euclidean"
-    stride, halo, dim, max_k = 1, 0, 3, COLOUR_MAX_K
-    name = "kmeans (colour)"
-    model_id = {"kind": "kmeans"}
-    fill = np.zeros(3, np.float32)
-
-    def __init__(self, workers: int | None = None):
-        from .parallel import plan_workers
-
-        self.plan = plan_workers("none", workers)
-        self.backend_message = f"colour k-means: no network; {self.plan.note}"
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        return image
-
-
-def default_model_path() -> str:
-    """$MAPSEG_MODEL if set; else ./model/best if it exists; else the shipped model/best beside this package
-    (a source checkout or editable install), which is where ``mapseg segment`` finds the default model."""
-    env = os.environ.get("MAPSEG_MODEL")
-    if env:
-        return env
-    if os.path.isdir(DEFAULT_MODEL):
-        return DEFAULT_MODEL
-    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_MODEL)
-    return shipped if os.path.isdir(shipped) else DEFAULT_MODEL
-
-
-def load_features(model: str | os.PathLike | None, backend: str = "auto", threads: int | None = None,
-                  workers: int | None = None):
-    """``kmeans`` -> ColourFeatures; anything else is an artifact folder (default: ``default_model_path()``).
-
-    ``workers`` windows run at once with ``threads`` threads each (default: see mapseg.parallel).
+    ``model`` is the one way to name the feature model: an artifact folder, ``"kmeans"``, ``None``
+    (the default model, see ``default_model_path``), or a ``FeatureModel`` already loaded (reused
+    across runs). ``backend``, ``threads`` and ``workers`` say how a folder is loaded.
     """
-    from .parallel import WorkerError
+    k: int | None = None                   # clusters (2..max_k); not needed with ``centers``
+    centers: str | os.PathLike | Centers | None = None  # apply these (``mapseg fit``) instead of fitting
+    model: str | os.PathLike | FeatureModel | None = None
+    backend: str = "auto"                  # auto | numpy | onnx | torch
+    threads: int | None = None             # threads per window (default: see mapseg.parallel)
+    workers: int | None = None             # windows in flight (default: see mapseg.parallel)
+    tile: int = DEFAULT_TILE               # window core side: memory, not labels
+    bands: tuple[int, ...] | None = None   # three 1-based bands as R, G, B
+    nodata: float | None = None            # input nodata (default: the raster's own)
+    stretch: tuple[float, float] | None = None  # percentile stretch into [0, 1] (default: by the dtype)
+    smooth: int = 0                        # majority filter radius in label cells
+    seed: int = 0                          # sampling and k-means
+    cog: bool = False                      # write a Cloud Optimized GeoTIFF
 
-    try:
-        if str(model) == "kmeans":
-            if backend not in ("auto", "numpy"):
-                raise SegmentError(f"--backend {backend}: colour k-means (--model kmeans) runs no network")
-            return ColourFeatures(workers)
-        from .artifact import load_artifact
-
-        return EmbeddingFeatures(load_artifact(model if model else default_model_path()), backend, threads, workers)
-    except WorkerError as exc:
-        raise SegmentError(str(exc)) from exc
+    def feature_model(self) -> FeatureModel:
+        """``model`` loaded (``load_features``), or ``model`` itself when it is loaded already."""
+        if self.model is None or isinstance(self.model, (str, os.PathLike)):
+            return load_features(self.model, self.backend, self.threads, self.workers)
+        if (self.backend, self.threads, self.workers) != ("auto", None, None):
+            raise SegmentError("backend, threads and workers say how a model folder is loaded; "
+                               f"{self.model.name} is loaded already")
+        return self.model
 
 
 # --------------------------------------------------------------------------- windows
@@ -188,7 +144,7 @@ def cell_all(mask: np.ndarray, s: int) -> np.ndarray:
     return mask.reshape(h // s, s, w // s, s).all(axis=(1, 3))
 
 
-def window_labels(features, image: np.ndarray, valid: np.ndarray, win: Window, scorer, k: int,
+def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, win: Window, scorer, k: int,
                   smooth: int) -> np.ndarray:
     """uint8 labels (the core's shape) of a window's core, full resolution, 255 at nodata."""
     s = features.stride
@@ -211,7 +167,7 @@ def window_labels(features, image: np.ndarray, valid: np.ndarray, win: Window, s
     return core
 
 
-def iter_labels(reader, features, scaling: Scaling, scorer, k: int, wins: list[Window], smooth: int = 0):
+def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int, wins: list[Window], smooth: int = 0):
     """(window, uint8 labels of its core clipped to the raster) for every window, in order.
 
     ``features.plan`` (mapseg.parallel) says how many windows are in flight at once: each worker
@@ -229,14 +185,10 @@ def iter_labels(reader, features, scaling: Scaling, scorer, k: int, wins: list[W
     yield from map_windows(reader, features, scaling, wins, one)
 
 
-def map_windows(reader, features, scaling: Scaling, wins: list[Window], work):
+def map_windows(reader, features: FeatureModel, scaling: Scaling, wins: list[Window], work):
     """``work(win, image, valid)`` of every window, in window order, as ``features.plan`` says: each of
     its worker threads reads a window (one read at a time, under a lock), then works on it. Closing
     the generator lets the windows in flight finish first (mapseg.parallel.ordered_map)."""
-    import threading
-
-    from .parallel import SERIAL, ordered_map
-
     lock = threading.Lock()
 
     def one(win: Window):
@@ -244,12 +196,11 @@ def map_windows(reader, features, scaling: Scaling, wins: list[Window], work):
             image, valid = read_window(reader, win, scaling, features.fill)
         return work(win, image, valid)
 
-    plan = getattr(features, "plan", SERIAL)
-    with plan.context():
-        yield from ordered_map(one, wins, plan.workers)
+    with features.plan.context():
+        yield from ordered_map(one, wins, features.plan.workers)
 
 
-def label_reader(reader, features, scaling: Scaling, centers: Centers, tile: int = DEFAULT_TILE,
+def label_reader(reader, features: FeatureModel, scaling: Scaling, centers: Centers, tile: int = DEFAULT_TILE,
                  smooth: int = 0) -> np.ndarray:
     """The whole (H, W) uint8 label map of a reader in memory (``segment_raster`` without the file):
     for evaluation and small images. 255 (OUTPUT_NODATA) where the input is nodata."""
@@ -279,7 +230,8 @@ def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000)
     return values
 
 
-def collect_sample(reader, features, scaling: Scaling, seed: int, progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
+                   progress=None) -> tuple[np.ndarray, np.ndarray, int]:
     """(features (N, D), mean colours (N, 3), windows used) from valid cells of the sampling windows.
 
     A window contributes at most ``keep`` cells (a subset drawn with the seed), which keeps the
@@ -329,7 +281,7 @@ def collect_sample(reader, features, scaling: Scaling, seed: int, progress=None)
     return np.concatenate(feats), np.concatenate(colours), used
 
 
-def scaling_for(reader, features, stretch, seed: int) -> Scaling:
+def scaling_for(reader, features: FeatureModel, stretch, seed: int) -> Scaling:
     raw = None
     if stretch is not None:
         wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
@@ -337,18 +289,20 @@ def scaling_for(reader, features, stretch, seed: int) -> Scaling:
     return make_scaling(reader.info.dtype, stretch, raw)
 
 
-def fit_raster_centers(inputs: list[str | os.PathLike], k: int, model=None, backend: str = "auto",
-                       bands=None, nodata=None, stretch=None, seed: int = 0, features=None,
-                       log=None) -> Centers:
-    """Fit K centres on a sample drawn from all ``inputs`` (``mapseg fit``)."""
+def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions, *, log=None) -> Centers:
+    """Fit ``options.k`` centres on a sample drawn from all ``inputs`` (``mapseg fit``)."""
     log = log or (lambda msg: None)
-    features = features or load_features(model, backend)
-    k = check_k(k, features.max_k)
+    if options.k is None:
+        raise SegmentError("give -k K (number of clusters) to fit")
+    features = options.feature_model()
+    log(f"model: {features.name}; {features.backend_message}")
+    k = check_k(options.k, features.max_k)
+    seed, bands = options.seed, options.bands
     all_f, all_c, info = [], [], []
     with io_env():
         for path in inputs:
-            with open_reader(path, bands, nodata) as reader:
-                scaling = scaling_for(reader, features, stretch, seed)
+            with open_reader(path, bands, options.nodata) as reader:
+                scaling = scaling_for(reader, features, options.stretch, seed)
                 f, c, used = collect_sample(reader, features, scaling, seed)
                 log(f"sampled {f.shape[0]} cells from {used} windows of {path}")
                 all_f.append(f)
@@ -358,7 +312,7 @@ def fit_raster_centers(inputs: list[str | os.PathLike], k: int, model=None, back
     return _fit(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None})
 
 
-def _fit(all_f: list, all_c: list, k: int, features, seed: int, info: dict) -> Centers:
+def _fit(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, info: dict) -> Centers:
     feats, cols = np.concatenate(all_f), np.concatenate(all_c)
     try:
         return fit_centers(feats, cols, k, features.metric, features.kind, features.model_id, seed,
@@ -367,7 +321,7 @@ def _fit(all_f: list, all_c: list, k: int, features, seed: int, info: dict) -> C
         raise SegmentError(str(exc)) from exc
 
 
-def fit_reader_centers(readers, k: int, features, seed: int = 0, stretch=None) -> Centers:
+def fit_reader_centers(readers, k: int, features: FeatureModel, seed: int = 0, stretch=None) -> Centers:
     """Fit K centres on a sample drawn from every reader (``mapseg fit`` over open readers, e.g. ArrayReader)."""
     k = check_k(k, features.max_k)
     all_f, all_c, info = [], [], []
@@ -379,7 +333,7 @@ def fit_reader_centers(readers, k: int, features, seed: int = 0, stretch=None) -
     return _fit(all_f, all_c, k, features, seed, {"rasters": info})
 
 
-def check_centers(centers: Centers, features, k: int | None) -> Centers:
+def check_centers(centers: Centers, features: FeatureModel, k: int | None) -> Centers:
     if centers.features != features.kind:
         raise SegmentError(f"the centres were fitted on {centers.features} features but this run uses "
                            f"{features.kind} ({features.name}); fit them with the same --model")
@@ -432,23 +386,22 @@ def _tell(callback, fraction: float, stage: str) -> None:
         raise SegmentCancelled(f"cancelled during {stage}")
 
 
-def segment_raster(input_path, output_path, k: int | None = None, model=None, tile: int = DEFAULT_TILE,
-                   backend: str = "auto", bands=None, nodata=None, smooth: int = 0, centers=None,
-                   cog: bool = False, stretch=None, seed: int = 0, threads: int | None = None,
-                   progress: bool = True, log=None, features=None, callback=None, workers: int | None = None) -> dict:
-    """Segment one raster into a uint8 label GeoTIFF; returns a report (timings, centres, backend).
+def segment_raster(input_path, output_path, options: SegmentOptions | None = None, *, progress: bool = True,
+                   log=None, callback=None) -> dict:
+    """Segment one raster into a uint8 label GeoTIFF as ``options`` say; returns a report (timings, centres,
+    backend). ``progress``: a progress bar on stderr; ``log(message)``: the run's messages (default: stderr).
 
     ``callback(fraction, stage)``, if given, is called as the run advances (``stage`` is ``"fit"`` or
     ``"segment"``, ``fraction`` of the whole run in [0, 1]); returning False cancels the run:
     ``SegmentCancelled`` is raised and no output file is left behind (QGIS, GUIs).
     """
-    from .parallel import SERIAL
-
+    o = options or SegmentOptions()
+    k, centers, smooth, seed = o.k, o.centers, o.smooth, o.seed
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t_start = time.perf_counter()
     if smooth < 0:
         raise SegmentError(f"--smooth {smooth}: must be >= 0")
-    features = features or load_features(model, backend, threads, workers)
+    features = o.feature_model()
     log(f"model: {features.name}; {features.backend_message}")
     if centers is None and k is None:
         raise SegmentError("give -k K (number of clusters) or --centers FILE")
@@ -456,9 +409,9 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
         k = check_k(k, features.max_k)
     halo = features.halo + smooth * features.stride
     timings = {}
-    with io_env(), open_reader(input_path, bands, nodata) as reader:
+    with io_env(), open_reader(input_path, o.bands, o.nodata) as reader:
         t0 = time.perf_counter()
-        scaling = scaling_for(reader, features, stretch, seed)
+        scaling = scaling_for(reader, features, o.stretch, seed)
         if centers is not None:
             fitted = check_centers(centers if isinstance(centers, Centers) else Centers.load(centers), features, k)
             k = fitted.k
@@ -477,13 +430,13 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
             log(f"centres: K={k} from {f.shape[0]} sampled cells of {used} sampling windows")
         timings["fit_s"] = time.perf_counter() - t0
         scorer = fitted.scorer()
-        wins = plan_windows(reader.height, reader.width, tile, features.stride, halo)
+        wins = plan_windows(reader.height, reader.width, o.tile, features.stride, halo)
         tags = {"MAPSEG_K": k, "MAPSEG_MODEL": features.model_id.get("weights_sha256", "kmeans"),
                 "MAPSEG_FEATURES": features.kind, "MAPSEG_TILE_INVARIANT_REFERENCE": "whole-raster pass"}
         writer = None
         try:
             writer = open_writer(output_path, reader.info, k, OUTPUT_NODATA if reader.info.has_nodata else None,
-                                 cog, tags)
+                                 o.cog, tags)
             bar = Progress(len(wins), "segment", progress)
             t0 = time.perf_counter()
             windows = iter_labels(reader, features, scaling, scorer, k, wins, smooth)
@@ -506,13 +459,12 @@ def segment_raster(input_path, output_path, k: int | None = None, model=None, ti
         timings["finish_s"] = time.perf_counter() - t1
         info = reader.info
     total = time.perf_counter() - t_start
-    plan = getattr(features, "plan", SERIAL)
     mp = info.width * info.height / 1e6
     report = {
         "input": str(input_path), "output": str(out), "k": k, "model": features.name, "io": reader.library,
-        "features": features.kind, "backend": getattr(getattr(features, "backend", None), "name", "none"),
-        "workers": plan.workers, "threads_per_worker": plan.threads,
-        "tile": tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
+        "features": features.kind, "backend": features.backend_name,
+        "workers": features.plan.workers, "threads_per_worker": features.plan.threads,
+        "tile": o.tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
         "timings": timings, "scaling": scaling.description, "nodata": info.has_nodata,
         "centers": fitted.to_json(),

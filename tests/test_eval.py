@@ -117,7 +117,8 @@ def test_eval_labels_come_from_the_mapseg_pipeline(artifact):
     """The labels eval scores are the labels mapseg writes for the same image and centres."""
     rasterio = pytest.importorskip("rasterio")
     from mapseg.raster import ArrayReader
-    from mapseg.segment import fit_reader_centers, load_features, segment_raster
+    from mapseg.features import load_features
+    from mapseg.segment import SegmentOptions, fit_reader_centers, segment_raster
 
     evalset = ev.synthetic_set(3, samples=2, size=96)
     feats = load_features(artifact, "numpy")
@@ -133,7 +134,7 @@ def test_eval_labels_come_from_the_mapseg_pipeline(artifact):
         with rasterio.open(src, "w", driver="GTiff", width=im.shape[1], height=im.shape[0], count=3,
                            dtype="uint8") as ds:
             ds.write(im.transpose(2, 0, 1))
-        segment_raster(src, Path(d) / "out.tif", model=artifact, backend="numpy", centers=centers,
+        segment_raster(src, Path(d) / "out.tif", SegmentOptions(model=artifact, backend="numpy", centers=centers),
                        progress=False, log=lambda m: None)
         with rasterio.open(Path(d) / "out.tif") as ds:
             assert np.array_equal(ds.read(1), labels[0])

@@ -10,7 +10,7 @@ rasterio = pytest.importorskip("rasterio")
 torch = pytest.importorskip("torch")
 
 from mapseg.cli import main  # noqa: E402
-from mapseg.segment import segment_raster  # noqa: E402
+from mapseg.segment import SegmentOptions, segment_raster  # noqa: E402
 from training.export import smoke_export  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -48,7 +48,8 @@ def test_labels_identical_for_two_tile_sizes_on_real_imagery(trained, tmp_path):
     src = need("swissimage/big_img/1091-322_00.tif")  # 875 x 600, JPEG-compressed GeoTIFF
     ref = None
     for tile in (256, 384, 2048):  # 2048: a single window, the whole-raster pass
-        segment_raster(src, tmp_path / f"{tile}.tif", k=4, model=trained, tile=tile, backend="numpy", **QUIET)
+        segment_raster(src, tmp_path / f"{tile}.tif", SegmentOptions(k=4, model=trained, tile=tile, backend="numpy"),
+                       **QUIET)
         labels = read(tmp_path / f"{tile}.tif")[0]
         if ref is None:
             ref = labels
@@ -62,14 +63,15 @@ def test_onnx_backend_is_tiling_invariant_too(trained, tmp_path):
     src = need("swissimage/big_img/1091-322_00.tif")
     outs = []
     for tile in (256, 384):
-        segment_raster(src, tmp_path / f"{tile}.tif", k=4, model=trained, tile=tile, backend="onnx", **QUIET)
+        segment_raster(src, tmp_path / f"{tile}.tif", SegmentOptions(k=4, model=trained, tile=tile, backend="onnx"),
+                       **QUIET)
         outs.append(read(tmp_path / f"{tile}.tif")[0])
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_georeference_and_nodata_round_trip(tiny, tmp_path):
     src = need("landsat/RGB.byte.tif")  # nodata 0 around the scene, EPSG:32618
-    segment_raster(src, tmp_path / "out.tif", k=5, model=tiny, tile=256, **QUIET)
+    segment_raster(src, tmp_path / "out.tif", SegmentOptions(k=5, model=tiny, tile=256), **QUIET)
     labels, profile, crs, transform = read(tmp_path / "out.tif")
     with rasterio.open(src) as ds:
         assert crs == ds.crs and transform == ds.transform and labels.shape == (ds.height, ds.width)
@@ -96,7 +98,7 @@ def test_four_band_naip_needs_a_band_choice_and_dates_share_centres(tiny, tmp_pa
 
 def test_ngi_nodata_edges(tiny, tmp_path):
     src = need("ngi_aerial/ngi_rgb_byte_1.tif")
-    segment_raster(src, tmp_path / "out.tif", k=4, model=tiny, tile=512, **QUIET)
+    segment_raster(src, tmp_path / "out.tif", SegmentOptions(k=4, model=tiny, tile=512), **QUIET)
     labels = read(tmp_path / "out.tif")[0]
     with rasterio.open(src) as ds:
         nodata = (ds.read() == 0).all(axis=0)

@@ -20,7 +20,7 @@ rasterio = pytest.importorskip("rasterio")
 torch = pytest.importorskip("torch")
 from affine import Affine  # noqa: E402
 
-from mapseg.segment import segment_raster  # noqa: E402
+from mapseg.segment import SegmentOptions, segment_raster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_PY = shutil.which("python3", path="/usr/bin")
@@ -39,8 +39,9 @@ pytestmark = pytest.mark.skipif(GDAL_PY is None, reason="no system Python with o
 
 SCRIPT = """
 import json, sys
-from mapseg.segment import segment_raster
-r = segment_raster(sys.argv[1], sys.argv[2], k=int(sys.argv[3]), model=sys.argv[4], backend="numpy", tile=int(sys.argv[5]),
+from mapseg.segment import SegmentOptions, segment_raster
+r = segment_raster(sys.argv[1], sys.argv[2],
+                   SegmentOptions(k=int(sys.argv[3]), model=sys.argv[4], backend="numpy", tile=int(sys.argv[5])),
                    progress=False, log=lambda m: None)
 mods = [m for m in ("torch", "rasterio") if m in sys.modules]
 print(json.dumps({"io": r["io"], "backend": r["backend"], "imported": mods}))
@@ -78,8 +79,8 @@ def _raster(path, nodata=None):
 @pytest.mark.parametrize("nodata", [None, 0])
 def test_gdal_io_equals_rasterio_io(tmp_path, model, nodata):
     src = _raster(tmp_path / "in.tif", nodata)
-    segment_raster(src, tmp_path / "rio.tif", k=4, model=model, backend="numpy", tile=64, progress=False,
-                   log=lambda m: None)
+    segment_raster(src, tmp_path / "rio.tif", SegmentOptions(k=4, model=model, backend="numpy", tile=64),
+                   progress=False, log=lambda m: None)
     info = run_gdal(src, tmp_path / "gdal.tif", 4, model, tile=32)
     assert info["io"] == "gdal" and info["backend"] == "numpy"
     assert info["imported"] == []          # neither torch nor rasterio was needed

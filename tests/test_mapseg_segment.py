@@ -18,7 +18,7 @@ from affine import Affine  # noqa: E402
 from mapseg import raster as mraster  # noqa: E402
 from mapseg.cli import main  # noqa: E402
 from mapseg.cluster import Centers  # noqa: E402
-from mapseg.segment import SegmentError, fit_raster_centers, segment_raster  # noqa: E402
+from mapseg.segment import SegmentError, SegmentOptions, fit_raster_centers, segment_raster  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
@@ -111,7 +111,8 @@ def test_labels_do_not_depend_on_the_tile(model, tmp_path):
     ref = None
     for tile in (48, 100, 4096):  # 4096: one window, i.e. the whole-raster reference pass
         out = tmp_path / f"t{tile}.tif"
-        segment_raster(src, out, k=5, model=model, tile=tile, backend="numpy", progress=False, log=lambda m: None)
+        segment_raster(src, out, SegmentOptions(k=5, model=model, tile=tile, backend="numpy"),
+                       progress=False, log=lambda m: None)
         got = labels_of(out)
         if ref is None:
             ref = got
@@ -121,12 +122,13 @@ def test_labels_do_not_depend_on_the_tile(model, tmp_path):
 def test_smoothing_is_tiling_invariant_and_smooths(model, tmp_path):
     src = write(tmp_path / "in.tif", scene(2))
     plain = tmp_path / "plain.tif"
-    segment_raster(src, plain, k=5, model=model, tile=4096, backend="numpy", progress=False, log=lambda m: None)
+    segment_raster(src, plain, SegmentOptions(k=5, model=model, tile=4096, backend="numpy"),
+                   progress=False, log=lambda m: None)
     outs = []
     for tile in (40, 4096):
         out = tmp_path / f"s{tile}.tif"
-        segment_raster(src, out, k=5, model=model, tile=tile, smooth=2, backend="numpy", progress=False,
-                       log=lambda m: None)
+        segment_raster(src, out, SegmentOptions(k=5, model=model, tile=tile, smooth=2, backend="numpy"),
+                       progress=False, log=lambda m: None)
         outs.append(labels_of(out))
     np.testing.assert_array_equal(outs[0], outs[1])
     changes = lambda a: (a[:, 1:] != a[:, :-1]).sum() + (a[1:] != a[:-1]).sum()  # noqa: E731
@@ -164,8 +166,8 @@ def test_nodata_value_and_mask(model, tmp_path):
     garbage[:, hole] = np.random.default_rng(0).integers(0, 255, (3, int(hole.sum())))
     b = write(tmp_path / "b.tif", garbage, mask=~hole)
     for name, src in (("a", a), ("b", b)):
-        segment_raster(src, tmp_path / f"{name}_out.tif", k=4, model=model, tile=64, progress=False,
-                       log=lambda m: None)
+        segment_raster(src, tmp_path / f"{name}_out.tif", SegmentOptions(k=4, model=model, tile=64),
+                       progress=False, log=lambda m: None)
     la, lb = labels_of(tmp_path / "a_out.tif"), labels_of(tmp_path / "b_out.tif")
     assert (la == 255).sum() == hole.sum() and np.array_equal(la == 255, hole)
     assert la[~hole].max() < 4
@@ -178,7 +180,8 @@ def test_nodata_override(model, tmp_path):
     data = scene(5)
     data[:, :10, :] = 7
     src = write(tmp_path / "in.tif", data)
-    segment_raster(src, tmp_path / "o.tif", k=3, model=model, nodata=7, progress=False, log=lambda m: None)
+    segment_raster(src, tmp_path / "o.tif", SegmentOptions(k=3, model=model, nodata=7),
+                   progress=False, log=lambda m: None)
     labels = labels_of(tmp_path / "o.tif")
     assert (labels[:10] == 255).all() and (labels[10:] < 3).all()
 
@@ -198,7 +201,7 @@ def test_interrupted_run_leaves_no_output(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mraster.LabelWriter, "write", flaky)
     with pytest.raises(KeyboardInterrupt):
-        segment_raster(src, out, k=3, model=model, tile=48, progress=False, log=lambda m: None)
+        segment_raster(src, out, SegmentOptions(k=3, model=model, tile=48), progress=False, log=lambda m: None)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "out.tif"]
 
@@ -209,8 +212,8 @@ def test_callback_reports_progress_and_cancels(model, tmp_path):
 
     src = write(tmp_path / "in.tif", scene())
     seen = []
-    segment_raster(src, tmp_path / "ok.tif", k=3, model=model, tile=48, progress=False, log=lambda m: None,
-                   callback=lambda f, stage: seen.append((f, stage)))
+    segment_raster(src, tmp_path / "ok.tif", SegmentOptions(k=3, model=model, tile=48), progress=False,
+                   log=lambda m: None, callback=lambda f, stage: seen.append((f, stage)))
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert {st for _, st in seen} == {"fit", "segment"}
@@ -221,8 +224,8 @@ def test_callback_reports_progress_and_cancels(model, tmp_path):
         return n["calls"] < 2
 
     with pytest.raises(SegmentCancelled):
-        segment_raster(src, tmp_path / "out.tif", k=3, model=model, tile=48, progress=False, log=lambda m: None,
-                       callback=stop_after_two)
+        segment_raster(src, tmp_path / "out.tif", SegmentOptions(k=3, model=model, tile=48), progress=False,
+                       log=lambda m: None, callback=stop_after_two)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ok.tif"]
     # the windows in flight were finished and their threads joined before the input was closed
     assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-window")]
@@ -244,8 +247,8 @@ def test_read_errors_surface_from_the_window_threads(model, tmp_path, monkeypatc
 
     monkeypatch.setattr(seg, "read_window", flaky)
     with pytest.raises(OSError, match="disk went away"):
-        segment_raster(src, tmp_path / "out.tif", k=3, model="kmeans", centers=None, tile=48, progress=False,
-                       log=lambda m: None)
+        segment_raster(src, tmp_path / "out.tif", SegmentOptions(k=3, model="kmeans", centers=None, tile=48),
+                       progress=False, log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
     assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-window")]
 
@@ -285,20 +288,21 @@ def test_fit_then_apply_centres(model, tmp_path):
         assert run("segment", src, tmp_path / "x.tif", "--centers", centres, "--model", model, "--no-progress") == 0
         assert set(np.unique(labels_of(tmp_path / "x.tif"))) <= {0, 1, 2, 3}
     # centres fitted on one raster alone equal those a plain run fits: same labels
-    single = fit_raster_centers([a], 4, model=model, log=lambda m: None)
+    single = fit_raster_centers([a], SegmentOptions(k=4, model=model), log=lambda m: None)
     single.save(tmp_path / "single.json")
-    segment_raster(a, tmp_path / "p.tif", k=4, model=model, progress=False, log=lambda m: None)
-    segment_raster(a, tmp_path / "q.tif", centers=tmp_path / "single.json", model=model, progress=False,
-                   log=lambda m: None)
+    segment_raster(a, tmp_path / "p.tif", SegmentOptions(k=4, model=model), progress=False, log=lambda m: None)
+    segment_raster(a, tmp_path / "q.tif", SegmentOptions(centers=tmp_path / "single.json", model=model),
+                   progress=False, log=lambda m: None)
     np.testing.assert_array_equal(labels_of(tmp_path / "p.tif"), labels_of(tmp_path / "q.tif"))
     np.testing.assert_array_equal(Centers.load(tmp_path / "single.json").centers, single.centers)
     # wrong K, other model, colour centres on an embedding run: refused
     with pytest.raises(SegmentError, match="disagrees"):
-        segment_raster(a, tmp_path / "r.tif", k=3, centers=centres, model=model, progress=False, log=print)
+        segment_raster(a, tmp_path / "r.tif", SegmentOptions(k=3, centers=centres, model=model),
+                       progress=False, log=print)
     with pytest.raises(SegmentError, match="colour"):
-        fit_raster_centers([a], 3, model="kmeans").save(tmp_path / "colour.json")
-        segment_raster(a, tmp_path / "r.tif", centers=tmp_path / "colour.json", model=model, progress=False,
-                       log=print)
+        fit_raster_centers([a], SegmentOptions(k=3, model="kmeans")).save(tmp_path / "colour.json")
+        segment_raster(a, tmp_path / "r.tif", SegmentOptions(centers=tmp_path / "colour.json", model=model),
+                       progress=False, log=print)
 
 
 def test_cog_output(model, tmp_path):
@@ -335,14 +339,15 @@ def test_sixteen_bit_inputs(model, tmp_path):
     data8 = scene(9)
     src8 = write(tmp_path / "u8.tif", data8)
     src16 = write(tmp_path / "u16.tif", data8.astype(np.uint16) * 257)
-    segment_raster(src8, tmp_path / "a.tif", k=4, model=model, progress=False, log=lambda m: None)
-    report = segment_raster(src16, tmp_path / "b.tif", k=4, model=model, progress=False, log=lambda m: None)
+    segment_raster(src8, tmp_path / "a.tif", SegmentOptions(k=4, model=model), progress=False, log=lambda m: None)
+    report = segment_raster(src16, tmp_path / "b.tif", SegmentOptions(k=4, model=model),
+                            progress=False, log=lambda m: None)
     assert "65535" in report["scaling"]
     assert (labels_of(tmp_path / "a.tif") == labels_of(tmp_path / "b.tif")).mean() > 0.999
     dim = (data8.astype(np.uint16) * 16).astype(np.uint16)  # 12-bit-like data: stretch it
     src12 = write(tmp_path / "u12.tif", dim)
-    report = segment_raster(src12, tmp_path / "c.tif", k=4, model=model, stretch=(1, 99), progress=False,
-                            log=lambda m: None)
+    report = segment_raster(src12, tmp_path / "c.tif", SegmentOptions(k=4, model=model, stretch=(1, 99)),
+                            progress=False, log=lambda m: None)
     assert report["scaling"].startswith("percentile stretch 1-99")
     assert len(np.unique(labels_of(tmp_path / "c.tif"))) == 4
 
@@ -446,11 +451,25 @@ def test_labels_do_not_depend_on_the_workers(model, tmp_path, backend):
     outs = []
     for workers, threads in ((1, 2), (3, 1), (2, 2)):
         out = tmp_path / f"w{workers}t{threads}.tif"
-        report = segment_raster(src, out, k=4, model=model, tile=48, smooth=1, backend=backend, workers=workers,
-                                threads=threads, progress=False, log=lambda m: None)
+        options = SegmentOptions(k=4, model=model, tile=48, smooth=1, backend=backend, workers=workers,
+                                 threads=threads)
+        report = segment_raster(src, out, options, progress=False, log=lambda m: None)
         assert report["workers"] == workers and report["threads_per_worker"] == threads
         outs.append((labels_of(out), report["centers"]["centers"]))
     for labels, centers in outs[1:]:
         assert np.array_equal(labels, outs[0][0])
         assert centers == outs[0][1]
     assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-window")]
+
+
+def test_feature_models_meet_the_protocol_and_options_name_the_model_once(model):
+    """Both feature models the runtime ships are FeatureModels; SegmentOptions loads a folder or takes a loaded
+    model as it is, and refuses loading settings for a model that is loaded already."""
+    from mapseg.features import FeatureModel, load_features
+
+    colour, student = load_features("kmeans"), load_features(model, "numpy")
+    assert isinstance(colour, FeatureModel) and isinstance(student, FeatureModel)
+    assert SegmentOptions(model=student).feature_model() is student
+    assert SegmentOptions(model=model, backend="numpy").feature_model().backend_name == "numpy"
+    with pytest.raises(SegmentError, match="loaded already"):
+        SegmentOptions(model=student, backend="onnx").feature_model()

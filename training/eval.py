@@ -30,16 +30,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from mapseg.cluster import check_k
+from mapseg.errors import SegmentError
+from mapseg.features import FeatureModel, load_features
 from mapseg.fileio import write_text_atomic
+from mapseg.parallel import SERIAL
 from mapseg.raster import OUTPUT_NODATA, PALETTE, ArrayReader, write_png
 from mapseg.scaling import make_scaling
-from mapseg.segment import SegmentError, fit_reader_centers, label_reader, load_features
-from mapseg.windows import DEFAULT_TILE
+from mapseg.segment import fit_reader_centers, label_reader
+from mapseg.windows import DEFAULT_TILE, padded_size
 
+from .artifact import ExportError, export_artifact
+from .checkpoints import CheckpointError, load_checkpoint_student
+from .config import TeacherConfig
+from .data.sharded_tif_dataset import eval_items, eval_settings
+from .datasets.convert_masks import convert, load_colors
+from .teachers import build_teacher
 from .teachers.base import TeacherLoadError
 from .metrics import (agreement, boundary_density, cluster_utilisation, confusion_matrix, hungarian_scores,
                       overcluster_scores, per_image_scores, scored_classes, speckle)
@@ -80,7 +92,7 @@ class EvalSet:
 
 def synthetic_set(seed: int, samples: int = 8, size: int = 256, classes: int = 5, cells: int = 24) -> EvalSet:
     """The validation set a synthetic training run with ``train.seed = seed`` scores itself on."""
-    from .data.synthetic import SyntheticDataset
+    from .data.synthetic import SyntheticDataset  # cv2: only for --synthetic
 
     src = SyntheticDataset(seed + 1, classes, cells)
     items = [src[(0xE7A1, i, size)] for i in range(samples)]
@@ -89,10 +101,6 @@ def synthetic_set(seed: int, samples: int = 8, size: int = 256, classes: int = 5
 
 
 def shard_set(processed_root: str, dataset_id: str, split: str) -> EvalSet:
-    from types import SimpleNamespace
-
-    from .data.sharded_tif_dataset import eval_items, eval_settings
-
     cfg = SimpleNamespace(data=SimpleNamespace(processed_root=processed_root, dataset_id=dataset_id))
     try:
         settings = eval_settings(cfg)
@@ -128,8 +136,6 @@ def folder_set(images_dirs, masks_dirs, mask_colors: str | None = None, ignore_l
     With ``mask_colors`` (a colour map JSON, see training/datasets/colors/) colour masks become class
     values and ``ignore_leq`` is the map's ``ignore_value``; without it masks must hold class values.
     """
-    from .datasets.convert_masks import convert, load_colors
-
     images_dirs = [images_dirs] if isinstance(images_dirs, (str, Path)) else list(images_dirs)
     masks_dirs = [masks_dirs] if isinstance(masks_dirs, (str, Path)) else list(masks_dirs)
     if len(images_dirs) != len(masks_dirs):
@@ -180,16 +186,13 @@ def folder_set(images_dirs, masks_dirs, mask_colors: str | None = None, ignore_l
 # --------------------------------------------------------------------------- teacher features
 
 class TeacherKMeansFeatures:
-    """A pretrained teacher as a mapseg feature model: its features bilinearly resized to the stride-4
-    grid, L2-normalised, cosine metric. Each image is embedded whole (``whole_image``): the teacher's
+    """A pretrained teacher as a mapseg ``FeatureModel``: its features bilinearly resized to the stride-4
+    grid, L2-normalised, cosine metric. ``label_set`` embeds each image whole (one window): the teacher's
     receptive field is global, so it gets the same context the student's training targets had."""
     kind, metric, stride, halo, max_k = "teacher", "cosine", 4, 0, 16
-    whole_image = True
+    backend_name, plan = "torch", SERIAL
 
     def __init__(self, name: str, weights: str = "", patch_mode: str = "match"):
-        from .config import TeacherConfig
-        from .teachers import build_teacher
-
         self.teacher = build_teacher(TeacherConfig(name=name, weights=weights, patch_mode=patch_mode), "cpu")
         self.dim = int(self.teacher.feature_dim)
         self.fill = np.zeros(3, np.float32)
@@ -199,9 +202,6 @@ class TeacherKMeansFeatures:
                                                if isinstance(v, (str, int, float))}}
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
         h, w = image.shape[0] // self.stride, image.shape[1] // self.stride
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
@@ -222,7 +222,7 @@ def _geo_inverse(labels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(labels, -1)[:, ::-1])
 
 
-def label_set(features, evalset: EvalSet, k: int, seed: int = 0, smooth: int = 0, views: bool = True,
+def label_set(features: FeatureModel, evalset: EvalSet, k: int, seed: int = 0, smooth: int = 0, views: bool = True,
               log=None) -> tuple[list[np.ndarray], list[np.ndarray] | None, object, float]:
     """(labels per image, second-view labels mapped back or None, centres, seconds): the mapseg pipeline."""
     log = log or (lambda msg: None)
@@ -230,12 +230,10 @@ def label_set(features, evalset: EvalSet, k: int, seed: int = 0, smooth: int = 0
     readers = [ArrayReader(im, name=i) for im, i in zip(evalset.images, evalset.ids)]
     centers = fit_reader_centers(readers, k, features, seed)
     scaling = make_scaling("uint8", None, None)
-    whole = getattr(features, "whole_image", False)
+    whole = isinstance(features, TeacherKMeansFeatures)
 
     def tile_for(reader):
-        if not whole:
-            return DEFAULT_TILE
-        return -(-max(reader.height, reader.width) // features.stride) * features.stride
+        return padded_size(max(reader.height, reader.width), features.stride) if whole else DEFAULT_TILE
 
     labels, second = [], [] if views else None
     for n, reader in enumerate(readers):
@@ -275,7 +273,7 @@ def proxy_scores(labels: list[np.ndarray], second: list[np.ndarray] | None, k: i
     return out
 
 
-def evaluate_method(name: str, features, evalset: EvalSet, k: int, k_over: int | None, seed: int = 0,
+def evaluate_method(name: str, features: FeatureModel, evalset: EvalSet, k: int, k_over: int | None, seed: int = 0,
                     smooth: int = 0, views: bool = True, log=None) -> dict:
     log = log or (lambda msg: None)
     k = check_k(k, features.max_k)
@@ -338,7 +336,6 @@ def write_figure(path, evalset: EvalSet, results: list[dict], index: int = 0, ma
         raise EvalError(f"--figure-image {index}: the set has {len(evalset.images)} images")
     n_cls = len(evalset.classes)
     if mask_colors:
-        from .datasets.convert_masks import load_colors
         by_value = {v: rgb for rgb, v in load_colors(mask_colors)["classes"].values()}
         class_rgb = np.array([by_value.get(int(c), (128, 128, 128)) for c in evalset.classes], np.uint8)
     else:
@@ -367,9 +364,6 @@ def write_figure(path, evalset: EvalSet, results: list[dict], index: int = 0, ma
 def _model_features(args, tmp: Path, log):
     """(method name, features, provenance) of the model under test."""
     if args.checkpoint:
-        from .artifact import ExportError, export_artifact  # torch: only for --checkpoint
-        from .checkpoints import CheckpointError, load_checkpoint_student
-
         try:
             student, cfg, ckpt = load_checkpoint_student(args.checkpoint)
             out = export_artifact(student, cfg, tmp / "artifact",

@@ -74,11 +74,11 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
     # ------------------------------------------------------------------ run
 
     def _features(self, parameters, context, feedback):
-        segment = runtime.submodule("segment")
+        features = runtime.submodule("features")
         backends = runtime.submodule("backends")
         choice = self.parameterAsEnum(parameters, self.MODEL, context)
         if choice == 2:
-            return segment.load_features("kmeans", "numpy")
+            return features.load_features("kmeans", "numpy")
         if choice == 1:
             path = self.parameterAsFile(parameters, self.MODEL_DIR, context)
             if not path:
@@ -91,12 +91,12 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         requested = ["auto", "numpy", "onnx"][self.parameterAsEnum(parameters, self.BACKEND, context)]
         backend = runtime.backend_choice(requested)
         try:
-            return segment.load_features(path, backend)
+            return features.load_features(path, backend)
         except backends.BackendUnavailable as exc:
             if requested == "onnx":
                 raise QgsProcessingException(str(exc))
             feedback.pushInfo(f"onnx backend unavailable ({exc}); using the numpy backend")
-            return segment.load_features(path, "numpy")
+            return features.load_features(path, "numpy")
 
     def processAlgorithm(self, parameters, context, feedback):
         segment = runtime.submodule("segment")
@@ -116,13 +116,14 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         centers = self.parameterAsFile(parameters, self.CENTERS, context) or None
         try:
             bands = raster.parse_bands(self.parameterAsString(parameters, self.BANDS, context).strip() or None)
-            features = self._features(parameters, context, feedback)
+            options = segment.SegmentOptions(
+                k=None if centers else k, centers=centers, model=self._features(parameters, context, feedback),
+                tile=self.parameterAsInt(parameters, self.TILE, context), bands=bands,
+                smooth=self.parameterAsInt(parameters, self.SMOOTH, context),
+                cog=self.parameterAsBool(parameters, self.COG, context))
             feedback.pushInfo(f"mapseg from {os.path.dirname(segment.__file__)}; raster I/O: {raster.io_library()}")
             report = segment.segment_raster(
-                source, out, k=None if centers else k, model=None, tile=self.parameterAsInt(parameters, self.TILE, context),
-                bands=bands, smooth=self.parameterAsInt(parameters, self.SMOOTH, context), centers=centers,
-                cog=self.parameterAsBool(parameters, self.COG, context), progress=False, log=feedback.pushInfo,
-                features=features,
+                source, out, options, progress=False, log=feedback.pushInfo,
                 callback=lambda fraction, stage: (feedback.setProgress(100.0 * fraction),
                                                   not feedback.isCanceled())[1])
         except segment.SegmentCancelled:

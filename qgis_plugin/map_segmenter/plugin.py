@@ -2,6 +2,10 @@
 import os
 
 from qgis.core import QgsApplication
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction
+
+from .provider import MapSegmenterProvider
 
 
 class MapSegmenterPlugin:
@@ -12,15 +16,10 @@ class MapSegmenterPlugin:
         self.dialog = None
 
     def initProcessing(self):  # noqa: N802 - QGIS's name; also called by qgis_process
-        from .provider import MapSegmenterProvider
-
         self.provider = MapSegmenterProvider()
         QgsApplication.processingRegistry().addProvider(self.provider)
 
     def initGui(self):  # noqa: N802
-        from qgis.PyQt.QtGui import QIcon
-        from qgis.PyQt.QtWidgets import QAction
-
         self.initProcessing()
         icon = QIcon(os.path.join(os.path.dirname(__file__), "icon.png"))
         self.action = QAction(icon, "Segment raster (Map Segmenter)…", self.iface.mainWindow())
@@ -38,7 +37,7 @@ class MapSegmenterPlugin:
             self.provider = None
 
     def run(self):
-        from .dialog import SegmentDialog
+        from .dialog import SegmentDialog  # qgis.gui: only when the dialog is opened
 
         if self.dialog is None:
             self.dialog = SegmentDialog(self.iface.mainWindow(), self.iface)

@@ -87,7 +87,7 @@ def plan_workers(backend: str, workers: int | None = None, threads: int | None =
     held = importlib.util.find_spec("threadpoolctl") is not None
     if backend == "numpy" and not held:
         if (asked and workers > 1) or threads is not None:
-            raise WorkerError(f"--workers / --threads with the numpy backend need threadpoolctl to hold the BLAS "
+            raise WorkerError("--workers / --threads with the numpy backend need threadpoolctl to hold the BLAS "
                               "at one share of the cores per window (pip install threadpoolctl), or leave both "
                               "out (one window at a time on the BLAS's own threads)")
         return WorkerPlan(1, None, "1 window at a time on the BLAS's own threads (threadpoolctl is not "

@@ -76,7 +76,7 @@ class SegmentOptions:
         return self.model
 
 
-# --------------------------------------------------------------------------- windows
+# --------------------------------------------------------------------------- reading a window
 
 def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(image (rh, rw, 3) float32 in [0, 1], valid (rh, rw)) of a window's read region.

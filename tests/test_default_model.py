@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mapseg.artifact import load_artifact
+from mapseg.backends import make_backend
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "model" / "best"
 DUBAI = ROOT.parent / "shared" / "datasets" / "dubai_dev"
 
 
 def test_shipped_artifact_is_valid_and_documented():
-    from mapseg.artifact import load_artifact
-
     art = load_artifact(MODEL)
     assert art.embed_dim == 96 and art.stride == 4 and art.onnx_path is not None
     meta = json.loads((MODEL / "meta.json").read_text())
@@ -35,9 +36,6 @@ def test_shipped_artifact_is_valid_and_documented():
 
 
 def test_backends_agree_on_the_shipped_model():
-    from mapseg.artifact import load_artifact
-    from mapseg.backends import make_backend
-
     art = load_artifact(MODEL)
     image = np.random.default_rng(0).random((68, 92, 3), dtype=np.float32)
     ref = make_backend("numpy", art)[0].embed(image)

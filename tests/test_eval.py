@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mapseg.features import load_features
+from mapseg.raster import ArrayReader
+from mapseg.segment import SegmentOptions, fit_reader_centers, segment_raster
 from training.metrics import (agreement, boundary_density, class_ious, cluster_utilisation, confusion_matrix,
                               hungarian_scores, overcluster_scores, per_image_scores, scored_classes, speckle)
 
@@ -116,18 +121,12 @@ def test_eval_synthetic_prints_the_side_by_side_table(artifact, tmp_path, capsys
 def test_eval_labels_come_from_the_mapseg_pipeline(artifact):
     """The labels eval scores are the labels mapseg writes for the same image and centres."""
     rasterio = pytest.importorskip("rasterio")
-    from mapseg.raster import ArrayReader
-    from mapseg.features import load_features
-    from mapseg.segment import SegmentOptions, fit_reader_centers, segment_raster
-
     evalset = ev.synthetic_set(3, samples=2, size=96)
     feats = load_features(artifact, "numpy")
     labels, second, centers, _ = ev.label_set(feats, evalset, 4, views=True)
     assert len(second) == 2
     again = fit_reader_centers([ArrayReader(im) for im in evalset.images], 4, feats)
     assert np.array_equal(again.centers, centers.centers)
-    import tempfile
-    from pathlib import Path
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "in.tif"
         im = evalset.images[0]

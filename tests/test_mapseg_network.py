@@ -1,6 +1,8 @@
 """mapseg.network: the numpy forward pass, norm folding, and the window geometry."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -133,8 +135,6 @@ def test_fold_handles_conv_bias_without_norm():
 def test_concurrent_calls_give_the_sequential_results(net_and_student):
     """Several windows may be embedded at once on worker threads (mapseg.parallel): each thread works in
     its own buffers, so concurrent calls on one network return exactly what one call at a time does."""
-    from concurrent.futures import ThreadPoolExecutor
-
     net, _ = net_and_student
     rng = np.random.default_rng(3)
     images = [rng.random((64 + 4 * (i % 3), 96, 3), dtype=np.float32) for i in range(12)]

@@ -15,10 +15,13 @@ import pytest
 rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402
 
+import mapseg.segment as seg  # noqa: E402
 from mapseg import raster as mraster  # noqa: E402
 from mapseg.cli import main  # noqa: E402
 from mapseg.cluster import Centers  # noqa: E402
-from mapseg.segment import SegmentError, SegmentOptions, fit_raster_centers, segment_raster  # noqa: E402
+from mapseg.features import FeatureModel, load_features  # noqa: E402
+from mapseg.segment import (SegmentCancelled, SegmentError, SegmentOptions, fit_raster_centers,  # noqa: E402
+                            segment_raster)
 
 torch = pytest.importorskip("torch")
 
@@ -208,8 +211,6 @@ def test_interrupted_run_leaves_no_output(model, tmp_path, monkeypatch):
 
 def test_callback_reports_progress_and_cancels(model, tmp_path):
     """GUIs (the QGIS plugin) follow the run through ``callback`` and stop it by returning False."""
-    from mapseg.segment import SegmentCancelled
-
     src = write(tmp_path / "in.tif", scene())
     seen = []
     segment_raster(src, tmp_path / "ok.tif", SegmentOptions(k=3, model=model, tile=48), progress=False,
@@ -234,8 +235,6 @@ def test_callback_reports_progress_and_cancels(model, tmp_path):
 def test_read_errors_surface_from_the_window_threads(model, tmp_path, monkeypatch):
     """Windows are read and labelled on worker threads; a failing read still stops the run with its error
     (not a hang, not a partial output), and no worker is left running."""
-    import mapseg.segment as seg
-
     src = write(tmp_path / "in.tif", scene())
     real, calls = seg.read_window, {"n": 0}
 
@@ -465,8 +464,6 @@ def test_labels_do_not_depend_on_the_workers(model, tmp_path, backend):
 def test_feature_models_meet_the_protocol_and_options_name_the_model_once(model):
     """Both feature models the runtime ships are FeatureModels; SegmentOptions loads a folder or takes a loaded
     model as it is, and refuses loading settings for a model that is loaded already."""
-    from mapseg.features import FeatureModel, load_features
-
     colour, student = load_features("kmeans"), load_features(model, "numpy")
     assert isinstance(colour, FeatureModel) and isinstance(student, FeatureModel)
     assert SegmentOptions(model=student).feature_model() is student

@@ -10,6 +10,7 @@ import configparser
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import zipfile
@@ -124,7 +125,6 @@ def test_qgis_process_segments_a_real_raster(plugin, tmp_path, model):
         nodata = (a.read() == 0).all(axis=0)
     assert nodata.any() and (labels[nodata] == 255).all()
     assert set(np.unique(labels[~nodata])) == {0, 1, 2, 3}
-    import sqlite3
     with sqlite3.connect(tmp_path / "seg.gpkg") as db:
         n = db.execute("select count(*) from segments").fetchone()[0]
     assert n > 0

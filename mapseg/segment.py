@@ -167,7 +167,8 @@ def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, 
     return core
 
 
-def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int, wins: list[Window], smooth: int = 0):
+def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int, wins: list[Window],
+                smooth: int = 0):
     """(window, uint8 labels of its core clipped to the raster) for every window, in order.
 
     ``features.plan`` (mapseg.parallel) says how many windows are in flight at once: each worker

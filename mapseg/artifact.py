@@ -26,6 +26,7 @@ from .network import required_halo
 
 ARTIFACT_FORMAT_VERSION = 1  # the meta.json format this runtime reads (and training.export writes)
 ARTIFACT_KIND = "mapseg-artifact"
+ARTIFACT_FILES = ("meta.json", "metrics.json", "model.npz", "model.onnx")
 REQUIRED_META = ("format", "format_version", "architecture", "embed_dim", "max_k", "stride", "temperature",
                  "input", "cluster_defaults", "provenance", "weights_sha256")
 NORM_KINDS = ("group", "batch")
@@ -91,9 +92,14 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"artifact {path.parent}: {path.name} is missing (re-export with python -m training.export)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"artifact {path.parent}: {path.name} is not valid JSON ({exc})") from exc
+        text = path.read_text()
+    except OSError as exc:
+        raise ArtifactError(f"artifact {path.parent}: {path} cannot be read ({exc.strerror or exc})") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ArtifactError(f"artifact {path.parent}: {path} is not valid JSON ({exc}): the file is truncated or "
+                            "corrupt; copy it again or re-export (python -m training.export)") from exc
     if not isinstance(data, dict):
         raise ArtifactError(f"artifact {path.parent}: {path.name} must hold a JSON object")
     return data
@@ -205,8 +211,8 @@ def load_artifact(path: str | Path) -> Artifact:
     if not path.is_dir():
         raise ArtifactError(f"model path {path} is not a folder (an artifact is a folder with model.npz and meta.json)")
     meta = _read_json(path / "meta.json")
-    if meta.get("format_version") != ARTIFACT_FORMAT_VERSION:
-        validate(meta, {}, str(path))  # raises the version error before touching the arrays
+    if meta.get("format_version") != ARTIFACT_FORMAT_VERSION or meta.get("format") != ARTIFACT_KIND:
+        validate(meta, {}, str(path))  # raises the format / version error before touching the arrays
     metrics = _read_json(path / "metrics.json")
     npz = path / "model.npz"
     if not npz.is_file():
@@ -214,9 +220,16 @@ def load_artifact(path: str | Path) -> Artifact:
     try:
         with np.load(npz, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"artifact {path}: model.npz cannot be read ({exc})") from exc
-    validate(meta, arrays, str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated zip raises BadZipFile, zlib.error, EOFError, ...
+        raise ArtifactError(f"artifact {path}: {npz} cannot be read ({type(exc).__name__}: {exc}): the file is "
+                            "truncated or corrupt; copy it again or re-export (python -m training.export)") from exc
+    try:
+        validate(meta, arrays, str(path))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
+        raise ArtifactError(f"artifact {path}: meta.json is malformed ({type(exc).__name__}: {exc}); "
+                            "re-export the model (python -m training.export)") from exc
     for key in ("score", "step"):
         if key not in metrics:
             raise ArtifactError(f"artifact {path}: metrics.json lacks '{key}'")

@@ -18,7 +18,7 @@ import importlib.util
 
 import numpy as np
 
-from .errors import BackendUnavailable
+from .errors import ArtifactError, BackendUnavailable
 from .network import NumpyNetwork, fold_layers
 
 AUTO_ORDER = ("onnx", "torch", "numpy")
@@ -100,7 +100,15 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads or 0)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, ...: a broken file
+            if artifact.onnx_path is None:
+                raise
+            raise ArtifactError(f"artifact {artifact.path}: {artifact.onnx_path} cannot be loaded by onnxruntime "
+                                f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}): "
+                                "the file is truncated or corrupt; re-export with --onnx, or delete it to run "
+                                "without onnx") from exc
         digest = self.session.get_modelmeta().custom_metadata_map.get("weights_sha256")
         if digest != artifact.digest:
             raise BackendUnavailable(f"{artifact.path}/model.onnx belongs to another export (weights_sha256 "

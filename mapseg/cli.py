@@ -28,7 +28,7 @@ from .errors import USER_ERRORS, RasterError
 from .features import default_model_path
 from .fileio import write_text_atomic
 from .raster import parse_bands, write_preview
-from .scaling import parse_stretch
+from .scaling import parse_input_max, parse_stretch
 from .segment import SegmentOptions, fit_raster_centers, segment_raster
 from .windows import DEFAULT_TILE
 
@@ -42,8 +42,16 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="embedding backend; auto picks the fastest available and says which")
     p.add_argument("--bands", default=None, help="three 1-based bands as R,G,B (required unless the raster has 3)")
     p.add_argument("--nodata", type=float, default=None, help="input nodata value (default: the raster's own)")
-    p.add_argument("--stretch", default=None, metavar="LOW,HIGH",
-                   help="percentile stretch into [0, 1] (e.g. 2,98); default: divide by the dtype maximum")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--stretch", default=None, metavar="LOW,HIGH",
+                       help="percentile stretch into [0, 1] (e.g. 2,98); default: divide by the value of full "
+                            "brightness (255 for 8-bit; for 16-bit what the file says, see --input-max)")
+    scale.add_argument("--input-max", type=float, default=None, metavar="N",
+                       help="raw value of full brightness (e.g. 4095 for 12-bit imagery stored as uint16); default: "
+                            "255 for uint8; for uint16 the file's NBITS, else its statistics, else a sampled range "
+                            "(the log and the report say which)")
+    scale.add_argument("--bits", type=int, default=None, metavar="N",
+                       help="bit depth of the imagery: the same as --input-max 2**N-1 (e.g. --bits 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of k-means")
     p.add_argument("--workers", type=int, default=None,
                    help="windows processed at once, each on its own thread (default: 2 where there are 2+ CPUs)")
@@ -76,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("inputs", nargs="+", help="rasters to sample")
     f.add_argument("-k", type=int, required=True, help="number of clusters")
     f.add_argument("-o", "--output", required=True, help="centres file to write (JSON)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(f)
 
     i = sub.add_parser("info", help="print an artifact's metadata")
@@ -97,14 +106,15 @@ def _options(args, **settings) -> SegmentOptions:
     """A run's SegmentOptions: the flags every command shares (``_common``) and this command's ``settings``."""
     return SegmentOptions(model=args.model, backend=args.backend, threads=args.threads, workers=args.workers,
                           bands=parse_bands(args.bands), nodata=args.nodata, stretch=parse_stretch(args.stretch),
-                          seed=args.seed, **settings)
+                          input_max=parse_input_max(args.input_max, args.bits), seed=args.seed, **settings)
 
 
 def cmd_segment(args) -> int:
     if args.preview and not args.preview.lower().endswith(".png"):
         raise RasterError(f"--preview {args.preview}: give a .png name")
     options = _options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers, cog=args.cog)
-    report = segment_raster(args.input, args.output, options, progress=not args.no_progress, log=_log)
+    report = segment_raster(args.input, args.output, options, progress=not args.no_progress, log=_log,
+                            other_outputs={"--report": args.report, "--preview": args.preview})
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if args.preview:
@@ -113,7 +123,8 @@ def cmd_segment(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    centers = fit_raster_centers(args.inputs, _options(args, k=args.k), log=_log)
+    centers = fit_raster_centers(args.inputs, _options(args, k=args.k), log=_log, progress=not args.no_progress,
+                                 output=args.output)
     centers.save(args.output)
     _log(f"wrote {args.output}: K={centers.k} {centers.features} centres from {len(args.inputs)} raster(s)")
     return 0

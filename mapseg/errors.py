@@ -18,6 +18,11 @@ class ClusterError(ValueError):
     pass
 
 
+class OutputError(ValueError):
+    """An output cannot be written as asked (it is an input, two outputs share a name, its folder is missing,
+    read-only or full); raised before any work starts. The message says what to do."""
+
+
 class RasterError(ValueError):
     """The raster cannot be read or written as asked; the message says what to do."""
 
@@ -34,4 +39,5 @@ class WorkerError(ValueError):
     """--workers / --threads cannot be honoured; the message says why."""
 
 
-USER_ERRORS = (ArtifactError, BackendUnavailable, ClusterError, RasterError, SegmentError, FileNotFoundError)
+USER_ERRORS = (ArtifactError, BackendUnavailable, ClusterError, OutputError, RasterError, SegmentError,
+               FileNotFoundError)

@@ -1,21 +1,42 @@
-"""Atomic file writes: a unique temporary name beside the target, then one rename.
+"""Atomic file writes: a unique temporary name beside the target, then one rename; outputs checked first.
 
 A reader never sees a half-written file, and an interrupted run leaves the
 previous file (if any) in place. Temporary names start with a dot and carry
-the process id and a random tag (``temp_sibling``), so two runs never share one.
+the process id, a tag of the host and a random tag (``temp_sibling``), so two
+runs never share one. A run killed outright (SIGKILL, a power cut) cannot
+remove its own: the next run writing in that folder does (``remove_dead_leftovers``:
+only names of processes of this host that are no longer alive; never a live
+run's, never another host's).
+
+``check_outputs`` runs before any work: an output must not be an input (by any
+path, symlink or hard link) nor another output, and its folder must exist, be
+writable and have room for it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import socket
+import sys
+import time
 import uuid
 from pathlib import Path
 
+from .errors import OutputError
+
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+# .NAME.[KIND-]PID-HOST-ID[SUFFIX...]; names written before the host tag existed lack HOST
+_TEMP_NAME = re.compile(r"^\..+\.(?:[a-z]+-)?(?P<pid>\d+)-(?:(?P<host>[0-9a-f]{6})-)?[0-9a-f]{8}(?:\..*)?$")
+LEGACY_AGE_S = 3600  # a name without the host tag is removed only when its process is gone and it is this old
+
 
 def temp_sibling(path: str | Path, kind: str = "", suffix: str = ".tmp") -> Path:
-    """``.NAME.[KIND-]<pid>-<8 hex>SUFFIX`` in the folder of ``path``: a name no other write uses."""
+    """``.NAME.[KIND-]<pid>-<host>-<8 hex>SUFFIX`` in the folder of ``path``: a name no other write uses."""
     path = Path(path)
     tag = f"{kind}-" if kind else ""
-    return path.with_name(f".{path.name}.{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    return path.with_name(f".{path.name}.{tag}{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def remove_if_present(*paths: str | Path) -> None:
@@ -24,9 +45,68 @@ def remove_if_present(*paths: str | Path) -> None:
         Path(p).unlink(missing_ok=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (True when it cannot be told: a leftover is kept, not lost)."""
+    if pid == os.getpid():
+        return True
+    if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process there
+        return _pid_alive_windows(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _pid_alive_windows(pid: int) -> bool:
+    import ctypes
+
+    kernel = ctypes.windll.kernel32
+    handle = kernel.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return kernel.GetLastError() != 87  # ERROR_INVALID_PARAMETER: no such process
+    try:
+        code = ctypes.c_ulong()
+        return not kernel.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel.CloseHandle(handle)
+
+
+def remove_dead_leftovers(folder: str | Path) -> list[str]:
+    """Remove the temporary files (and folders) that killed runs of this host left in ``folder``; their names.
+
+    A name is removed when it has the shape ``temp_sibling`` gives, carries this host's tag and its
+    process id is not alive here (names from before the host tag: also an hour old). Anything else,
+    a live run's temporary above all, stays."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or (m["host"] is not None and m["host"] != HOST_TAG) or pid_alive(int(m["pid"])):
+            continue
+        try:
+            if m["host"] is None and now - entry.stat(follow_symlinks=False).st_mtime < LEGACY_AGE_S:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.name)
+        except OSError:
+            continue  # gone already, or not ours to remove: leave it
+    return removed
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a unique temporary sibling, then rename: never a half-written file."""
     path = Path(path)
+    remove_dead_leftovers(path.parent)
     tmp = temp_sibling(path)
     try:
         tmp.write_bytes(data)
@@ -38,3 +118,80 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` atomically (see ``write_bytes_atomic``)."""
     write_bytes_atomic(path, text.encode())
+
+
+# --------------------------------------------------------------------------- checks before a run
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same file by any path, symlink or hard link, or (where
+    one does not exist yet) the same name in the same folder."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return _place(a) == _place(b)
+
+
+def _place(p: str | Path) -> str:
+    p = Path(p)
+    return os.path.normcase(os.path.join(os.path.realpath(p.parent), p.name))
+
+
+def _pairs(named) -> list:
+    return list(named.items() if isinstance(named, dict) else named)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
+    """``path`` can be written: its folder exists and takes a new file, it is not itself a folder, and
+    (where the file system says) ``need_bytes`` fit. Raises OutputError saying what to do."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder: give a file name")
+    if not folder.exists():
+        raise OutputError(f"{what} {path}: the output folder {folder} does not exist; create it first or choose "
+                          "another")
+    if not folder.is_dir():
+        raise OutputError(f"{what} {path}: {folder} is not a folder")
+    probe = temp_sibling(path, "probe", "")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise OutputError(f"{what} {path}: cannot write in {folder} ({exc.strerror or exc}); "
+                          "choose a folder you can write to") from exc
+    remove_if_present(probe)
+    if need_bytes > 0:
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return  # not knowable here
+        if free < need_bytes:
+            raise OutputError(f"{what} {path}: {_mb(free)} free in {folder}, the output needs about "
+                              f"{_mb(need_bytes)}; free some space or choose another folder")
+
+
+def check_outputs(outputs, inputs, need_bytes: dict[str, int] | None = None) -> list[str]:
+    """Before a run: refuse any output that is one of ``inputs`` or another output, or that cannot be
+    written (``check_folder``); then remove dead runs' leftovers beside the outputs. ``outputs``: a dict
+    or (what, path) pairs, what naming the output ("output", "--report"); ``inputs``: the same, what saying
+    what would be lost ("the input raster", "the centres file"); None paths are skipped. ``need_bytes``
+    gives an output's rough size by its what. Returns the leftovers removed (for the log)."""
+    need_bytes = need_bytes or {}
+    named = [(what, Path(p)) for what, p in _pairs(outputs) if p is not None]
+    for i, (what, path) in enumerate(named):
+        for src_what, src in _pairs(inputs):
+            if src is not None and same_file(path, src):
+                raise OutputError(f"{what} {path} is {src_what} ({src}): writing it would destroy it; "
+                                  "choose another name")
+        for other_what, other in named[:i]:
+            if same_file(path, other):
+                raise OutputError(f"{what} and {other_what} are both {path}: give them different names")
+    for what, path in named:
+        check_folder(path, what, need_bytes.get(what, 0))
+    removed = []
+    for folder in dict.fromkeys(os.path.realpath(path.parent) for _, path in named):
+        removed += remove_dead_leftovers(folder)
+    return removed

@@ -1,6 +1,14 @@
-"""Input scaling into [0, 1]: divide by the dtype maximum (uint8, uint16) or a percentile stretch (``--stretch``)."""
+"""Input scaling into [0, 1]: divide by the value of full brightness, or a percentile stretch (``--stretch``).
+
+Full brightness (``input_range``) is 255 for uint8. uint16 often holds 10-, 12- or 14-bit imagery
+(a 12-bit camera: 0-4095); dividing it by 65535 would leave it dark and change the labels, so the
+value comes from what the file says (TIFF ``NBITS``; else the bands' ``STATISTICS_MAXIMUM``) or, when it
+says nothing, from the largest value of a sample, rounded up to a whole bit depth. The choice and how it
+was made go to the log and the run report; ``--input-max N`` / ``--bits N`` override it.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +18,46 @@ from .errors import SegmentError
 DTYPE_MAX = {"uint8": 255.0, "uint16": 65535.0}
 
 
+def bit_depth_max(value: float) -> float:
+    """2**b - 1 for the smallest bit depth b >= 8 whose range holds ``value`` (3000 -> 4095, 200 -> 255)."""
+    return float(2 ** max(8, int(np.ceil(max(value, 0))).bit_length()) - 1)
+
+
+def input_range(info, sample: np.ndarray | Callable[[], np.ndarray] | None = None) -> tuple[float, str]:
+    """(the raw value of full brightness, how it is known) of an integer raster: the scaling is x / that value.
+
+    ``info``: a mapping or an object with ``dtype`` (numpy name) and, where the file says them, ``nbits``
+    (TIFF NBITS) and ``statistics_max`` (the largest STATISTICS_MAXIMUM of the bands read), such as a
+    ``mapseg.raster`` reader's ``info``. ``sample``: raw values of valid pixels (any shape), or a function
+    that reads them, called only when the file says nothing. uint8: 255. uint16: 2**NBITS - 1; else the
+    bit depth holding STATISTICS_MAXIMUM; else the bit depth holding the sample's maximum. Raises
+    SegmentError (saying what to pass) for other data types, or when a needed sample is empty.
+    """
+    get = info.get if isinstance(info, Mapping) else (lambda key, default=None: getattr(info, key, default))
+    dtype = str(get("dtype"))
+    if dtype == "uint8":
+        return 255.0, "uint8"
+    if dtype != "uint16":
+        raise SegmentError(f"input data type {dtype} has no fixed range: pass --input-max N (the value of full "
+                           "brightness) or --stretch LOW,HIGH (percentiles, e.g. 2,98) to scale it into [0, 1]")
+    nbits, top = get("nbits"), get("statistics_max")
+    if nbits and 1 <= int(nbits) <= 16:
+        return float(2 ** int(nbits) - 1), f"uint16 with NBITS={int(nbits)} in the file"
+    if top is not None and top > 0:
+        value = bit_depth_max(top)
+        return value, (f"uint16, STATISTICS_MAXIMUM {top:g} in the file: {int(value).bit_length()}-bit; "
+                       "--input-max N to override")
+    values = sample() if callable(sample) else sample
+    values = np.zeros(0) if values is None else np.asarray(values)
+    if values.size == 0:
+        raise SegmentError("uint16 input without NBITS or statistics, and no valid pixel to measure its range "
+                           "on: pass --input-max N (e.g. 4095 for 12-bit imagery) or --bits N")
+    found = float(values.max())
+    value = bit_depth_max(found)
+    return value, (f"uint16 without NBITS or statistics; largest of {values.size:,} sampled values {found:g}: "
+                   f"{int(value).bit_length()}-bit; --input-max N to override")
+
+
 @dataclass(frozen=True)
 class Scaling:
     """x01 = clip((x - offset) * scale, 0, 1), per band."""
@@ -17,6 +65,7 @@ class Scaling:
     scale: np.ndarray
     clip: bool
     description: str
+    input_max: float | None = None  # the raw value of full brightness (None: a percentile stretch)
 
     def apply(self, data: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Scale (h, w, bands) ``data`` into float32 ``out``. uint8 / uint16 go through a per-band table of
@@ -49,6 +98,19 @@ class Scaling:
         return table
 
 
+def parse_input_max(input_max: float | None, bits: int | None) -> float | None:
+    """``--input-max N`` or ``--bits N`` (full brightness 2**N - 1) as one value; None when neither is given."""
+    if input_max is not None and bits is not None:
+        raise SegmentError("--input-max and --bits say the same thing: give one")
+    if bits is not None:
+        if not 1 <= int(bits) <= 32:
+            raise SegmentError(f"--bits {bits}: give the bit depth of the imagery, 1..32 (e.g. 12)")
+        return float(2 ** int(bits) - 1)
+    if input_max is not None and not (np.isfinite(input_max) and input_max > 0):
+        raise SegmentError(f"--input-max {input_max:g}: must be a positive number")
+    return input_max
+
+
 def parse_stretch(text) -> tuple[float, float] | None:
     if text is None or text == "":
         return None
@@ -61,14 +123,21 @@ def parse_stretch(text) -> tuple[float, float] | None:
     return lo, hi
 
 
-def make_scaling(dtype: str, stretch: tuple[float, float] | None, raw_sample: np.ndarray | None) -> Scaling:
-    """Divide by the dtype maximum (uint8, uint16), or a percentile stretch measured on the sample."""
+def make_scaling(dtype: str, stretch: tuple[float, float] | None, raw_sample: np.ndarray | None,
+                 input_max: float | None = None, how: str | None = None) -> Scaling:
+    """x / ``input_max`` (``how``: how it is known; default: ``input_range`` of the dtype and the sample), or
+    a percentile stretch measured on the sample. Values above ``input_max`` are clipped to 1."""
+    if stretch is not None and input_max is not None:
+        raise SegmentError("--stretch and --input-max/--bits both say how to scale the input: give one")
     if stretch is None:
-        if dtype not in DTYPE_MAX:
-            raise SegmentError(f"input data type {dtype} has no fixed range: pass --stretch LOW,HIGH "
-                               "(percentiles, e.g. 2,98) to scale it into [0, 1]")
-        top = DTYPE_MAX[dtype]
-        return Scaling(np.zeros(3, np.float32), np.full(3, 1 / top, np.float32), False, f"x / {top:g} ({dtype})")
+        if input_max is None:
+            input_max, how = input_range({"dtype": dtype}, raw_sample)
+        top = float(input_max)
+        if not (np.isfinite(top) and top > 0):
+            raise SegmentError(f"--input-max {input_max:g}: must be a positive number")
+        clip = top < DTYPE_MAX.get(dtype, np.inf)  # brighter values than the stated maximum: 1
+        return Scaling(np.zeros(3, np.float32), np.full(3, 1 / top, np.float32), clip,
+                       f"x / {top:g} ({how or dtype})", top)
     if raw_sample is None or raw_sample.shape[0] == 0:
         raise SegmentError("--stretch: the raster has no valid pixels to measure percentiles on")
     lo = np.percentile(raw_sample, stretch[0], axis=0)

@@ -31,15 +31,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .artifact import ARTIFACT_FILES
 from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
-from .errors import SegmentCancelled, SegmentError
-from .features import FeatureModel, load_features
+from .errors import SegmentCancelled, SegmentError  # noqa: F401 - SegmentCancelled: re-exported for callers
+from .features import FeatureModel, default_model_path, load_features
+from .fileio import check_outputs
 from .parallel import ordered_map
+from .progress import Progress, SampleProgress, tell
 from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
-from .scaling import Scaling, make_scaling
+from .scaling import Scaling, input_range, make_scaling
 from .windows import DEFAULT_TILE, Window, plan_windows, sample_window_order
 
 MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)
+MIN_RAW_VALUES = 10_000      # ... and this many valid pixels for a range or a stretch
 
 
 # --------------------------------------------------------------------------- options
@@ -61,7 +65,8 @@ class SegmentOptions:
     tile: int = DEFAULT_TILE               # window core side: memory, not labels
     bands: tuple[int, ...] | None = None   # three 1-based bands as R, G, B
     nodata: float | None = None            # input nodata (default: the raster's own)
-    stretch: tuple[float, float] | None = None  # percentile stretch into [0, 1] (default: by the dtype)
+    stretch: tuple[float, float] | None = None  # percentile stretch into [0, 1] (default: x / input_max)
+    input_max: float | None = None         # raw value of full brightness (default: what the file says, see scaling)
     smooth: int = 0                        # majority filter radius in label cells
     seed: int = 0                          # sampling and k-means
     cog: bool = False                      # write a Cloud Optimized GeoTIFF
@@ -219,12 +224,20 @@ def label_reader(reader, features: FeatureModel, scaling: Scaling, centers: Cent
 
 # --------------------------------------------------------------------------- sampling and fitting
 
-def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000) -> np.ndarray:
-    """Valid raw pixel values (N, 3) from the cores of the first n sampling windows (for --stretch)."""
-    chunks = []
-    for win in wins[:n]:
+def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000, progress=None) -> np.ndarray:
+    """Valid raw pixel values (N, 3) from the cores of the first n sampling windows, and of further ones until
+    MIN_RAW_VALUES are in (for --stretch and the range of a uint16 raster that does not state it)."""
+    chunks, found = [], 0
+    if progress is not None:
+        progress.start(n, len(wins))
+    for i, win in enumerate(wins):
+        if i >= n and found >= MIN_RAW_VALUES:
+            break
         data, ok = reader.read(*win.core.in_raster(reader.height, reader.width).bounds)
         chunks.append(data[ok].astype(np.float64))
+        found += chunks[-1].shape[0]
+        if progress is not None:
+            progress.window(chunks[-1].shape[0])
     values = np.concatenate(chunks) if chunks else np.zeros((0, 3))
     if values.shape[0] > max_values:
         values = values[np.random.default_rng(0).choice(values.shape[0], max_values, replace=False)]
@@ -232,21 +245,28 @@ def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000)
 
 
 def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
-                   progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+                   progress: SampleProgress | None = None, partial: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """(features (N, D), mean colours (N, 3), windows used) from valid cells of the sampling windows.
 
     A window contributes at most ``keep`` cells (a subset drawn with the seed), which keeps the
     sample small however large the raster; k-means sees at most SAMPLE_FEATURES of them anyway.
     The first ``n`` windows are always taken, further ones only until MIN_SAMPLE_CELLS valid cells
     are in; windows run as ``features.plan`` says and are taken in order, so the sample is the same.
+    A cell is valid when all its pixels are; where no cell is (a raster narrower than a cell, nodata
+    in every cell), the sample is drawn again from the cells with any valid pixel (``partial``).
+    ``progress`` hears of every window drawn (and may cancel the run).
     """
     wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
     s = features.stride
     keep = -(-2 * (SAMPLE_COLOURS if features.dim <= 4 else SAMPLE_FEATURES) // n)
+    cell_rule = cell_any if partial else cell_all
+    seen_valid = []  # appended to (from the window threads) when a window holds a valid pixel
 
     def one(win: Window, image: np.ndarray, valid: np.ndarray):
-        core_ok = cell_all(valid[win.core_in_read], s)
+        core_ok = cell_rule(valid[win.core_in_read], s)
         if not core_ok.any():  # all nodata: nothing to sample, skip the network
+            if valid[win.core_in_read].any():
+                seen_valid.append(True)
             return None
         f = features(image)
         core_img = image[win.core_in_read]
@@ -260,6 +280,8 @@ def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
         return f_ok.astype(np.float32), c_ok.astype(np.float32), int(core_ok.sum())
 
     feats, colours, cells, used = [], [], 0, 0
+    if progress is not None:
+        progress.start(n, len(wins))
     for first, part in ((True, wins[:n]), (False, wins[n:])):
         if not first and cells >= MIN_SAMPLE_CELLS:
             break
@@ -271,27 +293,41 @@ def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
                     colours.append(got[1])
                     cells += got[2]
                     used += 1
-                    if progress:
-                        progress(used)
+                if progress is not None:
+                    progress.window(0 if got is None else got[2])
                 if not first and cells >= MIN_SAMPLE_CELLS:
                     break
         finally:
             results.close()
+    if cells == 0 and seen_valid and not partial:
+        return collect_sample(reader, features, scaling, seed, progress, partial=True)
     if cells == 0:
         raise SegmentError(f"{reader.path} has no valid pixels (every pixel is nodata): nothing to segment")
     return np.concatenate(feats), np.concatenate(colours), used
 
 
-def scaling_for(reader, features: FeatureModel, stretch, seed: int) -> Scaling:
-    raw = None
-    if stretch is not None:
+def scaling_for(reader, features: FeatureModel, stretch, seed: int, input_max: float | None = None,
+                progress: SampleProgress | None = None) -> Scaling:
+    """The run's scaling into [0, 1]: ``--stretch`` (percentiles of a sample), ``--input-max`` (given), or the
+    range the raster states or a sample shows (``mapseg.scaling.input_range``; the description says which)."""
+    def sample() -> np.ndarray:
         wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
-        raw = _raw_sample(reader, wins, n)
-    return make_scaling(reader.info.dtype, stretch, raw)
+        values = _raw_sample(reader, wins, n, progress=progress)
+        if progress is not None:
+            progress.close()
+        return values
+
+    if stretch is not None:
+        return make_scaling(reader.info.dtype, stretch, sample(), input_max)
+    if input_max is not None:
+        return make_scaling(reader.info.dtype, None, None, input_max, f"{reader.info.dtype}; --input-max given")
+    return make_scaling(reader.info.dtype, None, None, *input_range(reader.info, sample))
 
 
-def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions, *, log=None) -> Centers:
-    """Fit ``options.k`` centres on a sample drawn from all ``inputs`` (``mapseg fit``)."""
+def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions, *, log=None, progress: bool = False,
+                       output=None) -> Centers:
+    """Fit ``options.k`` centres on a sample drawn from all ``inputs`` (``mapseg fit``). ``output``: the
+    centres file the caller writes, checked before any work (``check_run_outputs``, against every input)."""
     log = log or (lambda msg: None)
     if options.k is None:
         raise SegmentError("give -k K (number of clusters) to fit")
@@ -301,10 +337,18 @@ def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions,
     seed, bands = options.seed, options.bands
     all_f, all_c, info = [], [], []
     with io_env():
+        if output is not None:
+            for path in inputs:
+                with open_reader(path, bands, options.nodata) as reader:
+                    check_run_outputs({"-o": output}, path, options, reader, log)
         for path in inputs:
             with open_reader(path, bands, options.nodata) as reader:
-                scaling = scaling_for(reader, features, options.stretch, seed)
-                f, c, used = collect_sample(reader, features, scaling, seed)
+                scaling = scaling_for(reader, features, options.stretch, seed, options.input_max,
+                                      SampleProgress("range", "pixels", MIN_RAW_VALUES, progress))
+                log(f"scaling of {path}: {scaling.description}")
+                bar = SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress)
+                f, c, used = collect_sample(reader, features, scaling, seed, bar)
+                bar.close()
                 log(f"sampled {f.shape[0]} cells from {used} windows of {path}")
                 all_f.append(f)
                 all_c.append(c)
@@ -313,8 +357,14 @@ def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions,
     return _fit(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None})
 
 
-def _fit(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, info: dict) -> Centers:
+def _fit(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, info: dict, where="the rasters") -> Centers:
     feats, cols = np.concatenate(all_f), np.concatenate(all_c)
+    if feats.shape[0] < k:  # a raster of a few pixels
+        what = "pixels" if features.stride == 1 else f"cells of {features.stride} x {features.stride} pixels"
+        raise SegmentError(f"{where} gives only {feats.shape[0]} {what} to cluster, fewer than K={k}: "
+                           f"choose K <= {feats.shape[0]}" if feats.shape[0] >= 2 else
+                           f"{where} gives only {feats.shape[0]} {what} to cluster, fewer than K={k}: "
+                           "a raster this small cannot be segmented")
     try:
         return fit_centers(feats, cols, k, features.metric, features.kind, features.model_id, seed,
                            {**info, "features": int(feats.shape[0]), "seed": seed})
@@ -334,67 +384,76 @@ def fit_reader_centers(readers, k: int, features: FeatureModel, seed: int = 0, s
     return _fit(all_f, all_c, k, features, seed, {"rasters": info})
 
 
-def check_centers(centers: Centers, features: FeatureModel, k: int | None) -> Centers:
+def load_centers(centers: str | os.PathLike | Centers) -> Centers:
+    """A centres file (``mapseg fit``) read, or ``centers`` itself; a file that cannot be read is a ClusterError."""
+    if isinstance(centers, Centers):
+        return centers
+    try:
+        return Centers.load(centers)
+    except OSError as exc:
+        raise ClusterError(f"centres file {centers} cannot be read ({exc.strerror or exc})") from exc
+    except (AttributeError, TypeError) as exc:  # valid JSON of another shape (a list, a number)
+        raise ClusterError(f"{centers}: not a mapseg centres file ({exc})") from exc
+
+
+def check_centers(centers: Centers, features: FeatureModel, k: int | None, source=None) -> Centers:
+    """``centers`` apply to this run's features (same kind, model, dimensions) and K; ``source`` names the file."""
+    where = "the centres" if source is None or isinstance(source, Centers) else f"the centres file {source}"
     if centers.features != features.kind:
-        raise SegmentError(f"the centres were fitted on {centers.features} features but this run uses "
+        raise SegmentError(f"{where} was fitted on {centers.features} features but this run uses "
                            f"{features.kind} ({features.name}); fit them with the same --model")
     if centers.features == "embedding" and centers.model.get("weights_sha256") != features.model_id["weights_sha256"]:
-        raise SegmentError("the centres were fitted with another model (weights_sha256 differs); "
-                           "run mapseg fit with this --model")
+        raise SegmentError(f"{where} was fitted with another model (weights_sha256 differs from {features.name}'s); "
+                           "run mapseg fit with this --model, or use the model it was fitted with")
     if centers.centers.shape[1] != features.dim:
-        raise SegmentError(f"the centres have {centers.centers.shape[1]} dimensions, the features {features.dim}")
+        raise SegmentError(f"{where} has {centers.centers.shape[1]} dimensions, the features {features.dim}")
     check_k(centers.k, features.max_k)
     if k is not None and int(k) != centers.k:
-        raise SegmentError(f"-k {k} disagrees with the centres file (K={centers.k}); drop -k or refit")
+        raise SegmentError(f"-k {k} disagrees with {where} (K={centers.k}); drop -k or refit")
     return centers
 
 
-# --------------------------------------------------------------------------- progress
+# --------------------------------------------------------------------------- outputs
 
-class Progress:
-    """A one-line progress bar on stderr (no dependency), redrawn at most every 0.25 s."""
+OUTPUT_BYTES_PER_PIXEL = 0.02  # labels after DEFLATE: a rough low estimate of the output's size, for the space check
 
-    def __init__(self, total: int, desc: str, enabled: bool = True, stream=None):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.stream = stream or sys.stderr
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-        self.pixels = 0
 
-    def update(self, n: int = 1, pixels: int = 0) -> None:
-        self.done += n
-        self.pixels += pixels
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.25 or self.done >= self.total):
-            self.last = now
-            frac = self.done / max(1, self.total)
-            bar = "#" * int(24 * frac)
-            rate = self.pixels / 1e6 / max(now - self.start, 1e-9)
-            eta = (now - self.start) * (1 - frac) / max(frac, 1e-9)
-            self.stream.write(f"\r{self.desc} [{bar:<24}] {self.done}/{self.total} {rate:5.2f} MP/s ETA {eta:5.0f}s")
-            self.stream.flush()
+def check_run_outputs(outputs: dict, input_path, options: SegmentOptions, reader=None, log=None) -> None:
+    """Before any work: no output may be the input raster (or a file it reads: a VRT's sources, sidecars), the
+    centres file, a file of the model, or another output; their folders must exist and take them (the label
+    raster's rough size included). Leftovers of killed runs beside them are removed (and logged)."""
+    inputs = [("the input raster", input_path)]
+    if reader is not None:
+        inputs += [(f"a file the input raster {input_path} reads", f) for f in reader.info.files]
+    if isinstance(options.centers, (str, os.PathLike)):
+        inputs.append(("the centres file", options.centers))
+    if options.model is None or (isinstance(options.model, (str, os.PathLike)) and str(options.model) != "kmeans"):
+        folder = options.model or default_model_path()
+        inputs += [(f"{name} of the model {folder}", os.path.join(folder, name)) for name in ARTIFACT_FILES]
+    need = {}
+    if reader is not None and "output" in outputs:
+        need["output"] = int(reader.width * reader.height * OUTPUT_BYTES_PER_PIXEL * (2 if options.cog else 1))
+    removed = check_outputs(outputs, inputs, need)
+    if removed and log is not None:
+        log(f"removed {len(removed)} temporary file(s) that killed runs left: {', '.join(removed)}")
 
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+
 
 
 # --------------------------------------------------------------------------- segment
 
-def _tell(callback, fraction: float, stage: str) -> None:
-    if callback(fraction, stage) is False:
-        raise SegmentCancelled(f"cancelled during {stage}")
-
-
 def segment_raster(input_path, output_path, options: SegmentOptions | None = None, *, progress: bool = True,
-                   log=None, callback=None) -> dict:
+                   log=None, callback=None, other_outputs: dict | None = None) -> dict:
     """Segment one raster into a uint8 label GeoTIFF as ``options`` say; returns a report (timings, centres,
     backend). ``progress``: a progress bar on stderr; ``log(message)``: the run's messages (default: stderr).
 
     ``callback(fraction, stage)``, if given, is called as the run advances (``stage`` is ``"fit"`` or
     ``"segment"``, ``fraction`` of the whole run in [0, 1]); returning False cancels the run:
     ``SegmentCancelled`` is raised and no output file is left behind (QGIS, GUIs).
+
+    Before any work the output, and ``other_outputs`` (what -> path: files the caller writes after the
+    run, such as the CLI's --report and --preview), are checked (``check_run_outputs``): none may be an
+    input, and their folders must take them.
     """
     o = options or SegmentOptions()
     k, centers, smooth, seed = o.k, o.centers, o.smooth, o.seed
@@ -411,23 +470,22 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
     halo = features.halo + smooth * features.stride
     timings = {}
     with io_env(), open_reader(input_path, o.bands, o.nodata) as reader:
+        check_run_outputs({"output": output_path, **(other_outputs or {})}, input_path, o, reader, log)
         t0 = time.perf_counter()
-        scaling = scaling_for(reader, features, o.stretch, seed)
         if centers is not None:
-            fitted = check_centers(centers if isinstance(centers, Centers) else Centers.load(centers), features, k)
+            fitted = check_centers(load_centers(centers), features, k, centers)
             k = fitted.k
             log(f"centres: {k} from {centers if not isinstance(centers, Centers) else 'the caller'}")
-        else:
+        scaling = scaling_for(reader, features, o.stretch, seed, o.input_max,
+                              SampleProgress("range", "pixels", MIN_RAW_VALUES, progress, callback, (0.0, 0.03)))
+        log(f"scaling: {scaling.description}")
+        if centers is None:
             log(f"fitting K={k} centres on a sample of {input_path} ...")
-            f, c, used = collect_sample(reader, features, scaling, seed,
-                                        None if callback is None else lambda n: _tell(callback, 0.1 * min(1.0, n / 8),
-                                                                                      "fit"))
-            try:
-                fitted = fit_centers(f, c, k, features.metric, features.kind, features.model_id, seed,
-                                     {"rasters": [{"path": str(input_path), "cells": int(f.shape[0]),
-                                                   "windows": used}], "seed": seed})
-            except ClusterError as exc:
-                raise SegmentError(str(exc)) from exc
+            bar = SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress, callback, (0.03, 0.1))
+            f, c, used = collect_sample(reader, features, scaling, seed, bar)
+            bar.close()
+            fitted = _fit([f], [c], k, features, seed, {"rasters": [{"path": str(input_path), "cells": int(f.shape[0]),
+                                                                     "windows": used}]}, input_path)
             log(f"centres: K={k} from {f.shape[0]} sampled cells of {used} sampling windows")
         timings["fit_s"] = time.perf_counter() - t0
         scorer = fitted.scorer()
@@ -446,7 +504,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
                     writer.write(labels, win.core.row0, win.core.col0)
                     bar.update(1, labels.size)
                     if callback is not None:
-                        _tell(callback, 0.1 + 0.9 * (i + 1) / len(wins), "segment")
+                        tell(callback, 0.1 + 0.9 * (i + 1) / len(wins), "segment")
             finally:
                 windows.close()  # the windows in flight finish before the reader is closed
             bar.close()
@@ -467,7 +525,8 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         "workers": features.plan.workers, "threads_per_worker": features.plan.threads,
         "tile": o.tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
-        "timings": timings, "scaling": scaling.description, "nodata": info.has_nodata,
+        "timings": timings, "scaling": scaling.description, "input_max": scaling.input_max,
+        "nodata": info.has_nodata,
         "centers": fitted.to_json(),
     }
     log(f"wrote {out}: {info.width} x {info.height}, K={k}, {len(wins)} windows, {total:.1f} s "

@@ -60,6 +60,12 @@ class RasterInfo:
     # ...) and their CRS as WKT; copied to the labels, which share the input's pixel grid.
     gcps: tuple = ()
     gcp_crs: str | None = None
+    # What the file says of its range (mapseg.scaling.input_range): TIFF NBITS of the bands, and the largest
+    # STATISTICS_MAXIMUM among them; None where the file does not say.
+    nbits: int | None = None
+    statistics_max: float | None = None
+    # Every file the dataset reads (the raster, a VRT's sources, sidecars): none may be an output.
+    files: tuple = ()
 
     @property
     def has_nodata(self) -> bool:
@@ -96,6 +102,31 @@ def common_nodata(path: str, values) -> float | None:
     return float(found.pop()) if found else None
 
 
+def range_hint(nbits, maxima) -> tuple[int | None, float | None]:
+    """(NBITS, largest STATISTICS_MAXIMUM) of the selected bands from their metadata strings (None where
+    absent or unreadable; the maximum only when every band has one); bands that disagree on NBITS give the largest."""
+    def numbers(values, kind):
+        out = []
+        for v in values:
+            try:
+                out.append(kind(v))
+            except (TypeError, ValueError):  # absent (None) or not a number
+                continue
+        return [x for x in out if x == x]  # no NaN
+
+    maxima = list(maxima)
+    bits, tops = numbers(nbits, int), numbers(maxima, float)
+    return (max(bits) if bits else None), (max(tops) if tops and len(tops) == len(maxima) else None)
+
+
+def read_failed(path: str, row0: int, row1: int, col0: int, col1: int, exc: BaseException) -> RasterError:
+    """The error of a window that could not be read (a truncated or corrupt file, a vanished source)."""
+    text = str(exc.__cause__ or exc).strip()  # rasterio: "Read failed. See previous exception": the cause says why
+    detail = text.splitlines()[0] if text else type(exc).__name__
+    return RasterError(f"cannot read {path} at rows {row0}-{row1}, columns {col0}-{col1} ({detail}): the file is "
+                       "truncated or corrupt; copy or export it again")
+
+
 def common_dtype(path: str, dtypes) -> str:
     dtypes = set(dtypes)
     if len(dtypes) > 1:
@@ -112,7 +143,23 @@ def nodata_valid(data: np.ndarray, nodata: float | None) -> np.ndarray:
 
 
 class ReaderBase:
-    """What every reader shares: size from ``info``, a context manager around ``close``."""
+    """What every reader shares: size from ``info``, a context manager around ``close``, and reads whose
+    failures (``read_errors``: a truncated or corrupt file) become a RasterError naming the file and window."""
+    read_errors: tuple = (OSError,)
+
+    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(data (h, w, 3) in the raster's dtype, valid (h, w) bool) for rows [row0, row1), cols [col0, col1)."""
+        try:
+            return self._read(row0, row1, col0, col1)
+        except self.read_errors as exc:
+            raise read_failed(self.path, row0, row1, col0, col1, exc) from exc
+
+    def read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole raster resampled (nearest) to (out_h, out_w): (data (h, w, 3), valid (h, w))."""
+        try:
+            return self._read_decimated(out_h, out_w)
+        except self.read_errors as exc:
+            raise read_failed(self.path, 0, self.height, 0, self.width, exc) from exc
 
     @property
     def width(self) -> int:
@@ -134,7 +181,29 @@ class ReaderBase:
 
 class LabelWriterBase:
     """What both label writers share: the output checks, the temporary names beside the output (a
-    ``.OUT.part-<pid>-<id>`` file, so an interrupted run leaves no half-written OUT), the final rename."""
+    ``.OUT.part-<pid>-<host>-<id>`` file, so an interrupted run leaves no half-written OUT), the final rename,
+    and writes whose failures (``write_errors``: a full disk, a vanished folder) become a RasterError."""
+    write_errors: tuple = (OSError,)
+
+    def write(self, labels: np.ndarray, row0: int, col0: int) -> None:
+        """Write uint8 ``labels`` with their top-left pixel at (row0, col0)."""
+        try:
+            self._write(labels, row0, col0)
+        except self.write_errors as exc:
+            raise self._failed(exc) from exc
+
+    def commit(self) -> Path:
+        """Finish the file and move it to its final name (COG: converted first)."""
+        try:
+            return self._commit()
+        except self.write_errors as exc:
+            self.abort()
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: BaseException) -> RasterError:
+        text = str(exc.__cause__ or exc).strip()
+        return RasterError(f"writing {self.path} failed ({text.splitlines()[0] if text else type(exc).__name__}): "
+                           f"is the disk full or {self.path.parent} read-only? Nothing was written there")
 
     def _prepare(self, path, cog: bool) -> None:
         self.path = Path(path)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import RasterError
 from .common import (BLOCK, GDAL_CACHE_MB, LabelWriterBase, RasterInfo, ReaderBase, check_input_exists,
-                     choose_bands, colormap, common_dtype, common_nodata, nodata_valid)
+                     choose_bands, colormap, common_dtype, common_nodata, nodata_valid, range_hint)
 
 # GDAL data type names -> numpy dtype names
 _DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Int16": "int16", "UInt32": "uint32", "Int32": "int32",
@@ -53,6 +53,7 @@ def env():
 class GdalRasterReader(ReaderBase):
     """Windowed reads of three bands of one raster through osgeo.gdal (see ``rasterio_io.RasterReader``)."""
     library = "gdal"
+    read_errors = (RuntimeError, OSError)  # gdal.UseExceptions(): a failed read raises RuntimeError
 
     def __init__(self, path: str | os.PathLike, bands: tuple[int, ...] | None = None, nodata: float | None = None):
         gdal = _gdal()
@@ -92,11 +93,14 @@ class GdalRasterReader(ReaderBase):
         wkt = ds.GetProjection() or ""
         gcps = tuple((g.GCPLine, g.GCPPixel, g.GCPX, g.GCPY, g.GCPZ) for g in (ds.GetGCPs() or ()))
         georef = bool(wkt) or gt != IDENTITY_GT or bool(gcps)
+        nbits, top = range_hint((self.band_objs[b].GetMetadataItem("NBITS", "IMAGE_STRUCTURE") for b in self.bands),
+                                (self.band_objs[b].GetMetadataItem("STATISTICS_MAXIMUM") for b in self.bands))
         self.info = RasterInfo(self.path, ds.RasterXSize, ds.RasterYSize, count, dtype, self.bands,
                                self.nodata, self.has_mask, wkt or None, gt, georef, gcps,
-                               (ds.GetGCPProjection() or None) if gcps else None)
+                               (ds.GetGCPProjection() or None) if gcps else None, nbits, top,
+                               tuple(ds.GetFileList() or ()))
 
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
         h, w = row1 - row0, col1 - col0
         planes = {b: band.ReadAsArray(col0, row0, w, h) for b, band in self.band_objs.items()}
         data = np.stack([planes[b] for b in self.bands], axis=-1)
@@ -105,8 +109,7 @@ class GdalRasterReader(ReaderBase):
             valid &= self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(col0, row0, w, h) != 0
         return data, valid
 
-    def read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
-        """The whole raster resampled (nearest) to (out_h, out_w): (data (h, w, 3), valid (h, w))."""
+    def _read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
         w, h = self.width, self.height
         planes = {b: band.ReadAsArray(0, 0, w, h, buf_xsize=out_w, buf_ysize=out_h)
                   for b, band in self.band_objs.items()}
@@ -125,6 +128,7 @@ class GdalRasterReader(ReaderBase):
 class GdalLabelWriter(LabelWriterBase):
     """The uint8 label GeoTIFF through osgeo.gdal (see ``rasterio_io.LabelWriter``)."""
     library = "gdal"
+    write_errors = (RuntimeError, OSError)
 
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
                  tags: dict | None = None):
@@ -155,14 +159,16 @@ class GdalLabelWriter(LabelWriterBase):
             self.band.SetRasterColorInterpretation(gdal.GCI_PaletteIndex)
             if tags:
                 self.ds.SetMetadata({str(a): str(b) for a, b in tags.items()})
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if isinstance(exc, self.write_errors):
+                raise self._failed(exc) from exc
             raise
 
-    def write(self, labels: np.ndarray, row0: int, col0: int) -> None:
+    def _write(self, labels: np.ndarray, row0: int, col0: int) -> None:
         self.band.WriteArray(np.ascontiguousarray(labels, dtype=np.uint8), int(col0), int(row0))
 
-    def commit(self) -> Path:
+    def _commit(self) -> Path:
         self.band = None
         self.ds.FlushCache()
         self.ds = None

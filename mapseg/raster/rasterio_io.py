@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import RasterError
 from .common import (BLOCK, GDAL_CACHE_MB, LabelWriterBase, RasterInfo, ReaderBase, check_input_exists,
-                     choose_bands, colormap, common_dtype, common_nodata, nodata_valid)
+                     choose_bands, colormap, common_dtype, common_nodata, nodata_valid, range_hint)
 
 
 def _rasterio():
@@ -63,12 +63,14 @@ class RasterReader(ReaderBase):
         points, gcp_crs = ds.gcps
         gcps = tuple((g.row, g.col, g.x, g.y, g.z or 0.0) for g in points)
         georef = ds.crs is not None or not ds.transform.is_identity or bool(gcps)
+        nbits, top = range_hint((ds.tags(b, ns="IMAGE_STRUCTURE").get("NBITS") for b in self.bands),
+                                (ds.tags(b).get("STATISTICS_MAXIMUM") for b in self.bands))
         self.info = RasterInfo(self.path, ds.width, ds.height, ds.count, dtype, self.bands,
                                self.nodata, self.has_mask, ds.crs, ds.transform, georef, gcps,
-                               gcp_crs.to_wkt() if gcps and gcp_crs else None)
+                               gcp_crs.to_wkt() if gcps and gcp_crs else None, nbits, top, tuple(ds.files))
+        self.read_errors = (rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError, OSError)
 
-    def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
-        """(data (h, w, 3) in the raster's dtype, valid (h, w) bool) for rows [row0, row1), cols [col0, col1)."""
+    def _read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.windows import Window
 
         win = Window(col0, row0, col1 - col0, row1 - row0)
@@ -80,8 +82,7 @@ class RasterReader(ReaderBase):
             valid &= self.ds.read_masks(self.bands[0], window=win) != 0
         return data, valid
 
-    def read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
-        """The whole raster resampled (nearest) to (out_h, out_w): (data (h, w, 3), valid (h, w))."""
+    def _read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.enums import Resampling
 
         unique = sorted(set(self.bands))
@@ -105,6 +106,7 @@ class LabelWriter(LabelWriterBase):
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
                  tags: dict | None = None):
         rasterio = _rasterio()
+        self.write_errors = (rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError, OSError)
         self._prepare(path, cog)
         profile = {"driver": "GTiff", "width": like.width, "height": like.height, "count": 1, "dtype": "uint8",
                    "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate",
@@ -126,18 +128,19 @@ class LabelWriter(LabelWriterBase):
             self.ds.write_colormap(1, colormap(k))
             if tags:
                 self.ds.update_tags(**{str(a): str(b) for a, b in tags.items()})
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if isinstance(exc, self.write_errors):
+                raise self._failed(exc) from exc
             raise
 
-    def write(self, labels: np.ndarray, row0: int, col0: int) -> None:
+    def _write(self, labels: np.ndarray, row0: int, col0: int) -> None:
         from rasterio.windows import Window
 
         h, w = labels.shape
         self.ds.write(labels, 1, window=Window(col0, row0, w, h))
 
-    def commit(self) -> Path:
-        """Finish the file and move it to its final name (COG: converted first)."""
+    def _commit(self) -> Path:
         self.ds.close()
         self.ds = None
         src = self.tmp

@@ -168,6 +168,59 @@ def test_eval_folder_with_colour_masks(tmp_path, capsys):
     assert r["dataset"]["pixels"] == 2 * 36 * 48
 
 
+def test_eval_value_masks_with_a_class_map_that_groups_classes(tmp_path, capsys):
+    """Single-band masks of raw class values (as GeoNRW's): the class map names them and merges 1+3 into one
+    group; a raw value the map does not know is an error naming it."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"ignore_value": 0, "classes": {"red": [1, 3], "blue": [2]}}))
+    img = np.zeros((40, 48, 3), np.uint8)
+    img[:, :24] = (200, 40, 30)
+    img[:, 24:] = (20, 40, 210)
+    mask = np.zeros((40, 48), np.uint8)
+    mask[:, :12], mask[:, 12:24], mask[:, 24:] = 1, 3, 2         # two raw classes of one colour: one group
+    mask[:4] = 0                                                 # ignored
+    Image.fromarray(img).save(tmp_path / "img" / "t.png")
+    Image.fromarray(mask).save(tmp_path / "msk" / "t.png")
+    out = tmp_path / "r.json"
+    args = ["--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"), "--mask-classes", str(classes),
+            "--model", "kmeans", "--no-overcluster", "--no-views", "--out", str(out)]
+    assert ev.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["evaluation_set"]["classes"] == ["red", "blue"] and r["k"] == 2
+    d = r["results"][0]["dataset"]
+    assert d["accuracy"] == 1.0 and d["per_class_iou"] == {"red": 1.0, "blue": 1.0} and d["pixels"] == 36 * 48
+    mask[20, 30] = 7
+    Image.fromarray(mask).save(tmp_path / "msk" / "t.png")
+    assert ev.main(args) == 2
+    assert "values [7]" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_geonrw_class_maps_cover_its_masks():
+    """The shipped GeoNRW class maps (10 classes, 5 groups) know every value of geonrw_dev's masks."""
+    from training.datasets.convert_masks import load_value_classes, remap_values
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "geonrw_dev" / "masks"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found (../shared/datasets)")
+    from PIL import Image
+    classes_dir = Path(__file__).resolve().parents[1] / "training" / "datasets" / "classes"
+    ten, five = (load_value_classes(classes_dir / f"geonrw_{n}.json") for n in (10, 5))
+    assert len(ten["names"]) == 10 and list(five["names"].values()) == ["forest", "water", "open vegetation",
+                                                                        "built", "paved"]
+    for path in sorted(root.glob("*.tif"))[:8]:
+        with Image.open(path) as im:
+            raw = np.asarray(im)
+        np.testing.assert_array_equal(remap_values(raw, ten), raw)        # 10 classes: values unchanged
+        grouped = remap_values(raw, five)
+        assert set(np.unique(grouped)) <= {0, 1, 2, 3, 4, 5}
+        assert ((grouped == 4) == np.isin(raw, [4, 6, 8, 10])).all()
+
+
 def test_eval_bad_inputs_are_clear_errors(tmp_path, capsys):
     from PIL import Image
 

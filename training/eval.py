@@ -3,6 +3,7 @@
     python -m training.eval --synthetic --seed 7                                   # a run's synthetic val set
     python -m training.eval --data-source shards --processed-root P --dataset-id D --split val
     python -m training.eval --images DIR --masks DIR --mask-colors colors.json    # a folder of images + masks
+    python -m training.eval --images DIR --masks DIR --mask-classes training/datasets/classes/geonrw_5.json
         [--model model/best | --checkpoint runs/x/best.pt] [--teacher efficientnet_lite0] [-k K] [--out r.json]
 
 Every method labels the evaluation set exactly as ``mapseg`` labels rasters: K
@@ -50,7 +51,7 @@ from .artifact import ExportError, export_artifact
 from .checkpoints import CheckpointError, load_checkpoint_student
 from .config import TeacherConfig
 from .data.sharded_tif_dataset import eval_items, eval_settings
-from .datasets.convert_masks import convert, load_colors
+from .datasets.convert_masks import convert, load_colors, load_value_classes, remap_values
 from .teachers import build_teacher
 from .teachers.base import TeacherLoadError
 from .metrics import (agreement, boundary_density, cluster_utilisation, confusion_matrix, hungarian_scores,
@@ -129,13 +130,16 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def folder_set(images_dirs, masks_dirs, mask_colors: str | None = None, ignore_leq: int | None = 0,
-               unknown: str = "error") -> EvalSet:
+               unknown: str = "error", mask_classes: str | None = None) -> EvalSet:
     """Images paired with masks by file stem (``image_part_001.jpg`` with ``image_part_001.png``), from one or
     more image folders, each with its mask folder (paired in order).
 
     With ``mask_colors`` (a colour map JSON, see training/datasets/colors/) colour masks become class
-    values and ``ignore_leq`` is the map's ``ignore_value``; without it masks must hold class values.
+    values and ``ignore_leq`` is the map's ``ignore_value``; without it masks must hold class values, which
+    ``mask_classes`` (a class map JSON, see training/datasets/classes/) names and may group.
     """
+    if mask_colors and mask_classes:
+        raise EvalError("--mask-colors (colour masks) and --mask-classes (value masks) exclude each other")
     images_dirs = [images_dirs] if isinstance(images_dirs, (str, Path)) else list(images_dirs)
     masks_dirs = [masks_dirs] if isinstance(masks_dirs, (str, Path)) else list(masks_dirs)
     if len(images_dirs) != len(masks_dirs):
@@ -156,7 +160,13 @@ def folder_set(images_dirs, masks_dirs, mask_colors: str | None = None, ignore_l
             raise EvalError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {idir}")
         pairs += here
     colors = load_colors(mask_colors) if mask_colors else None
-    names = None
+    names, classes = None, None
+    if mask_classes:
+        try:
+            classes = load_value_classes(mask_classes)
+        except (OSError, ValueError) as exc:
+            raise EvalError(str(exc)) from exc
+        ignore_leq, names = classes["ignore_value"], classes["names"]
     if colors is not None:
         ignore_leq = colors["ignore_value"]
         if any(v <= ignore_leq for _, v in colors["classes"].values()):
@@ -175,6 +185,11 @@ def folder_set(images_dirs, masks_dirs, mask_colors: str | None = None, ignore_l
             if raw.ndim != 2:
                 raise EvalError(f"{mp} is a colour mask: pass --mask-colors FILE to map its colours to classes")
             lab = raw
+            if classes is not None:
+                try:
+                    lab = remap_values(raw, classes, str(mp))
+                except ValueError as exc:
+                    raise EvalError(str(exc)) from exc
         if lab.shape != img.shape[:2]:
             raise EvalError(f"{mp} is {lab.shape[1]}x{lab.shape[0]}, its image {ip} {img.shape[1]}x{img.shape[0]}")
         images.append(img)
@@ -388,7 +403,8 @@ def run(args, log=None) -> dict:
     elif args.images or args.masks:
         if not (args.images and args.masks):
             raise EvalError("--images and --masks go together")
-        evalset = folder_set(args.images, args.masks, args.mask_colors, args.ignore_leq)
+        evalset = folder_set(args.images, args.masks, args.mask_colors, args.ignore_leq,
+                             mask_classes=args.mask_classes)
     else:
         raise EvalError("choose an evaluation set: --synthetic, --data-source shards ..., or --images/--masks")
     n_classes = len(evalset.classes)
@@ -434,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--masks", nargs="+", metavar="DIR",
                      help="mask folder(s), one per --images folder: class values, or colours with --mask-colors")
     src.add_argument("--mask-colors", help="colour map JSON (e.g. training/datasets/colors/dubai_dev.json)")
+    src.add_argument("--mask-classes", help="class map JSON for value masks: names and groups classes "
+                                            "(e.g. training/datasets/classes/geonrw_5.json)")
     src.add_argument("--ignore-leq", type=int, default=0,
                      help="value masks: labels <= this are ignored (default 0; colour maps set their own)")
     src.add_argument("--samples", type=int, default=8, help="--synthetic: images (default 8, as in training)")

@@ -63,6 +63,41 @@ def convert(rgb: np.ndarray, colors: dict, unknown: str = "error", name: str = "
     return out, n_unknown
 
 
+def load_value_classes(path: str | Path) -> dict:
+    """A class map of single-band masks: ``{"ignore_value": v, "classes": {name: [raw values]}}``; the n-th class
+    becomes value n + 1 (ignore_value 0) or, with a non-zero ignore_value, ignore_value + n + 1. Groups several
+    raw classes into one (e.g. GeoNRW's 10 land-use classes into 5 appearance groups)."""
+    data = json.loads(Path(path).read_text())
+    try:
+        ignore_value = int(data.get("ignore_value", 0))
+        groups = {str(name): [int(v) for v in values] for name, values in data["classes"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: expected {{'classes': {{name: [raw values]}}, 'ignore_value': v}} ({exc})") from None
+    raw = [v for values in groups.values() for v in values]
+    if len(set(raw)) != len(raw) or ignore_value in raw or not raw or min(raw) < 0:
+        raise ValueError(f"{path}: each raw value belongs to one class, none is ignore_value, none is negative")
+    table = {v: ignore_value + 1 + i for i, values in enumerate(groups.values()) for v in values}
+    return {"ignore_value": ignore_value, "table": table,
+            "names": {ignore_value + 1 + i: name for i, name in enumerate(groups)}}
+
+
+def remap_values(raw: np.ndarray, classes: dict, name: str = "mask") -> np.ndarray:
+    """(H, W) raw class values -> the class map's values (int64); a value in neither the map nor ignore_value
+    is an error naming it."""
+    lut_size = max(int(raw.max()), max(classes["table"]), classes["ignore_value"]) + 1
+    lut = np.full(lut_size, -1, np.int64)
+    lut[classes["ignore_value"]] = classes["ignore_value"]
+    for v, out in classes["table"].items():
+        lut[v] = out
+    if raw.min() < 0:
+        raise ValueError(f"{name}: negative class values")
+    out = lut[raw.astype(np.int64)]
+    if (out < 0).any():
+        bad = sorted(set(np.unique(raw[out < 0]).tolist()))
+        raise ValueError(f"{name}: values {bad[:8]} are neither a class of the class map nor its ignore_value")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.datasets.convert_masks", description=__doc__.split("\n")[0])
     p.add_argument("--masks", required=True, help="folder of colour-coded masks (searched recursively)")

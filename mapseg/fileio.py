@@ -141,7 +141,7 @@ def _pairs(named) -> list:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB" if n >= 1e3 else f"{n:,.0f} bytes"
 
 
 def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:

@@ -28,23 +28,31 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.done = 0
         self.pixels = 0
+        self.note = ""
 
     def update(self, n: int = 1, pixels: int = 0, note: str = "") -> None:
         """``n`` more steps done, ``pixels`` more pixels; ``note`` (e.g. the valid cells found) replaces the rate."""
         self.done += n
         self.pixels += pixels
+        self.note = note
         now = time.perf_counter()
         if self.enabled and (now - self.last > 0.25 or self.done >= self.total):
-            self.last = now
-            frac = min(1.0, self.done / max(1, self.total))
-            bar = "#" * int(24 * frac)
-            rate = note or f"{self.pixels / 1e6 / max(now - self.start, 1e-9):5.2f} MP/s"
-            eta = (now - self.start) * (1 - frac) / max(frac, 1e-9)
-            self.stream.write(f"\r{self.desc} [{bar:<24}] {self.done}/{self.total} {rate} ETA {eta:5.0f}s")
-            self.stream.flush()
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self.last = now
+        frac = min(1.0, self.done / max(1, self.total))
+        bar = "#" * int(24 * frac)
+        rate = self.note or f"{self.pixels / 1e6 / max(now - self.start, 1e-9):5.2f} MP/s"
+        eta = (now - self.start) * (1 - frac) / max(frac, 1e-9)
+        self.stream.write(f"\r{self.desc} [{bar:<24}] {self.done}/{self.total} {rate} ETA {eta:5.0f}s")
+        self.stream.flush()
 
     def close(self) -> None:
+        """The final state, then a new line."""
         if self.enabled:
+            if self.done:  # redrawn over the last line (at most every 0.25 s): the counts it ended with
+                self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
 

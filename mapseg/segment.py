@@ -320,7 +320,7 @@ def scaling_for(reader, features: FeatureModel, stretch, seed: int, input_max: f
     if stretch is not None:
         return make_scaling(reader.info.dtype, stretch, sample(), input_max)
     if input_max is not None:
-        return make_scaling(reader.info.dtype, None, None, input_max, f"{reader.info.dtype}; --input-max given")
+        return make_scaling(reader.info.dtype, None, None, input_max, f"{reader.info.dtype}; input maximum given")
     return make_scaling(reader.info.dtype, None, None, *input_range(reader.info, sample))
 
 
@@ -359,12 +359,13 @@ def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions,
 
 def _fit(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, info: dict, where="the rasters") -> Centers:
     feats, cols = np.concatenate(all_f), np.concatenate(all_c)
-    if feats.shape[0] < k:  # a raster of a few pixels
-        what = "pixels" if features.stride == 1 else f"cells of {features.stride} x {features.stride} pixels"
-        raise SegmentError(f"{where} gives only {feats.shape[0]} {what} to cluster, fewer than K={k}: "
-                           f"choose K <= {feats.shape[0]}" if feats.shape[0] >= 2 else
-                           f"{where} gives only {feats.shape[0]} {what} to cluster, fewer than K={k}: "
-                           "a raster this small cannot be segmented")
+    n = feats.shape[0]
+    if n < k:  # a raster of a few pixels
+        unit = "pixel" if features.stride == 1 else "cell"
+        size = "" if features.stride == 1 else f" of {features.stride} x {features.stride} pixels"
+        raise SegmentError(f"{where} has a single {unit}{size} to cluster, fewer than K={k}: a raster this small "
+                           "cannot be segmented" if n == 1 else
+                           f"{where} has only {n} {unit}s{size} to cluster, fewer than K={k}: choose K <= {n}")
     try:
         return fit_centers(feats, cols, k, features.metric, features.kind, features.model_id, seed,
                            {**info, "features": int(feats.shape[0]), "seed": seed})
@@ -393,7 +394,7 @@ def load_centers(centers: str | os.PathLike | Centers) -> Centers:
     except OSError as exc:
         raise ClusterError(f"centres file {centers} cannot be read ({exc.strerror or exc})") from exc
     except (AttributeError, TypeError) as exc:  # valid JSON of another shape (a list, a number)
-        raise ClusterError(f"{centers}: not a mapseg centres file ({exc})") from exc
+        raise ClusterError(f"{centers}: not a mapseg centres file ({exc}); write one with mapseg fit") from exc
 
 
 def check_centers(centers: Centers, features: FeatureModel, k: int | None, source=None) -> Centers:

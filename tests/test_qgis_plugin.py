@@ -167,3 +167,54 @@ def test_dialog_runs_a_background_task_and_adds_a_paletted_layer(plugin, tmp_pat
     assert res["renderer"] == "paletted" and res["crs_same"]
     assert res["classes"] == [0, 1, 2, 3]
     assert "torch" not in res["imported"]
+
+
+def test_bad_inputs_are_messages_in_the_feedback_not_tracebacks(plugin, tmp_path):
+    """Issue 16 through the Processing algorithm: an output that is the input, a missing folder, a corrupt
+    raster, a one-pixel raster: a message in QGIS's feedback, no traceback, no output; a 3x5 raster and
+    12-bit imagery: the right result, the scaling stated in the log (and taken from INPUT_MAX when given)."""
+    src = _synthetic_raster(tmp_path / "in.tif")
+    before = src.read_bytes()
+    big = np.tile(rasterio.open(src).read(), (1, 3, 3))
+    with rasterio.open(src) as ds:
+        profile = ds.profile | {"width": big.shape[2], "height": big.shape[1], "tiled": True, "blockxsize": 64,
+                                "blockysize": 64, "compress": "deflate"}
+    with rasterio.open(tmp_path / "big.tif", "w", **profile) as ds:
+        ds.write(big)
+    data = (tmp_path / "big.tif").read_bytes()
+    (tmp_path / "corrupt.tif").write_bytes(data[:len(data) // 3])
+    with rasterio.open(src) as ds:
+        twelve = (ds.read().astype(np.int64) * 4095 // 255).astype(np.uint16)
+        with rasterio.open(tmp_path / "u12.tif", "w", **(ds.profile | {"dtype": "uint16"}), nbits=12) as out:
+            out.write(twelve)
+        for name, shape in (("one.tif", (1, 1)), ("small.tif", (3, 5))):
+            with rasterio.open(tmp_path / name, "w", **(ds.profile | {"height": shape[0], "width": shape[1],
+                                                                       "tiled": False})) as out:
+                out.write(ds.read(window=((0, shape[0]), (37, 37 + shape[1]))))
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    cases = {"same": (src, src, {}), "no_folder": (src, tmp_path / "no" / "o.tif", {}),
+             "corrupt": (tmp_path / "corrupt.tif", outs / "corrupt.tif", {}),
+             "one_pixel": (tmp_path / "one.tif", outs / "one.tif", {}),
+             "small": (tmp_path / "small.tif", outs / "small.tif", {"K": 2, "MODEL": 2}),
+             "twelve_bit": (tmp_path / "u12.tif", outs / "u12.tif", {}),
+             "input_max": (tmp_path / "u12.tif", outs / "u12m.tif", {"INPUT_MAX": 4095})}
+    spec = [{"name": name, "params": {"INPUT": str(i), "OUTPUT": str(o), "K": 4, "MODEL": 0, "TILE": 64, **extra}}
+            for name, (i, o, extra) in cases.items()]
+    (tmp_path / "cases.json").write_text(json.dumps(spec))
+    res = _pyqgis(plugin, "cases", tmp_path / "cases.json", tmp_path / "unused.tif")["cases"]
+    for name, case in res.items():
+        assert case["raised"] is None and "Traceback" not in case["log"], (name, case)
+        assert case["leftovers"] == [], (name, case)
+    expect_error = {"same": "is the input raster", "no_folder": "does not exist",
+                    "corrupt": "truncated or corrupt", "one_pixel": "a single cell of 4 x 4 pixels"}
+    for name, message in expect_error.items():
+        assert not res[name]["ok"] and message in res[name]["log"], (name, res[name]["log"][-1500:])
+        assert not res[name]["output_exists"] or name == "same", name
+    assert src.read_bytes() == before
+    for name in ("small", "twelve_bit", "input_max"):
+        assert res[name]["ok"] and res[name]["output_exists"], (name, res[name]["log"][-1500:])
+    assert "scaling: x / 4095 (uint16 with NBITS=12 in the file)" in res["twelve_bit"]["log"]
+    assert "scaling: x / 4095 (uint16; input maximum given)" in res["input_max"]["log"]
+    with rasterio.open(outs / "small.tif") as ds:
+        assert ds.shape == (3, 5)

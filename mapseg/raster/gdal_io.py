@@ -63,7 +63,8 @@ class GdalRasterReader(ReaderBase):
         try:
             self.ds = gdal.Open(self.path, gdal.GA_ReadOnly)
         except RuntimeError as exc:
-            raise RasterError(f"cannot read {self.path} as a raster ({exc})") from exc
+            raise RasterError(f"cannot read {self.path} as a raster ({exc}): is it a complete raster file? "
+                              "Copy or export it again") from exc
         ds = self.ds
         if ds is None or ds.RasterXSize == 0 or ds.RasterYSize == 0 or ds.RasterCount == 0:
             shape = (0, 0, 0) if ds is None else (ds.RasterXSize, ds.RasterYSize, ds.RasterCount)

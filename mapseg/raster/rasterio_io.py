@@ -44,7 +44,8 @@ class RasterReader(ReaderBase):
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 self.ds = rasterio.open(self.path)
         except rasterio.errors.RasterioIOError as exc:
-            raise RasterError(f"cannot read {self.path} as a raster ({exc})") from exc
+            raise RasterError(f"cannot read {self.path} as a raster ({exc}): is it a complete raster file? "
+                              "Copy or export it again") from exc
         ds = self.ds
         if ds.width == 0 or ds.height == 0 or ds.count == 0:
             self.close()

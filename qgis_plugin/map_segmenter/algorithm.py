@@ -2,7 +2,6 @@
 import math
 import os
 import shutil
-import tempfile
 
 from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
                        QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterFile,
@@ -19,7 +18,7 @@ BACKENDS = ["auto (onnxruntime if installed, else numpy)", "numpy", "onnx"]
 class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
     INPUT, K, MODEL, MODEL_DIR, BANDS, TILE, SMOOTH, CENTERS, BACKEND = (
         "INPUT", "K", "MODEL", "MODEL_DIR", "BANDS", "TILE", "SMOOTH", "CENTERS", "BACKEND")
-    OUTPUT, OUTPUT_POLYGONS, MIN_AREA, COG = "OUTPUT", "OUTPUT_POLYGONS", "MIN_AREA", "COG"
+    OUTPUT, OUTPUT_POLYGONS, MIN_AREA, COG, INPUT_MAX = "OUTPUT", "OUTPUT_POLYGONS", "MIN_AREA", "COG", "INPUT_MAX"
 
     def name(self):
         return "segment"
@@ -38,7 +37,9 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
                 "centres fitted once on a sample of the whole raster, so labels mean the same everywhere. "
                 "Model: the shipped default (a small CNN distilled from an ImageNet teacher), an exported model "
                 "folder, or plain colour k-means. Bands: three 1-based band numbers for rasters that are not "
-                "3-band RGB (e.g. 1,2,3 for RGBN). Smoothing: majority filter radius in 4-pixel cells. "
+                "3-band RGB (e.g. 1,2,3 for RGBN). Input maximum: the raw value of full brightness (e.g. 4095 "
+                "for 12-bit imagery stored as 16-bit); 0 = 255 for 8-bit, for 16-bit what the file says (NBITS, "
+                "statistics) or a sampled range, as the log states. Smoothing: majority filter radius in 4-pixel cells. "
                 "Centres file: from 'mapseg fit', to give several rasters the same labels. Output: uint8 "
                 "GeoTIFF with the input's CRS and extent, labels 0..K-1, 255 = nodata, and a colour table; "
                 "optionally polygons (GDAL polygonize after removing patches under the minimum area).")
@@ -55,6 +56,10 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
                                                      behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterString(self.BANDS, "Bands as R,G,B (e.g. 1,2,3; empty: a 3-band "
                                                                    "raster's bands)", optional=True))
+        self.addParameter(QgsProcessingParameterNumber(self.INPUT_MAX, "Input maximum: raw value of full brightness "
+                                                       "(0 = from the file: 255 for 8-bit, NBITS/statistics/"
+                                                       "sampled range for 16-bit)",
+                                                       QgsProcessingParameterNumber.Double, 0.0, True, 0.0))
         self.addParameter(QgsProcessingParameterNumber(self.TILE, "Window size (pixels, multiple of 4)",
                                                        QgsProcessingParameterNumber.Integer,
                                                        runtime.submodule("windows").DEFAULT_TILE, False, 64, 8192))
@@ -101,7 +106,7 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):
         segment = runtime.submodule("segment")
         raster = runtime.submodule("raster")
-        cluster = runtime.submodule("cluster")
+        errors = runtime.submodule("errors")
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None:
             raise QgsProcessingException("Input raster: not a raster layer")
@@ -114,28 +119,34 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
             out = os.path.splitext(out)[0] + ".tif"
         k = self.parameterAsInt(parameters, self.K, context)
         centers = self.parameterAsFile(parameters, self.CENTERS, context) or None
+        input_max = self.parameterAsDouble(parameters, self.INPUT_MAX, context) or None
+        polygons = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context)
         try:
             bands = raster.parse_bands(self.parameterAsString(parameters, self.BANDS, context).strip() or None)
             options = segment.SegmentOptions(
                 k=None if centers else k, centers=centers, model=self._features(parameters, context, feedback),
-                tile=self.parameterAsInt(parameters, self.TILE, context), bands=bands,
+                tile=self.parameterAsInt(parameters, self.TILE, context), bands=bands, input_max=input_max,
                 smooth=self.parameterAsInt(parameters, self.SMOOTH, context),
                 cog=self.parameterAsBool(parameters, self.COG, context))
             feedback.pushInfo(f"mapseg from {os.path.dirname(segment.__file__)}; raster I/O: {raster.io_library()}")
             report = segment.segment_raster(
                 source, out, options, progress=False, log=feedback.pushInfo,
                 callback=lambda fraction, stage: (feedback.setProgress(100.0 * fraction),
-                                                  not feedback.isCanceled())[1])
-        except segment.SegmentCancelled:
+                                                  not feedback.isCanceled())[1],
+                other_outputs={"polygons": polygons or None})
+        except errors.SegmentCancelled:
             raise QgsProcessingException("Cancelled: no output was written")
-        except (segment.SegmentError, raster.RasterError, cluster.ClusterError, ValueError) as exc:
+        except errors.USER_ERRORS + (ValueError, OSError) as exc:  # every failure a message, never a traceback
             raise QgsProcessingException(str(exc))
         results = {self.OUTPUT: out, "K": report["k"], "BACKEND": report["backend"],
-                   "MEGAPIXELS_PER_S": report["megapixels_per_s"]}
-        polygons = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context)
+                   "MEGAPIXELS_PER_S": report["megapixels_per_s"], "SCALING": report["scaling"]}
         if polygons:
             min_area = self.parameterAsDouble(parameters, self.MIN_AREA, context)
-            results[self.OUTPUT_POLYGONS] = polygonize(out, polygons, min_area, feedback)
+            try:
+                results[self.OUTPUT_POLYGONS] = polygonize(out, polygons, min_area, feedback)
+            except (RuntimeError, OSError) as exc:  # GDAL/OGR: a message, not a traceback
+                raise QgsProcessingException(f"Segments as polygons: writing {polygons} failed ({exc}); "
+                                             f"the label raster {out} is complete")
         return results
 
 
@@ -164,7 +175,9 @@ def polygonize(label_path, out_path, min_area, feedback):
     # Written in a temporary folder beside the target and moved into place only when complete (a shapefile is
     # several files): a cancelled or failed run leaves no half-written polygons, and keeps an older result.
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    tmp_dir = tempfile.mkdtemp(prefix=".mapseg-polygons-", dir=out_dir)
+    # named as mapseg's temporaries are (process id, host): a run killed here leaves a folder the next run removes
+    tmp_dir = str(runtime.submodule("fileio").temp_sibling(os.path.abspath(out_path), "polygons", ""))
+    os.mkdir(tmp_dir)
     try:
         tmp_path = os.path.join(tmp_dir, os.path.basename(out_path))
         ds = drv.CreateDataSource(tmp_path)

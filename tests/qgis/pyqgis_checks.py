@@ -3,6 +3,7 @@
 Checks (each prints one JSON line):
   cancel  run mapseg:segment with a feedback that cancels at the first progress report past 15 %
   dialog  open the toolbar dialog on a layer, start its background task, wait, inspect the added layer
+  cases   RASTER is a JSON list of {"name", "params"}: run mapseg:segment with each, report its log and outcome
 Both report which heavy modules got imported (torch must never be).
 """
 import json
@@ -24,9 +25,10 @@ from map_segmenter.provider import MapSegmenterProvider  # noqa: E402
 provider = MapSegmenterProvider()
 QgsApplication.processingRegistry().addProvider(provider)
 alg = QgsApplication.processingRegistry().createAlgorithmById("mapseg:segment")
-layer = QgsRasterLayer(raster, "input", "gdal")
-assert layer.isValid(), raster
 result = {"check": check}
+if check != "cases":
+    layer = QgsRasterLayer(raster, "input", "gdal")
+    assert layer.isValid(), raster
 
 if check == "cancel":
     feedback = QgsProcessingFeedback()
@@ -69,6 +71,21 @@ elif check == "dialog":
         seg = added[0]
         result.update(name=seg.name(), renderer=seg.renderer().type(), crs_same=seg.crs() == layer.crs(),
                       classes=[int(c.value) for c in seg.renderer().classes()], source=seg.source())
+elif check == "cases":
+    result["cases"] = {}
+    for case in json.load(open(raster)):
+        feedback = QgsProcessingFeedback()
+        try:
+            res, ok = alg.run(case["params"], QgsProcessingContext(), feedback)
+            raised = None
+        except Exception as exc:  # noqa: BLE001 - reported, the test decides
+            res, ok, raised = {}, False, f"{type(exc).__name__}: {exc}"
+        folder = os.path.dirname(case["params"]["OUTPUT"])
+        result["cases"][case["name"]] = {
+            "ok": bool(ok), "raised": raised, "log": feedback.textLog(),
+            "output_exists": os.path.exists(case["params"]["OUTPUT"]),
+            "leftovers": sorted(f for f in os.listdir(folder) if f.startswith(".")) if os.path.isdir(folder) else [],
+            "results": {k: v for k, v in (res or {}).items() if isinstance(v, (str, int, float))}}
 result["imported"] = [m for m in ("torch", "rasterio", "onnxruntime") if m in sys.modules]
 print(json.dumps(result), flush=True)
 # QGIS 3.22 may crash while tearing down a headless application: leave without the teardown.

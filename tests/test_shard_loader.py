@@ -264,3 +264,40 @@ def test_cli_distils_efficientnet_with_slic_priors_on_shards(shards, tiny_overri
         # every evaluation also logs the term on the fixed validation batches
         assert all(math.isfinite(r[f"val_loss/{term}"]) and r[f"val_loss/{term}"] >= 0 for r in vals), term
     assert json.loads((run / "teacher.json").read_text())["name"] == "efficientnet_lite0"
+
+
+def test_a_mixture_draws_datasets_by_weight_resumably_and_validates_each(shards, tiny_overrides, tmp_path):
+    from training.config import ConfigError
+    from training.train_distill import main
+    root = shards["root"]
+    if not (root / "coords_b").exists():
+        shutil.copytree(root / "coords", root / "coords_b")   # a second dataset (same tiles, another id)
+    base = ["data.source=shards", f"data.processed_root={root}", "data.patch_sizes=32,48", "data.patch_size=32",
+            "train.batch_size=3", "train.steps=5", "train.grad_accum=2"]
+    cfg = build_config(None, base + ["data.mixture=coords:3,coords_b:1"])
+    ds = ShardStepDataset(cfg, 0, 1)
+    assert {ds.datasets[i][0] for i in ds.item_dataset} == {"coords", "coords_b"}
+    picks = np.array([ds.item_dataset[ds.item_index(step, micro, 0, j)]
+                      for step in range(200) for micro in range(2) for j in range(3)])
+    assert abs((picks == 0).mean() - 0.75) < 0.05            # by weight
+    full = list(shard_batches(cfg, 0, 1, 0))
+    tail = list(shard_batches(cfg, 0, 1, 3))
+    for a, b in zip(full[-len(tail):], tail):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad in (["data.mixture=coords:0"], ["data.mixture=coords,coords"],
+                ["data.mixture=coords", "data.dataset_id=coords"]):
+        with pytest.raises(ConfigError, match="data"):
+            build_config(None, base + bad)
+    run = tmp_path / "run"
+    args = ["--data-source", "shards", "--processed-root", str(root), "--steps", "1", "--device", "cpu",
+            "--checkpoint_dir", str(run), "--no-progress"]
+    for o in tiny_overrides + ["data.mixture=coords:3,coords_b:1", "train.eval_every=1", "data.patch_sizes=32,48",
+                               "knobs.eval_k=4", "train.val_loss_batches=1"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    vals = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in vals if "val/miou" in r]
+    assert vals and all(r["val/miou"] == pytest.approx((r["val/coords/miou"] + r["val/coords_b/miou"]) / 2)
+                        for r in vals)
+    metrics = json.loads((run / "model" / "best" / "metrics.json").read_text())
+    assert set(metrics["val_per_dataset"]) == {"coords", "coords_b"}

@@ -69,8 +69,8 @@ def build_meta(student: StudentEmbeddingNet, cfg: Config, layers: list[dict], ar
     prov = {
         "teacher": {k: getattr(teacher, k) for k in ("name", "variant", "weights", "patch_mode")},
         "distill": bool(cfg.distill.enabled),
-        "data": {k: getattr(data, k) for k in ("source", "dataset_id", "processed_root", "raster_paths", "patch_sizes",
-                                          "bands", "synthetic_classes")},
+        "data": {k: getattr(data, k) for k in ("source", "dataset_id", "mixture", "processed_root", "raster_paths",
+                                               "patch_sizes", "bands", "synthetic_classes")},
         "steps": int(metrics["step"]),
         "configured_steps": cfg.train.steps,
         "seed": cfg.train.seed,

@@ -55,6 +55,9 @@ class DataConfig:
     cache_max_items: int = 0                  # 0 = unbounded within a worker
     processed_root: str = "training/datasets/processed"
     dataset_id: str = ""
+    # Shards of several datasets at once: "dataset_id:weight" entries (weight 1 when left out), drawn per image
+    # with probability proportional to the weight (then uniformly within the dataset); replaces dataset_id.
+    mixture: Tuple[str, ...] = ()
     train_split: str = "train"
     val_split: str = "val"
     metrics_split: str = "metrics_train"
@@ -378,9 +381,31 @@ def validate(cfg: Config) -> Config:
                           "carry (data.source=shards); set the prior weights to 0 for other sources")
     if cfg.data.source == "geotiff" and not cfg.data.raster_paths:
         raise ConfigError("config key 'data.raster_paths': required when data.source=geotiff")
-    if cfg.data.source == "shards" and not cfg.data.dataset_id:
-        raise ConfigError("config key 'data.dataset_id': required when data.source=shards")
+    if cfg.data.source == "shards" and bool(cfg.data.dataset_id) == bool(cfg.data.mixture):
+        raise ConfigError("config key 'data.dataset_id': data.source=shards needs one dataset (data.dataset_id) "
+                          "or a mixture (data.mixture), not both")
+    shard_datasets(cfg)  # checks data.mixture's entries
     return cfg
+
+
+def shard_datasets(cfg: Config) -> list[tuple[str, float]]:
+    """(dataset id, weight) of every shard dataset the run draws from: ``data.dataset_id`` alone (weight 1), or
+    the entries of ``data.mixture``."""
+    if not cfg.data.mixture:
+        return [(cfg.data.dataset_id, 1.0)]
+    out = []
+    for entry in cfg.data.mixture:
+        name, _, weight = entry.partition(":")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            w = float("nan")
+        if not name or not w > 0 or w == float("inf"):
+            raise ConfigError(f"config key 'data.mixture': {entry!r} is not dataset_id[:weight] with a weight > 0")
+        out.append((name, w))
+    if len({name for name, _ in out}) != len(out):
+        raise ConfigError("config key 'data.mixture': a dataset is named twice")
+    return out
 
 
 # --------------------------------------------------------------------------- files

@@ -27,7 +27,7 @@ from mapseg.artifact import ArtifactError
 from .artifact import ExportError, export_artifact
 from .checkpoints import CheckpointError, load_checkpoint_student
 from .config import Config, ConfigError, set_value, validate
-from .data.sources import NoValidationData, validation_set
+from .data.sources import NoValidationData, validation_sets
 from .device_policy import resolve_device
 from .models.student_cnn import StudentEmbeddingNet
 from .train_distill import Trainer
@@ -44,12 +44,12 @@ def checkpoint_metrics(student: StudentEmbeddingNet, cfg: Config, ckpt: dict) ->
     if "scores" in ckpt and "score" in ckpt:
         return {"score": ckpt["score"], "step": ckpt["step"], **ckpt["scores"]}
     try:
-        val = validation_set(cfg)
+        sets = validation_sets(cfg)
     except NoValidationData:  # e.g. data.source=geotiff: no labeled validation split to score on
         return {"score": None, "step": ckpt.get("step"), "evaluated_by": "training.export",
                 "note": f"no labeled validation data for data.source={cfg.data.source}"}
     device = resolve_device(cfg.train.device, cfg.train.amp).device
-    scores = score_on(student.to(device), val, cfg, device)
+    scores = score_on(student.to(device), sets, cfg, device)
     return {"score": scores["miou"], "step": ckpt.get("step"), **scores, "evaluated_by": "training.export"}
 
 

@@ -403,6 +403,8 @@ class Trainer:
         if scores is None:
             return {}
         record = {"step": self.step, "val/accuracy": scores["accuracy"], "val/miou": scores["miou"],
+                  **{f"val/{name}/{key}": s[key] for name, s in scores.get("per_dataset", {}).items()
+                     for key in ("accuracy", "miou")},
                   **self.validation_losses()}
         self._log(record)
         if scores["miou"] > self.best_score:
@@ -412,6 +414,8 @@ class Trainer:
             metrics = {"score": scores["miou"], "step": self.step, "val_accuracy": scores["accuracy"],
                        "val_miou": scores["miou"], "val_per_class_iou": scores["per_class_iou"],
                        "eval_k": self.cfg.knobs.eval_k, "data_source": self.cfg.data.source}
+            if "per_dataset" in scores:
+                metrics["val_per_dataset"] = scores["per_dataset"]
             provenance = {"teacher": self.teacher.describe() if self.teacher is not None else None}
             export_artifact(self.student, self.cfg, self.out / "model" / "best", metrics, provenance)
         return record

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .data.sources import NoValidationData, ValidationSet, validation_batches, validation_set
+from .data.sources import NoValidationData, ValidationSet, validation_batches, validation_sets
 from .metrics import confusion_matrix, hungarian_scores, scored_classes
 from .models.soft_kmeans import kmeans_best_of
 from .objective import Objective, step_generator
@@ -60,10 +60,17 @@ def evaluate_student(student: nn.Module, items, k: int, n_classes: int, device, 
     return hungarian_scores(conf[:, scored_classes(n_classes, ignore_leq)])
 
 
-def score_on(student: nn.Module, val: ValidationSet, cfg: Config, device) -> dict:
-    """``evaluate_student`` on a validation set with the run's K and seed."""
-    return evaluate_student(student, val.items, cfg.knobs.eval_k, val.n_classes, device, cfg.train.seed,
-                            ignore_leq=val.ignore_leq)
+def score_on(student: nn.Module, sets: dict[str, ValidationSet], cfg: Config, device) -> dict:
+    """``evaluate_student`` on each validation set with the run's K and seed. One set: its scores. Several (a
+    shard mixture): accuracy and mIoU are the means over the sets (every dataset counts alike, whatever its
+    size), each set's own scores under ``per_dataset``."""
+    scores = {name: evaluate_student(student, val.items, cfg.knobs.eval_k, val.n_classes, device, cfg.train.seed,
+                                     ignore_leq=val.ignore_leq) for name, val in sets.items()}
+    if len(scores) == 1:
+        return next(iter(scores.values()))
+    return {"accuracy": float(np.mean([s["accuracy"] for s in scores.values()])),
+            "miou": float(np.mean([s["miou"] for s in scores.values()])), "per_class_iou": {},
+            "per_dataset": scores}
 
 
 class Validation:
@@ -71,32 +78,32 @@ class Validation:
 
     def __init__(self, cfg: Config, device, verbose: bool = True):
         self.cfg, self.device, self.verbose = cfg, device, verbose
-        self._set: ValidationSet | None = None
+        self._sets: dict[str, ValidationSet] | None = None
         self._no_set: str | None = None      # why there is no validation set, when there is none
         self._batches: list[dict] | None = None
 
-    def set(self) -> ValidationSet | None:
-        """The labeled validation images, or None when the data has none (said once on stderr)."""
-        if self._set is None and self._no_set is None:
+    def sets(self) -> dict[str, ValidationSet] | None:
+        """The labeled validation images by dataset, or None when the data has none (said once on stderr)."""
+        if self._sets is None and self._no_set is None:
             try:
-                self._set = validation_set(self.cfg)
+                self._sets = validation_sets(self.cfg)
             except NoValidationData as exc:
                 self._no_set = str(exc)
                 if self.verbose:
                     print(f"note: no periodic validation ({self._no_set}); best.pt is not written", file=sys.stderr)
-        return self._set
+        return self._sets
 
     def batches(self) -> list[dict]:
         """``train.val_loss_batches`` fixed two-view batches of the validation data (same crops, views and
         noise at every evaluation), or [] when there is no validation split."""
         if self._batches is None:
             n = self.cfg.train.val_loss_batches
-            self._batches = validation_batches(self.cfg, n) if n > 0 and self.set() is not None else []
+            self._batches = validation_batches(self.cfg, n) if n > 0 and self.sets() is not None else []
         return self._batches
 
     def scores(self, student: nn.Module) -> dict | None:
-        val = self.set()
-        return None if val is None else score_on(student, val, self.cfg, self.device)
+        sets = self.sets()
+        return None if sets is None else score_on(student, sets, self.cfg, self.device)
 
     @torch.no_grad()
     def losses(self, module: nn.Module, objective: Objective, autocast) -> dict:

@@ -45,6 +45,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from ..config import shard_datasets
 from ..datasets.superpixels import read_npz
 from .crops import NODATA_TRIES, choose_window, collate, eligible_for_size, finish_item, least_nodata_crop, pad_to
 from .schedule import BatchKey, EpochDraws, StepSchedule, step_loader
@@ -88,9 +89,10 @@ def check_slic(shard: Path, entries: list[dict]) -> None:
                                 "(or set data.require_slic=false)")
 
 
-def eval_settings(cfg) -> dict:
-    """The dataset's ``validation_metrics`` (IoU ignore threshold, averaging) from the built shards."""
-    path = Path(cfg.data.processed_root) / cfg.data.dataset_id / "summary.json"
+def eval_settings(cfg, dataset_id: Optional[str] = None) -> dict:
+    """The dataset's ``validation_metrics`` (IoU ignore threshold, averaging) from the built shards
+    (``dataset_id``: default ``data.dataset_id``)."""
+    path = Path(cfg.data.processed_root) / (dataset_id or cfg.data.dataset_id) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: build the shards first")
     vm = json.loads(path.read_text())["validation_metrics"]
@@ -183,19 +185,22 @@ class ShardStepDataset(torch.utils.data.Dataset):
         self.split = split or d.train_split
         self.max_nodata = float(cfg.data.max_nodata_fraction)
         policy = cfg.data.small_tiles
-        shards = list_shards(d.processed_root, d.dataset_id, self.split)
-        if len(shards) < world:
-            raise ValueError(f"split {self.split!r} of {d.dataset_id!r} has {len(shards)} shard(s), fewer than the "
-                             f"{world} ranks; rebuild with a smaller --shard-size so every rank gets a shard")
-        mine = shards[rank::world]
+        self.datasets = shard_datasets(cfg)
         self.items: list[tuple[str, dict]] = []
+        self.item_dataset: list[int] = []       # index into self.datasets of every item
         has_slic = True
-        for shard in mine:
-            entries = read_index(shard)
-            if d.require_slic:
-                check_slic(shard, entries)
-            has_slic &= shard_has_slic(shard, entries)
-            self.items += [(str(shard), e) for e in entries]
+        for di, (dataset_id, _) in enumerate(self.datasets):
+            shards = list_shards(d.processed_root, dataset_id, self.split)
+            if len(shards) < world:
+                raise ValueError(f"split {self.split!r} of {dataset_id!r} has {len(shards)} shard(s), fewer than "
+                                 f"the {world} ranks; rebuild with a smaller --shard-size so every rank gets a shard")
+            for shard in shards[rank::world]:
+                entries = read_index(shard)
+                if d.require_slic:
+                    check_slic(shard, entries)
+                has_slic &= shard_has_slic(shard, entries)
+                self.items += [(str(shard), e) for e in entries]
+                self.item_dataset += [di] * len(entries)
         if not self.items:
             raise ValueError(f"rank {rank}: the shards of split {self.split!r} hold no items")
         self.with_slic = has_slic
@@ -203,15 +208,28 @@ class ShardStepDataset(torch.utils.data.Dataset):
         sizes = [(e["height"], e["width"]) for _, e in self.items]
         self.eligible = [eligible_for_size(sizes, s, policy, f"tiles of split {self.split!r} (rank {rank})")
                          for s, _ in self.sizes_and_batches]
-        self.draws = [EpochDraws(len(el), self.seed, rank, si) for si, el in enumerate(self.eligible)]
+        if len(self.datasets) == 1:  # epochs: every item once per epoch
+            self.draws = [EpochDraws(len(el), self.seed, rank, si) for si, el in enumerate(self.eligible)]
+        else:  # a mixture: a dataset by weight, then an item uniformly (of those that can serve the scale)
+            self.draw_p = [self._mixture_p(el) for el in self.eligible]
         self.reader = TileReader(self.with_slic, d.cache_mode, d.cache_max_items)
+
+    def _mixture_p(self, eligible: list[int]) -> np.ndarray:
+        ds = np.array([self.item_dataset[i] for i in eligible])
+        weight = np.array([w for _, w in self.datasets])
+        count = np.bincount(ds, minlength=len(self.datasets))
+        p = weight[ds] / count[ds]
+        return p / p.sum()
 
     def item_index(self, step: int, micro: int, si: int, j: int) -> int:
         """Index into ``self.items`` of slot j of batch (step, micro, scale si)."""
         return self._item_index(self.schedule.key(step, micro, si), j)
 
     def _item_index(self, key: BatchKey, j: int) -> int:
-        return self.eligible[key.scale][self.draws[key.scale][key.first_draw + j]]
+        if len(self.datasets) == 1:
+            return self.eligible[key.scale][self.draws[key.scale][key.first_draw + j]]
+        p = self.draw_p[key.scale]
+        return self.eligible[key.scale][int(key.item_rng(self.seed, 0x313D, j).choice(len(p), p=p))]
 
     def __getitem__(self, key: BatchKey) -> dict:
         out = []
@@ -234,13 +252,15 @@ def shard_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]
     return step_loader(ShardStepDataset(cfg, rank, world), cfg, rank, start_step)
 
 
-def eval_items(cfg, split: str) -> list[tuple[torch.Tensor, np.ndarray]]:
-    """Every labeled item of a split: ((3, H, W) float32 in [0, 1], (H, W) int64 labels, -1 = nodata),
-    sides cropped to multiples of 4. Loads whole tiles: meant for validation splits of moderate size."""
+def eval_items(cfg, split: str, dataset_id: Optional[str] = None) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Every labeled item of a split of ``dataset_id`` (default ``data.dataset_id``): ((3, H, W) float32 in
+    [0, 1], (H, W) int64 labels, -1 = nodata), sides cropped to multiples of 4. Loads whole tiles: meant for
+    validation splits of moderate size."""
     d = cfg.data
+    dataset_id = dataset_id or d.dataset_id
     reader = TileReader(want_slic=False)
     out = []
-    for shard in list_shards(d.processed_root, d.dataset_id, split):
+    for shard in list_shards(d.processed_root, dataset_id, split):
         for entry in read_index(shard):
             if not entry.get("has_target"):
                 continue
@@ -250,7 +270,7 @@ def eval_items(cfg, split: str) -> list[tuple[torch.Tensor, np.ndarray]]:
             image = torch.from_numpy(np.ascontiguousarray(tile["image"][:, :h4, :w4])).float().div_(255.0)
             out.append((image, np.ascontiguousarray(tile["labels"][:h4, :w4])))
     if not out:
-        raise ValueError(f"split {split!r} of dataset {d.dataset_id!r} has no labeled items to evaluate on")
+        raise ValueError(f"split {split!r} of dataset {dataset_id!r} has no labeled items to evaluate on")
     return out
 
 
@@ -292,7 +312,8 @@ class ShardedTifDataset(torch.utils.data.IterableDataset):
     @classmethod
     def from_config(cls, cfg, split: str, rank: int = 0, world: int = 1, patch_size: Optional[int] = None):
         d = cfg.data
-        return cls(list_shards(d.processed_root, d.dataset_id, split), rank=rank, world=world, seed=cfg.train.seed,
+        shards = [s for dataset_id, _ in shard_datasets(cfg) for s in list_shards(d.processed_root, dataset_id, split)]
+        return cls(shards, rank=rank, world=world, seed=cfg.train.seed,
                    require_slic=d.require_slic, cache_mode=d.cache_mode, cache_max_items=d.cache_max_items,
                    patch_size=patch_size, aug=cfg.aug, small_tiles=cfg.data.small_tiles,
                    max_nodata_fraction=float(cfg.data.max_nodata_fraction))

@@ -4,8 +4,9 @@
   default for offline work and CI; held-out synthetic images (region types as
   labels) are its validation set.
 * ``shards``: shards built by ``python -m training.datasets.build_shards``
-  (``training.data.sharded_tif_dataset``); the labeled items of
-  ``data.val_split`` are its validation set.
+  (``training.data.sharded_tif_dataset``) of one dataset (``data.dataset_id``)
+  or a weighted mixture (``data.mixture``); the labeled items of every
+  dataset's ``data.val_split`` are the validation sets.
 * ``geotiff``: random windows of whole rasters (``training.data.geo_patch_dataset``);
   no validation split (score with ``python -m training.eval``).
 
@@ -21,6 +22,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from ..config import shard_datasets
 from .dataset import TwoViewBatches
 from .geo_patch_dataset import geotiff_batches
 from .schedule import StepSchedule, step_loader
@@ -59,21 +61,29 @@ def train_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]
     raise ValueError(f"unknown data.source {source!r}")
 
 
-def validation_set(cfg) -> ValidationSet:
-    """The labeled images periodic validation scores on; ``NoValidationData`` when there are none."""
+def validation_sets(cfg) -> dict[str, ValidationSet]:
+    """The labeled images periodic validation scores on, by dataset (one entry but for a shard mixture, where
+    every dataset with a labeled validation split is scored on its own); ``NoValidationData`` when none."""
     source = cfg.data.source
     if source == "synthetic":
         src = _synthetic(cfg, cfg.train.seed + VALIDATION_SEED_OFFSET)
         items = [src[(SYNTHETIC_VAL_KEY, i, cfg.data.val_size)] for i in range(cfg.data.val_samples)]
-        return ValidationSet([(torch.from_numpy(it["image"]), it["labels"]) for it in items],
-                             cfg.data.synthetic_classes, None)
+        return {"synthetic": ValidationSet([(torch.from_numpy(it["image"]), it["labels"]) for it in items],
+                                           cfg.data.synthetic_classes, None)}
     if source == "shards":
-        try:
-            items = eval_items(cfg, cfg.data.val_split)
-        except (ValueError, FileNotFoundError) as exc:
-            raise NoValidationData(str(exc)) from exc
-        n_classes = int(max(int(lab.max()) for _, lab in items)) + 1
-        return ValidationSet(items, max(n_classes, 2), eval_settings(cfg)["iou_ignore_label_leq"])
+        sets, missing = {}, []
+        for dataset_id, _ in shard_datasets(cfg):
+            try:
+                items = eval_items(cfg, cfg.data.val_split, dataset_id)
+            except (ValueError, FileNotFoundError) as exc:
+                missing.append(str(exc))
+                continue
+            n_classes = int(max(int(lab.max()) for _, lab in items)) + 1
+            sets[dataset_id] = ValidationSet(items, max(n_classes, 2),
+                                             eval_settings(cfg, dataset_id)["iou_ignore_label_leq"])
+        if not sets:
+            raise NoValidationData("; ".join(missing))
+        return sets
     if source == "geotiff":
         raise NoValidationData("data.source=geotiff has no validation split")
     raise ValueError(f"unknown data.source {source!r}")

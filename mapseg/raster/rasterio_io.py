@@ -29,6 +29,14 @@ def env():
     return _rasterio().Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_NUM_THREADS="ALL_CPUS")
 
 
+def range_metadata(ds, bands) -> dict:
+    """{"nbits", "statistics_max"} of these 1-based bands of an open rasterio dataset (None where the file
+    does not say): with the dtype, what ``mapseg.scaling.input_range`` reads (training's loaders too)."""
+    nbits, top = range_hint((ds.tags(b, ns="IMAGE_STRUCTURE").get("NBITS") for b in bands),
+                            (ds.tags(b).get("STATISTICS_MAXIMUM") for b in bands))
+    return {"nbits": nbits, "statistics_max": top}
+
+
 class RasterReader(ReaderBase):
     """Windowed reads of three bands of one raster (any GDAL-readable format), through rasterio."""
     library = "rasterio"
@@ -64,11 +72,11 @@ class RasterReader(ReaderBase):
         points, gcp_crs = ds.gcps
         gcps = tuple((g.row, g.col, g.x, g.y, g.z or 0.0) for g in points)
         georef = ds.crs is not None or not ds.transform.is_identity or bool(gcps)
-        nbits, top = range_hint((ds.tags(b, ns="IMAGE_STRUCTURE").get("NBITS") for b in self.bands),
-                                (ds.tags(b).get("STATISTICS_MAXIMUM") for b in self.bands))
+        hint = range_metadata(ds, self.bands)
         self.info = RasterInfo(self.path, ds.width, ds.height, ds.count, dtype, self.bands,
                                self.nodata, self.has_mask, ds.crs, ds.transform, georef, gcps,
-                               gcp_crs.to_wkt() if gcps and gcp_crs else None, nbits, top, tuple(ds.files))
+                               gcp_crs.to_wkt() if gcps and gcp_crs else None, hint["nbits"], hint["statistics_max"],
+                               tuple(ds.files))
         self.read_errors = (rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError, OSError)
 
     def _read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:

@@ -301,3 +301,49 @@ def test_a_mixture_draws_datasets_by_weight_resumably_and_validates_each(shards,
                         for r in vals)
     metrics = json.loads((run / "model" / "best" / "metrics.json").read_text())
     assert set(metrics["val_per_dataset"]) == {"coords", "coords_b"}
+
+
+def test_cached_teacher_targets_line_up_with_the_crop(tmp_path):
+    """A crop's cached targets are the stored map sampled at its stride-4 cell centres: on the grid they are the
+    stored cells themselves, between cells they interpolate, past a small tile's edge they repeat the border."""
+    from training.data.teacher_cache import read_window
+    feats = np.arange(10 * 12 * 2, dtype=np.float32).reshape(10, 12, 2)   # (h, w, C) at stride 4 of a 40 x 48 tile
+    np.save(tmp_path / "t.npy", feats.astype(np.float16))
+    out = read_window(tmp_path / "t.npy", (40, 48), (8, 12, 16, 16), 16)
+    assert out.shape == (2, 4, 4) and out.dtype == np.float16
+    np.testing.assert_array_equal(out.astype(np.float32), feats[2:6, 3:7].transpose(2, 0, 1))
+    half = read_window(tmp_path / "t.npy", (40, 48), (2, 0, 16, 16), 16).astype(np.float32)
+    np.testing.assert_allclose(half[:, 0, 0], (feats[0, 0] + feats[1, 0]) / 2)
+    edge = read_window(tmp_path / "t.npy", (40, 48), (32, 40, 8, 8), 16).astype(np.float32)
+    np.testing.assert_array_equal(edge[:, -1, -1], feats[-1, -1])
+
+
+def test_teacher_cache_is_built_once_per_teacher_and_feeds_training(shards, tiny_overrides, tmp_path):
+    from training.train_distill import main
+    root = shards["root"]
+
+    def train(run, *extra):
+        args = ["--data-source", "shards", "--processed-root", str(root), "--dataset-id", "coords", "--steps", "2",
+                "--device", "cpu", "--checkpoint_dir", str(run), "--no-progress", "--teacher", "fake"]
+        for o in tiny_overrides + ["data.patch_sizes=32,48", "distill.affinity_pairs=256", "train.eval_every=1",
+                                   "train.val_loss_batches=1", "knobs.eval_k=4", "teacher.cache=true", *extra]:
+            args += ["--set", o]
+        return main(args)
+
+    assert train(tmp_path / "a") == 0
+    folders = {p.name for p in root.glob("coords/*/shard-*/teacher-*")}
+    assert len(folders) == 1
+    files = sorted(root.glob("coords/*/shard-*/teacher-*/*.npy"))
+    n_items = sum(len(read_index(s)) for split in ("train", "val") for s in list_shards(root, "coords", split))
+    assert len(files) == n_items
+    stamps = [f.stat().st_mtime_ns for f in files]
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss/distill_feature/48"] > 0 for r in log if "loss/merged" in r and "event" not in r)
+    assert any("val_loss/distill_feature" in r for r in log)
+    assert train(tmp_path / "b") == 0                                   # same teacher: the cache is reused
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert train(tmp_path / "c", "teacher.dim=16") == 0                 # another teacher: another cache
+    assert len({p.name for p in root.glob("coords/*/shard-*/teacher-*")}) == 2
+    from training.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="teacher.cache"):
+        build_config(None, ["teacher.cache=true"])

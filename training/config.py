@@ -144,6 +144,9 @@ class TeacherConfig:
     variant: str = "small"        # dinov2 size: small | base | large | giant
     dim: int = 64                 # fake teacher's feature size
     stages: Tuple[int, ...] = ()  # efficientnet_lite0: stage strides to concatenate (empty: from patch_mode)
+    # Compute the teacher once per shard item (whole tile) and keep it beside the shards, instead of on every
+    # crop at every step (training.data.teacher_cache): faster on a CPU; the targets see the whole tile.
+    cache: bool = False
 
 
 @dataclass
@@ -373,6 +376,9 @@ def validate(cfg: Config) -> Config:
     for name in ("feature_weight", "affinity_weight", "boundary_weight", "antimerge_weight", "within_weight"):
         if getattr(d, name) < 0:
             raise ConfigError(f"config key 'distill.{name}': must be >= 0")
+    if cfg.teacher.cache and (not d.enabled or cfg.data.source != "shards"):
+        raise ConfigError("config key 'teacher.cache': keeps teacher features beside shards; it needs "
+                          "distill.enabled and data.source=shards")
     if d.prior_sigma <= 0:
         raise ConfigError("config key 'distill.prior_sigma': must be > 0")
     priors = [n for n in ("boundary_weight", "antimerge_weight", "within_weight") if getattr(d, n) > 0]

@@ -36,7 +36,8 @@ from .artifact import export_artifact
 from .checkpoints import (CHECKPOINT_VERSION, prepare_run_folder, read_resume_state, refuse_earlier_run,
                           restore_rng_state, rewind_log, rng_state, state_digest, write_best, write_checkpoint)
 from .config import Config, ConfigError, load_file, parse_overrides, save_config, set_value, validate
-from .data.sources import train_batches
+from .data.sources import build_teacher_cache, train_batches
+from .data.teacher_cache import cache_name
 from .device_policy import resolve_device
 from .models import DistillHead, TinyReconDecoder, build_student, kmeans_fit
 from .objective import Objective, k_for_step, step_generator
@@ -200,6 +201,9 @@ class Trainer:
                                            weight_decay=cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.policy.use_scaler)
         self.validation = Validation(cfg, dev, verbose=self.is_main)
+        # teacher.cache: the teacher's features come from beside the shards (built at the start of fit)
+        self.teacher_cache = cache_name(self.teacher) if cfg.teacher.cache else None
+        self.validation.teacher_cache = self.teacher_cache
         self.step = 0
         self.best_score = -math.inf
         self.writer = None
@@ -314,6 +318,11 @@ class Trainer:
             self.resume()
         else:
             refuse_earlier_run(self.out)
+        if self.teacher_cache is not None:
+            if self.is_main:  # computed once, by one rank; the others read it
+                build_teacher_cache(cfg, self.teacher, self.policy.device, self.show_progress)
+            if self.distributed:
+                dist.barrier()
         if self.is_main:
             save_config(cfg, self.out / "config.json")
             if self.teacher is not None:
@@ -323,7 +332,7 @@ class Trainer:
             if not resume:
                 self._record_eval()
         end = cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
-        loader = iter(train_batches(cfg, self.rank, self.world, self.step))
+        loader = iter(train_batches(cfg, self.rank, self.world, self.step, self.teacher_cache))
         n_scales = len(cfg.data.patch_sizes)
         bar = None
         if self.show_progress:

@@ -81,6 +81,7 @@ class Validation:
         self._sets: dict[str, ValidationSet] | None = None
         self._no_set: str | None = None      # why there is no validation set, when there is none
         self._batches: list[dict] | None = None
+        self.teacher_cache: str | None = None  # set by the trainer when teacher.cache is on
 
     def sets(self) -> dict[str, ValidationSet] | None:
         """The labeled validation images by dataset, or None when the data has none (said once on stderr)."""
@@ -98,7 +99,8 @@ class Validation:
         noise at every evaluation), or [] when there is no validation split."""
         if self._batches is None:
             n = self.cfg.train.val_loss_batches
-            self._batches = validation_batches(self.cfg, n) if n > 0 and self.sets() is not None else []
+            self._batches = (validation_batches(self.cfg, n, self.teacher_cache)
+                             if n > 0 and self.sets() is not None else [])
         return self._batches
 
     def scores(self, student: nn.Module) -> dict | None:

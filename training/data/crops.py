@@ -26,8 +26,8 @@ def pad_to(arrays: dict, size: int) -> dict:
     """Mirror-pad every per-pixel array to size x size (labels get -1 in the padding, 'valid' False)."""
     out = {}
     for k, v in arrays.items():
-        if v is None:
-            out[k] = None
+        if not isinstance(v, np.ndarray):  # None, or what is not per pixel (the crop's window)
+            out[k] = v
             continue
         h, w = v.shape[-2:]
         ph, pw = size - h, size - w
@@ -51,6 +51,8 @@ def finish_item(crop: dict, rng: np.random.Generator, aug, with_labels: bool, wi
     image = geo(crop["image"]).float().div_(255.0)
     out = make_views(image, rng, aug)
     out["image"] = image
+    if crop.get("teacher") is not None:  # cached teacher targets of the crop's stride-4 cells
+        out["teacher"] = geo(crop["teacher"])
     if with_slic:
         out["slic"] = geo(crop["slic"].astype(np.int32))
         out["slic_boundary"] = geo(crop["boundary"].astype(np.uint8))

@@ -49,6 +49,8 @@ from ..config import shard_datasets
 from ..datasets.superpixels import read_npz
 from .crops import NODATA_TRIES, choose_window, collate, eligible_for_size, finish_item, least_nodata_crop, pad_to
 from .schedule import BatchKey, EpochDraws, StepSchedule, step_loader
+from .teacher_cache import cache_path
+from .teacher_cache import read_window as read_cached
 
 
 # --------------------------------------------------------------------------- shard index
@@ -177,8 +179,9 @@ def _slice_tile(tile: dict, window) -> dict:
 class ShardStepDataset(torch.utils.data.Dataset):
     """Map-style: ``ds[key]`` is the batch of schedule key ``key`` (a ``BatchKey``) for this rank."""
 
-    def __init__(self, cfg, rank: int, world: int, split: Optional[str] = None):
+    def __init__(self, cfg, rank: int, world: int, split: Optional[str] = None, teacher_cache: Optional[str] = None):
         d = cfg.data
+        self.teacher_cache = teacher_cache  # folder name of cached teacher features (data.teacher_cache), or None
         self.seed, self.rank, self.world, self.aug = cfg.train.seed, rank, world, cfg.aug
         self.schedule = StepSchedule.from_config(cfg, rank)
         self.sizes_and_batches = self.schedule.sizes_and_batches
@@ -237,19 +240,35 @@ class ShardStepDataset(torch.utils.data.Dataset):
             shard, entry = self.items[self._item_index(key, j)]
             rng = key.item_rng(self.seed, 0xC209, j)
             crop = self._crop(shard, entry, key.size, rng)
+            if self.teacher_cache is not None:
+                crop["teacher"] = read_cached(cache_path(shard, self.teacher_cache, entry),
+                                              (entry["height"], entry["width"]), crop["window"], key.size)
             out.append(finish_item(crop, rng, self.aug, self.with_labels, self.with_slic))
         return collate(out)
 
     def _crop(self, shard: str, entry: dict, size: int, rng: np.random.Generator) -> dict:
         h, w = entry["height"], entry["width"]
         tries = NODATA_TRIES if entry.get("nodata_fraction", 0.0) > 0 else 1
-        return least_nodata_crop(lambda: self.reader.read(Path(shard), entry, choose_window(h, w, size, rng)),
-                                 tries, self.max_nodata, size)
+        def draw() -> dict:
+            window = choose_window(h, w, size, rng)
+            return {**self.reader.read(Path(shard), entry, window), "window": window}
+        return least_nodata_crop(draw, tries, self.max_nodata, size)
 
 
-def shard_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:
+def shard_batches(cfg, rank: int, world: int, start_step: int, teacher_cache: Optional[str] = None) -> Iterable[dict]:
     """Batches of the training split for this rank, in schedule order from ``start_step``."""
-    return step_loader(ShardStepDataset(cfg, rank, world), cfg, rank, start_step)
+    return step_loader(ShardStepDataset(cfg, rank, world, teacher_cache=teacher_cache), cfg, rank, start_step)
+
+
+def split_items(cfg, split: str) -> list[tuple[Path, dict]]:
+    """(shard folder, index entry) of every item of ``split`` of every dataset the run draws from."""
+    return [(shard, e) for dataset_id, _ in shard_datasets(cfg)
+            for shard in list_shards(cfg.data.processed_root, dataset_id, split) for e in read_index(shard)]
+
+
+def read_tile_image(shard: Path, entry: dict) -> np.ndarray:
+    """(3, H, W) uint8 pixels of a shard item."""
+    return TileReader(want_slic=False).read(shard, entry)["image"]
 
 
 def eval_items(cfg, split: str, dataset_id: Optional[str] = None) -> list[tuple[torch.Tensor, np.ndarray]]:

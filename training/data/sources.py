@@ -26,7 +26,8 @@ from ..config import shard_datasets
 from .dataset import TwoViewBatches
 from .geo_patch_dataset import geotiff_batches
 from .schedule import StepSchedule, step_loader
-from .sharded_tif_dataset import ShardStepDataset, eval_items, eval_settings, shard_batches
+from .sharded_tif_dataset import ShardStepDataset, eval_items, eval_settings, read_tile_image, shard_batches, split_items
+from . import teacher_cache as cache
 from .synthetic import SyntheticDataset
 
 VALIDATION_SEED_OFFSET = 1     # synthetic validation images come from train.seed + 1: never trained on
@@ -48,11 +49,12 @@ def _synthetic(cfg, seed: int) -> SyntheticDataset:
     return SyntheticDataset(seed, cfg.data.synthetic_classes, cfg.data.synthetic_cells)
 
 
-def train_batches(cfg, rank: int, world: int, start_step: int) -> Iterable[dict]:
-    """This rank's training batches, in schedule order from ``start_step`` (the same for a resumed run)."""
+def train_batches(cfg, rank: int, world: int, start_step: int, teacher_cache: Optional[str] = None) -> Iterable[dict]:
+    """This rank's training batches, in schedule order from ``start_step`` (the same for a resumed run); with
+    ``teacher_cache`` (shards only, see ``build_teacher_cache``) each image carries its teacher targets."""
     source = cfg.data.source
     if source == "shards":
-        return shard_batches(cfg, rank, world, start_step)
+        return shard_batches(cfg, rank, world, start_step, teacher_cache)
     if source == "geotiff":
         return geotiff_batches(cfg, rank, world, start_step)
     if source == "synthetic":
@@ -89,13 +91,13 @@ def validation_sets(cfg) -> dict[str, ValidationSet]:
     raise ValueError(f"unknown data.source {source!r}")
 
 
-def validation_batches(cfg, n: int) -> list[dict]:
+def validation_batches(cfg, n: int, teacher_cache: Optional[str] = None) -> list[dict]:
     """``n`` fixed two-view batches of the validation data: the schedule's first ``n`` steps at the first patch
     size, drawn from the validation split (synthetic: from the validation seed)."""
     keys = [StepSchedule.from_config(cfg).key(i, 0, 0) for i in range(n)]
     source = cfg.data.source
     if source == "shards":
-        ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split)
+        ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split, teacher_cache=teacher_cache)
     elif source == "synthetic":
         seed = cfg.train.seed + VALIDATION_SEED_OFFSET
         ds = TwoViewBatches(_synthetic(cfg, seed), cfg.aug, seed)
@@ -104,3 +106,16 @@ def validation_batches(cfg, n: int) -> list[dict]:
     else:
         raise ValueError(f"unknown data.source {source!r}")
     return [ds[key] for key in keys]
+
+
+def build_teacher_cache(cfg, teacher, device, show_progress: bool = True) -> str:
+    """Teacher features of every item the run reads (training and validation splits), computed once and kept
+    beside the shards (``training.data.teacher_cache``); returns the cache's name for ``train_batches``."""
+    if cfg.data.source != "shards":
+        raise ValueError(f"teacher.cache keeps features beside shards; data.source={cfg.data.source} has none")
+    items = split_items(cfg, cfg.data.train_split)
+    try:
+        items += split_items(cfg, cfg.data.val_split)
+    except FileNotFoundError:
+        pass  # no validation split: nothing of it is read
+    return cache.build(items, teacher, device, read_tile_image, show_progress)

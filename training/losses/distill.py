@@ -44,10 +44,15 @@ def teacher_targets(teacher, batch: dict, size: tuple[int, int], device) -> torc
     """Teacher features (2n, C, h, w) in the layout of ``cat([view1, view2])``, on the student grid ``size``.
 
     The teacher runs once on the clean images (``batch['image']``, or ``view1``
-    when absent); the view-2 half is the view-1 half warped with ``batch['grid']``.
+    when absent), unless the batch carries cached targets (``batch['teacher']``,
+    ``training.data.teacher_cache``); the view-2 half is the view-1 half warped
+    with ``batch['grid']``.
     """
-    images = batch["image"] if "image" in batch else batch["view1"]
-    feats = teacher(images.to(device)).features
+    if "teacher" in batch:
+        feats = batch["teacher"].to(device).float()
+    else:
+        images = batch["image"] if "image" in batch else batch["view1"]
+        feats = teacher(images.to(device)).features
     feats = resize_to(feats, size)
     grid = batch["grid"].to(device)
     return torch.cat([feats, warp(feats, grid)])

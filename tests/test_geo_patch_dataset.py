@@ -130,9 +130,9 @@ def test_resume_ranks_and_determinism(rasters):
 def test_clear_errors(rasters, tmp_path):
     with pytest.raises(ValueError, match="data.bands"):
         inspect_rasters([rasters / "b.tif"], bands=(1, 2, 5))
-    write_tif(tmp_path / "u16.tif", np.ones((3, 40, 40), np.uint16) * 1000)
-    with pytest.raises(ValueError, match="8-bit"):
-        inspect_rasters([tmp_path / "u16.tif"])
+    write_tif(tmp_path / "f32.tif", np.ones((3, 40, 40), np.float32))
+    with pytest.raises(ValueError, match="8- or 16-bit"):
+        inspect_rasters([tmp_path / "f32.tif"])
     write_tif(tmp_path / "small_lab.tif", np.ones((1, 40, 40), np.uint8))
     with pytest.raises(ValueError, match="pixel grid"):
         inspect_rasters([rasters / "b.tif"], [tmp_path / "small_lab.tif"])
@@ -163,3 +163,26 @@ def test_cli_trains_end_to_end_on_geotiffs_with_band_selection(rasters, tiny_ove
     assert cfg["data"]["bands"] == [1, 2, 3]
     assert (run / "last.pt").is_file() and not (run / "best.pt").exists()
     assert "no periodic validation" in capsys.readouterr().err
+
+
+def test_16_bit_rasters_are_scaled_by_what_the_file_says(tmp_path, capsys):
+    """12-bit imagery stored as uint16 trains like its 8-bit version: NBITS, else a sampled range, else
+    data.input_max; the choice is printed."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    eight = np.stack([xx * 4, yy * 4, np.full_like(xx, 128)]).astype(np.uint8)
+    twelve = ((eight.astype(np.int64) * 4095 + 127) // 255).astype(np.uint16)         # the same image, 0-4095
+    write_tif(tmp_path / "sampled.tif", twelve)
+    with rasterio.open(tmp_path / "nbits.tif", "w", driver="GTiff", height=64, width=64, count=3, dtype="uint16",
+                       crs=CRS.from_epsg(32614), transform=TR, nbits=12) as dst:
+        dst.write(twelve)
+    infos = inspect_rasters([tmp_path / "sampled.tif", tmp_path / "nbits.tif"])
+    assert [(i.input_max, i.scaling.split(" ")[0]) for i in infos] == [(4095.0, "uint16"), (4095.0, "uint16")]
+    assert "NBITS=12" in infos[1].scaling and "sampled" in infos[0].scaling
+    err = capsys.readouterr().err
+    assert "scaled x / 4095" in err and "data.input_max" in err
+    cfg = make_cfg(tmp_path, steps=1)
+    cfg.data.raster_paths, cfg.data.target_paths = (str(tmp_path / "nbits.tif"),), ()
+    ds = GeoPatchDataset(cfg)
+    window = ds.read_window(ds.rasters[0], (0, 0, 64, 64))["image"]
+    assert window.dtype == np.uint8 and np.abs(window.astype(int) - eight).max() <= 1
+    assert inspect_rasters([tmp_path / "sampled.tif"], input_max=65535)[0].input_max == 65535

@@ -64,6 +64,7 @@ class DataConfig:
     raster_paths: Tuple[str, ...] = ()
     target_paths: Tuple[str, ...] = ()
     bands: Tuple[int, ...] = (1, 2, 3)        # 1-based band indices read as RGB from rasters
+    input_max: float = 0.0                    # geotiff: value of full brightness of 16-bit rasters (0: from the file)
     small_tiles: str = "skip"                 # tiles smaller than a patch size: skip | pad | error
     max_nodata_fraction: float = 0.5          # windows with more nodata are redrawn (a few tries)
     synthetic_classes: int = 5                # region types in the synthetic images
@@ -362,6 +363,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'student.width': must be even")
     if not 0 < cfg.loss.ema_momentum < 1 or not 0 < cfg.autoencoder.ema_momentum < 1:
         raise ConfigError("config keys '*.ema_momentum': must be in (0, 1)")
+    if cfg.data.input_max < 0:
+        raise ConfigError("config key 'data.input_max': must be >= 0 (0: from the file)")
     if not 0.0 <= cfg.data.max_nodata_fraction <= 1.0:
         raise ConfigError("config key 'data.max_nodata_fraction': must be in [0, 1]")
     if len(cfg.data.bands) != 3 or min(cfg.data.bands) < 1:

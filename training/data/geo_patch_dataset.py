@@ -2,7 +2,11 @@
 
 ``data.raster_paths`` are read with rasterio windows, never whole: each item
 is one ``S x S`` window (``S`` = the scheduled patch size) of a raster drawn
-with probability proportional to its area. Inputs are 8-bit; ``data.bands``
+with probability proportional to its area. Inputs are 8- or 16-bit: a 16-bit
+raster is scaled by the value of full brightness the file gives (``NBITS``,
+``STATISTICS_MAXIMUM``) or a sampled range, as ``mapseg`` does
+(``mapseg.scaling.input_range``), or by ``data.input_max``; the choice is
+printed for every such raster. ``data.bands``
 (1-based) picks the three bands read as RGB, e.g. ``1,2,3`` of an RGBN NAIP
 file. Nodata comes from the raster's masks (nodata value, alpha or internal
 mask): a window with more than ``data.max_nodata_fraction`` nodata pixels is
@@ -19,6 +23,7 @@ smaller than ``S`` follow ``data.small_tiles`` (skip | pad | error).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
+
+from mapseg.errors import SegmentError
+from mapseg.raster.rasterio_io import range_metadata
+from mapseg.scaling import input_range
 
 from .crops import NODATA_TRIES, choose_window, collate, eligible_for_size, finish_item, least_nodata_crop
 from .schedule import BatchKey, batches_per_scale, step_loader
@@ -40,6 +49,8 @@ class RasterInfo:
     has_nodata: bool               # a nodata value, alpha band or mask: windows need their masks read
     target_path: Optional[str] = None
     target_nodata: Optional[float] = None
+    input_max: float = 255.0       # raw value of full brightness: windows are scaled by 255 / input_max to 8 bits
+    scaling: str = "uint8"         # how input_max is known
 
 
 def _open(path):
@@ -49,8 +60,33 @@ def _open(path):
         return rasterio.open(path)
 
 
-def inspect_rasters(raster_paths, target_paths=(), bands=(1, 2, 3)) -> list[RasterInfo]:
-    """Check the rasters (and targets) once, from their headers; errors name the file and what to change."""
+def _input_max(src, path, bands, input_max: float) -> tuple[float, str]:
+    """(value of full brightness, how it is known) of an 8- or 16-bit raster (see the module doc)."""
+    dtypes = {src.dtypes[b - 1] for b in bands}
+    if len(dtypes) != 1 or dtypes.pop() not in ("uint8", "uint16"):
+        raise ValueError(f"{path}: bands {list(bands)} are {'/'.join(sorted({src.dtypes[b - 1] for b in bands}))}; "
+                         "inputs must be 8- or 16-bit RGB (convert or rescale the raster first)")
+    dtype = src.dtypes[bands[0] - 1]
+    if input_max > 0:
+        return float(input_max), "data.input_max"
+    if dtype == "uint8":
+        return 255.0, "uint8"
+
+    def sample() -> np.ndarray:  # a decimated read of the whole raster, valid pixels only
+        scale = max(1.0, max(src.height, src.width) / 1024)
+        shape = (3, max(1, int(src.height / scale)), max(1, int(src.width / scale)))
+        data = src.read(list(bands), out_shape=shape, masked=True)
+        return data.compressed()
+    try:
+        value, how = input_range({"dtype": dtype, **range_metadata(src, bands)}, sample)
+    except SegmentError as exc:
+        raise ValueError(f"{path}: {exc}".replace("--input-max N", "data.input_max")) from exc
+    return value, how.replace("--input-max N", "data.input_max")
+
+
+def inspect_rasters(raster_paths, target_paths=(), bands=(1, 2, 3), input_max: float = 0.0) -> list[RasterInfo]:
+    """Check the rasters (and targets) once, from their headers; errors name the file and what to change.
+    ``input_max`` > 0 sets the value of full brightness of 16-bit rasters (else: from the file, see module doc)."""
     from rasterio.enums import MaskFlags
     raster_paths, target_paths, bands = list(raster_paths), list(target_paths or ()), tuple(int(b) for b in bands)
     if not raster_paths:
@@ -68,10 +104,9 @@ def inspect_rasters(raster_paths, target_paths=(), bands=(1, 2, 3)) -> list[Rast
             if max(bands) > src.count:
                 raise ValueError(f"{path} has {src.count} band(s); data.bands={list(bands)} selects band "
                                  f"{max(bands)} (set data.bands to pick the RGB bands)")
-            dtypes = {src.dtypes[b - 1] for b in bands}
-            if dtypes != {"uint8"}:
-                raise ValueError(f"{path}: bands {list(bands)} are {'/'.join(sorted(dtypes))}; inputs must be 8-bit "
-                                 "RGB (convert or rescale the raster to uint8 first)")
+            top, how = _input_max(src, path, bands, input_max)
+            if how != "uint8":
+                print(f"note: {path}: scaled x / {top:g} ({how})", file=sys.stderr)
             flags = [src.mask_flag_enums[b - 1] for b in bands]
             has_nodata = src.nodata is not None or any(MaskFlags.all_valid not in f for f in flags)
             shape, crs, transform = (src.height, src.width), src.crs, src.transform
@@ -91,7 +126,7 @@ def inspect_rasters(raster_paths, target_paths=(), bands=(1, 2, 3)) -> list[Rast
                     raise ValueError(f"{tpath} is not aligned with {path} (CRS or transform differ)")
                 tnodata = t.nodata
         out.append(RasterInfo(str(path), shape[0], shape[1], bands, bool(has_nodata), tpath,
-                              None if tnodata is None else float(tnodata)))
+                              None if tnodata is None else float(tnodata), top, how))
     return out
 
 
@@ -103,7 +138,7 @@ class GeoPatchDataset(torch.utils.data.Dataset):
         self.seed, self.rank, self.world, self.aug = cfg.train.seed, rank, world, cfg.aug
         self.sizes_and_batches = batches_per_scale(cfg)
         self.max_nodata = float(cfg.data.max_nodata_fraction)
-        self.rasters = inspect_rasters(d.raster_paths, d.target_paths, d.bands)
+        self.rasters = inspect_rasters(d.raster_paths, d.target_paths, d.bands, d.input_max)
         self.with_labels = bool(d.target_paths)
         policy = cfg.data.small_tiles
         sizes = [(r.height, r.width) for r in self.rasters]
@@ -140,6 +175,8 @@ class GeoPatchDataset(torch.utils.data.Dataset):
         win = Window(window[1], window[0], window[3], window[2])
         src = self._src(r.path)
         image = src.read(list(r.bands), window=win)
+        if r.scaling != "uint8":  # 16-bit (or data.input_max): to the 8 bits every source gives
+            image = np.clip(np.rint(image.astype(np.float32) * (255.0 / r.input_max)), 0, 255).astype(np.uint8)
         if r.has_nodata:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # NodataShadowWarning on RGBN files: the nodata value is what we want

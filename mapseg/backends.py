@@ -18,7 +18,7 @@ import importlib.util
 
 import numpy as np
 
-from .errors import ArtifactError, BackendUnavailable
+from .errors import ArtifactError, BackendUnavailable, first_line
 from .network import NumpyNetwork, fold_layers
 
 AUTO_ORDER = ("onnx", "torch", "numpy")
@@ -106,7 +106,7 @@ class OnnxBackend:
             if artifact.onnx_path is None:
                 raise
             raise ArtifactError(f"artifact {artifact.path}: {artifact.onnx_path} cannot be loaded by onnxruntime "
-                                f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}): "
+                                f"({first_line(exc)}): "
                                 "the file is truncated or corrupt; re-export with --onnx, or delete it to run "
                                 "without onnx") from exc
         digest = self.session.get_modelmeta().custom_metadata_map.get("weights_sha256")

@@ -39,5 +39,11 @@ class WorkerError(ValueError):
     """--workers / --threads cannot be honoured; the message says why."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a library's may run to many), or its type where it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 USER_ERRORS = (ArtifactError, BackendUnavailable, ClusterError, OutputError, RasterError, SegmentError,
                FileNotFoundError)

@@ -4,9 +4,10 @@ A reader never sees a half-written file, and an interrupted run leaves the
 previous file (if any) in place. Temporary names start with a dot and carry
 the process id, a tag of the host and a random tag (``temp_sibling``), so two
 runs never share one. A run killed outright (SIGKILL, a power cut) cannot
-remove its own: the next run writing in that folder does (``remove_dead_leftovers``:
-only names of processes of this host that are no longer alive; never a live
-run's, never another host's).
+remove its own: the next run writing in that folder does (``remove_dead_leftovers``,
+called by ``check_outputs``: only the names mapseg itself writes, ``TEMP_KINDS``, of
+processes of this host that are no longer alive; never a live run's, never another
+host's, never a file or folder of the user's that merely looks alike).
 
 ``check_outputs`` runs before any work: an output must not be an input (by any
 path, symlink or hard link) nor another output, and its folder must exist, be
@@ -26,9 +27,42 @@ from pathlib import Path
 
 from .errors import OutputError
 
-HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
-# .NAME.[KIND-]PID-HOST-ID[SUFFIX...]; names written before the host tag existed lack HOST
-_TEMP_NAME = re.compile(r"^\..+\.(?:[a-z]+-)?(?P<pid>\d+)-(?:(?P<host>[0-9a-f]{6})-)?[0-9a-f]{8}(?:\..*)?$")
+
+def _pid_namespace() -> str:
+    """The inode of this process's PID namespace (Linux; "" elsewhere): containers differ by it."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def _boot_id() -> str:
+    """This boot's id (Linux; "" elsewhere): machines that share a host name differ by it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def host_tag() -> str:
+    """6 hex digits naming the PID space of this process: a process id in a temporary's name means a process
+    only where the tag is the same. On Linux the host name, the PID namespace (two containers with one host
+    name, each with its own PIDs, writing to one volume) and the boot id (two machines with one host name;
+    a run killed by a power cut is therefore another boot's: its leftover stays, for the user to delete);
+    elsewhere the host name alone (neither is known there)."""
+    identity = "\0".join((socket.gethostname(), _pid_namespace(), _boot_id()))
+    return hashlib.sha1(identity.encode()).hexdigest()[:6]
+
+
+HOST_TAG = host_tag()
+# The temporaries mapseg writes (temp_sibling): kind -> the suffixes it writes with it. "" (write_bytes_atomic),
+# "probe" (check_folder), "part" (label writers, + ".cog.tif"), "polygons" (the QGIS plugin: a folder).
+TEMP_KINDS = {"": (".tmp",), "probe": ("",), "part": (".tif", ".cog.tif"), "polygons": ("",)}
+TEMP_FOLDER_KINDS = ("polygons",)
+LEGACY_KINDS = {"": (".tmp",), "part": (".tif", ".cog.tif")}  # names written before the host tag existed
+# .NAME.[KIND-]PID-HOST-ID[SUFFIX]; legacy names lack HOST. A PID has at most 10 digits (os.kill takes a C int).
+_TEMP_NAME = re.compile(r"^\..+\.(?:(?P<kind>part|probe|polygons)-)?(?P<pid>\d{1,10})-(?:(?P<host>[0-9a-f]{6})-)?"
+                        r"[0-9a-f]{8}(?P<suffix>\.tmp|\.cog\.tif|\.tif)?$")
 LEGACY_AGE_S = 3600  # a name without the host tag is removed only when its process is gone and it is this old
 
 
@@ -55,7 +89,7 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: alive, another user's
+    except (OSError, OverflowError, ValueError):  # EPERM: alive, another user's; a number no PID can be: unknown
         return True
     return True
 
@@ -74,12 +108,25 @@ def _pid_alive_windows(pid: int) -> bool:
         kernel.CloseHandle(handle)
 
 
+def _ours(name: str, is_dir: bool):
+    """The match of a name mapseg writes (``TEMP_KINDS``: its kinds with their suffixes, a folder only for
+    ``TEMP_FOLDER_KINDS``), or None: a user's ``.notes.1234-deadbeef`` or ``.photos.part-1-cafebabe`` is not."""
+    m = _TEMP_NAME.match(name)
+    if m is None:
+        return None
+    kind, suffix = m["kind"] or "", m["suffix"] or ""
+    kinds = TEMP_KINDS if m["host"] is not None else LEGACY_KINDS
+    if suffix not in kinds.get(kind, ()) or is_dir != (kind in TEMP_FOLDER_KINDS):
+        return None
+    return m
+
+
 def remove_dead_leftovers(folder: str | Path) -> list[str]:
     """Remove the temporary files (and folders) that killed runs of this host left in ``folder``; their names.
 
-    A name is removed when it has the shape ``temp_sibling`` gives, carries this host's tag and its
-    process id is not alive here (names from before the host tag: also an hour old). Anything else,
-    a live run's temporary above all, stays."""
+    A name is removed when it is one ``temp_sibling`` gives for a kind mapseg writes (``_ours``), carries
+    this host's tag and its process id is not alive here (names from before the host tag: also an hour
+    old). Anything else, a live run's temporary and the user's own files above all, stays."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -87,13 +134,17 @@ def remove_dead_leftovers(folder: str | Path) -> list[str]:
         return removed
     now = time.time()
     for entry in entries:
-        m = _TEMP_NAME.match(entry.name)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        m = _ours(entry.name, is_dir)
         if m is None or (m["host"] is not None and m["host"] != HOST_TAG) or pid_alive(int(m["pid"])):
             continue
         try:
             if m["host"] is None and now - entry.stat(follow_symlinks=False).st_mtime < LEGACY_AGE_S:
                 continue
-            if entry.is_dir(follow_symlinks=False):
+            if is_dir:
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
@@ -104,9 +155,9 @@ def remove_dead_leftovers(folder: str | Path) -> list[str]:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a unique temporary sibling, then rename: never a half-written file."""
+    """Write ``data`` to a unique temporary sibling, then rename: never a half-written file. (Killed runs'
+    leftovers are removed once per run, by ``check_outputs``, not here on every write.)"""
     path = Path(path)
-    remove_dead_leftovers(path.parent)
     tmp = temp_sibling(path)
     try:
         tmp.write_bytes(data)
@@ -144,9 +195,8 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB" if n >= 1e3 else f"{n:,.0f} bytes"
 
 
-def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
-    """``path`` can be written: its folder exists and takes a new file, it is not itself a folder, and
-    (where the file system says) ``need_bytes`` fit. Raises OutputError saying what to do."""
+def check_parent(path: str | Path, what: str) -> None:
+    """``path`` names a file in an existing folder (not a folder itself); else an OutputError saying what to do."""
     path = Path(path)
     folder = path.parent
     if path.is_dir():
@@ -156,6 +206,14 @@ def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
                           "another")
     if not folder.is_dir():
         raise OutputError(f"{what} {path}: {folder} is not a folder")
+
+
+def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
+    """``path`` can be written: its folder exists and takes a new file, it is not itself a folder, and
+    (where the file system says) ``need_bytes`` fit. Raises OutputError saying what to do."""
+    path = Path(path)
+    folder = path.parent
+    check_parent(path, what)
     probe = temp_sibling(path, "probe", "")
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))

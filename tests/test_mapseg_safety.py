@@ -234,17 +234,106 @@ def test_a_killed_run_leaves_nothing_the_next_run_does_not_clean(model, tmp_path
     proc.wait(timeout=30)
     dead = [p.name for p in tmp_path.glob(".out.tif.part-*")]
     assert len(dead) == 1 and f"-{proc.pid}-" in dead[0], listing(tmp_path)
-    # a live run's temporary (this process), another host's, and one from before host tags, fresh and old
-    live = f".out.tif.part-{os.getpid()}-{fileio.HOST_TAG}-0123abcd.tif"
-    other_host = f".out.tif.part-{proc.pid}-{'0' * 6 if fileio.HOST_TAG != '0' * 6 else '1' * 6}-0123abcd.tif"
-    legacy_old, legacy_new = f".x.tif.part-{proc.pid}-89abcdef.tif", f".y.tif.part-{proc.pid}-89abcdef.tif"
-    for name in (live, other_host, legacy_old, legacy_new):
-        (tmp_path / name).write_bytes(b"partial")
-    os.utime(tmp_path / legacy_old, (time.time() - 2 * fileio.LEGACY_AGE_S,) * 2)
-    code, err = run(capsys, "segment", src, out, "-k", 3, "--model", model, "--no-progress")
+    # live runs' temporaries (this process; another one, asked with os.kill), another host's, and ones from
+    # before host tags, fresh and old
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        live = f".out.tif.part-{os.getpid()}-{fileio.HOST_TAG}-0123abcd.tif"
+        live_other = f".out.tif.part-{sleeper.pid}-{fileio.HOST_TAG}-0123abcd.tif"
+        other_host = f".out.tif.part-{proc.pid}-{'0' * 6 if fileio.HOST_TAG != '0' * 6 else '1' * 6}-0123abcd.tif"
+        legacy_old, legacy_new = f".x.tif.part-{proc.pid}-89abcdef.tif", f".y.tif.part-{proc.pid}-89abcdef.tif"
+        for name in (live, live_other, other_host, legacy_old, legacy_new):
+            (tmp_path / name).write_bytes(b"partial")
+        os.utime(tmp_path / legacy_old, (time.time() - 2 * fileio.LEGACY_AGE_S,) * 2)
+        os.utime(tmp_path / live_other, (time.time() - 2 * fileio.LEGACY_AGE_S,) * 2)
+        code, err = run(capsys, "segment", src, out, "-k", 3, "--model", model, "--no-progress")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     assert code == 0, err
     assert "removed 2 temporary file(s) that killed runs left" in err and dead[0] in err
-    assert listing(tmp_path) == sorted([live, other_host, legacy_new, "in.tif", "out.tif"])
+    assert listing(tmp_path) == sorted([live, live_other, other_host, legacy_new, "in.tif", "out.tif"])
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _age(path: Path, seconds: float = 2 * 3600) -> None:
+    os.utime(path, (time.time() - seconds,) * 2)
+
+
+def test_only_names_mapseg_writes_are_removed(tmp_path):
+    pid, host = _dead_pid(), fileio.HOST_TAG
+    user = {  # a user's files and folders that look like temporaries (the process is gone, two hours old)
+        f".notes.{pid}-deadbeef": "file", f".photos.{pid}-cafebabe": "dir",
+        f".a.txt.{pid}-{host}-deadbeef.bak": "file", f".b.tif.part-{pid}-{host}-deadbeef": "file",
+        f".c.tif.part-{pid}-{host}-0123abcd.tif": "dir", f".d.gpkg.polygons-{pid}-{host}-0123abcd": "file",
+        f".e.tif.probe-{pid}-0123abcd": "file", f".f.json.{pid}-{host}-0123abcd.tmp": "dir",
+        f".g.json.{pid}-{host}-0123abcd.tmp.old": "file", f".h.tif.backup-{pid}-{host}-0123abcd.tif": "file",
+        f".i.{pid}-cafebabe.tmp.d": "dir",
+    }
+    ours = {  # what mapseg writes: every kind with its suffixes, and the two legacy shapes
+        f".o.tif.part-{pid}-{host}-0123abcd.tif": "file", f".o.tif.part-{pid}-{host}-0123abcd.cog.tif": "file",
+        f".o.json.{pid}-{host}-0123abcd.tmp": "file", f".o.tif.probe-{pid}-{host}-0123abcd": "file",
+        f".o.gpkg.polygons-{pid}-{host}-0123abcd": "dir", f".p.json.{pid}-0123abcd.tmp": "file",
+        f".p.tif.part-{pid}-0123abcd.tif": "file", f".p.tif.part-{pid}-0123abcd.cog.tif": "file",
+    }
+    for name, kind in {**user, **ours}.items():
+        if kind == "dir":
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "inside.jpg").write_bytes(b"photo")
+            _age(tmp_path / name / "inside.jpg")
+        else:
+            (tmp_path / name).write_bytes(b"data")
+        _age(tmp_path / name)
+    fileio.write_text_atomic(tmp_path / "report.json", "{}")  # a write scans nothing: check_outputs does
+    assert len(listing(tmp_path)) == len(user) + len(ours) + 1
+    removed = fileio.remove_dead_leftovers(tmp_path)
+    assert sorted(removed) == sorted(ours)
+    assert listing(tmp_path) == sorted([*user, "report.json"])
+    assert all((tmp_path / n / "inside.jpg").exists() for n, kind in user.items() if kind == "dir")
+
+
+def test_a_pid_no_process_can_have_keeps_the_file(tmp_path, monkeypatch):
+    host = fileio.HOST_TAG
+    huge = f".o.tif.part-99999999999999999999-{host}-0123abcd.tif"   # not a name mapseg writes (> 10 digits)
+    big = f".o.tif.part-9999999999-{host}-0123abcd.tif"              # os.kill: OverflowError (not OSError)
+    for name in (huge, big):
+        (tmp_path / name).write_bytes(b"data")
+        _age(tmp_path / name)
+    assert fileio.pid_alive(9999999999) and fileio.pid_alive(99999999999999999999)
+    assert fileio.remove_dead_leftovers(tmp_path) == []
+    fileio.check_outputs({"output": tmp_path / "out.tif"}, [])
+    assert listing(tmp_path) == sorted([huge, big])
+
+    dead = f".o.tif.part-{_dead_pid()}-{host}-0123abcd.tif"
+    (tmp_path / dead).write_bytes(b"data")
+
+    def not_permitted(pid, sig):  # another user's process: alive
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fileio.os, "kill", not_permitted)
+    assert fileio.remove_dead_leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert fileio.remove_dead_leftovers(tmp_path) == [dead]
+
+
+def test_the_host_tag_tells_containers_and_machines_apart(monkeypatch):
+    tag = fileio.host_tag()
+    assert tag == fileio.HOST_TAG and len(tag) == 6
+    if sys.platform.startswith("linux"):  # not the host name alone
+        assert fileio._pid_namespace() and fileio._boot_id()
+        assert tag != hashlib.sha1(fileio.socket.gethostname().encode()).hexdigest()[:6]
+    monkeypatch.setattr(fileio, "_pid_namespace", lambda: "4026532999")   # another container, same host name
+    other_namespace = fileio.host_tag()
+    monkeypatch.setattr(fileio, "_boot_id", lambda: "0f0f0f0f-1111-2222-3333-444455556666")  # another machine
+    other_boot = fileio.host_tag()
+    assert len({tag, other_namespace, other_boot}) == 3
+    monkeypatch.setattr(fileio.socket, "gethostname", lambda: "elsewhere")
+    assert fileio.host_tag() not in {tag, other_namespace, other_boot}
 
 
 # --------------------------------------------------------------------------- 4. truncated or corrupt rasters

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RasterError
-from ..fileio import remove_if_present, temp_sibling
+from ..errors import RasterError, first_line
+from ..fileio import check_parent, remove_if_present, temp_sibling
 
 OUTPUT_NODATA = 255
 BLOCK = 256
@@ -121,8 +121,7 @@ def range_hint(nbits, maxima) -> tuple[int | None, float | None]:
 
 def read_failed(path: str, row0: int, row1: int, col0: int, col1: int, exc: BaseException) -> RasterError:
     """The error of a window that could not be read (a truncated or corrupt file, a vanished source)."""
-    text = str(exc.__cause__ or exc).strip()  # rasterio: "Read failed. See previous exception": the cause says why
-    detail = text.splitlines()[0] if text else type(exc).__name__
+    detail = first_line(exc.__cause__ or exc)  # rasterio: "Read failed. See previous exception": the cause says why
     return RasterError(f"cannot read {path} at rows {row0}-{row1}, columns {col0}-{col1} ({detail}): the file is "
                        "truncated or corrupt; copy or export it again")
 
@@ -201,14 +200,12 @@ class LabelWriterBase:
             raise self._failed(exc) from exc
 
     def _failed(self, exc: BaseException) -> RasterError:
-        text = str(exc.__cause__ or exc).strip()
-        return RasterError(f"writing {self.path} failed ({text.splitlines()[0] if text else type(exc).__name__}): "
+        return RasterError(f"writing {self.path} failed ({first_line(exc.__cause__ or exc)}): "
                            f"is the disk full or {self.path.parent} read-only? Nothing was written there")
 
     def _prepare(self, path, cog: bool) -> None:
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise RasterError(f"output folder {self.path.parent} does not exist")
+        check_parent(self.path, "output")
         if self.path.suffix.lower() not in (".tif", ".tiff"):
             raise RasterError(f"output {self.path}: mapseg writes GeoTIFF, use a .tif name")
         self.cog = cog

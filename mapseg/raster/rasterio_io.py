@@ -150,8 +150,8 @@ class LabelWriter(LabelWriterBase):
         self.ds.write(labels, 1, window=Window(col0, row0, w, h))
 
     def _commit(self) -> Path:
-        self.ds.close()
-        self.ds = None
+        ds, self.ds = self.ds, None  # let go first: abort() after a failed close must not close it again
+        ds.close()
         src = self.tmp
         if self.cog:
             import rasterio.shutil

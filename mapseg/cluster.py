@@ -208,24 +208,46 @@ class Centers:
 
     @classmethod
     def from_json(cls, data: dict, where: str = "centers file") -> "Centers":
+        """Centres from a centres file's JSON; any field of the wrong type or shape is a ClusterError naming
+        ``where`` (``mean_colours``, ``counts`` and ``sample`` may be absent: older files)."""
+        if not isinstance(data, dict):
+            raise ClusterError(f"{where}: not a mapseg centres file (a JSON {type(data).__name__}, not an object); "
+                               "write one with mapseg fit")
         if data.get("format") != CENTERS_FORMAT:
             raise ClusterError(f"{where}: not a mapseg centres file (format {data.get('format')!r})")
         if data.get("version") != CENTERS_VERSION:
             raise ClusterError(f"{where}: unknown centres file version {data.get('version')!r} "
                                f"(this mapseg reads {CENTERS_VERSION})")
-        try:
-            centers = np.asarray(data["centers"], np.float32)
-            metric, features, model = data["metric"], data["features"], data["model"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ClusterError(f"{where}: malformed ({exc})") from exc
-        if centers.ndim != 2 or centers.shape[0] < 2 or not np.isfinite(centers).all():
+
+        def array(key: str, dtype, shape: str, ndim: int, rows: int | None = None, cols: int | None = None):
+            try:
+                value = np.asarray(data[key], dtype)
+            except (TypeError, ValueError, OverflowError) as exc:  # strings, ragged lists, numbers too large
+                raise ClusterError(f"{where}: {key!r} must be a {shape} list of numbers ({exc})") from exc
+            if (value.ndim != ndim or (rows is not None and value.shape[0] != rows)
+                    or (cols is not None and value.shape[-1] != cols) or not np.isfinite(value).all()):
+                raise ClusterError(f"{where}: {key!r} must be a finite {shape} list of numbers, "
+                                   f"not of shape {value.shape}")
+            return value
+
+        for key in ("centers", "metric", "features", "model"):
+            if key not in data:
+                raise ClusterError(f"{where}: malformed (no {key!r})")
+        centers = array("centers", np.float32, "(K >= 2, D)", 2)
+        k = centers.shape[0]
+        if k < 2:
             raise ClusterError(f"{where}: 'centers' must be a finite (K >= 2, D) list of lists")
+        metric, features, model, sample = data["metric"], data["features"], data["model"], data.get("sample", {})
         if metric not in METRICS:
             raise ClusterError(f"{where}: unknown metric {metric!r}")
-        mc = data.get("mean_colours")
-        counts = data.get("counts")
-        return cls(centers, metric, features, model, None if mc is None else np.asarray(mc, np.float64),
-                   None if counts is None else np.asarray(counts, np.int64), data.get("sample", {}))
+        if features not in ("embedding", "colour"):
+            raise ClusterError(f"{where}: unknown features {features!r} (embedding or colour)")
+        for key, value in (("model", model), ("sample", sample)):
+            if not isinstance(value, dict):
+                raise ClusterError(f"{where}: {key!r} must be an object, not {json.dumps(value)[:40]}")
+        mc = None if data.get("mean_colours") is None else array("mean_colours", np.float64, f"({k}, 3)", 2, k, 3)
+        counts = None if data.get("counts") is None else array("counts", np.int64, f"({k},)", 1, k)
+        return cls(centers, metric, features, model, mc, counts, sample)
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")

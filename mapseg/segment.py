@@ -393,8 +393,6 @@ def load_centers(centers: str | os.PathLike | Centers) -> Centers:
         return Centers.load(centers)
     except OSError as exc:
         raise ClusterError(f"centres file {centers} cannot be read ({exc.strerror or exc})") from exc
-    except (AttributeError, TypeError) as exc:  # valid JSON of another shape (a list, a number)
-        raise ClusterError(f"{centers}: not a mapseg centres file ({exc}); write one with mapseg fit") from exc
 
 
 def check_centers(centers: Centers, features: FeatureModel, k: int | None, source=None) -> Centers:

@@ -403,6 +403,36 @@ def test_centres_of_another_model_or_broken_are_named(export_tiny_student, model
     assert not (tmp_path / "o.tif").exists()
 
 
+MALFORMED = {  # a field of the wrong type or shape -> what the message says
+    "model_list": ({"model": [1]}, "'model' must be an object"),
+    "counts_text": ({"counts": "abc"}, "'counts' must be a (3,) list"),
+    "counts_shape": ({"counts": [1, 2]}, "'counts' must be a finite (3,) list"),
+    "counts_huge": ({"counts": [10**30, 1, 1]}, "'counts' must be a (3,) list"),
+    "mean_colours_shape": ({"mean_colours": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]}, "'mean_colours' must be a finite (3, 3)"),
+    "mean_colours_nan": ({"mean_colours": [[0.1, 0.2, None]] * 3}, "'mean_colours' must be"),
+    "centers_ragged": ({"centers": [[1.0, 2.0], [3.0]]}, "'centers' must be"),
+    "centers_text": ({"centers": "abc"}, "'centers' must be"),
+    "features": ({"features": ["embedding"]}, "unknown features"),
+    "sample_list": ({"sample": [1]}, "'sample' must be an object"),
+    "no_model": ({"model": None}, "'model' must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_centres_file_is_named(model, tmp_path, capsys, case):
+    src = write(tmp_path / "in.tif", scene())
+    centres = tmp_path / "c.json"
+    assert main(["fit", str(src), "-k", "3", "--model", model, "-o", str(centres), "--no-progress"]) == 0
+    change, message = MALFORMED[case]
+    data = json.loads(centres.read_text())
+    centres.write_text(json.dumps({**data, **change}))
+    capsys.readouterr()
+    code, err = run(capsys, "segment", src, tmp_path / "o.tif", "--centers", centres, "--model", model,
+                    "--no-progress")
+    assert code == 2 and "\nerror: " in err and str(centres) in err and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "o.tif").exists()
+
+
 # --------------------------------------------------------------------------- 6. rasters of a few pixels
 
 @pytest.mark.parametrize("features", ["model", "kmeans"])

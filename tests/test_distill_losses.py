@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.augmentations import apply_geometric, make_views
 from training.config import AugConfig
@@ -264,3 +265,40 @@ def test_priors_refuse_batches_without_superpixels():
         slic_prior_losses(_one_hot_halves(), slic, bnd, img, terms=("edges",))
     assert set(slic_prior_losses(_one_hot_halves(), slic, bnd, img, terms=("within",))) == {"prior_within"}
     assert float(antimerge_loss(_one_hot_halves(), slic[:, 2].long(), img)) == 0.0
+
+
+# --------------------------------------------------------------------------- correspondence (STEGO)
+
+def test_correspondence_pairs_never_pair_an_image_with_itself():
+    from training.losses.correspondence import nearest_neighbours, random_partners
+    gen = torch.Generator().manual_seed(0)
+    n = 4
+    j = random_partners(2 * n, n, gen)
+    assert ((j % n) != (torch.arange(2 * n) % n)).all() and ((j // n) == (torch.arange(2 * n) // n)).all()
+    teacher = torch.randn(n, 6, 5, 5)
+    teacher = torch.cat([teacher, teacher * 1.01])               # view 2 of image i looks like view 1 of i
+    teacher[1] = teacher[0] + 0.01 * torch.randn_like(teacher[0])  # image 1 is image 0's twin
+    nn_ = nearest_neighbours(teacher, n)
+    assert nn_[0] == 1 and ((nn_ % n) != (torch.arange(2 * n) % n)).all()
+
+
+def test_correspondence_loss_rewards_a_student_that_follows_the_teacher():
+    from training.losses.correspondence import correspondence_losses
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.zeros(4, 3, 8, 8)
+    teacher[:, 0, :, :4] = 1.0                                     # two regions per image, the same in every image
+    teacher[:, 1, :, 4:] = 1.0
+    teacher += 0.05 * torch.randn(4, 3, 8, 8, generator=gen)
+    follows = F.normalize(teacher.clone(), dim=1).requires_grad_()
+    noise = F.normalize(torch.randn(4, 3, 8, 8, generator=gen), dim=1)
+    shifts = {"self": 0.18, "knn": 0.12, "random": 0.46}
+    good = correspondence_losses(follows, teacher, 2, 64, shifts, torch.Generator().manual_seed(1))
+    bad = correspondence_losses(noise, teacher, 2, 64, shifts, torch.Generator().manual_seed(1))
+    assert set(good) == {"corr_self", "corr_knn", "corr_random"}
+    for k in good:
+        assert 0.0 <= float(good[k].detach()) <= 2.0 and 0.0 <= float(bad[k]) <= 2.0
+    assert good["corr_self"] < bad["corr_self"] and good["corr_knn"] < bad["corr_knn"]
+    sum(good.values()).backward()
+    assert follows.grad is not None and follows.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="share batch and grid"):
+        correspondence_losses(noise, teacher[:, :, :4], 2, 8, shifts)

@@ -120,6 +120,16 @@ def test_a_run_that_died_before_its_first_checkpoint_is_not_mixed_into(tmp_path,
     assert [r["step"] for r in _log(run) if "loss/merged" in r and "event" not in r] == [1]
 
 
+def test_correspondence_terms_are_trained_and_logged(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    over = tiny_overrides + ["distill.corr_self_weight=1", "distill.corr_knn_weight=1", "distill.corr_random_weight=1",
+                             "distill.corr_points=16", "distill.feature_weight=0", "distill.affinity_weight=0"]
+    assert _train(run, over, "--steps", "2", "--teacher", "fake") == 0
+    steps = [r for r in _log(run) if "loss/merged" in r and "event" not in r]
+    for kind in ("self", "knn", "random"):
+        assert all(0.0 <= r[f"loss/corr_{kind}/64"] <= 2.0 for r in steps), kind
+
+
 def test_resume_refuses_a_changed_config(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     assert _train(run, tiny_overrides, "--steps", "2", "--stop-after", "1") == 0

@@ -173,6 +173,15 @@ class DistillConfig:
     antimerge_weight: float = 0.0
     within_weight: float = 0.0
     prior_scale: str = "medium"   # superpixel scale of the antimerge / within priors: fine | medium | coarse
+    # Correspondence distillation (losses/correspondence.py, STEGO): weight and shift of the pairs of an image
+    # with itself, with its nearest neighbour in the batch (teacher descriptor) and with a random other image.
+    corr_self_weight: float = 0.0
+    corr_knn_weight: float = 0.0
+    corr_random_weight: float = 0.0
+    corr_self_shift: float = 0.18
+    corr_knn_shift: float = 0.12
+    corr_random_shift: float = 0.46
+    corr_points: int = 121        # cells sampled per image for the correlation tables
     prior_sigma: float = 0.1      # colour-contrast scale of the boundary / antimerge priors
 
 
@@ -374,9 +383,11 @@ def validate(cfg: Config) -> Config:
     d = cfg.distill
     if d.enabled and cfg.teacher.name == "none":
         raise ConfigError("config key 'distill.enabled': needs a teacher (teacher.name / --teacher)")
-    if d.proj_dim < 1 or d.affinity_pairs < 1 or cfg.teacher.dim < 1:
-        raise ConfigError("config keys 'distill.proj_dim', 'distill.affinity_pairs', 'teacher.dim': must be >= 1")
-    for name in ("feature_weight", "affinity_weight", "boundary_weight", "antimerge_weight", "within_weight"):
+    if d.proj_dim < 1 or d.affinity_pairs < 1 or cfg.teacher.dim < 1 or d.corr_points < 1:
+        raise ConfigError("config keys 'distill.proj_dim', 'distill.affinity_pairs', 'distill.corr_points', "
+                          "'teacher.dim': must be >= 1")
+    for name in ("feature_weight", "affinity_weight", "boundary_weight", "antimerge_weight", "within_weight",
+                 "corr_self_weight", "corr_knn_weight", "corr_random_weight"):
         if getattr(d, name) < 0:
             raise ConfigError(f"config key 'distill.{name}': must be >= 0")
     if cfg.teacher.cache and (not d.enabled or cfg.data.source != "shards"):

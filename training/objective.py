@@ -9,7 +9,8 @@ views and sums the weighted terms:
   pseudo-labels;
 * two-view consistency (``losses.consistency``);
 * reconstruction (``losses.recon``), EMA-normalised per scale;
-* teacher distillation, feature and affinity (``losses.distill``);
+* teacher distillation, feature and affinity (``losses.distill``), and
+  correspondences within and across images (``losses.correspondence``);
 * SLIC priors (``losses.priors``).
 
 The per-scale totals are merged with the scale-neutral geometric mean
@@ -25,6 +26,7 @@ from .augmentations import warp
 from .config import Config
 from .losses import (EMANormalizer, edge_aware_tv, marginal_entropy_gap, pixel_entropy, pseudo_label_ce, recon_loss,
                      scale_neutral_merge, two_view_consistency)
+from .losses.correspondence import correspondence_losses
 from .losses.distill import affinity_distill_loss, feature_distill_loss, teacher_targets
 from .losses.priors import slic_prior_losses_two_views
 from .models import SoftKMeansHead
@@ -118,6 +120,11 @@ class Objective:
             if d.affinity_weight > 0:
                 terms["distill_affinity"] = affinity_distill_loss(emb, targets, d.affinity_pairs, gen)
             weights.update(distill_feature=d.feature_weight, distill_affinity=d.affinity_weight)
+            kinds = {k: getattr(d, f"corr_{k}_shift") for k in ("self", "knn", "random")
+                     if getattr(d, f"corr_{k}_weight") > 0}
+            if kinds:
+                terms.update(correspondence_losses(emb, targets, batch["view1"].shape[0], d.corr_points, kinds, gen))
+                weights.update({f"corr_{k}": getattr(d, f"corr_{k}_weight") for k in kinds})
         priors = [t for t in ("boundary", "antimerge", "within") if getattr(d, f"{t}_weight") > 0]
         if priors:
             terms.update(slic_prior_losses_two_views(probs, batch, priors, d.prior_scale, d.prior_sigma))

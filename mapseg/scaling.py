@@ -23,13 +23,22 @@ def bit_depth_max(value: float) -> float:
     return float(2 ** max(8, int(np.ceil(max(value, 0))).bit_length()) - 1)
 
 
-def input_range(info, sample: np.ndarray | Callable[[], np.ndarray] | None = None) -> tuple[float, str]:
+@dataclass(frozen=True)
+class SampledRange:
+    """The largest of ``count`` raw values sampled (a running maximum over the sampling windows: every
+    value seen counts, none is copied or dropped)."""
+    maximum: float
+    count: int
+
+
+def input_range(info, sample: np.ndarray | SampledRange | Callable[[], np.ndarray | SampledRange] | None = None
+                ) -> tuple[float, str]:
     """(the raw value of full brightness, how it is known) of an integer raster: the scaling is x / that value.
 
     ``info``: a mapping or an object with ``dtype`` (numpy name) and, where the file says them, ``nbits``
     (TIFF NBITS) and ``statistics_max`` (the largest STATISTICS_MAXIMUM of the bands read), such as a
-    ``mapseg.raster`` reader's ``info``. ``sample``: raw values of valid pixels (any shape), or a function
-    that reads them, called only when the file says nothing. uint8: 255. uint16: 2**NBITS - 1; else the
+    ``mapseg.raster`` reader's ``info``. ``sample``: raw values of valid pixels (any shape) or their
+    ``SampledRange``, or a function giving either, called only when the file says nothing. uint8: 255. uint16: 2**NBITS - 1; else the
     bit depth holding STATISTICS_MAXIMUM; else the bit depth holding the sample's maximum. Raises
     SegmentError (saying what to pass) for other data types, or when a needed sample is empty.
     """
@@ -48,13 +57,15 @@ def input_range(info, sample: np.ndarray | Callable[[], np.ndarray] | None = Non
         return value, (f"uint16, STATISTICS_MAXIMUM {top:g} in the file: {int(value).bit_length()}-bit; "
                        "--input-max N to override")
     values = sample() if callable(sample) else sample
-    values = np.zeros(0) if values is None else np.asarray(values)
-    if values.size == 0:
+    if not isinstance(values, SampledRange):
+        values = np.zeros(0) if values is None else np.asarray(values)
+        values = SampledRange(float(values.max()) if values.size else 0.0, int(values.size))
+    if values.count == 0:
         raise SegmentError("uint16 input without NBITS or statistics, and no valid pixel to measure its range "
                            "on: pass --input-max N (e.g. 4095 for 12-bit imagery) or --bits N")
-    found = float(values.max())
+    found = values.maximum
     value = bit_depth_max(found)
-    return value, (f"uint16 without NBITS or statistics; largest of {values.size:,} sampled values {found:g}: "
+    return value, (f"uint16 without NBITS or statistics; largest of {values.count:,} sampled values {found:g}: "
                    f"{int(value).bit_length()}-bit; --input-max N to override")
 
 
@@ -66,6 +77,13 @@ class Scaling:
     clip: bool
     description: str
     input_max: float | None = None  # the raw value of full brightness (None: a percentile stretch)
+
+    def clipped(self, data: np.ndarray, valid: np.ndarray) -> int:
+        """How many valid pixels of (h, w, bands) ``data`` have a band above ``input_max`` (clipped to full
+        brightness); 0 where nothing is clipped that way (uint8 / 255, a percentile stretch)."""
+        if not self.clip or self.input_max is None:
+            return 0
+        return int(np.count_nonzero((data > self.input_max).any(axis=-1) & valid))
 
     def apply(self, data: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Scale (h, w, bands) ``data`` into float32 ``out``. uint8 / uint16 go through a per-band table of
@@ -106,9 +124,21 @@ def parse_input_max(input_max: float | None, bits: int | None) -> float | None:
         if not 1 <= int(bits) <= 32:
             raise SegmentError(f"--bits {bits}: give the bit depth of the imagery, 1..32 (e.g. 12)")
         return float(2 ** int(bits) - 1)
-    if input_max is not None and not (np.isfinite(input_max) and input_max > 0):
+    return None if input_max is None else positive_max(input_max)
+
+
+def positive_max(input_max) -> float:
+    """``input_max`` as a float, or a SegmentError unless it is a positive finite number."""
+    top = float(input_max)
+    if not (np.isfinite(top) and top > 0):
         raise SegmentError(f"--input-max {input_max:g}: must be a positive number")
-    return input_max
+    return top
+
+
+def check_one_scaling(stretch, input_max) -> None:
+    """--stretch and --input-max/--bits exclude each other (checked before any sampling)."""
+    if stretch is not None and input_max is not None:
+        raise SegmentError("--stretch and --input-max/--bits both say how to scale the input: give one")
 
 
 def parse_stretch(text) -> tuple[float, float] | None:
@@ -126,15 +156,13 @@ def parse_stretch(text) -> tuple[float, float] | None:
 def make_scaling(dtype: str, stretch: tuple[float, float] | None, raw_sample: np.ndarray | None,
                  input_max: float | None = None, how: str | None = None) -> Scaling:
     """x / ``input_max`` (``how``: how it is known; default: ``input_range`` of the dtype and the sample), or
-    a percentile stretch measured on the sample. Values above ``input_max`` are clipped to 1."""
-    if stretch is not None and input_max is not None:
-        raise SegmentError("--stretch and --input-max/--bits both say how to scale the input: give one")
+    a percentile stretch measured on the sample (raw values, (N, bands)). Values above ``input_max`` are
+    clipped to 1 (``Scaling.clipped`` counts them)."""
+    check_one_scaling(stretch, input_max)
     if stretch is None:
         if input_max is None:
             input_max, how = input_range({"dtype": dtype}, raw_sample)
-        top = float(input_max)
-        if not (np.isfinite(top) and top > 0):
-            raise SegmentError(f"--input-max {input_max:g}: must be a positive number")
+        top = positive_max(input_max)
         clip = top < DTYPE_MAX.get(dtype, np.inf)  # brighter values than the stated maximum: 1
         return Scaling(np.zeros(3, np.float32), np.full(3, 1 / top, np.float32), clip,
                        f"x / {top:g} ({how or dtype})", top)

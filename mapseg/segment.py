@@ -28,10 +28,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .artifact import ARTIFACT_FILES
+from .centres import centres_scaling, check_centers, load_centers, record_scaling
 from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
 from .errors import SegmentCancelled, SegmentError  # noqa: F401 - SegmentCancelled: re-exported for callers
 from .features import FeatureModel, default_model_path, load_features
@@ -39,7 +41,7 @@ from .fileio import check_outputs
 from .parallel import ordered_map
 from .progress import Progress, SampleProgress, tell
 from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
-from .scaling import Scaling, input_range, make_scaling
+from .scaling import SampledRange, Scaling, check_one_scaling, input_range, make_scaling
 from .windows import DEFAULT_TILE, Window, plan_windows, sample_window_order
 
 MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)
@@ -83,8 +85,9 @@ class SegmentOptions:
 
 # --------------------------------------------------------------------------- reading a window
 
-def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(image (rh, rw, 3) float32 in [0, 1], valid (rh, rw)) of a window's read region.
+def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(image (rh, rw, 3) float32 in [0, 1], valid (rh, rw), valid pixels of the core clipped to full
+    brightness: above the scaling's ``input_max``) of a window's read region.
 
     Rows/cols past the raster (stride padding) and nodata pixels hold ``fill``.
     """
@@ -102,7 +105,7 @@ def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tupl
         image[:dh, dw:] = fill
     if not ok.all():
         image[:dh, :dw][~ok] = fill
-    return image, valid
+    return image, valid, scaling.clipped(data[win.core_in_read], ok[win.core_in_read])
 
 
 # --------------------------------------------------------------------------- labels
@@ -173,7 +176,7 @@ def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, 
 
 
 def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int, wins: list[Window],
-                smooth: int = 0):
+                smooth: int = 0, clipped: list | None = None):
     """(window, uint8 labels of its core clipped to the raster) for every window, in order.
 
     ``features.plan`` (mapseg.parallel) says how many windows are in flight at once: each worker
@@ -181,25 +184,30 @@ def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int
     decodes without the GIL), embeds and assigns it, while the caller writes the previous ones.
     The labels are those of one window at a time, in the same order. Closing the generator (an
     error, a cancel) lets the windows in flight finish before it returns, so no thread touches
-    ``reader`` after that.
+    ``reader`` after that. ``clipped`` (a list) is given each window's count of pixels clipped to full
+    brightness (``read_window``).
     """
     def one(win: Window, image: np.ndarray, valid: np.ndarray):
         labels = window_labels(features, image, valid, win, scorer, k, smooth)
         h, w = win.core.in_raster(reader.height, reader.width).shape
         return win, np.ascontiguousarray(labels[:h, :w])
 
-    yield from map_windows(reader, features, scaling, wins, one)
+    yield from map_windows(reader, features, scaling, wins, one, clipped)
 
 
-def map_windows(reader, features: FeatureModel, scaling: Scaling, wins: list[Window], work):
+def map_windows(reader, features: FeatureModel, scaling: Scaling, wins: list[Window], work,
+                clipped: list | None = None):
     """``work(win, image, valid)`` of every window, in window order, as ``features.plan`` says: each of
     its worker threads reads a window (one read at a time, under a lock), then works on it. Closing
-    the generator lets the windows in flight finish first (mapseg.parallel.ordered_map)."""
+    the generator lets the windows in flight finish first (mapseg.parallel.ordered_map). ``clipped``:
+    a list given each window's count of pixels clipped to full brightness."""
     lock = threading.Lock()
 
     def one(win: Window):
         with lock:
-            image, valid = read_window(reader, win, scaling, features.fill)
+            image, valid, above = read_window(reader, win, scaling, features.fill)
+            if clipped is not None and above:
+                clipped.append(above)
         return work(win, image, valid)
 
     with features.plan.context():
@@ -224,50 +232,68 @@ def label_reader(reader, features: FeatureModel, scaling: Scaling, centers: Cent
 
 # --------------------------------------------------------------------------- sampling and fitting
 
-def _raw_sample(reader, wins: list[Window], n: int, max_values: int = 2_000_000, progress=None) -> np.ndarray:
-    """Valid raw pixel values (N, 3) from the cores of the first n sampling windows, and of further ones until
-    MIN_RAW_VALUES are in (for --stretch and the range of a uint16 raster that does not state it)."""
-    chunks, found = [], 0
+def _raw_sample(reader, wins: list[Window], n: int, progress=None, values: bool = False,
+                max_values: int = 2_000_000) -> tuple[np.ndarray | None, SampledRange]:
+    """(raw values (N, 3) of valid pixels, or None unless ``values``; their ``SampledRange``) from the cores of
+    the first n sampling windows, and of further ones until MIN_RAW_VALUES pixels are in. The maximum is a
+    running one over every window read (no value dropped, no float copy); the values (for --stretch
+    percentiles) stay in the raster's dtype, a seeded subset of ``max_values`` where there are more."""
+    chunks, found, count, top = [], 0, 0, 0.0
     if progress is not None:
         progress.start(n, len(wins))
     for i, win in enumerate(wins):
         if i >= n and found >= MIN_RAW_VALUES:
             break
         data, ok = reader.read(*win.core.in_raster(reader.height, reader.width).bounds)
-        chunks.append(data[ok].astype(np.float64))
-        found += chunks[-1].shape[0]
+        chunk = data[ok]  # one window's valid pixels
+        if chunk.size:
+            top = max(top, float(chunk.max()))
+        if values:
+            chunks.append(chunk)
+        found += chunk.shape[0]
+        count += chunk.size
         if progress is not None:
-            progress.window(chunks[-1].shape[0])
-    values = np.concatenate(chunks) if chunks else np.zeros((0, 3))
-    if values.shape[0] > max_values:
-        values = values[np.random.default_rng(0).choice(values.shape[0], max_values, replace=False)]
-    return values
+            progress.window(chunk.shape[0])
+    sample = None
+    if values:
+        sample = np.concatenate(chunks) if chunks else np.zeros((0, 3))
+        if sample.shape[0] > max_values:
+            sample = sample[np.random.default_rng(0).choice(sample.shape[0], max_values, replace=False)]
+    return sample, SampledRange(top, count)
+
+
+class Sample(NamedTuple):
+    features: np.ndarray   # (N, D) float32
+    colours: np.ndarray    # (N, 3) float32 mean RGB in [0, 1]
+    windows: int           # sampling windows that gave cells
+    partial: bool          # no cell was wholly valid: cells with some valid pixel were sampled
 
 
 def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
-                   progress: SampleProgress | None = None, partial: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
-    """(features (N, D), mean colours (N, 3), windows used) from valid cells of the sampling windows.
+                   progress: SampleProgress | None = None) -> Sample:
+    """Features and mean colours of valid cells of the sampling windows (``Sample``), in one pass.
 
     A window contributes at most ``keep`` cells (a subset drawn with the seed), which keeps the
     sample small however large the raster; k-means sees at most SAMPLE_FEATURES of them anyway.
     The first ``n`` windows are always taken, further ones only until MIN_SAMPLE_CELLS valid cells
     are in; windows run as ``features.plan`` says and are taken in order, so the sample is the same.
-    A cell is valid when all its pixels are; where no cell is (a raster narrower than a cell, nodata
-    in every cell), the sample is drawn again from the cells with any valid pixel (``partial``).
-    ``progress`` hears of every window drawn (and may cancel the run).
+    A cell is valid when all its pixels are. Where no cell of the raster is (a raster narrower than a
+    cell, nodata in every cell), the sample is the cells with any valid pixel, taken by the same rule
+    from the same pass (``partial``: the caller says so); none is kept once enough are in or a wholly
+    valid cell was met. ``progress`` hears of every window drawn (and may cancel the run).
     """
     wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
     s = features.stride
     keep = -(-2 * (SAMPLE_COLOURS if features.dim <= 4 else SAMPLE_FEATURES) // n)
-    cell_rule = cell_any if partial else cell_all
-    seen_valid = []  # appended to (from the window threads) when a window holds a valid pixel
+    partial_done = threading.Event()  # set (in window order, by the caller's loop) once partial cells are not wanted
 
     def one(win: Window, image: np.ndarray, valid: np.ndarray):
-        core_ok = cell_rule(valid[win.core_in_read], s)
-        if not core_ok.any():  # all nodata: nothing to sample, skip the network
-            if valid[win.core_in_read].any():
-                seen_valid.append(True)
-            return None
+        core_valid = valid[win.core_in_read]
+        core_ok, whole = cell_all(core_valid, s), True
+        if not core_ok.any():
+            if partial_done.is_set() or not core_valid.any():  # all nodata: nothing to sample, skip the network
+                return None
+            core_ok, whole = cell_any(core_valid, s), False
         f = features(image)
         core_img = image[win.core_in_read]
         h, w = core_ok.shape
@@ -277,57 +303,70 @@ def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
             rng = np.random.default_rng([seed, win.core.row0, win.core.col0])
             pick = np.sort(rng.choice(f_ok.shape[0], keep, replace=False))
             f_ok, c_ok = f_ok[pick], c_ok[pick]
-        return f_ok.astype(np.float32), c_ok.astype(np.float32), int(core_ok.sum())
+        return whole, f_ok.astype(np.float32), c_ok.astype(np.float32), int(core_ok.sum())
 
-    feats, colours, cells, used = [], [], 0, 0
+    taken = {True: ([], [], [0]), False: ([], [], [0])}  # whole / partial cells: features, colours, [cells]
     if progress is not None:
         progress.start(n, len(wins))
-    for first, part in ((True, wins[:n]), (False, wins[n:])):
-        if not first and cells >= MIN_SAMPLE_CELLS:
-            break
-        results = map_windows(reader, features, scaling, part, one)
-        try:
-            for got in results:
-                if got is not None:
-                    feats.append(got[0])
-                    colours.append(got[1])
-                    cells += got[2]
-                    used += 1
-                if progress is not None:
-                    progress.window(0 if got is None else got[2])
-                if not first and cells >= MIN_SAMPLE_CELLS:
-                    break
-        finally:
-            results.close()
-    if cells == 0 and seen_valid and not partial:
-        return collect_sample(reader, features, scaling, seed, progress, partial=True)
-    if cells == 0:
-        raise SegmentError(f"{reader.path} has no valid pixels (every pixel is nodata): nothing to segment")
-    return np.concatenate(feats), np.concatenate(colours), used
+    results = map_windows(reader, features, scaling, wins, one)
+    try:
+        for i, got in enumerate(results):
+            if got is not None and (got[0] or not partial_done.is_set()):
+                feats, colours, cells = taken[got[0]]
+                feats.append(got[1])
+                colours.append(got[2])
+                cells[0] += got[3]
+            if progress is not None:
+                progress.window(0 if got is None or not (got[0] or taken[True][2][0] == 0) else got[3])
+            whole_cells, partial_cells = taken[True][2][0], taken[False][2][0]
+            if i + 1 >= n and (whole_cells or partial_cells >= MIN_SAMPLE_CELLS):
+                partial_done.set()  # a wholly valid cell, or enough partial ones (the partial sample is complete)
+            if i + 1 >= n and whole_cells >= MIN_SAMPLE_CELLS:
+                break
+    finally:
+        results.close()
+    for whole in (True, False):
+        feats, colours, cells = taken[whole]
+        if cells[0]:
+            return Sample(np.concatenate(feats), np.concatenate(colours), len(feats), not whole)
+    raise SegmentError(f"{reader.path} has no valid pixels (every pixel is nodata): nothing to segment")
 
 
 def scaling_for(reader, features: FeatureModel, stretch, seed: int, input_max: float | None = None,
-                progress: SampleProgress | None = None) -> Scaling:
-    """The run's scaling into [0, 1]: ``--stretch`` (percentiles of a sample), ``--input-max`` (given), or the
-    range the raster states or a sample shows (``mapseg.scaling.input_range``; the description says which)."""
-    def sample() -> np.ndarray:
+                progress: SampleProgress | None = None, how: str = "input maximum given") -> Scaling:
+    """The run's scaling into [0, 1]: ``--stretch`` (percentiles of a sample), ``input_max`` (given; ``how``
+    says by whom), or the range the raster states or a sample shows (``mapseg.scaling.input_range``; the
+    description says which). Both ``stretch`` and ``input_max`` is an error, before any sampling."""
+    check_one_scaling(stretch, input_max)
+
+    def sample(values: bool):
         wins, n = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
-        values = _raw_sample(reader, wins, n, progress=progress)
-        if progress is not None:
-            progress.close()
-        return values
+        try:
+            return _raw_sample(reader, wins, n, progress, values)
+        finally:
+            if progress is not None:
+                progress.close()
 
     if stretch is not None:
-        return make_scaling(reader.info.dtype, stretch, sample(), input_max)
+        return make_scaling(reader.info.dtype, stretch, sample(True)[0])
     if input_max is not None:
-        return make_scaling(reader.info.dtype, None, None, input_max, f"{reader.info.dtype}; input maximum given")
-    return make_scaling(reader.info.dtype, None, None, *input_range(reader.info, sample))
+        return make_scaling(reader.info.dtype, None, None, input_max, f"{reader.info.dtype}; {how}")
+    return make_scaling(reader.info.dtype, None, None, *input_range(reader.info, lambda: sample(False)[1]))
+
+
+def _sample_log(log, path, sample: Sample) -> None:
+    log(f"sampled {sample.features.shape[0]} cells from {sample.windows} windows of {path}")
+    if sample.partial:
+        log(f"centres fitted on cells that are partly nodata: no cell of {path} is wholly valid (the raster is "
+            "narrower than a cell, or every cell holds nodata), so cells with any valid pixel were sampled")
 
 
 def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions, *, log=None, progress: bool = False,
                        output=None) -> Centers:
     """Fit ``options.k`` centres on a sample drawn from all ``inputs`` (``mapseg fit``). ``output``: the
-    centres file the caller writes, checked before any work (``check_run_outputs``, against every input)."""
+    centres file the caller writes, checked once before any work (``check_run_outputs``, against every
+    input and every file they read). The centres record each raster's scaling, and the one input maximum
+    they share (``mapseg.centres.record_scaling``) for ``segment --centers``."""
     log = log or (lambda msg: None)
     if options.k is None:
         raise SegmentError("give -k K (number of clusters) to fit")
@@ -335,26 +374,33 @@ def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions,
     log(f"model: {features.name}; {features.backend_message}")
     k = check_k(options.k, features.max_k)
     seed, bands = options.seed, options.bands
+    check_one_scaling(options.stretch, options.input_max)
     all_f, all_c, info = [], [], []
     with io_env():
-        if output is not None:
+        if output is not None:  # each input opened (its header read) for the files it reads; checked once
+            rasters = []
             for path in inputs:
                 with open_reader(path, bands, options.nodata) as reader:
-                    check_run_outputs({"-o": output}, path, options, reader, log)
-        for path in inputs:
+                    rasters.append((path, reader.info))
+            check_run_outputs({"-o": output}, rasters, options, log)
+        for path in inputs:  # opened again, one at a time: thousands of tiles do not hold thousands of handles
             with open_reader(path, bands, options.nodata) as reader:
                 scaling = scaling_for(reader, features, options.stretch, seed, options.input_max,
                                       SampleProgress("range", "pixels", MIN_RAW_VALUES, progress))
                 log(f"scaling of {path}: {scaling.description}")
                 bar = SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress)
-                f, c, used = collect_sample(reader, features, scaling, seed, bar)
-                bar.close()
-                log(f"sampled {f.shape[0]} cells from {used} windows of {path}")
-                all_f.append(f)
-                all_c.append(c)
-                info.append({"path": str(path), "cells": int(f.shape[0]), "windows": used,
-                             "scaling": scaling.description})
-    return _fit(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None})
+                try:
+                    sample = collect_sample(reader, features, scaling, seed, bar)
+                finally:
+                    bar.close()
+                _sample_log(log, path, sample)
+                all_f.append(sample.features)
+                all_c.append(sample.colours)
+                info.append({"path": str(path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
+                             "partial_cells": sample.partial, "scaling": scaling.description,
+                             "input_max": scaling.input_max, "dtype": reader.info.dtype})
+    return _fit(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None,
+                                                  **record_scaling(info, log)})
 
 
 def _fit(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, info: dict, where="the rasters") -> Centers:
@@ -378,38 +424,12 @@ def fit_reader_centers(readers, k: int, features: FeatureModel, seed: int = 0, s
     k = check_k(k, features.max_k)
     all_f, all_c, info = [], [], []
     for reader in readers:
-        f, c, used = collect_sample(reader, features, scaling_for(reader, features, stretch, seed), seed)
-        all_f.append(f)
-        all_c.append(c)
-        info.append({"path": str(reader.path), "cells": int(f.shape[0]), "windows": used})
+        sample = collect_sample(reader, features, scaling_for(reader, features, stretch, seed), seed)
+        all_f.append(sample.features)
+        all_c.append(sample.colours)
+        info.append({"path": str(reader.path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
+                     "partial_cells": sample.partial})
     return _fit(all_f, all_c, k, features, seed, {"rasters": info})
-
-
-def load_centers(centers: str | os.PathLike | Centers) -> Centers:
-    """A centres file (``mapseg fit``) read, or ``centers`` itself; a file that cannot be read is a ClusterError."""
-    if isinstance(centers, Centers):
-        return centers
-    try:
-        return Centers.load(centers)
-    except OSError as exc:
-        raise ClusterError(f"centres file {centers} cannot be read ({exc.strerror or exc})") from exc
-
-
-def check_centers(centers: Centers, features: FeatureModel, k: int | None, source=None) -> Centers:
-    """``centers`` apply to this run's features (same kind, model, dimensions) and K; ``source`` names the file."""
-    where = "the centres" if source is None or isinstance(source, Centers) else f"the centres file {source}"
-    if centers.features != features.kind:
-        raise SegmentError(f"{where} was fitted on {centers.features} features but this run uses "
-                           f"{features.kind} ({features.name}); fit them with the same --model")
-    if centers.features == "embedding" and centers.model.get("weights_sha256") != features.model_id["weights_sha256"]:
-        raise SegmentError(f"{where} was fitted with another model (weights_sha256 differs from {features.name}'s); "
-                           "run mapseg fit with this --model, or use the model it was fitted with")
-    if centers.centers.shape[1] != features.dim:
-        raise SegmentError(f"{where} has {centers.centers.shape[1]} dimensions, the features {features.dim}")
-    check_k(centers.k, features.max_k)
-    if k is not None and int(k) != centers.k:
-        raise SegmentError(f"-k {k} disagrees with {where} (K={centers.k}); drop -k or refit")
-    return centers
 
 
 # --------------------------------------------------------------------------- outputs
@@ -417,26 +437,26 @@ def check_centers(centers: Centers, features: FeatureModel, k: int | None, sourc
 OUTPUT_BYTES_PER_PIXEL = 0.02  # labels after DEFLATE: a rough low estimate of the output's size, for the space check
 
 
-def check_run_outputs(outputs: dict, input_path, options: SegmentOptions, reader=None, log=None) -> None:
-    """Before any work: no output may be the input raster (or a file it reads: a VRT's sources, sidecars), the
-    centres file, a file of the model, or another output; their folders must exist and take them (the label
-    raster's rough size included). Leftovers of killed runs beside them are removed (and logged)."""
-    inputs = [("the input raster", input_path)]
-    if reader is not None:
-        inputs += [(f"a file the input raster {input_path} reads", f) for f in reader.info.files]
+def check_run_outputs(outputs: dict, rasters: list, options: SegmentOptions, log=None) -> None:
+    """Before any work, once for a run: no output may be an input raster (or a file it reads: a VRT's sources,
+    sidecars), the centres file, a file of the model, or another output; their folders must exist and take
+    them (the label raster's rough size included). Leftovers of killed runs beside them are removed (and
+    logged). ``rasters``: (path, its reader's ``info``) of every input raster."""
+    inputs = []
+    for path, info in rasters:
+        inputs += [("the input raster", path)] + [(f"a file the input raster {path} reads", f) for f in info.files]
     if isinstance(options.centers, (str, os.PathLike)):
         inputs.append(("the centres file", options.centers))
     if options.model is None or (isinstance(options.model, (str, os.PathLike)) and str(options.model) != "kmeans"):
         folder = options.model or default_model_path()
         inputs += [(f"{name} of the model {folder}", os.path.join(folder, name)) for name in ARTIFACT_FILES]
     need = {}
-    if reader is not None and "output" in outputs:
-        need["output"] = int(reader.width * reader.height * OUTPUT_BYTES_PER_PIXEL * (2 if options.cog else 1))
+    if "output" in outputs:
+        pixels = sum(info.width * info.height for _, info in rasters)
+        need["output"] = int(pixels * OUTPUT_BYTES_PER_PIXEL * (2 if options.cog else 1))
     removed = check_outputs(outputs, inputs, need)
     if removed and log is not None:
         log(f"removed {len(removed)} temporary file(s) that killed runs left: {', '.join(removed)}")
-
-
 
 
 # --------------------------------------------------------------------------- segment
@@ -469,23 +489,34 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
     halo = features.halo + smooth * features.stride
     timings = {}
     with io_env(), open_reader(input_path, o.bands, o.nodata) as reader:
-        check_run_outputs({"output": output_path, **(other_outputs or {})}, input_path, o, reader, log)
+        check_run_outputs({"output": output_path, **(other_outputs or {})}, [(input_path, reader.info)], o, log)
         t0 = time.perf_counter()
+        top, how, partial = o.input_max, "input maximum given", False
         if centers is not None:
             fitted = check_centers(load_centers(centers), features, k, centers)
             k = fitted.k
             log(f"centres: {k} from {centers if not isinstance(centers, Centers) else 'the caller'}")
-        scaling = scaling_for(reader, features, o.stretch, seed, o.input_max,
-                              SampleProgress("range", "pixels", MIN_RAW_VALUES, progress, callback, (0.0, 0.03)))
+            top, how, note = centres_scaling(fitted, reader.info, centers, o.input_max, o.stretch)
+            if note:
+                log(note)
+        scaling = scaling_for(reader, features, o.stretch, seed, top,
+                              SampleProgress("range", "pixels", MIN_RAW_VALUES, progress, callback, (0.0, 0.03)), how)
         log(f"scaling: {scaling.description}")
         if centers is None:
             log(f"fitting K={k} centres on a sample of {input_path} ...")
             bar = SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress, callback, (0.03, 0.1))
-            f, c, used = collect_sample(reader, features, scaling, seed, bar)
-            bar.close()
-            fitted = _fit([f], [c], k, features, seed, {"rasters": [{"path": str(input_path), "cells": int(f.shape[0]),
-                                                                     "windows": used}]}, input_path)
-            log(f"centres: K={k} from {f.shape[0]} sampled cells of {used} sampling windows")
+            try:
+                sample = collect_sample(reader, features, scaling, seed, bar)
+            finally:
+                bar.close()
+            _sample_log(log, input_path, sample)
+            partial = sample.partial
+            raster = {"path": str(input_path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
+                      "partial_cells": partial, "scaling": scaling.description, "input_max": scaling.input_max,
+                      "dtype": reader.info.dtype}
+            fitted = _fit([sample.features], [sample.colours], k, features, seed,
+                          {"rasters": [raster], **record_scaling([raster], log)}, input_path)
+            log(f"centres: K={k} from {sample.features.shape[0]} sampled cells of {sample.windows} sampling windows")
         timings["fit_s"] = time.perf_counter() - t0
         scorer = fitted.scorer()
         wins = plan_windows(reader.height, reader.width, o.tile, features.stride, halo)
@@ -497,7 +528,8 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
                                  o.cog, tags)
             bar = Progress(len(wins), "segment", progress)
             t0 = time.perf_counter()
-            windows = iter_labels(reader, features, scaling, scorer, k, wins, smooth)
+            clipped = []
+            windows = iter_labels(reader, features, scaling, scorer, k, wins, smooth, clipped)
             try:
                 for i, (win, labels) in enumerate(windows):
                     writer.write(labels, win.core.row0, win.core.col0)
@@ -506,7 +538,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
                         tell(callback, 0.1 + 0.9 * (i + 1) / len(wins), "segment")
             finally:
                 windows.close()  # the windows in flight finish before the reader is closed
-            bar.close()
+                bar.close()
             t1 = time.perf_counter()
             out = writer.commit()
         except BaseException:
@@ -516,6 +548,11 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         timings["windows_s"] = t1 - t0
         timings["finish_s"] = time.perf_counter() - t1
         info = reader.info
+    n_clipped = sum(clipped)
+    if n_clipped:
+        log(f"{n_clipped:,} pixels ({100 * n_clipped / (info.width * info.height):.3g} %) are brighter than the "
+            f"input maximum {scaling.input_max:g} and were clipped to full brightness; --input-max N or --bits N "
+            "to scale by a wider range")
     total = time.perf_counter() - t_start
     mp = info.width * info.height / 1e6
     report = {
@@ -525,7 +562,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         "tile": o.tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
         "timings": timings, "scaling": scaling.description, "input_max": scaling.input_max,
-        "nodata": info.has_nodata,
+        "clipped_pixels": n_clipped, "partial_cells": partial, "nodata": info.has_nodata,
         "centers": fitted.to_json(),
     }
     log(f"wrote {out}: {info.width} x {info.height}, K={k}, {len(wins)} windows, {total:.1f} s "

@@ -454,7 +454,9 @@ def test_a_one_pixel_raster_says_why_it_cannot_be_segmented(model, tmp_path, cap
     src = write(tmp_path / "in.tif", np.full((3, 1, 1), 90, np.uint8))
     for m, what in ((model, "a single cell of 4 x 4 pixels"), ("kmeans", "a single pixel")):
         code, err = run(capsys, "segment", src, tmp_path / "o.tif", "-k", 2, "--model", m, "--no-progress")
-        assert code == 2 and what in err and "nodata" not in err, err
+        error = err[err.index("error:"):]
+        assert code == 2 and what in error and "nodata" not in error, err
+        assert ("centres fitted on cells that are partly nodata" in err) == (m == model)  # said, not silent
     assert listing(tmp_path) == ["in.tif"]
 
 

@@ -71,7 +71,7 @@ class SampleProgress:
         self.found = 0
 
     def start(self, first: int, total: int) -> None:
-        if self.bar is None:  # a second pass over the same windows (partial cells) goes on counting
+        if self.bar is None:  # once: a later start (the same windows again) goes on counting
             self.first, self.total = first, total
             self.bar = Progress(first, self.desc, self.enabled)
 

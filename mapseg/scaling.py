@@ -38,9 +38,10 @@ def input_range(info, sample: np.ndarray | SampledRange | Callable[[], np.ndarra
     ``info``: a mapping or an object with ``dtype`` (numpy name) and, where the file says them, ``nbits``
     (TIFF NBITS) and ``statistics_max`` (the largest STATISTICS_MAXIMUM of the bands read), such as a
     ``mapseg.raster`` reader's ``info``. ``sample``: raw values of valid pixels (any shape) or their
-    ``SampledRange``, or a function giving either, called only when the file says nothing. uint8: 255. uint16: 2**NBITS - 1; else the
-    bit depth holding STATISTICS_MAXIMUM; else the bit depth holding the sample's maximum. Raises
-    SegmentError (saying what to pass) for other data types, or when a needed sample is empty.
+    ``SampledRange``, or a function giving either, called only when the file says nothing. uint8: 255.
+    uint16: 2**NBITS - 1; else the bit depth holding STATISTICS_MAXIMUM; else the bit depth holding the
+    sample's maximum. Raises SegmentError (saying what to pass) for other data types, or when a needed
+    sample is empty.
     """
     get = info.get if isinstance(info, Mapping) else (lambda key, default=None: getattr(info, key, default))
     dtype = str(get("dtype"))

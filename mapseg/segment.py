@@ -311,13 +311,16 @@ def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
     results = map_windows(reader, features, scaling, wins, one)
     try:
         for i, got in enumerate(results):
+            found = 0
             if got is not None and (got[0] or not partial_done.is_set()):
                 feats, colours, cells = taken[got[0]]
                 feats.append(got[1])
                 colours.append(got[2])
                 cells[0] += got[3]
+                # the bar counts partial cells until a whole one is found
+                found = got[3] if got[0] or not taken[True][2][0] else 0
             if progress is not None:
-                progress.window(0 if got is None or not (got[0] or taken[True][2][0] == 0) else got[3])
+                progress.window(found)
             whole_cells, partial_cells = taken[True][2][0], taken[False][2][0]
             if i + 1 >= n and (whole_cells or partial_cells >= MIN_SAMPLE_CELLS):
                 partial_done.set()  # a wholly valid cell, or enough partial ones (the partial sample is complete)

@@ -50,6 +50,9 @@ class TorchBackend:
             import torch.nn.functional as F
         except ImportError as exc:
             raise BackendUnavailable(f"torch is not installed ({exc}); use --backend numpy or onnx") from exc
+        if not torch.backends.mkldnn.is_available():
+            raise BackendUnavailable(f"this torch build ({torch.__version__}) has no oneDNN (mkldnn), which the torch "
+                                     "backend runs every convolution on; use --backend onnx or numpy")
         self.torch, self.F = torch, F
         # torch's thread count is process-wide: the caller's worker plan (mapseg.parallel) sets it
         # around a run and restores it after, rather than this constructor changing it for good.
@@ -68,7 +71,10 @@ class TorchBackend:
             x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             for w, b, stride, padding, relu in self.convs:
-                x = F.conv2d(x, w, b, stride, padding)
+                # oneDNN always: F.conv2d picks another implementation for a 1x1 conv on one thread, or for a
+                # small input (its own heuristics), and the embeddings then differ in the last bit between
+                # --threads 1 and 2 and between window sizes (measured: torch 2.13, AMD EPYC, AVX-512)
+                x = torch.mkldnn_convolution(x, w, b, (padding, padding), (stride, stride), (1, 1), 1)
                 if relu:
                     x.relu_()
             x = F.normalize(x, dim=1, eps=self.eps)

@@ -22,6 +22,7 @@ seed that finds the same clusters.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ ASSIGN_ROWS = 8192       # rows per assignment product (see network.matmul_rows)
 ELEMENTWISE_MAX_DIM = 4  # colour features: scores by elementwise arithmetic instead of a product
 SAMPLE_FEATURES = 30_000  # features the k-means sees at most (embeddings) ...
 SAMPLE_COLOURS = 10_000   # ... and for colours (3 dimensions need fewer)
+LLOYD_ITERS = 30          # Lloyd iterations at most
 ORDER_RULE = ("ascending mean luma (0.299 R + 0.587 G + 0.114 B, RGB in [0, 1]) of the sampled pixels "
               "assigned to each centre; ties by centre coordinates")
 
@@ -52,74 +54,154 @@ def check_k(k, max_k: int) -> int:
 
 
 # --------------------------------------------------------------------------- k-means
+#
+# The same sample must give the same centres, bit for bit, for any BLAS, thread
+# count and numpy build: a BLAS sums a product's terms in an order that depends on
+# its kernel and threads (float32 products here differed in the last bit between 1
+# and 2 OpenBLAS threads, and between numpy 2.4 and Debian's 1.24), and k-means
+# turns a last-bit difference into another local optimum now and then. So k-means
+# works on a grid: the sample is scaled by a power of two into (-1, 1) and rounded
+# to multiples of 2**-GRID_BITS, and so is every centre. Products of grid values
+# are multiples of 2**-(2 * GRID_BITS); the partial sums of a sample-centre dot
+# product stay below 16 (colours, D <= 4) or 1 (unit rows), those of a cluster sum below
+# the sample's size, so every one is exact in float64 and any summation order
+# (pairwise, SIMD, a BLAS) gives the same bits. Division, square root and
+# rounding are correctly rounded IEEE arithmetic; the objective is summed by
+# math.fsum (correctly rounded). The grid (6e-8) is about the float32 features'
+# own last bit: a coarser one (2**-20) merged near-identical samples into identical
+# ones, which then changed cluster all together (samples from two builds or two
+# backends settled apart in 45 of 336 fits, against 10 here; see the docs below).
+#
+# What this cannot remove: features from another build or backend differ in their
+# last bits (the network's own products), and on such a sample k-means may still
+# settle elsewhere, more often the larger K (docs/runtime.md, "Same labels everywhere").
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+GRID_BITS = 24          # float32 features barely move: their own last bit at 0.5-1 is 2**-24
+NORM_BITS = 20          # a coarser grid for the first, exact norm of a row of up to EXACT_MAX_DIM values
+EXACT_MAX_DIM = 2 ** (52 - 2 * NORM_BITS)
+EXACT_MAX_ROWS = 2 ** (52 - GRID_BITS)  # rows * 1 below 2**28: a cluster sum stays exact
+
+
+def _on_grid(x: np.ndarray, bits: int = GRID_BITS) -> np.ndarray:
+    """x rounded to the nearest multiple of 2**-bits (ties to even), float64."""
+    scale = float(2 ** bits)
+    return np.rint(np.asarray(x, np.float64) * scale) / scale
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Grid rows of norm about 1 divided by their norms, back on the grid (the squared norms, below 2,
+    are exact sums)."""
+    norm = np.sqrt((x * x).sum(1))
+    return _on_grid(x / np.maximum(norm, 1e-12)[:, None])
+
+
+def _grid_sample(x: np.ndarray, metric: str) -> tuple[np.ndarray, int]:
+    """(the sample as k-means sees it: rows on the grid inside (-1, 1), cosine: unit rows;
+    the power-of-two exponent that brought it there, by which euclidean centres are scaled back).
+
+    Cosine: a row is divided by the norm of its coarse-grid copy (an exact sum), which makes it
+    unit to ~1e-6, then put on the grid and made unit there. Euclidean (colours): the partial
+    sums stay exact up to ELEMENTWISE_MAX_DIM dimensions (|x - c|^2 < 16)."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise ClusterError("k-means needs a finite (N, D) sample")
+    most = EXACT_MAX_DIM if metric == "cosine" else ELEMENTWISE_MAX_DIM
+    if x.shape[1] > most or x.shape[0] > EXACT_MAX_ROWS:
+        raise ClusterError(f"{metric} k-means sums exactly up to {most} dimensions and {EXACT_MAX_ROWS} samples; "
+                           f"got {x.shape[1]} and {x.shape[0]}")
+    top = float(np.abs(x).max(initial=0.0))
+    exponent = int(np.frexp(top)[1]) if top > 0 else 0
+    x = np.ldexp(x, -exponent)  # times 2**-exponent: exact, |x| < 1
+    if metric == "euclidean":
+        return _on_grid(x), exponent
+    coarse = _on_grid(x, NORM_BITS)
+    x = x / np.maximum(np.sqrt((coarse * coarse).sum(1)), 1e-12)[:, None]
+    return _unit_rows(_on_grid(x)), exponent
 
 
 def _dot(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """x @ c.T; for a few dimensions elementwise (a tiny BLAS call costs more than it computes)."""
+    """(K, N) c @ x.T, centre-major, without the BLAS: its threads cost more than they save on products
+    this small (the fit took 3-4 times the CPU time on 2 OpenBLAS threads, and ten times the wall time on
+    a busy 2-core machine), and einsum's own loops run 1.4 times as long as one BLAS thread. A few
+    dimensions go elementwise."""
     if x.shape[1] > ELEMENTWISE_MAX_DIM:
-        return x @ c.T
-    s = x[:, 0:1] * c[:, 0]
+        return np.einsum("kd,nd->kn", c, x)
+    s = c[:, 0:1] * x[:, 0]
     for j in range(1, x.shape[1]):
-        s += x[:, j:j + 1] * c[:, j]
+        s += c[:, j:j + 1] * x[:, j]
     return s
 
 
-def _scores(x: np.ndarray, c: np.ndarray, metric: str) -> np.ndarray:
+def _nearest(x: np.ndarray, c: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(best centre of every row, first on ties; its score: cosine similarity, or x.c - |c|^2 / 2).
+    A running maximum over the K centre-major rows: a few passes, where argmax(axis=1) of a narrow
+    (N, K) array costs as much as the product."""
     s = _dot(x, c)
     if metric == "euclidean":
-        s -= 0.5 * np.einsum("kd,kd->k", c, c)
-    return s
+        s -= 0.5 * (c * c).sum(1)[:, None]
+    best, arg = s[0].copy(), np.zeros(s.shape[1], np.intp)
+    for j in range(1, s.shape[0]):
+        arg[s[j] > best] = j
+        np.maximum(best, s[j], out=best)
+    return arg, best
 
 
 def _objective(x: np.ndarray, c: np.ndarray, metric: str) -> float:
-    """Higher is better: summed cosine similarity, or minus the inertia."""
+    """Higher is better: summed cosine similarity, or minus the inertia (math.fsum: correctly rounded)."""
+    best = _nearest(x, c, metric)[1]
     if metric == "cosine":
-        return float(_dot(x, c).max(1).sum(dtype=np.float64))
-    d2 = (x * x).sum(1)[:, None] - 2 * _dot(x, c) + (c * c).sum(1)[None]
-    return -float(np.maximum(d2.min(1), 0).sum(dtype=np.float64))
+        return math.fsum(best)
+    return -math.fsum(np.maximum((x * x).sum(1) - 2 * best, 0))  # |x - c|^2 = |x|^2 - 2 (x.c - |c|^2 / 2)
 
 
 def _plusplus(x: np.ndarray, k: int, metric: str, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each further centre drawn with probability proportional to d2."""
     n = x.shape[0]
     centers = [x[rng.integers(n)]]
     d2 = _dist2(x, centers[0], metric)
     for found in range(1, k):
-        total = d2.sum()
-        if total <= 1e-12 * n:  # every sample sits on a centre already
+        if d2.max() <= 1e-12:  # every sample sits on a centre already
             raise ClusterError(f"the sampled pixels have only {found} distinct values, fewer than K={k}: "
                                "choose a smaller K")
-        idx = rng.choice(n, p=d2 / total)
+        idx = _weighted_draw(d2, rng)
         centers.append(x[idx])
         d2 = np.minimum(d2, _dist2(x, x[idx], metric))
     return np.stack(centers)
 
 
+def _weighted_draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Row i with probability weights[i] / sum(weights): the first to arrive in an exponential race
+    (arrival E_i / w_i, E_i ~ Exp(1)). A row's arrival depends on its own weight only, so weights a few
+    last bits off (features from another build or backend) rarely pick another row; a draw against the
+    cumulative sum, where every earlier row's error adds up, picked another in 3 of 100 k-means++
+    seedings of NAIP embeddings from numpy 2.4 and 1.24 (K = 12), this one in none. (np.log may
+    differ in its last bit between builds: two arrivals that close are a one in ~1e12 event.)"""
+    arrival = -np.log(rng.random(weights.shape[0]))
+    with np.errstate(divide="ignore"):
+        arrival /= weights
+    return int(np.argmin(arrival))
+
+
 def _dist2(x: np.ndarray, c: np.ndarray, metric: str) -> np.ndarray:
     if metric == "cosine":
-        return np.maximum(2 - 2 * _dot(x, c[None])[:, 0], 0)
+        return np.maximum(2 - 2 * np.einsum("nd,d->n", x, c), 0)  # exact on the grid, like _dot
     diff = x - c
-    return np.einsum("nd,nd->n", diff, diff)
+    return (diff * diff).sum(1)
 
 
 def _cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
-    """(k, D) sums of the rows of x per cluster."""
+    """(k, D) float64 sums of the rows of x per cluster (grid rows: exact in any order)."""
     if x.shape[1] <= ELEMENTWISE_MAX_DIM:
         return np.stack([np.bincount(assign, weights=x[:, j], minlength=k) for j in range(x.shape[1])], axis=1)
-    onehot = np.zeros((k, x.shape[0]), x.dtype)
-    onehot[assign, np.arange(x.shape[0])] = 1
-    return (onehot @ x).astype(np.float64)
+    return np.stack([x[assign == j].sum(0) for j in range(k)])
 
 
 def _lloyd(x: np.ndarray, c: np.ndarray, metric: str, iters: int) -> np.ndarray:
-    """Lloyd iterations until at most 0.5 % of the samples change cluster (or ``iters``)."""
+    """Lloyd iterations on the grid until at most 0.5 % of the samples change cluster (or ``iters``)."""
     k = c.shape[0]
     previous = None
     for _ in range(iters):
-        scores = _scores(x, c, metric)
-        assign = scores.argmax(1)
+        assign, served = _nearest(x, c, metric)
         if previous is not None and np.count_nonzero(assign != previous) <= 5e-3 * len(assign):
             break
         previous = assign
@@ -129,45 +211,52 @@ def _lloyd(x: np.ndarray, c: np.ndarray, metric: str, iters: int) -> np.ndarray:
         filled = counts > 0
         new[filled] = sums[filled] / counts[filled, None]
         if (~filled).any():  # an empty cluster takes the sample worst served by its centre
-            served = scores.max(1) if metric == "cosine" else scores.max(1) - 0.5 * np.einsum("nd,nd->n", x, x)
+            if metric == "euclidean":
+                served = served - 0.5 * (x * x).sum(1)
             worst = np.argsort(served, kind="stable")
             for j, idx in zip(np.flatnonzero(~filled), worst):
                 new[j] = x[idx]
-        c = (_normalise(new) if metric == "cosine" else new).astype(x.dtype)
+        c = _unit_rows(_on_grid(new)) if metric == "cosine" else _on_grid(new)
     return c
 
 
-def kmeans(x: np.ndarray, k: int, metric: str, seed: int = 0, n_init: int = 3, iters: int = 30) -> np.ndarray:
-    """Seeded k-means (k-means++ then Lloyd, best of ``n_init``). Returns (k, D) float64.
+def kmeans(x: np.ndarray, k: int, metric: str, seed: int = 0, n_init: int = 3, iters: int = LLOYD_ITERS) -> np.ndarray:
+    """Seeded k-means (k-means++ then Lloyd, best of ``n_init``) on the grid. Returns (k, D) float64,
+    the same bits for the same sample in every build and at any thread count (see above)."""
+    grid, exponent = _grid_sample(x, metric)
+    return _unscale(_kmeans_on_grid(grid, k, metric, seed, n_init, iters), exponent, metric)
 
-    Products run in float32 (embeddings are unit vectors, colours in [0, 1]),
-    cluster sums and the objective accumulate in float64.
-    """
+
+def _kmeans_on_grid(grid: np.ndarray, k: int, metric: str, seed: int, n_init: int = 3,
+                    iters: int = LLOYD_ITERS) -> np.ndarray:
     if metric not in METRICS:
         raise ClusterError(f"unknown metric {metric!r}")
-    x = np.asarray(x, np.float64)
-    if metric == "cosine":
-        x = _normalise(x)
-    x = x.astype(np.float32)
     rng = np.random.default_rng(seed)
     best, best_obj = None, -np.inf
     for _ in range(n_init):
-        c = _lloyd(x, _plusplus(x, k, metric, rng), metric, iters)
-        obj = _objective(x, c, metric)
+        c = _lloyd(grid, _plusplus(grid, k, metric, rng), metric, iters)
+        obj = _objective(grid, c, metric)
         if obj > best_obj:
             best, best_obj = c, obj
-    return best.astype(np.float64)
+    return best
 
 
-def order_by_luma(x: np.ndarray, colours: np.ndarray, centers: np.ndarray, metric: str) -> np.ndarray:
-    """Permutation putting centres in ascending mean luma of their members (see module doc)."""
+def _unscale(centers: np.ndarray, exponent: int, metric: str) -> np.ndarray:
+    """Centres fitted on the grid sample, in the sample's own units (cosine: unit rows either way)."""
+    return centers if metric == "cosine" else np.ldexp(centers, exponent)
+
+
+def order_by_luma(assign: np.ndarray, colours: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Permutation putting centres in ascending mean luma of their members (see module doc).
+
+    Elementwise luma and a bincount (a sequential sum): the same order in every build."""
     k = centers.shape[0]
-    assign = _scores(np.asarray(x, np.float64), centers, metric).argmax(1)
-    luma = np.asarray(colours, np.float64) @ LUMA
+    colours = np.asarray(colours, np.float64)
+    luma = LUMA[0] * colours[:, 0] + LUMA[1] * colours[:, 1] + LUMA[2] * colours[:, 2]
     counts = np.bincount(assign, minlength=k)
     mean_luma = np.bincount(assign, weights=luma, minlength=k) / np.maximum(counts, 1)
-    keys = [tuple(centers[:, d]) for d in range(centers.shape[1] - 1, -1, -1)]
-    return np.lexsort((*[np.asarray(k_) for k_ in keys], mean_luma))
+    keys = [centers[:, d] for d in range(centers.shape[1] - 1, -1, -1)]
+    return np.lexsort((*keys, mean_luma))
 
 
 # --------------------------------------------------------------------------- centres
@@ -271,11 +360,12 @@ def fit_centers(features: np.ndarray, colours: np.ndarray, k: int, metric: str, 
     if features.shape[0] > most:
         pick = np.sort(np.random.default_rng([seed, 0xF17]).choice(features.shape[0], most, replace=False))
         features, colours = features[pick], colours[pick]
-    raw = kmeans(features, k, metric, seed)
-    order = order_by_luma(features, colours, raw, metric)
-    centers = raw[order]
-    assign = _scores(np.asarray(features, np.float64) if metric == "euclidean"
-                     else _normalise(np.asarray(features, np.float64)), centers, metric).argmax(1)
+    grid, exponent = _grid_sample(features, metric)
+    raw = _kmeans_on_grid(grid, k, metric, seed)
+    assign = _nearest(grid, raw, metric)[0]   # exact, like every score of the fit
+    order = order_by_luma(assign, colours, raw)
+    centers = _unscale(raw[order], exponent, metric)
+    assign = np.argsort(order)[assign]               # members in label order
     counts = np.bincount(assign, minlength=k)
     sums = _cluster_sums(np.asarray(colours, np.float64), assign, k)
     mean_colours = sums / np.maximum(counts, 1)[:, None]

@@ -174,3 +174,22 @@ def test_venv_and_qgis_python_agree_on_the_naip_raster(tmp_path, monkeypatch):
                        env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == mine.to_json()["centers"]
+
+
+@pytest.mark.data
+def test_venv_and_qgis_python_agree_on_a_raster_with_nodata(tmp_path):
+    """The same agreement (>= 99.9 % of the labels) on a real aerial raster with nodata at its edges (NGI, South
+    Africa, nodata 0), K=5: rasterio and numpy 2.x here, GDAL and numpy 1.x in QGIS's Python."""
+    ngi = ROOT.parent / "shared" / "datasets" / "ngi_aerial" / "ngi_rgb_byte_1.tif"
+    if not ngi.is_file():
+        pytest.skip(f"{ngi} not found (../shared/datasets)")
+    segment_raster(ngi, tmp_path / "venv.tif", SegmentOptions(k=5, model=SHIPPED, backend="numpy"),
+                   progress=False, log=lambda m: None)
+    info = run_gdal(ngi, tmp_path / "qgis.tif", 5, SHIPPED, tile=1024)
+    assert info["io"] == "gdal"
+    with rasterio.open(tmp_path / "venv.tif") as a, rasterio.open(tmp_path / "qgis.tif") as b:
+        here, there = a.read(1), b.read(1)
+        nodata = a.nodata
+    assert (here == nodata).any() and ((here == nodata) == (there == nodata)).all()   # the same nodata cells
+    agreement = np.mean(here == there)
+    assert agreement >= 0.999, f"{100 * agreement:.3f} % of the labels agree"

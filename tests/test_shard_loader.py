@@ -14,6 +14,7 @@ from rasterio.transform import Affine
 from training.config import build_config
 from training.data.sharded_tif_dataset import (ShardedTifDataset, ShardStepDataset, TileReader, eval_items,
                                                list_shards, read_index, shard_batches)
+from training.data.schedule import StepSchedule
 from training.datasets.build_shards import build_dataset
 from training.datasets.header_schema import parse_header
 
@@ -270,13 +271,16 @@ def test_a_mixture_draws_datasets_by_weight_resumably_and_validates_each(shards,
     from training.config import ConfigError
     from training.train_distill import main
     root = shards["root"]
-    if not (root / "coords_b").exists():
-        shutil.copytree(root / "coords", root / "coords_b")   # a second dataset (same tiles, another id)
+    if not (root / "coords_b").exists():                   # a second dataset: the same val tiles, 2 train tiles
+        shutil.copytree(root / "coords", root / "coords_b")
+        for extra in sorted((root / "coords_b" / "train").glob("shard-*"))[1:]:
+            shutil.rmtree(extra)
     base = ["data.source=shards", f"data.processed_root={root}", "data.patch_sizes=32,48", "data.patch_size=32",
             "train.batch_size=3", "train.steps=5", "train.grad_accum=2"]
     cfg = build_config(None, base + ["data.mixture=coords:3,coords_b:1"])
     ds = ShardStepDataset(cfg, 0, 1)
     assert {ds.datasets[i][0] for i in ds.item_dataset} == {"coords", "coords_b"}
+    assert sum(i == 1 for i in ds.item_dataset) < sum(i == 0 for i in ds.item_dataset)   # by dataset, not by tile
     picks = np.array([ds.item_dataset[ds.item_index(step, micro, 0, j)]
                       for step in range(200) for micro in range(2) for j in range(3)])
     assert abs((picks == 0).mean() - 0.75) < 0.05            # by weight
@@ -301,11 +305,24 @@ def test_a_mixture_draws_datasets_by_weight_resumably_and_validates_each(shards,
                         for r in vals)
     metrics = json.loads((run / "model" / "best" / "metrics.json").read_text())
     assert set(metrics["val_per_dataset"]) == {"coords", "coords_b"}
+    # a dataset without labels (only a train split) in the mixture: trained on, not validated, and said so
+    if not (root / "unl").exists():
+        shutil.copytree(root / "coords", root / "unl")
+        for split in ("val", "metrics_train"):
+            shutil.rmtree(root / "unl" / split)
+    run2 = tmp_path / "run2"
+    args2 = [a.replace("coords:3,coords_b:1", "coords:1,unl:1") for a in args]
+    args2[args2.index(str(run))] = str(run2)
+    assert main(args2) == 0
+    log2 = [json.loads(line) for line in (run2 / "log.jsonl").read_text().splitlines()]
+    assert all("val/miou" in r and "val/unl/miou" not in r for r in log2 if "val/accuracy" in r)
+    assert any("val_loss/consistency" in r for r in log2)
 
 
 def test_cached_teacher_targets_line_up_with_the_crop(tmp_path):
     """A crop's cached targets are the stored map sampled at its stride-4 cell centres: on the grid they are the
-    stored cells themselves, between cells they interpolate, past a small tile's edge they repeat the border."""
+    stored cells themselves, between cells they interpolate, each axis at its own stride (a non-square tile's
+    map), and past a small tile's edge they mirror, as the padded pixels do."""
     from training.data.teacher_cache import read_window
     feats = np.arange(10 * 12 * 2, dtype=np.float32).reshape(10, 12, 2)   # (h, w, C) at stride 4 of a 40 x 48 tile
     np.save(tmp_path / "t.npy", feats.astype(np.float16))
@@ -314,11 +331,48 @@ def test_cached_teacher_targets_line_up_with_the_crop(tmp_path):
     np.testing.assert_array_equal(out.astype(np.float32), feats[2:6, 3:7].transpose(2, 0, 1))
     half = read_window(tmp_path / "t.npy", (40, 48), (2, 0, 16, 16), 16).astype(np.float32)
     np.testing.assert_allclose(half[:, 0, 0], (feats[0, 0] + feats[1, 0]) / 2)
+    # a small tile (8 x 8 of the crop's 16 x 16 are real): cells 2, 3 mirror cells 1, 0
     edge = read_window(tmp_path / "t.npy", (40, 48), (32, 40, 8, 8), 16).astype(np.float32)
-    np.testing.assert_array_equal(edge[:, -1, -1], feats[-1, -1])
+    np.testing.assert_array_equal(edge[:, 3, 3], feats[8, 10])
+    np.testing.assert_array_equal(edge[:, 2, 2], feats[9, 11])
+    # a non-square tile whose map has another stride across than down (40 x 60 pixels, 10 x 10 cells)
+    x = (np.arange(10) + 0.5) * 6.0 - 0.5                                   # pixel x of each cell's centre
+    wide = np.broadcast_to(x[None, :, None], (10, 10, 1)).astype(np.float32)
+    np.save(tmp_path / "w.npy", wide.astype(np.float16))
+    got = read_window(tmp_path / "w.npy", (40, 60), (0, 36, 16, 16), 16).astype(np.float32)[0, 0]
+    np.testing.assert_allclose(got, 36 + 4 * np.arange(4) + 1.5, atol=0.05)
 
 
-def test_teacher_cache_is_built_once_per_teacher_and_feeds_training(shards, tiny_overrides, tmp_path):
+def test_cached_targets_follow_the_crop_flips_and_turns(shards, tmp_path):
+    """A cache whose map is each cell centre's pixel coordinates (x, y) / 255, as a teacher that pools the
+    coordinate tiles would give: the batch's targets equal the 4 x 4 average of its image's R (x) and G (y)
+    channels, whatever flips and quarter turns the crops got."""
+    from training.data.teacher_cache import cache_path
+    name = "teacher-coordinates"
+    shutil.copytree(shards["root"] / "coords", tmp_path / "coords")
+    for split in ("train",):
+        for shard in list_shards(tmp_path, "coords", split):
+            (shard / name).mkdir(exist_ok=True)
+            for e in read_index(shard):
+                h, w = e["height"], e["width"]
+                fh, fw = -(-h // 4), -(-w // 4)
+                cy = (np.arange(fh) + 0.5) * h / fh - 0.5
+                cx = (np.arange(fw) + 0.5) * w / fw - 0.5
+                grid = np.stack([np.broadcast_to(cx[None], (fh, fw)), np.broadcast_to(cy[:, None], (fh, fw))], -1)
+                np.save(cache_path(shard, name, e), (grid / 255.0).astype(np.float16))
+    cfg = make_cfg({"root": tmp_path}, steps=2)
+    ds = ShardStepDataset(cfg, 0, 1, teacher_cache=name)
+    turned = 0
+    for key in StepSchedule.from_config(cfg):
+        b = ds[key]
+        pooled = torch.nn.functional.avg_pool2d(b["image"][:, :2], 4)
+        assert b["teacher"].shape == pooled.shape
+        assert torch.allclose(b["teacher"].float(), pooled, atol=2e-3)
+        turned += int((b["image"][:, 0, 0, 1] < b["image"][:, 0, 0, 0]).sum())   # x falling along a row: flipped
+    assert turned > 0
+
+
+def test_teacher_cache_is_built_once_per_teacher_and_feeds_training(shards, tiny_overrides, tmp_path, monkeypatch):
     from training.train_distill import main
     root = shards["root"]
 
@@ -340,8 +394,13 @@ def test_teacher_cache_is_built_once_per_teacher_and_feeds_training(shards, tiny
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert all(r["loss/distill_feature/48"] > 0 for r in log if "loss/merged" in r and "event" not in r)
     assert any("val_loss/distill_feature" in r for r in log)
-    assert train(tmp_path / "b") == 0                                   # same teacher: the cache is reused
+    from training.teachers.fake import FakeTeacher
+    calls = []
+    real = FakeTeacher._features
+    monkeypatch.setattr(FakeTeacher, "_features", lambda self, x: (calls.append(x.shape), real(self, x))[1])
+    assert train(tmp_path / "b") == 0                                   # same teacher: the cache is reused ...
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert calls == []                                                  # ... and the teacher never runs
     assert train(tmp_path / "c", "teacher.dim=16") == 0                 # another teacher: another cache
     assert len({p.name for p in root.glob("coords/*/shard-*/teacher-*")}) == 2
     from training.config import ConfigError, build_config

@@ -105,6 +105,17 @@ def test_resumed_run_continues_its_log_exactly(tmp_path, tiny_overrides):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_resume_drops_a_log_line_torn_by_a_kill(tmp_path, tiny_overrides):
+    over = tiny_overrides + ["train.checkpoint_every=2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(full, over, "--steps", "4") == 0
+    assert _train(part, over, "--steps", "4", "--stop-after", "2") == 0
+    with (part / "log.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "loss/mer')                                # killed while writing step 3's record
+    assert _train(part, over, "--steps", "4", "--resume") == 0
+    assert _without_timing(part) == _without_timing(full)
+
+
 def test_a_run_that_died_before_its_first_checkpoint_is_not_mixed_into(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "run"
     assert _train(run, tiny_overrides, "--steps", "1") == 0
@@ -127,7 +138,7 @@ def test_correspondence_terms_are_trained_and_logged(tmp_path, tiny_overrides):
     assert _train(run, over, "--steps", "2", "--teacher", "fake") == 0
     steps = [r for r in _log(run) if "loss/merged" in r and "event" not in r]
     for kind in ("self", "knn", "random"):
-        assert all(0.0 <= r[f"loss/corr_{kind}/64"] <= 2.0 for r in steps), kind
+        assert all(0.0 <= r[f"loss/corr_{kind}/64"] <= 4.0 for r in steps), kind
 
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny_overrides):
@@ -238,7 +249,7 @@ def test_validation_losses_are_on_fixed_batches(tmp_path, tiny_overrides):
     """The val_loss/* curves compare like with like: the same batches, views and K at every evaluation,
     computed without touching the training state."""
     from training.config import Config, set_value, validate
-    from training.data.schedule import batches_per_scale
+    from training.config import batches_per_scale
     from training.train_distill import Trainer
 
     cfg = Config()

@@ -102,8 +102,14 @@ def rewind_log(out: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # torn by a kill while it was written: after the checkpoint, so it goes
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record; the log is damaged") from None
         if record.get("step", 0) <= step and record.get("event") != "end":
             keep.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")

@@ -64,7 +64,8 @@ class DataConfig:
     raster_paths: Tuple[str, ...] = ()
     target_paths: Tuple[str, ...] = ()
     bands: Tuple[int, ...] = (1, 2, 3)        # 1-based band indices read as RGB from rasters
-    input_max: float = 0.0                    # geotiff: value of full brightness of 16-bit rasters (0: from the file)
+    input_max: float = 0.0                    # geotiff: raw value of full brightness (0: 255 for uint8, from the
+                                              # file or a sample for uint16)
     small_tiles: str = "skip"                 # tiles smaller than a patch size: skip | pad | error
     max_nodata_fraction: float = 0.5          # windows with more nodata are redrawn (a few tries)
     synthetic_classes: int = 5                # region types in the synthetic images
@@ -393,6 +394,13 @@ def validate(cfg: Config) -> Config:
     if cfg.teacher.cache and (not d.enabled or cfg.data.source != "shards"):
         raise ConfigError("config key 'teacher.cache': keeps teacher features beside shards; it needs "
                           "distill.enabled and data.source=shards")
+    for kind in ("self", "knn", "random"):
+        if not 0.0 <= getattr(d, f"corr_{kind}_shift") <= 1.0:
+            raise ConfigError(f"config key 'distill.corr_{kind}_shift': must be in [0, 1]")
+    if (d.corr_knn_weight > 0 or d.corr_random_weight > 0) and min(n for _, n in batches_per_scale(cfg)) < 2:
+        raise ConfigError("config keys 'distill.corr_knn_weight', 'distill.corr_random_weight': pairs of different "
+                          "images need at least 2 images per batch at every patch size (see train.batch_size and "
+                          "data.patch_sizes: the largest size gets the fewest)")
     if d.prior_sigma <= 0:
         raise ConfigError("config key 'distill.prior_sigma': must be > 0")
     priors = [n for n in ("boundary_weight", "antimerge_weight", "within_weight") if getattr(d, n) > 0]
@@ -406,6 +414,12 @@ def validate(cfg: Config) -> Config:
                           "or a mixture (data.mixture), not both")
     shard_datasets(cfg)  # checks data.mixture's entries
     return cfg
+
+
+def batches_per_scale(cfg: Config) -> list[tuple[int, int]]:
+    """(patch size, images) per scale: batch_size at data.patch_size, scaled by area, at least 1."""
+    ref = cfg.data.patch_size
+    return [(s, max(1, int(round(cfg.train.batch_size * (ref / s) ** 2)))) for s in cfg.data.patch_sizes]
 
 
 def shard_datasets(cfg: Config) -> list[tuple[str, float]]:

@@ -37,7 +37,6 @@ from .checkpoints import (CHECKPOINT_VERSION, prepare_run_folder, read_resume_st
                           restore_rng_state, rewind_log, rng_state, state_digest, write_best, write_checkpoint)
 from .config import Config, ConfigError, load_file, parse_overrides, save_config, set_value, validate
 from .data.sources import build_teacher_cache, train_batches
-from .data.teacher_cache import cache_name
 from .device_policy import resolve_device
 from .models import DistillHead, TinyReconDecoder, build_student, kmeans_fit
 from .objective import Objective, k_for_step, step_generator
@@ -201,9 +200,7 @@ class Trainer:
                                            weight_decay=cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.policy.use_scaler)
         self.validation = Validation(cfg, dev, verbose=self.is_main)
-        # teacher.cache: the teacher's features come from beside the shards (built at the start of fit)
-        self.teacher_cache = cache_name(self.teacher) if cfg.teacher.cache else None
-        self.validation.teacher_cache = self.teacher_cache
+        self.teacher_cache = None  # teacher.cache: the cache's name, once fit has built it
         self.step = 0
         self.best_score = -math.inf
         self.writer = None
@@ -310,17 +307,25 @@ class Trainer:
         cfg = self.cfg
         if overwrite and resume:
             raise ConfigError("--overwrite and --resume contradict each other")
-        if self.is_main:
+        problem = [None]
+        if self.is_main:  # rank 0 alone looks at the folder, before it writes anything there
             prepare_run_folder(self.out, overwrite)
+            if not resume:
+                try:
+                    refuse_earlier_run(self.out)
+                except FileExistsError as exc:
+                    problem = [str(exc)]
         if self.distributed:
-            dist.barrier()
+            dist.broadcast_object_list(problem, src=0)  # every rank stops together
+        if problem[0] is not None:
+            raise FileExistsError(problem[0])
         if resume:
             self.resume()
-        else:
-            refuse_earlier_run(self.out)
-        if self.teacher_cache is not None:
-            if self.is_main:  # computed once, by one rank; the others read it
-                build_teacher_cache(cfg, self.teacher, self.policy.device, self.show_progress)
+        if cfg.teacher.cache:
+            # every rank computes its share of the missing files (written atomically, one per item), then waits
+            self.teacher_cache = build_teacher_cache(cfg, self.teacher, self.policy.device, self.show_progress,
+                                                     self.rank, self.world)
+            self.validation.teacher_cache = self.teacher_cache
             if self.distributed:
                 dist.barrier()
         if self.is_main:

@@ -87,7 +87,7 @@ class Validation:
         """The labeled validation images by dataset, or None when the data has none (said once on stderr)."""
         if self._sets is None and self._no_set is None:
             try:
-                self._sets = validation_sets(self.cfg)
+                self._sets = validation_sets(self.cfg, log=self._note)
             except NoValidationData as exc:
                 self._no_set = str(exc)
                 if self.verbose:
@@ -99,9 +99,14 @@ class Validation:
         noise at every evaluation), or [] when there is no validation split."""
         if self._batches is None:
             n = self.cfg.train.val_loss_batches
-            self._batches = (validation_batches(self.cfg, n, self.teacher_cache)
-                             if n > 0 and self.sets() is not None else [])
+            sets = self.sets()
+            self._batches = (validation_batches(self.cfg, n, self.teacher_cache, list(sets))
+                             if n > 0 and sets is not None else [])
         return self._batches
+
+    def _note(self, message: str) -> None:
+        if self.verbose:
+            print(message, file=sys.stderr)
 
     def scores(self, student: nn.Module) -> dict | None:
         sets = self.sets()

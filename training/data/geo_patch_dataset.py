@@ -37,7 +37,8 @@ from mapseg.raster.rasterio_io import range_metadata
 from mapseg.scaling import input_range
 
 from .crops import NODATA_TRIES, choose_window, collate, eligible_for_size, finish_item, least_nodata_crop
-from .schedule import BatchKey, batches_per_scale, step_loader
+from ..config import batches_per_scale
+from .schedule import BatchKey, step_loader
 
 
 @dataclass(frozen=True)

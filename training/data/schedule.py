@@ -25,11 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-
-def batches_per_scale(cfg) -> list[tuple[int, int]]:
-    """(patch size, images) per scale: batch_size at data.patch_size, scaled by area, at least 1."""
-    ref = cfg.data.patch_size
-    return [(s, max(1, int(round(cfg.train.batch_size * (ref / s) ** 2)))) for s in cfg.data.patch_sizes]
+from ..config import batches_per_scale
 
 
 class BatchKey(NamedTuple):

@@ -179,7 +179,8 @@ def _slice_tile(tile: dict, window) -> dict:
 class ShardStepDataset(torch.utils.data.Dataset):
     """Map-style: ``ds[key]`` is the batch of schedule key ``key`` (a ``BatchKey``) for this rank."""
 
-    def __init__(self, cfg, rank: int, world: int, split: Optional[str] = None, teacher_cache: Optional[str] = None):
+    def __init__(self, cfg, rank: int, world: int, split: Optional[str] = None, teacher_cache: Optional[str] = None,
+                 datasets: Optional[list[tuple[str, float]]] = None):
         d = cfg.data
         self.teacher_cache = teacher_cache  # folder name of cached teacher features (data.teacher_cache), or None
         self.seed, self.rank, self.world, self.aug = cfg.train.seed, rank, world, cfg.aug
@@ -188,7 +189,7 @@ class ShardStepDataset(torch.utils.data.Dataset):
         self.split = split or d.train_split
         self.max_nodata = float(cfg.data.max_nodata_fraction)
         policy = cfg.data.small_tiles
-        self.datasets = shard_datasets(cfg)
+        self.datasets = datasets if datasets is not None else shard_datasets(cfg)
         self.items: list[tuple[str, dict]] = []
         self.item_dataset: list[int] = []       # index into self.datasets of every item
         has_slic = True
@@ -214,13 +215,18 @@ class ShardStepDataset(torch.utils.data.Dataset):
         if len(self.datasets) == 1:  # epochs: every item once per epoch
             self.draws = [EpochDraws(len(el), self.seed, rank, si) for si, el in enumerate(self.eligible)]
         else:  # a mixture: a dataset by weight, then an item uniformly (of those that can serve the scale)
-            self.draw_p = [self._mixture_p(el) for el in self.eligible]
+            self.draw_p = [self._mixture_p(el, s) for el, (s, _) in zip(self.eligible, self.sizes_and_batches)]
         self.reader = TileReader(self.with_slic, d.cache_mode, d.cache_max_items)
 
-    def _mixture_p(self, eligible: list[int]) -> np.ndarray:
+    def _mixture_p(self, eligible: list[int], size: int) -> np.ndarray:
         ds = np.array([self.item_dataset[i] for i in eligible])
         weight = np.array([w for _, w in self.datasets])
         count = np.bincount(ds, minlength=len(self.datasets))
+        empty = [self.datasets[i][0] for i in range(len(self.datasets)) if count[i] == 0]
+        if empty:  # its weight would go to the others without a word
+            raise ValueError(f"no tile of dataset {empty[0]!r} ({self.split}) is {size}x{size} or larger, so the "
+                             f"mixture cannot draw it at patch size {size} (data.small_tiles=skip); lower "
+                             "data.patch_sizes, set data.small_tiles=pad, or leave the dataset out of data.mixture")
         p = weight[ds] / count[ds]
         return p / p.sum()
 
@@ -260,10 +266,16 @@ def shard_batches(cfg, rank: int, world: int, start_step: int, teacher_cache: Op
     return step_loader(ShardStepDataset(cfg, rank, world, teacher_cache=teacher_cache), cfg, rank, start_step)
 
 
-def split_items(cfg, split: str) -> list[tuple[Path, dict]]:
-    """(shard folder, index entry) of every item of ``split`` of every dataset the run draws from."""
-    return [(shard, e) for dataset_id, _ in shard_datasets(cfg)
-            for shard in list_shards(cfg.data.processed_root, dataset_id, split) for e in read_index(shard)]
+def split_items(cfg, split: str, missing_ok: bool = False) -> list[tuple[Path, dict]]:
+    """(shard folder, index entry) of every item of ``split`` of every dataset the run draws from (``missing_ok``:
+    datasets without that split are left out)."""
+    out = []
+    for dataset_id, _ in shard_datasets(cfg):
+        if missing_ok and not (Path(cfg.data.processed_root) / dataset_id / split).is_dir():
+            continue
+        out += [(shard, e) for shard in list_shards(cfg.data.processed_root, dataset_id, split)
+                for e in read_index(shard)]
+    return out
 
 
 def read_tile_image(shard: Path, entry: dict) -> np.ndarray:

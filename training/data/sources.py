@@ -63,9 +63,10 @@ def train_batches(cfg, rank: int, world: int, start_step: int, teacher_cache: Op
     raise ValueError(f"unknown data.source {source!r}")
 
 
-def validation_sets(cfg) -> dict[str, ValidationSet]:
+def validation_sets(cfg, log=None) -> dict[str, ValidationSet]:
     """The labeled images periodic validation scores on, by dataset (one entry but for a shard mixture, where
-    every dataset with a labeled validation split is scored on its own); ``NoValidationData`` when none."""
+    every dataset with a labeled validation split is scored on its own; ``log`` is told which are not);
+    ``NoValidationData`` when none."""
     source = cfg.data.source
     if source == "synthetic":
         src = _synthetic(cfg, cfg.train.seed + VALIDATION_SEED_OFFSET)
@@ -85,19 +86,24 @@ def validation_sets(cfg) -> dict[str, ValidationSet]:
                                              eval_settings(cfg, dataset_id)["iou_ignore_label_leq"])
         if not sets:
             raise NoValidationData("; ".join(missing))
+        if missing and log is not None:
+            log(f"note: not validated: {'; '.join(missing)}")
         return sets
     if source == "geotiff":
         raise NoValidationData("data.source=geotiff has no validation split")
     raise ValueError(f"unknown data.source {source!r}")
 
 
-def validation_batches(cfg, n: int, teacher_cache: Optional[str] = None) -> list[dict]:
+def validation_batches(cfg, n: int, teacher_cache: Optional[str] = None,
+                       datasets: Optional[list[str]] = None) -> list[dict]:
     """``n`` fixed two-view batches of the validation data: the schedule's first ``n`` steps at the first patch
-    size, drawn from the validation split (synthetic: from the validation seed)."""
+    size, drawn from the validation split (synthetic: from the validation seed; shards: of ``datasets``, those
+    ``validation_sets`` found, default all)."""
     keys = [StepSchedule.from_config(cfg).key(i, 0, 0) for i in range(n)]
     source = cfg.data.source
     if source == "shards":
-        ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split, teacher_cache=teacher_cache)
+        chosen = [(d, w) for d, w in shard_datasets(cfg) if datasets is None or d in datasets]
+        ds = ShardStepDataset(cfg, 0, 1, split=cfg.data.val_split, teacher_cache=teacher_cache, datasets=chosen)
     elif source == "synthetic":
         seed = cfg.train.seed + VALIDATION_SEED_OFFSET
         ds = TwoViewBatches(_synthetic(cfg, seed), cfg.aug, seed)
@@ -108,14 +114,11 @@ def validation_batches(cfg, n: int, teacher_cache: Optional[str] = None) -> list
     return [ds[key] for key in keys]
 
 
-def build_teacher_cache(cfg, teacher, device, show_progress: bool = True) -> str:
-    """Teacher features of every item the run reads (training and validation splits), computed once and kept
-    beside the shards (``training.data.teacher_cache``); returns the cache's name for ``train_batches``."""
+def build_teacher_cache(cfg, teacher, device, show_progress: bool = True, rank: int = 0, world: int = 1) -> str:
+    """Teacher features of every item the run reads (training split, and validation split of the datasets that
+    have one), computed once and kept beside the shards (``training.data.teacher_cache``); rank ``rank`` of
+    ``world`` computes every ``world``-th missing file. Returns the cache's name for ``train_batches``."""
     if cfg.data.source != "shards":
         raise ValueError(f"teacher.cache keeps features beside shards; data.source={cfg.data.source} has none")
-    items = split_items(cfg, cfg.data.train_split)
-    try:
-        items += split_items(cfg, cfg.data.val_split)
-    except FileNotFoundError:
-        pass  # no validation split: nothing of it is read
-    return cache.build(items, teacher, device, read_tile_image, show_progress)
+    items = split_items(cfg, cfg.data.train_split) + split_items(cfg, cfg.data.val_split, missing_ok=True)
+    return cache.build(items, teacher, device, read_tile_image, show_progress, rank, world)

@@ -37,8 +37,13 @@ STUDENT_STRIDE = 4
 
 
 def cache_name(teacher) -> str:
-    """The folder name of this teacher's cache in every shard."""
-    desc = json.dumps({"version": CACHE_VERSION, "teacher": teacher.describe()}, sort_keys=True, default=str)
+    """The folder name of this teacher's cache in every shard: a digest of its description, without where its
+    weights lie when their sha256 says what they are (moving a venv does not rebuild the cache)."""
+    described = dict(teacher.describe())
+    weights = described.get("weights")
+    if isinstance(weights, dict) and weights.get("sha256"):
+        described["weights"] = {k: v for k, v in weights.items() if k != "path"}
+    desc = json.dumps({"version": CACHE_VERSION, "teacher": described}, sort_keys=True, default=str)
     return "teacher-" + hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
@@ -47,19 +52,21 @@ def cache_path(shard: str | Path, name: str, entry: dict) -> Path:
 
 
 @torch.no_grad()
-def build(items: list[tuple[Path, dict]], teacher, device, read_image, show_progress: bool = True) -> str:
+def build(items: list[tuple[Path, dict]], teacher, device, read_image, show_progress: bool = True, rank: int = 0,
+          world: int = 1) -> str:
     """Compute and store the features of every shard item of ``items`` ((shard folder, index entry)) that has
-    none yet; ``read_image(shard, entry)`` gives its (3, H, W) uint8 pixels. Returns the cache's folder name."""
+    none yet, this ``rank``'s share of them (every ``world``-th); ``read_image(shard, entry)`` gives its
+    (3, H, W) uint8 pixels. Returns the cache's folder name."""
     name = cache_name(teacher)
     for shard in sorted({Path(s) for s, _ in items}):
         folder = shard / name
         folder.mkdir(exist_ok=True)
         info = folder / "teacher.json"
-        if not info.is_file():
+        if not info.is_file() and rank == 0:
             tmp = info.with_name(f".teacher.json.{os.getpid()}")
             tmp.write_text(json.dumps(teacher.describe(), indent=1, sort_keys=True, default=str) + "\n")
             os.replace(tmp, info)
-    todo = [(s, e) for s, e in items if not cache_path(s, name, e).is_file()]
+    todo = [(s, e) for s, e in items if not cache_path(s, name, e).is_file()][rank::world]
     for shard, entry in tqdm(todo, desc="teacher cache", unit="tile", disable=not show_progress or not todo,
                              file=sys.stderr):
         image = torch.from_numpy(np.ascontiguousarray(read_image(shard, entry))).float().div_(255.0)
@@ -72,11 +79,14 @@ def build(items: list[tuple[Path, dict]], teacher, device, read_image, show_prog
     return name
 
 
-def _axis(start: int, cells: int, extent: int, stride: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _axis(start: int, length: int, cells: int, extent: int, stride: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear sampling along one axis: (lower index, upper index, upper weight) of the feature cells under the
-    centres of ``cells`` stride-4 cells starting at pixel ``start`` (clamped to the map of ``extent`` cells)."""
-    centres = start + STUDENT_STRIDE * np.arange(cells) + (STUDENT_STRIDE - 1) / 2
-    u = np.clip((centres + 0.5) / stride - 0.5, 0, extent - 1)
+    centres of ``cells`` stride-4 cells of a crop that starts at pixel ``start`` and holds ``length`` pixels of
+    the tile (past them, ``crops.pad_to`` mirrors the crop: so are the centres), on a map of ``extent`` cells
+    of ``stride`` pixels."""
+    q = STUDENT_STRIDE * np.arange(cells) + (STUDENT_STRIDE - 1) / 2
+    q = np.where(q >= length, 2 * length - 1 - q, q)
+    u = np.clip((start + q + 0.5) / stride - 0.5, 0, extent - 1)
     lo = np.floor(u).astype(np.int64)
     hi = np.minimum(lo + 1, extent - 1)
     return lo, hi, (u - lo).astype(np.float32)
@@ -84,13 +94,13 @@ def _axis(start: int, cells: int, extent: int, stride: float) -> tuple[np.ndarra
 
 def read_window(path: Path, tile_hw: tuple[int, int], window: tuple, size: int) -> np.ndarray:
     """(C, size/4, size/4) float16 teacher targets of the ``size`` x ``size`` crop whose window in the tile is
-    ``window`` = (row, col, height, width) (cells past a small tile's edge repeat its border)."""
+    ``window`` = (row, col, height, width); a crop padded past a small tile's edge gets mirrored targets there,
+    as its pixels are."""
     feats = np.load(path, mmap_mode="r")
     fh, fw = feats.shape[:2]
-    stride = tile_hw[0] / fh
     n = size // STUDENT_STRIDE
-    r0, r1, wr = _axis(window[0], n, fh, stride)
-    c0, c1, wc = _axis(window[1], n, fw, stride)
+    r0, r1, wr = _axis(window[0], window[2], n, fh, tile_hw[0] / fh)      # the map's stride on each axis:
+    c0, c1, wc = _axis(window[1], window[3], n, fw, tile_hw[1] / fw)      # grids of ceil(H / s) x ceil(W / s)
     rows = np.unique(np.concatenate([r0, r1]))
     block = np.asarray(feats[rows[0]:rows[-1] + 1], dtype=np.float32)     # only the rows the window needs
     r0, r1 = r0 - rows[0], r1 - rows[0]

@@ -20,9 +20,9 @@ with its own shift and weight:
 
 Unlike ``distill.affinity_distill_loss``, which regresses cosines of pairs
 within one image, this only asks for the sign of each pair relative to the
-shift and links pixels across images. ``L + (1 - shift)`` is returned, which
-lies in [0, 2] (the scale-neutral merge needs positive totals); the constant
-changes no gradient.
+shift and links pixels across images. The centred teacher correlations lie in
+[-2, 2], so ``L + (2 - shift)`` is returned, which lies in [0, 4] (the
+scale-neutral merge needs positive totals); the constant changes no gradient.
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ def _points(maps: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def correspondence_term(s_a: torch.Tensor, s_b: torch.Tensor, t_a: torch.Tensor, t_b: torch.Tensor,
                         shift: float) -> torch.Tensor:
-    """``L + (1 - shift)`` (see module doc) of point sets: student (B, P, D), teacher (B, P, C), unit vectors."""
+    """``L + (2 - shift)`` (see module doc) of point sets: student (B, P, D), teacher (B, P, C), unit vectors."""
     fd = torch.einsum("bpc,bqc->bpq", t_a, t_b)
     fd = fd - fd.mean(dim=2, keepdim=True)
     sd = torch.einsum("bpd,bqd->bpq", s_a, s_b)
-    return -(sd.clamp(min=0) * (fd - shift)).mean() + (1.0 - shift)
+    return -(sd.clamp(min=0) * (fd - shift)).mean() + (2.0 - shift)
 
 
 def nearest_neighbours(teacher: torch.Tensor, group: int) -> torch.Tensor:
@@ -88,10 +88,12 @@ def correspondence_losses(emb: torch.Tensor, teacher: torch.Tensor, group: int, 
     out = {}
     if "self" in shifts:
         out["corr_self"] = correspondence_term(s, s, t, t, shifts["self"])
-    if "knn" in shifts and b > 2 and group > 1:
+    if ("knn" in shifts or "random" in shifts) and group < 2:
+        raise ValueError("pairs of different images need at least 2 images per view in the batch")
+    if "knn" in shifts:
         j = nearest_neighbours(teacher.detach(), group).cpu()
         out["corr_knn"] = correspondence_term(s, s[j], t, t[j], shifts["knn"])
-    if "random" in shifts and group > 1:
+    if "random" in shifts:
         j = random_partners(b, group, generator)
         out["corr_random"] = correspondence_term(s, s[j], t, t[j], shifts["random"])
     return out

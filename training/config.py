@@ -174,6 +174,7 @@ class DistillConfig:
     antimerge_weight: float = 0.0
     within_weight: float = 0.0
     prior_scale: str = "medium"   # superpixel scale of the antimerge / within priors: fine | medium | coarse
+    prior_sigma: float = 0.1      # colour-contrast scale of the boundary / antimerge priors
     # Correspondence distillation (losses/correspondence.py, STEGO): weight and shift of the pairs of an image
     # with itself, with its nearest neighbour in the batch (teacher descriptor) and with a random other image.
     corr_self_weight: float = 0.0
@@ -183,7 +184,6 @@ class DistillConfig:
     corr_knn_shift: float = 0.12
     corr_random_shift: float = 0.46
     corr_points: int = 121        # cells sampled per image for the correlation tables
-    prior_sigma: float = 0.1      # colour-contrast scale of the boundary / antimerge priors
 
 
 @dataclass

@@ -7,6 +7,7 @@ A reader (``ReaderBase``) gives ``info`` (``RasterInfo``), ``read(row0, row1, co
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +199,18 @@ class LabelWriterBase:
         except self.write_errors as exc:
             self.abort()
             raise self._failed(exc) from exc
+
+    @contextmanager
+    def _creating(self):
+        """Around a writer's set-up: on any failure the temporary file goes, and a write error becomes a
+        RasterError naming the output."""
+        try:
+            yield
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, self.write_errors):
+                raise self._failed(exc) from exc
+            raise
 
     def _failed(self, exc: BaseException) -> RasterError:
         return RasterError(f"writing {self.path} failed ({first_line(exc.__cause__ or exc)}): "

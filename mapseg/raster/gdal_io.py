@@ -136,7 +136,7 @@ class GdalLabelWriter(LabelWriterBase):
         gdal = self.gdal = _gdal()
         self._prepare(path, cog)
         self.ds = self.band = None
-        try:
+        with self._creating():
             self.ds = gdal.GetDriverByName("GTiff").Create(
                 str(self.tmp), like.width, like.height, 1, gdal.GDT_Byte,
                 options=["TILED=YES", f"BLOCKXSIZE={BLOCK}", f"BLOCKYSIZE={BLOCK}", "COMPRESS=DEFLATE", "ZLEVEL=1",
@@ -160,11 +160,6 @@ class GdalLabelWriter(LabelWriterBase):
             self.band.SetRasterColorInterpretation(gdal.GCI_PaletteIndex)
             if tags:
                 self.ds.SetMetadata({str(a): str(b) for a, b in tags.items()})
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, self.write_errors):
-                raise self._failed(exc) from exc
-            raise
 
     def _write(self, labels: np.ndarray, row0: int, col0: int) -> None:
         self.band.WriteArray(np.ascontiguousarray(labels, dtype=np.uint8), int(col0), int(row0))

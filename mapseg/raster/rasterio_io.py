@@ -124,7 +124,7 @@ class LabelWriter(LabelWriterBase):
         if like.georeferenced and not like.gcps:
             profile.update(crs=like.crs, transform=like.transform)
         self.ds = None
-        try:
+        with self._creating():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 self.ds = rasterio.open(self.tmp, "w", **profile)
@@ -137,11 +137,6 @@ class LabelWriter(LabelWriterBase):
             self.ds.write_colormap(1, colormap(k))
             if tags:
                 self.ds.update_tags(**{str(a): str(b) for a, b in tags.items()})
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, self.write_errors):
-                raise self._failed(exc) from exc
-            raise
 
     def _write(self, labels: np.ndarray, row0: int, col0: int) -> None:
         from rasterio.windows import Window

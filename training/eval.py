@@ -93,10 +93,9 @@ class EvalSet:
 
 def synthetic_set(seed: int, samples: int = 8, size: int = 256, classes: int = 5, cells: int = 24) -> EvalSet:
     """The validation set a synthetic training run with ``train.seed = seed`` scores itself on."""
-    from .data.synthetic import SyntheticDataset  # cv2: only for --synthetic
+    from .data.synthetic import validation_images  # cv2: only for --synthetic
 
-    src = SyntheticDataset(seed + 1, classes, cells)
-    items = [src[(0xE7A1, i, size)] for i in range(samples)]
+    items = validation_images(seed, samples, size, classes, cells)
     images = [np.rint(np.transpose(it["image"], (1, 2, 0)) * 255).astype(np.uint8) for it in items]
     return EvalSet(f"synthetic (seed {seed}, {samples} x {size} px)", images, [it["labels"] for it in items], None)
 

@@ -28,10 +28,7 @@ from .geo_patch_dataset import geotiff_batches
 from .schedule import StepSchedule, step_loader
 from .sharded_tif_dataset import ShardStepDataset, eval_items, eval_settings, read_tile_image, shard_batches, split_items
 from . import teacher_cache as cache
-from .synthetic import SyntheticDataset
-
-VALIDATION_SEED_OFFSET = 1     # synthetic validation images come from train.seed + 1: never trained on
-SYNTHETIC_VAL_KEY = 0xE7A1
+from .synthetic import VALIDATION_SEED_OFFSET, SyntheticDataset, validation_images
 
 
 class NoValidationData(Exception):
@@ -69,8 +66,8 @@ def validation_sets(cfg, log=None) -> dict[str, ValidationSet]:
     ``NoValidationData`` when none."""
     source = cfg.data.source
     if source == "synthetic":
-        src = _synthetic(cfg, cfg.train.seed + VALIDATION_SEED_OFFSET)
-        items = [src[(SYNTHETIC_VAL_KEY, i, cfg.data.val_size)] for i in range(cfg.data.val_samples)]
+        items = validation_images(cfg.train.seed, cfg.data.val_samples, cfg.data.val_size,
+                                  cfg.data.synthetic_classes, cfg.data.synthetic_cells)
         return {"synthetic": ValidationSet([(torch.from_numpy(it["image"]), it["labels"]) for it in items],
                                            cfg.data.synthetic_classes, None)}
     if source == "shards":

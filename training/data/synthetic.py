@@ -132,3 +132,15 @@ class SyntheticDataset:
         rng = np.random.default_rng([self.seed, 0x5EED, *[int(i) for i in ids], int(size)])
         image, labels = make_synthetic_image(int(size), rng, self.types, self.cells_per_512)
         return {"image": image, "labels": labels}
+
+
+VALIDATION_SEED_OFFSET = 1     # a run's synthetic validation images come from train.seed + 1: never trained on
+VALIDATION_KEY = 0xE7A1
+
+
+def validation_images(train_seed: int, samples: int, size: int, n_classes: int = 5,
+                      cells_per_512: int = 24) -> list[dict]:
+    """The labeled images a synthetic training run with ``train.seed = train_seed`` validates on (the same for
+    the trainer and ``python -m training.eval --synthetic``)."""
+    src = SyntheticDataset(train_seed + VALIDATION_SEED_OFFSET, n_classes, cells_per_512)
+    return [src[(VALIDATION_KEY, i, size)] for i in range(samples)]

@@ -12,8 +12,9 @@ Batch: ``--batch`` images per step at each size (default 4).
 
 ``--shards ROOT/ID`` trains on those shards instead, with the teacher run on every crop (live) and
 read from its cache beside the shards (``teacher.cache=true``; the cache is built first, and its
-build time printed). Beside images/s it prints the CPU seconds per step (user + system of the run),
-which hold on a shared host when wall time does not.
+build time printed). Beside images/s (first step dropped) it prints the CPU seconds per step: user + system time
+of the whole run (start-up and the first step included) divided by the steps, which holds on a shared host when
+wall time does not.
 """
 from __future__ import annotations
 

@@ -87,6 +87,15 @@ class Artifact:
     def digest(self) -> str:
         return self.meta["weights_sha256"]
 
+    @property
+    def resolution(self) -> dict | None:
+        """The ground resolution the model was trained at (``meta.json["resolution"]``: ``m_per_px``,
+        ``range_m_per_px``, ``how``), or None where meta.json does not say or says neither figure."""
+        res = self.meta.get("resolution")
+        if not res or (res.get("m_per_px") is None and res.get("range_m_per_px") is None):
+            return None
+        return res
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
@@ -196,10 +205,30 @@ def validate(meta: dict, arrays: dict[str, np.ndarray], where: str = "artifact")
     if digest != meta["weights_sha256"]:
         raise ArtifactError(f"{where}: model.npz does not match meta.json (weights_sha256 differs): "
                             "the files come from different exports")
+    _check_resolution(meta.get("resolution"), where)
     need = required_halo(layers)
     if int(arch.get("halo", -1)) < need:
         raise ArtifactError(f"{where}: architecture.halo={arch.get('halo')} is below the {need} pixels "
                             "the layers need for seamless windows")
+
+
+def _check_resolution(res, where: str) -> None:
+    """``resolution`` (optional; null = unknown): {"m_per_px": > 0 or null, "range_m_per_px": [lo, hi] with
+    0 < lo <= hi, or null, "how": text}."""
+    if res is None:
+        return
+    if not isinstance(res, dict):
+        raise ArtifactError(f"{where}: meta.json 'resolution' must be an object (m_per_px, range_m_per_px, how) or null")
+    m, span, how = res.get("m_per_px"), res.get("range_m_per_px"), res.get("how")
+    if m is not None and not (isinstance(m, (int, float)) and not isinstance(m, bool) and np.isfinite(m) and m > 0):
+        raise ArtifactError(f"{where}: meta.json resolution.m_per_px must be a positive number or null, not {m!r}")
+    if span is not None and not (isinstance(span, list) and len(span) == 2
+                                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                         for v in span) and 0 < span[0] <= span[1]):
+        raise ArtifactError(f"{where}: meta.json resolution.range_m_per_px must be [lo, hi] with 0 < lo <= hi, "
+                            f"or null, not {span!r}")
+    if how is not None and not isinstance(how, str):
+        raise ArtifactError(f"{where}: meta.json resolution.how must be text")
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -237,6 +266,20 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(path=path, meta=meta, metrics=metrics, arrays=arrays, onnx_path=onnx if onnx.is_file() else None)
 
 
+def resolution_text(res: dict | None) -> str:
+    """The training resolution of ``meta.json["resolution"]`` in words (``unknown`` where it does not say)."""
+    if not res or (res.get("m_per_px") is None and res.get("range_m_per_px") is None):
+        how = (res or {}).get("how")
+        return "unknown" + (f" ({how})" if how else " (meta.json does not say)")
+    parts = []
+    if res.get("m_per_px") is not None:
+        parts.append(f"{res['m_per_px']:g} m/px")
+    if res.get("range_m_per_px") is not None:
+        lo, hi = res["range_m_per_px"]
+        parts.append(f"{lo:g}-{hi:g} m/px")
+    return " in ".join(parts) + (f" ({res['how']})" if res.get("how") else "")
+
+
 def describe(artifact: Artifact) -> str:
     """Human-readable summary for ``mapseg info``."""
     m, arch = artifact.meta, artifact.meta["architecture"]
@@ -251,6 +294,7 @@ def describe(artifact: Artifact) -> str:
         f"receptive field {arch.get('receptive_field', '?')} px, halo {arch['halo']} px",
         f"max_k           {m['max_k']}   (default K {m['cluster_defaults'].get('k', '?')})",
         f"temperature     {m['temperature']}",
+        f"resolution      {resolution_text(m.get('resolution'))}",
         f"input           RGB in [0,1] then (x - {m['input']['mean']}) / {m['input']['std']}",
         f"flops / MP      {arch.get('flops_per_megapixel', float('nan')) / 1e9:.1f} GFLOP",
         f"onnx            {'model.onnx' if artifact.onnx_path else 'not exported'}",

@@ -23,6 +23,7 @@ file written by ``mapseg fit``. Every window is then assigned against them.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -32,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .artifact import ARTIFACT_FILES
+from .artifact import ARTIFACT_FILES, resolution_text
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
 from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
 from .errors import SegmentCancelled, SegmentError  # noqa: F401 - SegmentCancelled: re-exported for callers
@@ -40,7 +41,8 @@ from .features import FeatureModel, default_model_path, load_features
 from .fileio import check_outputs
 from .parallel import ordered_map
 from .progress import Progress, SampleProgress, tell
-from .raster import OUTPUT_NODATA, io_env, open_reader, open_writer
+from .raster import OUTPUT_NODATA, RasterView, Region, ground_resolution, io_env, open_reader, open_writer
+from .raster.polygons import mask_files
 from .scaling import SampledRange, Scaling, check_one_scaling, input_range, make_scaling
 from .windows import DEFAULT_TILE, Window, plan_windows, sample_window_order
 
@@ -72,6 +74,14 @@ class SegmentOptions:
     smooth: int = 0                        # majority filter radius in label cells
     seed: int = 0                          # sampling and k-means
     cog: bool = False                      # write a Cloud Optimized GeoTIFF
+    extent: tuple[float, float, float, float] | None = None  # xmin, ymin, xmax, ymax: the area to segment
+    extent_crs: str | None = None          # the CRS ``extent`` is in (default: the raster's)
+    mask: str | os.PathLike | None = None  # vector file of polygons: pixels outside them are nodata
+    resolution: float | None = None        # metres per output pixel: resample on read (mapseg.raster.view)
+
+    def region(self) -> Region:
+        """``extent``, ``extent_crs``, ``mask`` and ``resolution`` as a ``mapseg.raster.Region`` (checked)."""
+        return Region(self.extent, self.extent_crs, None if self.mask is None else str(self.mask), self.resolution)
 
     def feature_model(self) -> FeatureModel:
         """``model`` loaded (``load_features``), or ``model`` itself when it is loaded already."""
@@ -98,14 +108,16 @@ def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tupl
     valid = np.zeros((rh, rw), bool)
     data, ok = reader.read(*inside.bounds)
     scaling.apply(data, image[:dh, :dw])
-    valid[:dh, :dw] = ok
+    aoi = reader.inside(*inside.bounds)  # --mask: outside it nodata, but the network still sees the pixels
+    kept = ok if aoi is None else ok & aoi
+    valid[:dh, :dw] = kept
     if dh < rh:
         image[dh:] = fill
     if dw < rw:
         image[:dh, dw:] = fill
     if not ok.all():
         image[:dh, :dw][~ok] = fill
-    return image, valid, scaling.clipped(data[win.core_in_read], ok[win.core_in_read])
+    return image, valid, scaling.clipped(data[win.core_in_read], kept[win.core_in_read])
 
 
 # --------------------------------------------------------------------------- labels
@@ -244,8 +256,10 @@ def _raw_sample(reader, wins: list[Window], n: int, progress=None, values: bool 
     for i, win in enumerate(wins):
         if i >= n and found >= MIN_RAW_VALUES:
             break
-        data, ok = reader.read(*win.core.in_raster(reader.height, reader.width).bounds)
-        chunk = data[ok]  # one window's valid pixels
+        box = win.core.in_raster(reader.height, reader.width).bounds
+        data, ok = reader.read(*box)
+        aoi = reader.inside(*box)
+        chunk = data[ok if aoi is None else ok & aoi]  # one window's valid pixels
         if chunk.size:
             top = max(top, float(chunk.max()))
         if values:
@@ -364,6 +378,48 @@ def _sample_log(log, path, sample: Sample) -> None:
             "narrower than a cell, or every cell holds nodata), so cells with any valid pixel were sampled")
 
 
+def region_log(reader, log) -> dict | None:
+    """Log what ``--extent``/``--mask``/``--resolution`` made of a raster (a ``RasterView``); its entry of the run
+    report (None for a raster read as it is)."""
+    if not isinstance(reader, RasterView):
+        return None
+    for note in reader.notes:
+        log(note)
+    d = reader.describe()
+    r0, r1, c0, c1 = (d["source_window"][k] for k in ("row0", "row1", "col0", "col1"))
+    log(f"area of {reader.path}: {d['width']} x {d['height']} pixels of {d['pixel_size'][0]:.6g} x "
+        f"{d['pixel_size'][1]:.6g} ({d['crs']}), bounds {','.join(f'{v:.10g}' for v in d['bounds'])}, from source "
+        f"rows {r0}-{r1}, columns {c0}-{c1}; resampling: {d['resampling']}"
+        + (f"; pixels outside the {d['mask_polygons']} polygon(s) of {d['mask']} are nodata" if d["mask"] else ""))
+    return d
+
+
+def check_resolution(features: FeatureModel, reader, log, said: set) -> float | None:
+    """Log the ground resolution of a reader's grid (the input's, or the one --resolution asked for) and warn
+    when it is more than 2x from the one the model was trained at (``meta.json["resolution"]``); a model whose
+    resolution is unknown is said once per run (``said``). Returns metres per pixel, or None when unknown."""
+    m, text = ground_resolution(reader)
+    log(text)
+    artifact = getattr(features, "artifact", None)
+    if artifact is None:  # colour k-means: no training resolution to compare with
+        return m
+    trained = artifact.resolution
+    if trained is None:
+        if "unknown" not in said:
+            said.add("unknown")
+            log(f"the model's training resolution is {resolution_text(artifact.meta.get('resolution'))}: whether "
+                "the input's suits it cannot be checked")
+        return m
+    lo, hi = trained.get("range_m_per_px") or (trained["m_per_px"], trained["m_per_px"])
+    if m is None:
+        log(f"the model was trained at {resolution_text(trained)}; the input's cannot be compared with it")
+    elif m < lo / 2 or m > 2 * hi:
+        best = trained["m_per_px"] or math.sqrt(lo * hi)
+        log(f"warning: {reader.path} is at {m:.3g} m/px, more than 2x from the {resolution_text(trained)} the model "
+            f"was trained at: labels may be poor; --resolution {best:.3g} resamples it on read")
+    return m
+
+
 def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions, *, log=None, progress: bool = False,
                        output=None) -> Centers:
     """Fit ``options.k`` centres on a sample drawn from all ``inputs`` (``mapseg fit``). ``output``: the
@@ -378,16 +434,19 @@ def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions,
     k = check_k(options.k, features.max_k)
     seed, bands = options.seed, options.bands
     check_one_scaling(options.stretch, options.input_max)
+    region, said = options.region(), set()
     all_f, all_c, info = [], [], []
     with io_env():
         if output is not None:  # each input opened (its header read) for the files it reads; checked once
             rasters = []
             for path in inputs:
-                with open_reader(path, bands, options.nodata) as reader:
+                with open_reader(path, bands, options.nodata, region) as reader:
                     rasters.append((path, reader.info))
             check_run_outputs({"-o": output}, rasters, options, log)
         for path in inputs:  # opened again, one at a time: thousands of tiles do not hold thousands of handles
-            with open_reader(path, bands, options.nodata) as reader:
+            with open_reader(path, bands, options.nodata, region) as reader:
+                area = region_log(reader, log)
+                check_resolution(features, reader, log, said)
                 scaling = scaling_for(reader, features, options.stretch, seed, options.input_max,
                                       SampleProgress("range", "pixels", MIN_RAW_VALUES, progress))
                 log(f"scaling of {path}: {scaling.description}")
@@ -401,7 +460,8 @@ def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions,
                 all_c.append(sample.colours)
                 info.append({"path": str(path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
                              "partial_cells": sample.partial, "scaling": scaling.description,
-                             "input_max": scaling.input_max, "dtype": reader.info.dtype})
+                             "input_max": scaling.input_max, "dtype": reader.info.dtype,
+                             **({"region": area} if area else {})})
     return _fit(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None,
                                                   **record_scaling(info, log)})
 
@@ -450,6 +510,8 @@ def check_run_outputs(outputs: dict, rasters: list, options: SegmentOptions, log
         inputs += [("the input raster", path)] + [(f"a file the input raster {path} reads", f) for f in info.files]
     if isinstance(options.centers, (str, os.PathLike)):
         inputs.append(("the centres file", options.centers))
+    if options.mask is not None:
+        inputs += [("the --mask file", f) for f in mask_files(options.mask)]
     if options.model is None or (isinstance(options.model, (str, os.PathLike)) and str(options.model) != "kmeans"):
         folder = options.model or default_model_path()
         inputs += [(f"{name} of the model {folder}", os.path.join(folder, name)) for name in ARTIFACT_FILES]
@@ -491,8 +553,10 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         k = check_k(k, features.max_k)
     halo = features.halo + smooth * features.stride
     timings = {}
-    with io_env(), open_reader(input_path, o.bands, o.nodata) as reader:
+    with io_env(), open_reader(input_path, o.bands, o.nodata, o.region()) as reader:
         check_run_outputs({"output": output_path, **(other_outputs or {})}, [(input_path, reader.info)], o, log)
+        area = region_log(reader, log)
+        m_per_px = check_resolution(features, reader, log, set())
         t0 = time.perf_counter()
         top, how, partial = o.input_max, "input maximum given", False
         if centers is not None:
@@ -516,7 +580,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
             partial = sample.partial
             raster = {"path": str(input_path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
                       "partial_cells": partial, "scaling": scaling.description, "input_max": scaling.input_max,
-                      "dtype": reader.info.dtype}
+                      "dtype": reader.info.dtype, **({"region": area} if area else {})}
             fitted = _fit([sample.features], [sample.colours], k, features, seed,
                           {"rasters": [raster], **record_scaling([raster], log)}, input_path)
             log(f"centres: K={k} from {sample.features.shape[0]} sampled cells of {sample.windows} sampling windows")
@@ -566,7 +630,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
         "timings": timings, "scaling": scaling.description, "input_max": scaling.input_max,
         "clipped_pixels": n_clipped, "partial_cells": partial, "nodata": info.has_nodata,
-        "centers": fitted.to_json(),
+        "region": area, "ground_resolution_m": m_per_px, "centers": fitted.to_json(),
     }
     log(f"wrote {out}: {info.width} x {info.height}, K={k}, {len(wins)} windows, {total:.1f} s "
         f"({report['megapixels_per_s']:.2f} MP/s)")

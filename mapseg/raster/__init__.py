@@ -32,11 +32,12 @@ from .common import (OUTPUT_NODATA, PALETTE, RasterInfo, colormap, common_dtype,
 from .gdal_io import GdalLabelWriter, GdalRasterReader
 from .preview import side_by_side, write_png
 from .rasterio_io import LabelWriter, RasterReader
+from .view import RasterView, Region, ground_resolution, parse_extent, parse_resolution
 
 __all__ = ["OUTPUT_NODATA", "PALETTE", "ArrayReader", "GdalLabelWriter", "GdalRasterReader", "LabelWriter",
-           "RasterError", "RasterInfo", "RasterReader", "colormap", "common_dtype", "common_nodata", "io_env",
-           "io_library", "nodata_valid", "open_reader", "open_writer", "parse_bands", "write_png",
-           "write_preview"]
+           "RasterError", "RasterInfo", "RasterReader", "RasterView", "Region", "colormap", "common_dtype",
+           "common_nodata", "ground_resolution", "io_env", "io_library", "nodata_valid", "open_reader", "open_writer",
+           "parse_bands", "parse_extent", "parse_resolution", "write_png", "write_preview"]
 
 IO_LIBRARIES = ("rasterio", "gdal")
 
@@ -60,10 +61,17 @@ def io_library() -> str:
                       "neither is installed: pip install rasterio")
 
 
-def open_reader(path, bands=None, nodata=None):
-    if io_library() == "gdal":
-        return GdalRasterReader(path, bands, nodata)
-    return RasterReader(path, bands, nodata)
+def open_reader(path, bands=None, nodata=None, region: Region | None = None):
+    """A reader of ``path`` (three ``bands``, ``nodata`` overriding the raster's); with a ``region`` that asks for
+    anything (``--extent``, ``--mask``, ``--resolution``), the ``RasterView`` of that area on its grid."""
+    reader = GdalRasterReader(path, bands, nodata) if io_library() == "gdal" else RasterReader(path, bands, nodata)
+    if region is None or not region.given:
+        return reader
+    try:
+        return RasterView(reader, region)
+    except BaseException:
+        reader.close()
+        raise
 
 
 def open_writer(path, like, k: int, nodata, cog: bool = False, tags: dict | None = None):
@@ -77,14 +85,15 @@ def io_env():
     return (gdal_io if io_library() == "gdal" else rasterio_io).env()
 
 
-def write_preview(input_path, labels_path, png_path, bands=None, nodata=None, max_width: int = 1600) -> Path:
+def write_preview(input_path, labels_path, png_path, bands=None, nodata=None, max_width: int = 1600,
+                  region: Region | None = None) -> Path:
     """A PNG for eyes: the input (left) and its colour-coded segments (right), decimated to at most
-    ``max_width`` wide and ``max_width`` tall."""
+    ``max_width`` wide and ``max_width`` tall; ``region``: the area the labels cover (as segmented)."""
     png_path = Path(png_path)
     if png_path.suffix.lower() != ".png":
         raise RasterError(f"--preview {png_path}: give a .png name")
     with io_env():
-        with open_reader(input_path, bands, nodata) as reader:
+        with open_reader(input_path, bands, nodata, region) as reader:
             w, h = reader.width, reader.height
             scale = min(1.0, (max_width // 2) / w, max_width / h)  # bounded both ways: never a whole-raster read
             ow, oh = max(1, round(w * scale)), max(1, round(h * scale))

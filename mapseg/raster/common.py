@@ -154,12 +154,21 @@ class ReaderBase:
         except self.read_errors as exc:
             raise read_failed(self.path, row0, row1, col0, col1, exc) from exc
 
-    def read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
-        """The whole raster resampled (nearest) to (out_h, out_w): (data (h, w, 3), valid (h, w))."""
+    def read_decimated(self, out_h: int, out_w: int, box=None) -> tuple[np.ndarray, np.ndarray]:
+        """The whole raster (or ``box`` = (row0, row1, col0, col1) of it) resampled (nearest) to (out_h, out_w):
+        (data (h, w, 3), valid (h, w))."""
+        row0, row1, col0, col1 = box or (0, self.height, 0, self.width)
         try:
-            return self._read_decimated(out_h, out_w)
+            return self._read_decimated(out_h, out_w, box)
         except self.read_errors as exc:
-            raise read_failed(self.path, 0, self.height, 0, self.width, exc) from exc
+            raise read_failed(self.path, row0, row1, col0, col1, exc) from exc
+
+    def inside(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray | None:
+        """(h, w) bool: the pixels of the area of interest (``--mask``), or None where every pixel is.
+
+        Pixels outside it are nodata for the output and the sample, but the network still sees their
+        values (they are real imagery), so the labels inside are those of a run without the mask."""
+        return None
 
     @property
     def width(self) -> int:

@@ -110,14 +110,16 @@ class GdalRasterReader(ReaderBase):
             valid &= self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(col0, row0, w, h) != 0
         return data, valid
 
-    def _read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
-        w, h = self.width, self.height
-        planes = {b: band.ReadAsArray(0, 0, w, h, buf_xsize=out_w, buf_ysize=out_h)
+    def _read_decimated(self, out_h: int, out_w: int, box=None) -> tuple[np.ndarray, np.ndarray]:
+        row0, row1, col0, col1 = box or (0, self.height, 0, self.width)
+        w, h = col1 - col0, row1 - row0
+        planes = {b: band.ReadAsArray(col0, row0, w, h, buf_xsize=out_w, buf_ysize=out_h)
                   for b, band in self.band_objs.items()}
         data = np.stack([planes[b] for b in self.bands], axis=-1)
         valid = nodata_valid(data, self.nodata)
         if self.has_mask:
-            mask = self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(0, 0, w, h, buf_xsize=out_w, buf_ysize=out_h)
+            mask = self.band_objs[self.bands[0]].GetMaskBand().ReadAsArray(col0, row0, w, h, buf_xsize=out_w,
+                                                                           buf_ysize=out_h)
             valid &= mask != 0
         return data, valid
 
@@ -184,3 +186,51 @@ class GdalLabelWriter(LabelWriterBase):
         self.band = None
         self.ds = None
         self._remove_temporaries()
+
+
+# --------------------------------------------------------------------------- coordinate reference systems
+# What mapseg.raster.view needs of a CRS (the same functions in rasterio_io).
+
+def parse_crs(text, what: str = "--extent-crs"):
+    """An ``osr.SpatialReference`` from user text (``EPSG:4326``, WKT, PROJ, an OGC URN), x = longitude first."""
+    _gdal()
+    from osgeo import osr
+
+    osr.UseExceptions()
+    if isinstance(text, osr.SpatialReference):
+        return text
+    srs = osr.SpatialReference()
+    try:
+        srs.SetFromUserInput(str(text))
+    except RuntimeError as exc:
+        raise RasterError(f"{what} {text!r} is not a CRS GDAL knows ({exc}); e.g. EPSG:4326") from exc
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return srs
+
+
+def transform_xy(src, dst, xs, ys) -> tuple[np.ndarray, np.ndarray]:
+    """Points from CRS ``src`` to ``dst`` (x = longitude / easting first)."""
+    from osgeo import osr
+
+    ct = osr.CoordinateTransformation(parse_crs(src), parse_crs(dst))
+    pts = ct.TransformPoints([(float(x), float(y)) for x, y in zip(xs, ys)])
+    return (np.asarray([p[0] for p in pts], np.float64), np.asarray([p[1] for p in pts], np.float64))
+
+
+def crs_units(crs) -> tuple[str, float | None]:
+    """("degree", None) for a geographic CRS, else (unit name, metres per unit)."""
+    srs = parse_crs(crs, "CRS")
+    if srs.IsGeographic():
+        return "degree", None
+    return srs.GetLinearUnitsName(), float(srs.GetLinearUnits())
+
+
+def crs_name(crs) -> str:
+    """A short name (``EPSG:25832``), else the CRS's own name."""
+    srs = parse_crs(crs, "CRS")
+    try:
+        srs.AutoIdentifyEPSG()  # a WKT without its code: find it, for the log's name only
+    except RuntimeError:
+        pass
+    auth, code = srs.GetAuthorityName(None), srs.GetAuthorityCode(None)
+    return f"{auth}:{code}" if auth and code else (srs.GetName() or "unnamed CRS")

@@ -91,15 +91,18 @@ class RasterReader(ReaderBase):
             valid &= self.ds.read_masks(self.bands[0], window=win) != 0
         return data, valid
 
-    def _read_decimated(self, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_decimated(self, out_h: int, out_w: int, box=None) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.enums import Resampling
+        from rasterio.windows import Window
 
+        row0, row1, col0, col1 = box or (0, self.height, 0, self.width)
+        win = Window(col0, row0, col1 - col0, row1 - row0)
         unique = sorted(set(self.bands))
-        planes = self.ds.read(unique, out_shape=(len(unique), out_h, out_w), resampling=Resampling.nearest)
+        planes = self.ds.read(unique, window=win, out_shape=(len(unique), out_h, out_w), resampling=Resampling.nearest)
         data = np.stack([planes[unique.index(b)] for b in self.bands], axis=-1)
         valid = nodata_valid(data, self.nodata)
         if self.has_mask:
-            valid &= self.ds.read_masks(self.bands[0], out_shape=(out_h, out_w)) != 0
+            valid &= self.ds.read_masks(self.bands[0], window=win, out_shape=(out_h, out_w)) != 0
         return data, valid
 
     def close(self) -> None:
@@ -167,3 +170,43 @@ class LabelWriter(LabelWriterBase):
             finally:
                 self.ds = None
         self._remove_temporaries()
+
+
+# --------------------------------------------------------------------------- coordinate reference systems
+# What mapseg.raster.view needs of a CRS (the same functions in gdal_io, through osr).
+
+def parse_crs(text, what: str = "--extent-crs"):
+    """A CRS from user text (``EPSG:4326``, WKT, a PROJ string, an OGC URN) or a rasterio CRS."""
+    rasterio = _rasterio()
+    from rasterio.crs import CRS
+
+    if isinstance(text, CRS):
+        return text
+    try:
+        return CRS.from_user_input(text)
+    except rasterio.errors.CRSError as exc:
+        raise RasterError(f"{what} {text!r} is not a CRS PROJ knows ({exc}); e.g. EPSG:4326") from exc
+
+
+def transform_xy(src, dst, xs, ys) -> tuple[np.ndarray, np.ndarray]:
+    """Points from CRS ``src`` to ``dst`` (x = longitude / easting first, whatever the CRS's axis order)."""
+    from rasterio.warp import transform
+
+    xs, ys = transform(parse_crs(src), parse_crs(dst), list(map(float, xs)), list(map(float, ys)))
+    return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+
+
+def crs_units(crs) -> tuple[str, float | None]:
+    """("degree", None) for a geographic CRS, else (unit name, metres per unit)."""
+    crs = parse_crs(crs, "CRS")
+    if crs.is_geographic:
+        return "degree", None
+    name, factor = crs.linear_units_factor
+    return name, float(factor)
+
+
+def crs_name(crs) -> str:
+    """A short name (``EPSG:25832``), else the CRS's own description."""
+    crs = parse_crs(crs, "CRS")
+    code = crs.to_epsg()
+    return f"EPSG:{code}" if code else crs.to_string()

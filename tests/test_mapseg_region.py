@@ -1,0 +1,338 @@
+"""Area of interest and ground resolution: --extent, --extent-crs, --mask, --resolution (mapseg.raster.view).
+
+On real GeoNRW tiles (1000 x 1000 at 1 m, EPSG:25832): an extent gives the grid of a clipped copy and its
+labels; a mask (with a hole, and a second polygon) is nodata outside and the unmasked labels inside;
+--resolution resamples by area average (checked against a block mean) and writes on the coarser grid;
+labels do not depend on --tile with all of them at once; bad requests are clear errors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+from affine import Affine  # noqa: E402
+from rasterio.windows import Window  # noqa: E402
+
+from mapseg.artifact import ArtifactError, load_artifact  # noqa: E402
+from mapseg.cli import main  # noqa: E402
+from mapseg.raster import Region, open_reader  # noqa: E402
+from mapseg.raster.polygons import PolygonMask, wkb_polygons  # noqa: E402
+from mapseg.raster.view import metres_per_degree  # noqa: E402
+from mapseg.segment import SegmentOptions, fit_raster_centers, segment_raster  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+pytestmark = [pytest.mark.data,
+              pytest.mark.skipif(not DATA.is_dir(), reason=f"real imagery not found at {DATA}")]
+TILE = "geonrw_dev/images/aachen_296_5625.tif"        # 296000..297000 E, 5625000..5626000 N
+OTHER = "geonrw_dev/images/aachen_299_5619.tif"       # 299000..300000 E, 5619000..5620000 N
+X0, Y0 = 296000.0, 5626000.0
+QUIET = {"progress": False, "log": lambda msg: None}
+
+
+def need(rel: str) -> Path:
+    path = DATA / rel
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(export_tiny_student):
+    return str(export_tiny_student(max_k=6))
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def grid(path):
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.transform, ds.crs, ds.nodata
+
+
+def clip_copy(src: Path, out: Path, row0: int, row1: int, col0: int, col1: int) -> Path:
+    """What gdal_translate -srcwin makes: the pixels of a window, georeferenced, as a raster of its own."""
+    win = Window(col0, row0, col1 - col0, row1 - row0)
+    with rasterio.open(src) as ds:
+        profile = {"driver": "GTiff", "width": win.width, "height": win.height, "count": 3, "dtype": "uint8",
+                   "crs": ds.crs, "transform": ds.window_transform(win)}
+        data = ds.read(window=win)
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    return out
+
+
+def square(x0, y0, x1, y1):
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def test_extent_in_the_raster_crs_is_a_clipped_copy(model, tmp_path):
+    src = need(TILE)
+    # not on the pixel grid: snaps outward to columns 100-356, rows 707-900
+    extent = "296100.3,5625100,296356,5625292.7"
+    copy = clip_copy(src, tmp_path / "copy.tif", 707, 900, 100, 356)
+    assert run("fit", src, "-k", 4, "-o", tmp_path / "c_view.json", "--model", model, "--extent", extent,
+               "--no-progress") == 0
+    assert run("fit", copy, "-k", 4, "-o", tmp_path / "c_copy.json", "--model", model, "--no-progress") == 0
+    # the view reads exactly the copy's pixels: the same sample, the same centres
+    view_c = json.loads((tmp_path / "c_view.json").read_text())
+    assert view_c["centers"] == json.loads((tmp_path / "c_copy.json").read_text())["centers"]
+    assert view_c["sample"]["rasters"][0]["region"]["extent"] == [296100.3, 5625100, 296356, 5625292.7]
+    assert run("segment", src, tmp_path / "view.tif", "--centers", tmp_path / "c_view.json", "--model", model,
+               "--extent", extent, "--tile", 96, "--no-progress") == 0
+    assert run("segment", copy, tmp_path / "copy_l.tif", "--centers", tmp_path / "c_view.json", "--model", model,
+               "--no-progress") == 0
+    labels, transform, crs, _ = grid(tmp_path / "view.tif")
+    assert labels.shape == (193, 256)
+    assert transform == Affine(1, 0, 296100, 0, -1, 5625293) and crs == "EPSG:25832"
+    np.testing.assert_array_equal(labels, grid(tmp_path / "copy_l.tif")[0])
+
+
+def test_extent_in_lon_lat(model, tmp_path):
+    from rasterio.warp import transform_bounds
+
+    src = need(TILE)
+    lonlat = transform_bounds("EPSG:25832", "EPSG:4326", 296200, 5625300, 296500, 5625600)
+    box = (lonlat[0] + 0.0003, lonlat[1] + 0.0003, lonlat[2] - 0.0003, lonlat[3] - 0.0003)  # inside the tile
+    want = transform_bounds("EPSG:4326", "EPSG:25832", *box, densify_pts=101)
+    lines = []
+    report = segment_raster(src, tmp_path / "ll.tif", SegmentOptions(k=4, model=model, extent=box,
+                                                                    extent_crs="EPSG:4326"),
+                            progress=False, log=lines.append)
+    labels, t, crs, _ = grid(tmp_path / "ll.tif")
+    assert crs == "EPSG:25832" and (t.a, t.e) == (1, -1) and t.c == int(t.c) and t.f == int(t.f)
+    left, top = t.c, t.f
+    right, bottom = left + labels.shape[1], top - labels.shape[0]
+    # the outline's bounding box, snapped outward to whole pixels
+    assert left <= want[0] < left + 1 and right - 1 < want[2] <= right
+    assert bottom <= want[1] < bottom + 1 and top - 1 < want[3] <= top
+    assert any("in EPSG:4326 is" in m for m in lines), lines
+    assert report["region"]["extent_crs"] == "EPSG:4326" and report["region"]["bounds"] == [left, bottom, right, top]
+    # the same labels as a clipped copy of that area with the same centres
+    row0, col0 = int(Y0 - top), int(left - X0)
+    copy = clip_copy(src, tmp_path / "copy.tif", row0, row0 + labels.shape[0], col0, col0 + labels.shape[1])
+    (tmp_path / "c.json").write_text(json.dumps(report["centers"]))
+    segment_raster(copy, tmp_path / "copy_l.tif", SegmentOptions(centers=tmp_path / "c.json", model=model), **QUIET)
+    np.testing.assert_array_equal(labels, grid(tmp_path / "copy_l.tif")[0])
+
+
+def mask_geojson(path: Path, crs: str | None = "EPSG:25832") -> Path:
+    """A square with a square hole, and a second small square: a MultiPolygon in the tile's CRS."""
+    doc = {"type": "FeatureCollection",
+           "features": [{"type": "Feature", "properties": {}, "geometry": {
+               "type": "MultiPolygon",
+               "coordinates": [[square(296100, 5625500, 296300, 5625700), square(296160, 5625560, 296240, 5625640)],
+                               [square(296320, 5625400, 296360, 5625440)]]}}]}
+    if crs:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def expected_inside(transform: Affine, shape) -> np.ndarray:
+    """The mask's pixel-centre rule, worked out from the squares' coordinates."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    x, y = transform @ (cols + 0.5, rows + 0.5)
+
+    def inn(x0, y0, x1, y1):
+        return (x > x0) & (x < x1) & (y > y0) & (y < y1)
+
+    return (inn(296100, 5625500, 296300, 5625700) & ~inn(296160, 5625560, 296240, 5625640)) \
+        | inn(296320, 5625400, 296360, 5625440)
+
+
+def test_mask_with_a_hole_is_nodata_outside_and_keeps_the_labels_inside(model, tmp_path):
+    src = need(TILE)
+    mask = mask_geojson(tmp_path / "aoi.geojson")
+    assert run("fit", src, "-k", 4, "-o", tmp_path / "c.json", "--model", model, "--no-progress") == 0
+    common = ["--centers", tmp_path / "c.json", "--model", model, "--no-progress"]
+    assert run("segment", src, tmp_path / "m.tif", "--mask", mask, "--tile", 64, "--report", tmp_path / "r.json",
+               *common) == 0
+    labels, t, crs, nodata = grid(tmp_path / "m.tif")
+    # without --extent the output covers the polygons' bounds
+    assert labels.shape == (300, 260) and t == Affine(1, 0, 296100, 0, -1, 5625700) and nodata == 255
+    inside = expected_inside(t, labels.shape)
+    assert (labels[~inside] == 255).all() and (labels[inside] != 255).all()
+    assert labels[100:140, 60:140].max() == 255  # the hole
+    # inside, the labels of a run over the same area without the mask (the network sees the same pixels)
+    assert run("segment", src, tmp_path / "e.tif", "--extent", "296100,5625400,296360,5625700", *common) == 0
+    plain = grid(tmp_path / "e.tif")[0]
+    np.testing.assert_array_equal(labels[inside], plain[inside])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["region"]["mask"] == str(mask) and report["region"]["mask_polygons"] == 2
+    # the mask is an input: no output may overwrite it
+    assert run("segment", src, tmp_path / "x.tif", "--mask", mask, "--report", mask, *common) == 2
+    assert json.loads(mask.read_text())["type"] == "FeatureCollection"
+
+
+def test_a_geopackage_mask_in_lon_lat_gives_the_same_pixels(model, tmp_path):
+    pyogrio = pytest.importorskip("pyogrio")
+    import pyogrio.raw
+    from rasterio.warp import transform as warp
+
+    src = need(TILE)
+    rings = [square(296100, 5625500, 296300, 5625700), square(296160, 5625560, 296240, 5625640)]
+    ll = []
+    for ring in rings:
+        xs, ys = warp("EPSG:25832", "EPSG:4326", [p[0] for p in ring], [p[1] for p in ring])
+        ll.append(list(zip(xs, ys)))
+    wkb = bytearray(b"\x01" + (3).to_bytes(4, "little") + len(ll).to_bytes(4, "little"))
+    for ring in ll:
+        wkb += len(ring).to_bytes(4, "little") + np.asarray(ring, "<f8").tobytes()
+    assert len(wkb_polygons(bytes(wkb))[0]) == 2
+    gpkg = tmp_path / "aoi.gpkg"
+    pyogrio.raw.write(gpkg, np.array([bytes(wkb)], dtype=object), [], [], geometry_type="Polygon", crs="EPSG:4326",
+                      driver="GPKG")
+    geojson = tmp_path / "aoi.geojson"
+    geojson.write_text(json.dumps({"type": "Polygon", "coordinates": rings,
+                                   "crs": {"type": "name", "properties": {"name": "EPSG:25832"}}}))
+    outs = []
+    for mask in (gpkg, geojson):
+        segment_raster(src, tmp_path / f"{mask.suffix[1:]}.tif",
+                       SegmentOptions(k=3, model="kmeans", mask=mask, extent=(296100, 5625500, 296300, 5625700)),
+                       **QUIET)
+        outs.append(grid(tmp_path / f"{mask.suffix[1:]}.tif")[0])
+    assert (outs[0] == 255).sum() == 80 * 80  # the hole
+    np.testing.assert_array_equal(outs[0] == 255, outs[1] == 255)
+
+
+def test_resolution_2_on_a_1_m_tile_is_an_area_average_on_a_2_m_grid(model, tmp_path):
+    src = need(TILE)
+    lines = []
+    report = segment_raster(src, tmp_path / "r2.tif", SegmentOptions(k=4, model="kmeans", resolution=2),
+                            progress=False, log=lines.append)
+    labels, t, crs, _ = grid(tmp_path / "r2.tif")
+    assert labels.shape == (500, 500) and t == Affine(2, 0, X0, 0, -2, Y0) and crs == "EPSG:25832"
+    assert report["region"]["resolution_m"] == 2 and "area average" in report["region"]["resampling"]
+    assert report["ground_resolution_m"] == pytest.approx(2)
+    assert any("ground resolution of" in m and "2 m/px" in m for m in lines), lines
+    with rasterio.open(src) as ds:
+        raw = ds.read(window=Window(200, 300, 64, 48)).transpose(1, 2, 0).astype(np.float64)
+    block = np.rint(raw.reshape(24, 2, 32, 2, 3).mean(axis=(1, 3)))
+    with open_reader(src, region=Region(resolution=2)) as view:
+        data, valid = view.read(150, 174, 100, 132)
+    assert data.dtype == np.uint8 and valid.all()
+    np.testing.assert_array_equal(data, block)
+
+
+def test_labels_do_not_depend_on_the_tile_with_extent_mask_and_resolution(model, tmp_path):
+    src = need(TILE)
+    mask = mask_geojson(tmp_path / "aoi.geojson")
+    for res in (1.5, 0.75):  # area average with fractional weights; bilinear
+        ref = None
+        for tile in (48, 100, 4096):
+            out = tmp_path / f"{res}_{tile}.tif"
+            segment_raster(src, out, SegmentOptions(k=4, model=model, tile=tile, backend="numpy", mask=mask,
+                                                    extent=(296090.2, 5625390.7, 296370.9, 5625650.3),
+                                                    resolution=res), **QUIET)
+            labels, t, _, _ = grid(out)
+            if ref is None:
+                ref = labels
+                assert (t.a, t.e) == (res, -res) and (t.c, t.f) == (296090.2, 5625650.3)
+                assert labels.shape == (round(259.6 / res), round(280.7 / res))
+                assert 255 in labels and len(set(np.unique(labels)) - {255}) == 4
+            np.testing.assert_array_equal(labels, ref, err_msg=f"resolution {res}, tile {tile}")
+
+
+def test_resolution_in_a_geographic_crs_is_converted_at_the_centre_latitude(tmp_path):
+    src = tmp_path / "ll.tif"
+    rng = np.random.default_rng(0)
+    with rasterio.open(src, "w", driver="GTiff", width=120, height=80, count=3, dtype="uint8", crs="EPSG:4326",
+                       transform=Affine(1e-4, 0, 7.0, 0, -1e-4, 47.004)) as ds:
+        ds.write(rng.integers(0, 255, (3, 80, 120), dtype=np.uint8))
+    lines = []
+    segment_raster(src, tmp_path / "out.tif", SegmentOptions(k=3, model="kmeans", resolution=15),
+                   progress=False, log=lines.append)
+    _, t, crs, _ = grid(tmp_path / "out.tif")
+    mx, my = metres_per_degree(47.0)
+    assert 70_000 < mx < 80_000 and 111_000 < my < 111_300
+    assert t.a == pytest.approx(15 / mx, rel=1e-9) and -t.e == pytest.approx(15 / my, rel=1e-9)
+    assert any("centre latitude 47.0000" in m for m in lines), lines
+
+
+def test_model_resolution_is_compared_with_the_input(model, tmp_path):
+    src = need(TILE)
+    art = tmp_path / "art"
+    shutil.copytree(model, art)
+    meta = json.loads((art / "meta.json").read_text())
+    meta["resolution"] = {"m_per_px": 0.3, "range_m_per_px": None, "how": "test"}
+    (art / "meta.json").write_text(json.dumps(meta))
+    assert load_artifact(art).resolution["m_per_px"] == 0.3
+    lines = []
+    opts = dict(k=3, model=str(art), extent=(296000, 5625800, 296200, 5626000))
+    segment_raster(src, tmp_path / "a.tif", SegmentOptions(**opts), progress=False, log=lines.append)
+    assert any("warning:" in m and "1 m/px, more than 2x from the 0.3 m/px" in m for m in lines), lines
+    lines.clear()
+    segment_raster(src, tmp_path / "b.tif", SegmentOptions(**opts, resolution=0.4), progress=False, log=lines.append)
+    assert not any("warning:" in m for m in lines), lines
+    meta["resolution"] = {"m_per_px": -1, "range_m_per_px": None, "how": "bad"}
+    (art / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="m_per_px must be a positive number"):
+        load_artifact(art)
+    # unknown (the shipped model's case): said once for a fit over two rasters
+    meta["resolution"] = {"m_per_px": None, "range_m_per_px": None, "how": "unknown here"}
+    (art / "meta.json").write_text(json.dumps(meta))
+    lines.clear()
+    fit_raster_centers([src, src], SegmentOptions(k=3, model=str(art), extent=opts["extent"]), log=lines.append)
+    assert sum("training resolution is unknown (unknown here)" in m for m in lines) == 1, lines
+
+
+def test_unreferenced_input_says_its_resolution_is_unknown(tmp_path, capsys):
+    jpg = need("dubai_dev/tile_1/images/image_part_001.jpg")
+    assert run("segment", jpg, tmp_path / "a.tif", "-k", 3, "--model", "kmeans", "--no-progress") == 0
+    assert "ground resolution of" in capsys.readouterr().err
+    assert run("segment", jpg, tmp_path / "b.tif", "-k", 3, "--model", "kmeans", "--no-progress",
+               "--extent", "0,0,10,10") == 2
+    err = capsys.readouterr().err
+    assert "error: --extent need a georeferenced raster" in err and "ground resolution is unknown" in err
+    assert not (tmp_path / "b.tif").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--extent", "1,2,3"], "give four numbers"),
+    (["--extent", "a,b,c,d"], "give four numbers"),
+    (["--extent", "296500,5625000,296400,5625100"], "xmin < xmax"),
+    (["--extent", "0,0,100,100"], "misses .*aachen_296_5625.tif: the raster covers 296000,5625000,297000,5626000"),
+    (["--extent-crs", "EPSG:4326"], "give --extent too"),
+    (["--extent", "6,50,7,51", "--extent-crs", "EPSG:99999999"], "is not a CRS"),
+    (["--resolution", "0"], "positive number of metres"),
+    (["--mask", "missing.geojson"], "does not exist"),
+])
+def test_bad_requests_are_clear_errors(tmp_path, capsys, argv, message):
+    src = need(TILE)
+    out = tmp_path / "out.tif"
+    argv = [a.replace("missing.geojson", str(tmp_path / "missing.geojson")) for a in argv]
+    assert run("segment", src, out, "-k", 3, "--model", "kmeans", "--no-progress", *argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and __import__("re").search(message, err), err
+    assert not out.exists()
+
+
+def test_fit_names_the_raster_an_extent_misses(tmp_path, capsys):
+    a, b = need(TILE), need(OTHER)
+    assert run("fit", a, b, "-k", 3, "-o", tmp_path / "c.json", "--model", "kmeans", "--no-progress",
+               "--extent", "296100,5625100,296300,5625300") == 2
+    err = capsys.readouterr().err
+    assert f"misses {b}" in err and not (tmp_path / "c.json").exists()
+
+
+def test_polygon_mask_rule_on_shared_edges_and_holes():
+    """Two squares sharing an edge take every pixel once; a hole is left out; centres on an edge go right."""
+    left = [np.array(square(0, 0, 4, 4), float)]
+    right = [np.array(square(4, 0, 8, 4), float)]
+    a, b = PolygonMask([left]).inside(0, 4, 0, 8), PolygonMask([right]).inside(0, 4, 0, 8)
+    assert not (a & b).any() and (a | b).all()
+    holed = PolygonMask([[np.array(square(0, 0, 8, 8), float), np.array(square(2, 2, 6, 6), float)]])
+    got = holed.inside(0, 8, 0, 8)
+    assert got.sum() == 64 - 16 and not got[2:6, 2:6].any()
+    # any window of it gives the same pixels
+    np.testing.assert_array_equal(holed.inside(3, 7, 1, 5), got[3:7, 1:5])
+    edge = PolygonMask([[np.array(square(1.5, 0, 3.5, 1), float)]]).inside(0, 1, 0, 5)
+    assert edge.tolist() == [[False, True, True, False, False]]
+    assert math.isfinite(PolygonMask([left]).bounds[2])

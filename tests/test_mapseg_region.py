@@ -336,3 +336,57 @@ def test_polygon_mask_rule_on_shared_edges_and_holes():
     edge = PolygonMask([[np.array(square(1.5, 0, 3.5, 1), float)]]).inside(0, 1, 0, 5)
     assert edge.tolist() == [[False, True, True, False, False]]
     assert math.isfinite(PolygonMask([left]).bounds[2])
+
+
+SYSTEM_PY = shutil.which("python3", path="/usr/bin")
+
+
+def _gdal_python() -> str | None:
+    import subprocess
+
+    if not SYSTEM_PY:
+        return None
+    r = subprocess.run([SYSTEM_PY, "-c", "from osgeo import gdal, ogr, osr; import numpy"], capture_output=True)
+    return SYSTEM_PY if r.returncode == 0 else None
+
+
+def test_the_gdal_path_gives_the_same_area_grid_and_labels(tmp_path):
+    """QGIS's way (osgeo for the raster, osr for the CRSs, ogr for a GeoPackage, no rasterio) against the venv's:
+    an NGI tile (a CRS without an EPSG code, nodata 0 at the edges), an extent in lon/lat, a lon/lat polygon
+    mask, resampled to 7 m (area average over 1.4 source pixels, nodata pixels carrying no weight)."""
+    import os
+    import subprocess
+
+    gdal_py = _gdal_python()
+    if gdal_py is None:
+        pytest.skip("no system Python with osgeo (GDAL bindings) and numpy: apt-get install python3-gdal")
+    src = need("ngi_aerial/ngi_rgb_byte_1.tif")
+    ring = [[24.392, -33.694], [24.416, -33.694], [24.416, -33.651], [24.392, -33.651], [24.392, -33.694]]
+    hole = [[24.400, -33.680], [24.408, -33.680], [24.408, -33.665], [24.400, -33.665], [24.400, -33.680]]
+    geojson = tmp_path / "aoi.geojson"  # no "crs" member: lon/lat (RFC 7946)
+    geojson.write_text(json.dumps({"type": "Polygon", "coordinates": [ring, hole]}))
+    gpkg = tmp_path / "aoi.gpkg"
+    r = subprocess.run(["ogr2ogr", "-f", "GPKG", str(gpkg), str(geojson)], capture_output=True, text=True) \
+        if shutil.which("ogr2ogr") else None
+    masks = [geojson] + ([gpkg] if r is not None and r.returncode == 0 else [])
+    centres = tmp_path / "c.json"
+    assert run("fit", src, "-k", 4, "-o", centres, "--model", "kmeans", "--no-progress") == 0
+    flags = ["--extent=24.3906,-33.6951,24.4178,-33.6500", "--extent-crs", "EPSG:4326", "--resolution", "7",
+             "--centers", centres, "--model", "kmeans", "--tile", "64", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MAPSEG_IO": "gdal"}
+    env.pop("VIRTUAL_ENV", None)
+    for mask in masks:
+        ours, theirs = tmp_path / f"venv_{mask.suffix[1:]}.tif", tmp_path / f"gdal_{mask.suffix[1:]}.tif"
+        assert run("segment", src, ours, "--mask", mask, *flags) == 0
+        r = subprocess.run([gdal_py, "-c", "import sys; from mapseg.cli import main; sys.exit(main(sys.argv[1:]))",
+                            "segment", str(src), str(theirs), "--mask", str(mask), *map(str, flags)],
+                           env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "area average" in r.stderr and "7 m/px (unnamed CRS (no EPSG code))" in r.stderr, r.stderr
+        a, ta, ca, na = grid(ours)
+        b, tb, cb, nb = grid(theirs)
+        assert a.shape == b.shape and ca == cb and na == nb == 255
+        assert all(abs(u - v) < 1e-6 for u, v in zip(ta[:6], tb[:6])), (ta, tb)
+        assert (ta.a, ta.e) == (7, -7)
+        assert ((a == 255) == (b == 255)).mean() > 0.999 and (a == b).mean() > 0.999
+        assert (a == 255).any() and (a != 255).mean() > 0.5

@@ -226,11 +226,11 @@ def crs_units(crs) -> tuple[str, float | None]:
 
 
 def crs_name(crs) -> str:
-    """A short name (``EPSG:25832``), else the CRS's own name."""
+    """A short name: ``EPSG:25832``, else the CRS's own name (``unnamed CRS (no EPSG code)``)."""
     srs = parse_crs(crs, "CRS")
     try:
         srs.AutoIdentifyEPSG()  # a WKT without its code: find it, for the log's name only
     except RuntimeError:
         pass
     auth, code = srs.GetAuthorityName(None), srs.GetAuthorityCode(None)
-    return f"{auth}:{code}" if auth and code else (srs.GetName() or "unnamed CRS")
+    return f"{auth}:{code}" if auth and code else f"{srs.GetName() or 'unnamed'} CRS (no EPSG code)"

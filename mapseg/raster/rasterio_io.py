@@ -206,7 +206,12 @@ def crs_units(crs) -> tuple[str, float | None]:
 
 
 def crs_name(crs) -> str:
-    """A short name (``EPSG:25832``), else the CRS's own description."""
+    """A short name: ``EPSG:25832``, else the name the WKT gives (``unnamed CRS (no EPSG code)``)."""
+    import re
+
     crs = parse_crs(crs, "CRS")
     code = crs.to_epsg()
-    return f"EPSG:{code}" if code else crs.to_string()
+    if code:
+        return f"EPSG:{code}"
+    named = re.match(r'\s*\w+\["([^"]*)"', crs.to_wkt())
+    return f"{named.group(1) if named else 'unnamed'} CRS (no EPSG code)"

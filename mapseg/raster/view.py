@@ -276,6 +276,7 @@ class RasterView(ReaderBase):
             cx, cy = to_px([xmin, xmax], [ymin, ymax])
             area = (float(cx.min()), float(cy.min()), float(cx.max()), float(cy.max()))
             what = f"--extent {_fmt((xmin, ymin, xmax, ymax))}"
+            self._check_overlap(area, W, H, what, raster_bounds, crs_label)
         self.mask_count = 0
         polygons = None
         if region.mask is not None:
@@ -299,10 +300,7 @@ class RasterView(ReaderBase):
             elif not (mask_area[0] < area[2] and mask_area[2] > area[0] and mask_area[1] < area[3]
                       and mask_area[3] > area[1]):
                 raise RasterError(f"--mask {region.mask}: its polygons lie outside {what}: nothing to segment")
-        cut = (max(area[0], 0.0), max(area[1], 0.0), min(area[2], float(W)), min(area[3], float(H)))
-        if not (cut[0] < cut[2] and cut[1] < cut[3]):
-            raise RasterError(f"{what} misses {self.path}: the raster covers {_fmt(raster_bounds)} in {crs_label}; "
-                              "nothing to segment")
+        cut = self._check_overlap(area, W, H, what, raster_bounds, crs_label)
         if cut != area:
             self.notes.append(f"{what} reaches past {self.path}: cut to the raster's bounds")
 
@@ -341,6 +339,14 @@ class RasterView(ReaderBase):
         self.bounds = world(co, ro, co + width * fx, ro + height * fy)
         self.crs_label = crs_label
         self.resampling = self._resampling_text()
+
+    def _check_overlap(self, area, W: int, H: int, what: str, raster_bounds, crs_label: str):
+        """``area`` (source pixels) cut to the raster; an error naming the raster when nothing is left."""
+        cut = (max(area[0], 0.0), max(area[1], 0.0), min(area[2], float(W)), min(area[3], float(H)))
+        if not (cut[0] < cut[2] and cut[1] < cut[3]):
+            raise RasterError(f"{what} misses {self.path}: the raster covers {_fmt(raster_bounds)} in {crs_label}; "
+                              "nothing to segment")
+        return cut
 
     def _resampling_text(self) -> str:
         if self.exact:

@@ -42,3 +42,33 @@ def test_bad_colour_map_is_a_clear_error(tmp_path, capsys):
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "m" / "x.png")
     assert main(["--masks", str(tmp_path / "m"), "--colors", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "distinct" in capsys.readouterr().err
+
+
+def test_cli_regroups_value_masks_with_a_class_map(tmp_path):
+    # GeoNRW values 0..10 -> the 5 appearance groups of geonrw_5.json (0 stays ignore).
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 1]], np.uint8)).save(src / "t.png")
+    assert main(["--masks", str(src), "--classes", "training/datasets/classes/geonrw_5.json", "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out / "t.png")).tolist() == [[0, 1, 2, 3], [4, 3, 4, 5], [4, 5, 4, 1]]
+
+
+def test_value_not_in_the_class_map_is_an_error(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.array([[1, 11]], np.uint8)).save(src / "t.png")
+    assert main(["--masks", str(src), "--classes", "training/datasets/classes/geonrw_5.json",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "[11]" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "t.png").exists()
+
+
+def test_class_map_refuses_colour_masks_and_colour_options(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(src / "t.png")
+    args = ["--masks", str(src), "--classes", "training/datasets/classes/geonrw_5.json", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "3 bands" in capsys.readouterr().err
+    assert main(args + ["--unknown", "ignore"]) == 2
+    assert "--unknown" in capsys.readouterr().err

@@ -1,12 +1,16 @@
-"""Colour-coded masks -> single-band class-index masks, via a colour map JSON.
+"""Colour-coded masks -> single-band class-index masks, via a colour map JSON; or single-band value masks ->
+grouped class-index masks, via a class map JSON.
 
     python -m training.datasets.convert_masks --masks DIR --colors training/datasets/colors/dubai_dev.json --out DIR
+    python -m training.datasets.convert_masks --masks DIR --classes training/datasets/classes/geonrw_5.json --out DIR
 
 The colour map names every class colour and its value, plus colours that mean
 "ignore" (written as ``ignore_value``). Palette PNGs are converted to RGB first.
 A colour that is in neither list is an error naming the file and the colour
 (``--unknown ignore`` writes ``ignore_value`` instead and counts them), never a
-silent guess. Output: ``<out>/<stem>.png`` (uint8), written atomically.
+silent guess. With a class map (``--classes``, see ``load_value_classes``) the masks hold class values
+already and are regrouped (GeoNRW's 10 land-use classes into 5 appearance groups); a value the map does
+not name is an error. Output: ``<out>/<stem>.png`` (uint8), written atomically.
 """
 from __future__ import annotations
 
@@ -41,6 +45,20 @@ def read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def read_values(path: Path) -> np.ndarray:
+    """A single-band mask's values (H, W); a multi-band file is an error (colour masks go through --colors)."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+    try:
+        with rasterio.open(path) as src:
+            if src.count != 1:
+                raise ValueError(f"{path}: {src.count} bands; a value mask has one band of class values "
+                                 "(colour-coded masks: --colors)")
+            return src.read(1)
+    except RasterioIOError as exc:
+        raise ValueError(f"{path}: cannot read ({exc})") from None
 
 
 def convert(rgb: np.ndarray, colors: dict, unknown: str = "error", name: str = "mask") -> tuple[np.ndarray, int]:
@@ -101,15 +119,26 @@ def remap_values(raw: np.ndarray, classes: dict, name: str = "mask") -> np.ndarr
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.datasets.convert_masks", description=__doc__.split("\n")[0])
     p.add_argument("--masks", required=True, help="folder of colour-coded masks (searched recursively)")
-    p.add_argument("--colors", required=True, help="colour map JSON (see training/datasets/colors/)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--colors", help="colour map JSON for colour-coded masks (see training/datasets/colors/)")
+    how.add_argument("--classes", help="class map JSON for single-band value masks: regroups their values "
+                                       "(see training/datasets/classes/)")
     p.add_argument("--out", required=True, help="output folder for single-band masks")
-    p.add_argument("--unknown", choices=["error", "ignore"], default="error", help="pixels of unlisted colours")
+    p.add_argument("--unknown", choices=["error", "ignore"], default="error",
+                   help="pixels of unlisted colours (--colors only)")
     args = p.parse_args(argv)
     from PIL import Image
+    if args.classes and args.unknown != "error":
+        print("error: --unknown applies to colour masks (--colors); a class map names every value", file=sys.stderr)
+        return 2
     try:
-        colors = load_colors(args.colors)
+        colors = load_colors(args.colors) if args.colors else None
+        classes = load_value_classes(args.classes) if args.classes else None
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if classes is not None and max(classes["table"].values()) > 255:
+        print(f"error: {args.classes}: class values above 255 do not fit a uint8 mask", file=sys.stderr)
         return 2
     files = sorted(f for f in Path(args.masks).rglob("*") if f.suffix.lower() in MASK_SUFFIXES)
     if not files:
@@ -124,7 +153,10 @@ def main(argv=None) -> int:
     total_unknown = 0
     for f in files:
         try:
-            values, n_unknown = convert(read_rgb(f), colors, args.unknown, str(f))
+            if classes is not None:
+                values, n_unknown = remap_values(read_values(f), classes, str(f)).astype(np.uint8), 0
+            else:
+                values, n_unknown = convert(read_rgb(f), colors, args.unknown, str(f))
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

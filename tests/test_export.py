@@ -237,8 +237,68 @@ def test_export_records_the_dev_set_evaluation(trained, tmp_path):
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "best"), "--dev-eval", str(tmp_path / "r.json")]) == 0
     meta = json.loads((tmp_path / "best" / "meta.json").read_text())
     metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
-    for rec in (meta["provenance"]["dev_eval"], metrics["dev_eval"]):
-        assert rec["results"][0]["miou"] == 0.4 and rec["k"] == 5
-        assert rec["results"][0]["overcluster"] == {"k": 10, "accuracy": 0.7, "miou": 0.45}
+    for recs in (meta["provenance"]["dev_eval"], metrics["dev_eval"]):
+        assert len(recs) == 1
+        assert recs[0]["results"][0]["miou"] == 0.4 and recs[0]["k"] == 5
+        assert recs[0]["results"][0]["overcluster"] == {"k": 10, "accuracy": 0.7, "miou": 0.45}
+    # several dev sets: one record each, in the order given; the same set twice is refused
+    second = dict(report, evaluation_set={"name": "folder y", "images": 3}, k=10)
+    (tmp_path / "r2.json").write_text(json.dumps(second))
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "best2"),
+                 "--dev-eval", str(tmp_path / "r.json"), str(tmp_path / "r2.json")]) == 0
+    recs = json.loads((tmp_path / "best2" / "meta.json").read_text())["provenance"]["dev_eval"]
+    assert [(r["evaluation_set"]["name"], r["k"]) for r in recs] == [("folder x", 5), ("folder y", 10)]
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b3"),
+                 "--dev-eval", str(tmp_path / "r.json"), str(tmp_path / "r.json")]) == 2
+    assert not (tmp_path / "b3").exists()
     (tmp_path / "bad.json").write_text("{}")
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "b2"), "--dev-eval", str(tmp_path / "bad.json")]) == 2
+
+
+def _index(root, dataset_id, entries):
+    shard = root / dataset_id / "train" / "shard-00000"
+    shard.mkdir(parents=True)
+    (shard / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def _shard_cfg(root, *mixture):
+    cfg = Config()
+    for key, value in (("data.source", "shards"), ("data.processed_root", str(root)), ("data.mixture", mixture)):
+        set_value(cfg, key, value)
+    return cfg
+
+
+def test_exported_meta_records_the_training_resolution(tmp_path):
+    from training.data.resolution import pixel_size_m, training_resolution
+
+    utm = "EPSG:25832"
+    _index(tmp_path, "one_m", [{"item_id": f"t{i}", "crs": utm, "transform": [1.0, 0, 0, 0, -1.0, 0]} for i in range(2)])
+    _index(tmp_path, "half_m", [{"item_id": "s", "crs": "EPSG:2056", "transform": [0.5, 0, 0, 0, -0.5, 0]}])
+    _index(tmp_path, "plain", [{"item_id": "d", "crs": None, "transform": None}])
+    _index(tmp_path, "lonlat", [{"item_id": "g", "crs": "EPSG:4326", "transform": [1e-5, 0, 0, 0, -1e-5, 0]}])
+    assert pixel_size_m(utm, [2.0, 0, 0, 0, -0.5, 0]) == pytest.approx(1.0)     # area-equivalent side
+    assert pixel_size_m("EPSG:2249", [1.0, 0, 0, 0, -1.0, 0]) == pytest.approx(0.3048006)  # US survey feet
+    assert pixel_size_m("EPSG:4326", [1e-5, 0, 0, 0, -1e-5, 0]) is None
+
+    one = training_resolution(_shard_cfg(tmp_path, "one_m"))
+    assert one["m_per_px"] == 1.0 and one["range_m_per_px"] == [1.0, 1.0] and "one_m 2 tile(s) 1 m" in one["how"]
+    mixed = training_resolution(_shard_cfg(tmp_path, "one_m:2", "half_m", "plain", "lonlat"))
+    assert mixed["m_per_px"] is None and mixed["range_m_per_px"] == [0.5, 1.0]
+    assert "plain 1 tile(s) unknown" in mixed["how"] and "lonlat 1 tile(s) unknown" in mixed["how"]
+    assert "known size only" in mixed["how"]
+    none = training_resolution(_shard_cfg(tmp_path, "plain"))
+    assert none["m_per_px"] is None and none["range_m_per_px"] is None
+    gone = training_resolution(_shard_cfg(tmp_path / "elsewhere", "one_m"))
+    assert gone["m_per_px"] is None and gone["range_m_per_px"] is None and gone["how"].startswith("not known")
+
+    # The exporter writes it, and the runtime reads it back.
+    student = StudentEmbeddingNet(embed_dim=8, width=16, depth=3)
+    export_artifact(student, _shard_cfg(tmp_path, "one_m:2", "half_m", "plain"), tmp_path / "m",
+                    {"score": 0.1, "step": 1})
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    assert meta["resolution"]["m_per_px"] is None and meta["resolution"]["range_m_per_px"] == [0.5, 1.0]
+    assert load_artifact(tmp_path / "m").meta["resolution"] == meta["resolution"]
+    export_artifact(student, Config(), tmp_path / "s", {"score": 0.1, "step": 1})
+    synthetic = json.loads((tmp_path / "s" / "meta.json").read_text())["resolution"]
+    assert synthetic == {"m_per_px": None, "range_m_per_px": None,
+                         "how": "trained on synthetic images, which have no ground resolution"}

@@ -5,7 +5,8 @@ eval-mode state dict as float32, flat dotted names, norms NOT folded: the
 runtime folds them at load time), ``meta.json`` (the layer list the runtime
 rebuilds the forward pass from, as the student describes it, input
 normalisation, stride, receptive field and halo, temperature, cluster
-defaults, provenance), ``metrics.json`` (``score``, ``step`` and the evaluation
+defaults, provenance, the ground resolution of the training data:
+``training.data.resolution``), ``metrics.json`` (``score``, ``step`` and the evaluation
 figures) and, with ``onnx=True``, ``model.onnx`` (norms folded). The
 training-only reconstruction decoder and distillation head are never part of it.
 
@@ -36,6 +37,7 @@ from mapseg.backends import BackendUnavailable, OnnxBackend, build_onnx_model
 from mapseg.network import NumpyNetwork, edge_contamination, flops_per_megapixel, receptive_field, required_halo
 
 from .config import Config, merge_dict
+from .data.resolution import training_resolution
 from .models.student_cnn import StudentEmbeddingNet
 
 L2_EPS = 1e-6  # StudentEmbeddingNet.embed: F.normalize(..., eps=1e-6)
@@ -122,6 +124,7 @@ def build_meta(student: StudentEmbeddingNet, cfg: Config, layers: list[dict], ar
             "kmeans_iters": cfg.model.kmeans_iters,
         },
         "provenance": prov,
+        "resolution": training_resolution(cfg),
         "arrays": {name: list(a.shape) for name, a in arrays.items()},
         "weights_sha256": weights_digest(arrays),
     }

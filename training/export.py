@@ -1,6 +1,6 @@
 """Export a trained student to the runtime artifact: ``python -m training.export``.
 
-    python -m training.export --checkpoint runs/default/best.pt --out model/best [--onnx]
+    python -m training.export --checkpoint runs/default/best.pt --out model/best [--onnx] [--dev-eval a.json b.json]
     python -m training.export --smoke-out /tmp/runtime_smoke --seed 7 --steps 1 --embed-dim 8 --max-k 4 --patch-size 32
 
 The command: it loads a checkpoint (``training.checkpoints``), takes its
@@ -108,6 +108,18 @@ def dev_eval_summary(path: str | os.PathLike) -> dict:
         raise ExportError(f"{path} is not a python -m training.eval --out report ({exc})") from exc
 
 
+def dev_eval_summaries(paths: list) -> list[dict]:
+    """``dev_eval_summary`` of every report, in order; the same evaluation set twice is refused."""
+    out = [dev_eval_summary(p) for p in paths]
+    seen: dict = {}
+    for path, rec in zip(paths, out):
+        key = json.dumps([rec["evaluation_set"], rec["k"]], sort_keys=True)
+        if key in seen:
+            raise ExportError(f"--dev-eval: {path} and {seen[key]} evaluate the same set at the same K")
+        seen[key] = path
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, help="artifact folder to write (replaced atomically)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against the student with "
                                                         "onnxruntime (needs the onnx extra)")
-    p.add_argument("--dev-eval", metavar="JSON", help="a python -m training.eval --out report of this checkpoint: "
-                                                      "its figures go into metrics.json and meta.json")
+    p.add_argument("--dev-eval", metavar="JSON", nargs="+",
+                   help="python -m training.eval --out reports of this checkpoint, one per dev set: their figures "
+                        "go into metrics.json and meta.json (dev_eval: a list, in the order given)")
     p.add_argument("--smoke-out", metavar="DIR", help="train a tiny student (temporary run) and export it to DIR")
     p.add_argument("--seed", type=int, default=7, help="smoke: train.seed")
     p.add_argument("--steps", type=int, default=1, help="smoke: train.steps")
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = checkpoint_metrics(student, cfg, ckpt)
             prov = {"checkpoint": str(Path(args.checkpoint).resolve())}
             if args.dev_eval:
-                metrics["dev_eval"] = prov["dev_eval"] = dev_eval_summary(args.dev_eval)
+                metrics["dev_eval"] = prov["dev_eval"] = dev_eval_summaries(args.dev_eval)
             out = export_artifact(student, cfg, args.out, metrics, prov, onnx=args.onnx)
     except (ExportError, CheckpointError, ArtifactError, ConfigError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,24 @@ available; ``onnx`` needs onnxruntime (and model.onnx in the artifact, or the
 needs torch. ``auto`` takes the first available in ``AUTO_ORDER`` (fastest
 first, as measured by bench/bench_runtime.py) and says which, and why the
 faster ones were not used.
+
+Precision (``PRECISIONS``, opt-in; float32 is the default and numpy, the
+reference, runs nothing else):
+
+* ``int8``: onnx only, from ``model.int8.onnx`` in the artifact folder, made by
+  ``mapseg quantize`` (mapseg/quantize.py): onnxruntime static quantisation
+  (QDQ; uint8 activations, int8 per-channel weights), the first convolution kept
+  in float32. Refused when the file is missing or belongs to another export.
+* ``bf16``: torch only: every convolution but the first on oneDNN in bfloat16
+  (float32 accumulation), the first in float32 (its input, normalised 8-bit
+  colour, lost labels when rounded to bfloat16). onnxruntime has no bfloat16
+  convolution on the CPU. Fast only on CPUs with native bfloat16 dot products
+  (AVX512-BF16, AMX); ``describe`` says whether this one has them.
+
+Both keep the window- and thread-invariance of the embeddings (integer
+accumulation is exact; oneDNN's bf16 kernels were bit-identical across input
+sizes and thread counts here: tests/test_mapseg_precision.py) but not their
+agreement with float32: bench/bench_precision.py measures it.
 """
 from __future__ import annotations
 
@@ -23,12 +41,31 @@ from .network import NumpyNetwork, fold_layers
 
 AUTO_ORDER = ("onnx", "torch", "numpy")
 BACKENDS = ("auto",) + AUTO_ORDER
+PRECISIONS = ("float32", "int8", "bf16")
+PRECISION_BACKENDS = {"float32": AUTO_ORDER, "int8": ("onnx",), "bf16": ("torch",)}
+INT8_MODEL = "model.int8.onnx"       # in the artifact folder, written by mapseg quantize
+INT8_SIDECAR = "model.int8.json"     # how it was made (mapseg/quantize.py)
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8  # readable by onnxruntime >= 1.10
 
 
+def _precision_refused(backend: str, precision: str) -> BackendUnavailable:
+    """The error for a backend asked for a precision it does not run (say which backend does)."""
+    if (backend, precision) == ("onnx", "bf16"):
+        return BackendUnavailable("onnxruntime has no bfloat16 convolution on the CPU; --precision bf16 runs on "
+                                  "--backend torch")
+    runs = [p for p, names in PRECISION_BACKENDS.items() if backend in names]
+    return BackendUnavailable(f"the {backend} backend runs {' and '.join(runs)} only, not {precision}; "
+                              f"{precision} runs on --backend {PRECISION_BACKENDS[precision][0]}")
+
+
+def int8_command(artifact_path) -> str:
+    return f"mapseg quantize --model {artifact_path} --calibration A.tif B.tif ..."
+
+
 class NumpyBackend:
     name = "numpy"
+    precision = "float32"
 
     def __init__(self, artifact):
         self.net = NumpyNetwork.from_artifact(artifact)
@@ -44,7 +81,9 @@ class NumpyBackend:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, artifact, threads: int | None = None):
+    def __init__(self, artifact, threads: int | None = None, precision: str = "float32"):
+        if precision not in ("float32", "bf16"):
+            raise _precision_refused(self.name, precision)
         try:
             import torch
             import torch.nn.functional as F
@@ -57,9 +96,16 @@ class TorchBackend:
         # torch's thread count is process-wide: the caller's worker plan (mapseg.parallel) sets it
         # around a run and restores it after, rather than this constructor changing it for good.
         self.threads = threads
-        self.convs = [(torch.from_numpy(c.weight.copy()).contiguous(memory_format=torch.channels_last),
-                       torch.from_numpy(c.bias.copy()), c.stride, c.padding, c.relu)
-                      for c in fold_layers(artifact.layers, artifact.arrays)]
+        if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise BackendUnavailable(f"this CPU or torch build ({torch.__version__}) has no oneDNN bfloat16 "
+                                     "convolution; use --precision float32")
+        self.precision = precision
+        self.convs = []
+        for i, c in enumerate(fold_layers(artifact.layers, artifact.arrays)):
+            # bf16: every conv but the first (rounding its input, normalised colour, to bfloat16 cost labels)
+            dtype = torch.bfloat16 if precision == "bf16" and i > 0 else torch.float32
+            self.convs.append((torch.from_numpy(c.weight.copy()).to(dtype).contiguous(memory_format=torch.channels_last),
+                               torch.from_numpy(c.bias.copy()).to(dtype), c.stride, c.padding, c.relu))
         self.mean = torch.from_numpy(artifact.input_mean.copy()).view(1, 3, 1, 1)
         self.std = torch.from_numpy(artifact.input_std.copy()).view(1, 3, 1, 1)
         self.eps = float(artifact.meta["architecture"].get("output", {}).get("eps", 1e-6))
@@ -71,30 +117,47 @@ class TorchBackend:
             x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             for w, b, stride, padding, relu in self.convs:
+                x = x.to(w.dtype)  # bf16: the first conv's output on (a no-op in float32)
                 # oneDNN always: F.conv2d picks another implementation for a 1x1 conv on one thread, or for a
                 # small input (its own heuristics), and the embeddings then differ in the last bit between
                 # --threads 1 and 2 and between window sizes (measured: torch 2.13, AMD EPYC, AVX-512)
                 x = torch.mkldnn_convolution(x, w, b, (padding, padding), (stride, stride), (1, 1), 1)
                 if relu:
                     x.relu_()
-            x = F.normalize(x, dim=1, eps=self.eps)
+            x = F.normalize(x.float(), dim=1, eps=self.eps)
             return np.ascontiguousarray(x[0].permute(1, 2, 0).numpy())
 
     def describe(self) -> str:
-        return f"torch {self.torch.__version__}" + (f" ({self.threads} threads)" if self.threads else "")
+        text = f"torch {self.torch.__version__}" + (f" ({self.threads} threads)" if self.threads else "")
+        if self.precision == "bf16":
+            flags = cpu_flags()
+            native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+            text += (", precision bf16 (first conv float32; native bfloat16 here: "
+                     f"{', '.join(native) if native else 'none found, oneDNN emulates it: slower than float32 likely'})")
+        return text
 
 
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, artifact, threads: int | None = None):
+    def __init__(self, artifact, threads: int | None = None, precision: str = "float32"):
+        if precision not in ("float32", "int8"):
+            raise _precision_refused(self.name, precision)
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install onnxruntime, "
                                      "or use --backend numpy") from exc
         self.ort = ort
-        if artifact.onnx_path is not None:
+        self.precision = precision
+        fix = "re-export with --onnx, or delete it to run without onnx"
+        if precision == "int8":
+            path = artifact.path / INT8_MODEL
+            if not path.is_file():
+                raise BackendUnavailable(f"--precision int8 needs {path}, which is made by: {int8_command(artifact.path)}")
+            model = path.read_bytes()
+            self.source, fix = INT8_MODEL, f"make it again: {int8_command(artifact.path)}"
+        elif artifact.onnx_path is not None:
             model = artifact.onnx_path.read_bytes()
             self.source = "model.onnx"
         else:
@@ -106,19 +169,22 @@ class OnnxBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads or 0)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # a worker's pool threads sleep when its window is done, instead of spinning on the cores the
+        # other windows' reads, assignments and networks need (mapseg.parallel)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, ...: a broken file
-            if artifact.onnx_path is None:
+            if artifact.onnx_path is None and precision == "float32":
                 raise
-            raise ArtifactError(f"artifact {artifact.path}: {artifact.onnx_path} cannot be loaded by onnxruntime "
-                                f"({first_line(exc)}): "
-                                "the file is truncated or corrupt; re-export with --onnx, or delete it to run "
-                                "without onnx") from exc
+            raise ArtifactError(f"artifact {artifact.path}: {artifact.path / self.source} cannot be loaded by "
+                                f"onnxruntime ({first_line(exc)}): the file is truncated or corrupt; {fix}") from exc
         digest = self.session.get_modelmeta().custom_metadata_map.get("weights_sha256")
         if digest != artifact.digest:
-            raise BackendUnavailable(f"{artifact.path}/model.onnx belongs to another export (weights_sha256 "
-                                     f"{digest} != {artifact.digest}); re-export with --onnx")
+            raise BackendUnavailable(f"{artifact.path}/{self.source} belongs to another export (weights_sha256 "
+                                     f"{digest} != {artifact.digest}); "
+                                     + (f"make it again: {int8_command(artifact.path)}" if precision == "int8"
+                                        else "re-export with --onnx"))
         self.input_name = self.session.get_inputs()[0].name
         self.embed_dim = artifact.embed_dim
 
@@ -128,30 +194,65 @@ class OnnxBackend:
         return y[0]
 
     def describe(self) -> str:
-        return f"onnxruntime {self.ort.__version__} ({self.source})"
+        text = f"onnxruntime {self.ort.__version__} ({self.source})"
+        return text + (", precision int8 (first conv float32)" if self.precision == "int8" else "")
 
 
 _CLASSES = {"numpy": NumpyBackend, "onnx": OnnxBackend, "torch": TorchBackend}
 
 
-def make_backend(name: str, artifact, threads: int | None = None):
-    """(backend, message). ``auto`` tries AUTO_ORDER and reports what it skipped and why."""
+def split_backend(spec: str, precision: str = "float32") -> tuple[str, str]:
+    """(backend, precision) of ``spec``: a backend name, or ``NAME:PRECISION`` (``onnx:int8``, ``auto:bf16``),
+    the form in which a run's settings (SegmentOptions.backend) carry a precision other than float32."""
+    name, sep, given = str(spec).partition(":")
+    if sep:
+        if precision != "float32" and given != precision:
+            raise ValueError(f"backend {spec!r} and precision {precision!r} disagree")
+        precision = given
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    return name, precision
+
+
+def make_backend(name: str, artifact, threads: int | None = None, precision: str = "float32"):
+    """(backend, message). ``auto`` tries AUTO_ORDER (those of it that run ``precision``) and reports what it
+    skipped and why.
+
+    ``name`` may carry the precision (``split_backend``); a backend that cannot run ``precision``
+    is refused (BackendUnavailable), never run in float32 instead."""
+    name, precision = split_backend(name, precision)
     if name != "auto":
+        if name not in PRECISION_BACKENDS[precision]:
+            raise _precision_refused(name, precision)
         cls = _CLASSES[name]
-        backend = cls(artifact) if cls is NumpyBackend else cls(artifact, threads)
+        backend = cls(artifact) if cls is NumpyBackend else cls(artifact, threads, precision)
         return backend, f"backend {backend.name}: {backend.describe()}"
     skipped = []
-    for candidate in AUTO_ORDER:
+    for candidate in PRECISION_BACKENDS[precision]:  # AUTO_ORDER, less those that cannot run the precision
         try:
-            backend, _ = make_backend(candidate, artifact, threads)
+            backend, _ = make_backend(candidate, artifact, threads, precision)
         except BackendUnavailable as exc:
             skipped.append(f"{candidate}: {exc}")
             continue
         note = f" (skipped {'; '.join(skipped)})" if skipped else ""
         return backend, f"backend auto -> {backend.name}: {backend.describe()}{note}"
+    if precision != "float32":
+        raise BackendUnavailable(f"no backend can run precision {precision} here: {'; '.join(skipped)}")
     raise BackendUnavailable("no backend available")  # numpy always is; kept for clarity
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere): only for what the log says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def available_backends(artifact) -> dict[str, str | None]:

@@ -1,0 +1,888 @@
+"""Many rasters, one set of labels, on a Dask cluster (``mapseg batch``).
+
+    mapseg batch tiles/*.tif OUT_DIR -k 6 [--workers N | --scheduler tcp://host:8786]
+
+    from mapseg.batch import segment_batch
+    report = segment_batch(["tiles/*.tif"], "out", SegmentOptions(k=6), n_workers=2)
+
+1. **Centres, once.** Each raster's sample (``mapseg.segment.scaling_for`` + ``collect_sample``, what
+   ``mapseg fit`` draws) is a Dask task; the samples stay on the workers. The client takes the rows k-means
+   sees (``SAMPLE_FEATURES`` drawn over the concatenation in input order, as ``mapseg.cluster.fit_centers``
+   draws them) and fits: the centres are those of ``mapseg fit`` on the same inputs, bit for bit, for any
+   number of workers. They are written to ``OUT_DIR/centers.json`` and reused by a rerun on the same inputs.
+   With ``--centers FILE`` there is no fit.
+2. **Every raster a task**: ``mapseg.segment.segment_raster`` with those centres (the labels of
+   ``mapseg segment --centers``), one ``OUT_DIR/<input name>.tif`` per input. A raster of more than
+   ``block``² pixels is cut into blocks of ``block`` x ``block`` pixels (a multiple of ``tile``), each a task
+   writing ``OUT_DIR/<name>.tiles/<name>_rRRR_cCCC.tif`` from the whole raster's windows (the same labels),
+   and ``OUT_DIR/<name>.vrt`` over them. Then ``OUT_DIR/mosaic.vrt`` over every output (one VRT per CRS:
+   ``mosaic_EPSG-<code>.vrt``) and ``OUT_DIR/batch_report.json``.
+3. **Resumable.** A finished output gets a sidecar ``<output>.mapseg.json`` (written after the output) holding
+   a digest of what made it: input (path, size, mtime), model weights, centres, the options that change labels.
+   A rerun skips an output whose sidecar matches and whose size and mtime are the recorded ones; anything else
+   is redone. A raster that fails is reported (status, error) and the others go on; the run then returns failures
+   (CLI exit status 1). Outputs are renamed into place when complete; temporaries of killed workers are removed
+   by the next write in their folder and at the end of the run (this host's dead processes only, as
+   ``mapseg.fileio`` does).
+
+What crosses the network: paths, options and centres to the workers; small summaries back; the k-means rows
+(at most ``SAMPLE_FEATURES`` x D floats over all rasters) once. Never pixels: workers read the rasters
+themselves (a shared file system, or GDAL's /vsicurl/, /vsis3/ for URLs). Dask is optional: this module
+imports it inside the functions that need it, and ``mapseg batch`` without it says what to install.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+
+from .centres import centres_scaling, check_centers, load_centers, record_scaling
+from .cluster import (ELEMENTWISE_MAX_DIM, SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, check_k,
+                      fit_centers)
+from .errors import USER_ERRORS, BackendUnavailable, OutputError, SegmentError, first_line
+from .features import FeatureModel, load_features
+from .fileio import remove_dead_leftovers, write_text_atomic
+from .raster import OUTPUT_NODATA, colormap, io_env, open_reader, open_writer
+from .scaling import check_one_scaling
+from .segment import (SegmentOptions, _fit, check_run_outputs, collect_sample, iter_labels, scaling_for,
+                      segment_raster)
+from .windows import plan_windows
+
+DASK_HINT = 'pip install "map-segmenter[dask]" (or: pip install "dask[distributed]")'
+REPORT_NAME = "batch_report.json"
+CENTERS_NAME = "centers.json"
+MOSAIC_NAME = "mosaic"
+SIDECAR = ".mapseg.json"
+RESERVED_STEMS = {"mosaic", "centers", "batch_report"}
+DEFAULT_BLOCK = 8192    # a raster of more than 8192² pixels (67 MP, ~1 min of one core) is cut into block tasks
+TASK_RETRIES = 2        # an unexpected exception in a task (not a user error) is retried this often
+REPORT_FORMAT = "mapseg-batch-report"
+SIDECAR_FORMAT = "mapseg-batch-output"
+_REMOTE = {"http://": "/vsicurl/http://", "https://": "/vsicurl/https://", "s3://": "/vsis3/", "gs://": "/vsigs/"}
+
+
+# --------------------------------------------------------------------------- inputs and names
+
+def _is_remote(path: str) -> bool:
+    return path.startswith("/vsi") or "://" in path
+
+
+def _local_or_remote(item: str, base: Path | None = None) -> str:
+    """A URL as GDAL reads it (``https://`` -> ``/vsicurl/https://``, ``s3://`` -> ``/vsis3/``), a local path
+    made absolute (workers may run elsewhere; relative paths of a list file are relative to the list)."""
+    for scheme, vsi in _REMOTE.items():
+        if item.startswith(scheme):
+            return vsi + item[len(scheme):]
+    if _is_remote(item):
+        return item
+    p = Path(item).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return os.path.abspath(p)
+
+
+def _list_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SegmentError(f"input list {path} cannot be read ({exc})") from exc
+    items = [line.strip() for line in lines]
+    return [_local_or_remote(i, path.parent) for i in items if i and not i.startswith("#")]
+
+
+def expand_inputs(items, log=None) -> list[str]:
+    """The rasters named by ``items``: files, globs (``tiles/**/*.tif``, sorted), text files of paths (``@list.txt``
+    or a ``.txt`` file: one path or URL a line, ``#`` comments; relative paths relative to the list), URLs
+    (``https://``, ``s3://``, ``gs://``, ``/vsi...``). Local paths come back absolute; a path named twice is kept
+    once (and logged). A glob matching nothing or a missing list is an error; a missing file is left to its task
+    (reported as failed, the others go on)."""
+    log = log or (lambda msg: None)
+    out = []
+    for item in [str(i) for i in items]:
+        if item.startswith("@"):
+            out += _list_file(Path(item[1:]))
+        elif item.lower().endswith(".txt") and Path(item).is_file():
+            out += _list_file(Path(item))
+        elif not _is_remote(item) and any(c in item for c in "*?["):
+            found = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if not found:
+                raise SegmentError(f"no file matches {item}")
+            out += [os.path.abspath(f) for f in found if os.path.isfile(f)]
+        else:
+            out.append(_local_or_remote(item))
+    unique = list(dict.fromkeys(out))
+    if len(unique) < len(out):
+        log(f"{len(out) - len(unique)} input(s) named more than once: each is segmented once")
+    if not unique:
+        raise SegmentError("no input rasters given")
+    return unique
+
+
+def _stem(path: str) -> str:
+    name = path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    stem = re.sub(r"[^A-Za-z0-9._+-]", "_", stem).lstrip(".")
+    return stem or "raster"
+
+
+def output_stems(inputs: list[str]) -> list[str]:
+    """One output stem per input: its file name without the extension; a stem already taken (another input of
+    that name, case-insensitive, or a name the run writes: mosaic, centers, batch_report) gets ``-<8 hex>`` of
+    the input's path. The first input keeps the plain name, so adding inputs renames no earlier output."""
+    taken, stems = set(RESERVED_STEMS), []
+    for path in inputs:
+        stem = _stem(path)
+        if stem.lower() in taken:
+            stem = f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+        taken.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+# --------------------------------------------------------------------------- digests
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def centers_digest(centers: Centers) -> str:
+    """sha256 of what labels depend on in a centres set: the centres (exact float32 bits), metric, features,
+    model, and the input maximum they record (``segment --centers`` scales by it)."""
+    return _digest({"centers": np.ascontiguousarray(centers.centers, np.float32).tobytes().hex(),
+                    "metric": centers.metric, "features": centers.features, "model": centers.model,
+                    "scaling": centers.sample.get("scaling")})
+
+
+def model_digest(features: FeatureModel) -> str:
+    return features.model_id.get("weights_sha256", features.model_id.get("kind", "unknown"))
+
+
+def _input_stat(path: str):
+    """(size, mtime_ns) of a local input, None for a remote one (matched by its URL alone)."""
+    if _is_remote(path):
+        return None
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+# --------------------------------------------------------------------------- what a task gets
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """Everything a worker needs besides the centres: plain values (they cross the network)."""
+    model: str            # artifact folder (absolute) or "kmeans"
+    backend: str          # the backend the client resolved (every worker runs the same one)
+    model_digest: str     # checked on the worker: the same weights as the client's
+    options: SegmentOptions   # model/centers unset; threads/workers per task
+    run_key: str          # digest of model, centres and the options that change labels
+    out_dir: str
+
+
+_FEATURES: dict = {}
+_FEATURES_LOCK = threading.Lock()
+
+
+def _worker_features(s: TaskSettings) -> FeatureModel:
+    """The feature model of this worker process and thread (loaded once, reused by every task), checked to be
+    the client's: a worker with other weights at that path is an error, not another set of labels."""
+    key = (s.model, s.backend, s.options.threads, s.options.workers, threading.get_ident())
+    with _FEATURES_LOCK:
+        features = _FEATURES.get(key)
+    if features is None:
+        features = load_features(s.model, s.backend, s.options.threads, s.options.workers)
+        with _FEATURES_LOCK:
+            _FEATURES[key] = features
+    if model_digest(features) != s.model_digest:
+        raise SegmentError(f"the model at {s.model} on this worker is not the client's (weights digest "
+                           f"{model_digest(features)[:12]} vs {s.model_digest[:12]}): install the same model on "
+                           "every worker")
+    return features
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
+
+
+# --------------------------------------------------------------------------- the fit: one sample per raster
+
+def sample_raster(path: str, s: TaskSettings):
+    """(Sample, the raster's entry of the centres' sample, log lines), or ("failed", message): what ``mapseg fit``
+    draws from one raster (``scaling_for`` + ``collect_sample`` with the run's seed). Runs on a worker."""
+    o = s.options
+    try:
+        features = _worker_features(s)
+        with io_env(), open_reader(path, o.bands, o.nodata) as reader:
+            scaling = scaling_for(reader, features, o.stretch, o.seed, o.input_max)
+            sample = collect_sample(reader, features, scaling, o.seed)
+            info = {"path": str(path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
+                    "partial_cells": sample.partial, "scaling": scaling.description,
+                    "input_max": scaling.input_max, "dtype": reader.info.dtype}
+        lines = []
+        if sample.partial:
+            lines.append(f"centres fitted on cells that are partly nodata: no cell of {path} is wholly valid (the "
+                         "raster is narrower than a cell, or every cell holds nodata)")
+        return sample, info, lines
+    except USER_ERRORS as exc:
+        return "failed", str(exc)
+
+
+def _sample_summary(result):
+    """What the client needs of a sample: (cells, entry, log lines) or ("failed", message)."""
+    if result[0] == "failed":
+        return result
+    sample, info, lines = result
+    return int(sample.features.shape[0]), info, lines
+
+
+def _sample_rows(result, rows):
+    """The sample's features and colours at ``rows`` (None: all of them)."""
+    sample = result[0]
+    if rows is None:
+        return sample.features, sample.colours
+    return sample.features[rows], sample.colours[rows]
+
+
+def kmeans_rows(n: int, dim: int, seed: int):
+    """The rows of an n-row sample that ``mapseg.cluster.fit_centers`` fits on (sorted), or None for all of them:
+    its draw, repeated here so that only those rows leave the workers."""
+    most = SAMPLE_COLOURS if dim <= ELEMENTWISE_MAX_DIM else SAMPLE_FEATURES
+    if n <= most:
+        return None
+    return np.sort(np.random.default_rng([seed, 0xF17]).choice(n, most, replace=False))
+
+
+def fit_batch_centers(client, inputs: list[str], s: TaskSettings, features: FeatureModel, k: int, log):
+    """Centres from a sample of every input, the samples drawn by Dask tasks and combined in input order: the
+    centres ``mapseg fit`` gives on the same inputs, for any number of workers. Returns (Centers,
+    {input: error} of rasters that could not be sampled: left out of the fit and the run)."""
+    from distributed import as_completed
+
+    o = s.options
+    samples = [client.submit(sample_raster, path, s, key=f"sample-{i}-{_digest([path, s.run_key])[:16]}",
+                             retries=TASK_RETRIES) for i, path in enumerate(inputs)]
+    summaries = [client.submit(_sample_summary, f, key=f"summary-{f.key}") for f in samples]
+    index = {f.key: i for i, f in enumerate(summaries)}
+    got, failed = [None] * len(inputs), {}
+    for n_done, (fut, result) in enumerate(as_completed(summaries, with_results=True, raise_errors=False), 1):
+        i = index[fut.key]
+        if fut.status == "error":
+            result = ("failed", _task_error(fut))
+        if result[0] == "failed":
+            failed[inputs[i]] = result[1]
+            log(f"[sample {n_done}/{len(inputs)}] failed {inputs[i]}: {result[1]}")
+        else:
+            got[i] = result
+            log(f"[sample {n_done}/{len(inputs)}] {result[0]:,} cells from {result[1]['windows']} windows of "
+                f"{inputs[i]} ({result[1]['scaling']})")
+            for line in result[2]:
+                log(line)
+    ok = [i for i in range(len(inputs)) if got[i] is not None]
+    if not ok:
+        raise SegmentError("no input raster could be sampled: " + "; ".join(f"{p}: {e}" for p, e in failed.items()))
+    counts = [got[i][0] for i in ok]
+    n = sum(counts)
+    rows = kmeans_rows(n, features.dim, o.seed)
+    takes, start = [], 0
+    for i, c in zip(ok, counts):
+        part = None if rows is None else rows[(rows >= start) & (rows < start + c)] - start
+        start += c
+        takes.append(client.submit(_sample_rows, samples[i], part, key=f"rows-{samples[i].key}"))
+    parts = client.gather(takes)
+    for f in samples + summaries + takes:
+        f.release()
+    info = [got[i][1] for i in ok]
+    meta = {"rasters": info, "bands": list(o.bands) if o.bands else None, **record_scaling(info, log)}
+    all_f, all_c = [p[0] for p in parts], [p[1] for p in parts]
+    if rows is None:  # every row: exactly mapseg fit's call
+        return _fit(all_f, all_c, k, features, o.seed, meta), failed
+    try:  # the rows fit_centers would draw, drawn already: it fits them as they are (n recorded as it records it)
+        return fit_centers(np.concatenate(all_f), np.concatenate(all_c), k, features.metric, features.kind,
+                           features.model_id, o.seed, {**meta, "features": n, "seed": o.seed}), failed
+    except ClusterError as exc:
+        raise SegmentError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- a raster (or a block) as a task
+
+def _sidecar(output: Path) -> Path:
+    return output.with_name(output.name + SIDECAR)
+
+
+def _job_key(s: TaskSettings, path: str, block) -> str:
+    return _digest({"run": s.run_key, "input": path, "stat": _input_stat(path), "block": block})
+
+
+def _finished(output: Path, key: str):
+    """The sidecar of ``output`` where it says the output is complete and was made as ``key`` says, else None."""
+    try:
+        meta = json.loads(_sidecar(output).read_text())
+        st = output.stat()
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or meta.get("key") != key
+            or meta.get("size") != st.st_size or meta.get("mtime_ns") != st.st_mtime_ns):
+        return None
+    return meta
+
+
+def _mark_finished(output: Path, key: str, path: str, geometry: dict, extra: dict) -> None:
+    st = output.stat()
+    write_text_atomic(_sidecar(output), json.dumps({
+        "format": SIDECAR_FORMAT, "version": 1, "key": key, "input": path, "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns, "geometry": geometry, **extra}, indent=1) + "\n")
+
+
+def _geometry(info, row0: int = 0, col0: int = 0, height: int | None = None, width: int | None = None) -> dict:
+    """Where a raster (or its block at row0, col0) lies: size, GDAL geotransform, CRS as WKT, GCPs."""
+    t = info.transform
+    gt = tuple(float(v) for v in (t.to_gdal() if hasattr(t, "to_gdal") else t)) if info.georeferenced else None
+    if gt is not None and (row0 or col0):
+        gt = (gt[0] + col0 * gt[1] + row0 * gt[2], gt[1], gt[2], gt[3] + col0 * gt[4] + row0 * gt[5], gt[4], gt[5])
+    crs = info.crs
+    wkt = (crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs)) if crs else None
+    return {"width": width or info.width, "height": height or info.height, "geotransform": gt,
+            "crs": wkt if info.georeferenced and not info.gcps else None,
+            "gcps": [list(g) for g in info.gcps] if info.gcps else None, "gcp_crs": info.gcp_crs}
+
+
+def _blocks(height: int, width: int, block: int):
+    return [(r0, min(r0 + block, height), c0, min(c0 + block, width))
+            for r0 in range(0, height, block) for c0 in range(0, width, block)]
+
+
+def segment_task(index: int, path: str, output: str, s: TaskSettings, centers: Centers, block: int):
+    """Segment one raster into ``output`` with ``centers`` (``segment_raster``: the labels of ``mapseg segment
+    --centers``), unless a finished output made the same way is there. A raster of more than ``block``² pixels is
+    not segmented here: the result lists its blocks, each then a ``segment_block_task``. Runs on a worker;
+    user errors (an unreadable raster...) come back as ``status: failed``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = {"index": index, "input": path, "output": output, "worker": _worker_name()}
+    out = Path(output)
+    try:
+        key = _job_key(s, path, None)
+        done = _finished(out, key)
+        if done is not None:
+            return {**result, "status": "skipped", "geometry": done["geometry"], "megapixels": done.get("megapixels")}
+        o = s.options
+        with io_env(), open_reader(path, o.bands, o.nodata) as reader:
+            info = reader.info
+        if info.width * info.height > block * block:
+            return {**result, "status": "split", "geometry": _geometry(info),
+                    "blocks": _blocks(info.height, info.width, block)}
+        lines = []
+        features = _worker_features(s)
+        report = segment_raster(path, output, dataclasses.replace(o, model=features, backend="auto", threads=None,
+                                                                  workers=None, centers=centers),
+                                progress=False, log=lines.append)
+        geometry = _geometry(info)
+        mp = info.width * info.height / 1e6
+        _mark_finished(out, key, path, geometry, {"megapixels": mp, "k": report["k"]})
+        return {**result, "status": "done", "geometry": geometry, "megapixels": mp, "log": lines,
+                "clipped_pixels": report["clipped_pixels"], "seconds": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0}
+    except USER_ERRORS as exc:
+        return {**result, "status": "failed", "error": str(exc), "seconds": time.perf_counter() - t0}
+
+
+def segment_block(path: str, output: str, s: TaskSettings, centers: Centers, features: FeatureModel,
+                  box: tuple[int, int, int, int], log) -> dict:
+    """Write the labels of rows box[0]:box[1], columns box[2]:box[3] of ``path`` to the GeoTIFF ``output``, from
+    the windows ``segment_raster`` plans for the whole raster (those whose cores start in the box; the box is on
+    the ``tile`` grid), scaled as ``segment_raster`` scales with these centres: the whole raster's labels there."""
+    o = s.options
+    r0, r1, c0, c1 = box
+    halo = features.halo + o.smooth * features.stride
+    with io_env(), open_reader(path, o.bands, o.nodata) as reader:
+        info = reader.info
+        check_run_outputs({"output": output}, [(path, info)], o, log)
+        fitted = check_centers(load_centers(centers), features, None, centers)
+        top, how, note = centres_scaling(fitted, info, centers, o.input_max, o.stretch)
+        if note:
+            log(note)
+        scaling = scaling_for(reader, features, o.stretch, o.seed, top, None, how)
+        wins = [w for w in plan_windows(info.height, info.width, o.tile, features.stride, halo)
+                if r0 <= w.core.row0 < r1 and c0 <= w.core.col0 < c1]
+        shifted = dataclasses.replace(info, width=c1 - c0, height=r1 - r0, transform=_shift(info.transform, r0, c0),
+                                      gcps=tuple((r - r0, c - c0, x, y, z) for r, c, x, y, z in info.gcps))
+        tags = {"MAPSEG_K": fitted.k, "MAPSEG_MODEL": model_digest(features), "MAPSEG_FEATURES": features.kind,
+                "MAPSEG_TILE_INVARIANT_REFERENCE": "whole-raster pass", "MAPSEG_BLOCK": f"{r0},{r1},{c0},{c1}"}
+        writer, clipped = None, []
+        try:
+            writer = open_writer(output, shifted, fitted.k, OUTPUT_NODATA if info.has_nodata else None, o.cog, tags)
+            windows = iter_labels(reader, features, scaling, fitted.scorer(), fitted.k, wins, o.smooth, clipped)
+            try:
+                for win, labels in windows:
+                    writer.write(labels, win.core.row0 - r0, win.core.col0 - c0)
+            finally:
+                windows.close()
+            writer.commit()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+    return {"geometry": _geometry(info, r0, c0, r1 - r0, c1 - c0), "clipped_pixels": sum(clipped), "k": fitted.k,
+            "scaling": scaling.description}
+
+
+def _shift(transform, row0: int, col0: int):
+    """A raster's transform moved to the pixel (row0, col0): an Affine (rasterio) or a GDAL 6-tuple (osgeo)."""
+    g = transform.to_gdal() if hasattr(transform, "to_gdal") else tuple(transform)
+    moved = (g[0] + col0 * g[1] + row0 * g[2], g[1], g[2], g[3] + col0 * g[4] + row0 * g[5], g[4], g[5])
+    return type(transform).from_gdal(*moved) if hasattr(transform, "to_gdal") else moved
+
+
+def segment_block_task(index: int, path: str, output: str, s: TaskSettings, centers: Centers, box):
+    """``segment_block`` as a task, skipped where a finished tile made the same way is there (see ``segment_task``)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = {"index": index, "input": path, "output": output, "block": list(box), "worker": _worker_name()}
+    out = Path(output)
+    try:
+        key = _job_key(s, path, list(box))
+        done = _finished(out, key)
+        if done is not None:
+            return {**result, "status": "skipped", "geometry": done["geometry"], "megapixels": done.get("megapixels")}
+        out.parent.mkdir(exist_ok=True)
+        lines = []
+        made = segment_block(path, output, s, centers, _worker_features(s), tuple(box), lines.append)
+        mp = (box[1] - box[0]) * (box[3] - box[2]) / 1e6
+        _mark_finished(out, key, path, made["geometry"], {"megapixels": mp, "k": made["k"]})
+        return {**result, "status": "done", "geometry": made["geometry"], "megapixels": mp, "log": lines,
+                "clipped_pixels": made["clipped_pixels"], "seconds": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0}
+    except USER_ERRORS as exc:
+        return {**result, "status": "failed", "error": str(exc), "seconds": time.perf_counter() - t0}
+
+
+def _task_error(fut) -> str:
+    """The message of a task that raised (after its retries) or whose workers died."""
+    try:
+        exc = fut.exception()
+    except Exception as err:  # noqa: BLE001 - a cancelled or lost future
+        exc = err
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        return (f"the workers running it died {TASK_RETRIES + 1}+ times (out of memory? see --memory-limit): "
+                f"{first_line(exc)}")
+    return f"{name}: {first_line(exc)}"
+
+
+# --------------------------------------------------------------------------- VRTs
+
+def write_vrt(path, width: int, height: int, sources: list[dict], k: int, *, crs: str | None = None,
+              geotransform=None, gcps=None, gcp_crs: str | None = None) -> Path:
+    """A GDAL VRT of one uint8 label band over ``sources`` (dicts: ``file`` relative to the VRT, ``width``,
+    ``height``, ``dst``: (x offset, y offset, x size, y size) in the VRT's pixels), later sources painted over
+    earlier ones except where they hold nodata (255), with the labels' colour table. Written atomically."""
+    path = Path(path)
+    out = [f'<VRTDataset rasterXSize="{int(width)}" rasterYSize="{int(height)}">']
+    if crs:
+        out.append(f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(crs)}</SRS>')
+    if geotransform is not None:
+        out.append("  <GeoTransform>" + ", ".join(repr(float(v)) for v in geotransform) + "</GeoTransform>")
+    if gcps:
+        out.append(f"  <GCPList Projection={quoteattr(gcp_crs or '')}>")
+        for i, (row, col, x, y, z) in enumerate(gcps):
+            out.append(f'    <GCP Id="{i + 1}" Pixel="{col!r}" Line="{row!r}" X="{x!r}" Y="{y!r}" Z="{z!r}"/>')
+        out.append("  </GCPList>")
+    out += ['  <VRTRasterBand dataType="Byte" band="1">', f"    <NoDataValue>{OUTPUT_NODATA}</NoDataValue>",
+            "    <ColorInterp>Palette</ColorInterp>", "    <ColorTable>"]
+    cmap = colormap(k)
+    for i in range(256):
+        r, g, b, a = cmap.get(i, (0, 0, 0, 0))
+        out.append(f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>')
+    out.append("    </ColorTable>")
+    for src in sources:
+        x, y, w, h = src["dst"]
+        out += ["    <ComplexSource>",
+                f'      <SourceFilename relativeToVRT="1">{escape(src["file"])}</SourceFilename>',
+                "      <SourceBand>1</SourceBand>",
+                f'      <SourceProperties RasterXSize="{src["width"]}" RasterYSize="{src["height"]}" DataType="Byte"/>',
+                f'      <SrcRect xOff="0" yOff="0" xSize="{src["width"]}" ySize="{src["height"]}"/>',
+                f'      <DstRect xOff="{x!r}" yOff="{y!r}" xSize="{w!r}" ySize="{h!r}"/>',
+                f"      <NODATA>{OUTPUT_NODATA}</NODATA>",
+                "    </ComplexSource>"]
+    out += ["  </VRTRasterBand>", "</VRTDataset>", ""]
+    write_text_atomic(path, "\n".join(out))
+    return path
+
+
+def _north_up(gt) -> bool:
+    return gt is not None and gt[2] == 0 and gt[4] == 0 and gt[1] > 0 and gt[5] < 0
+
+
+def _epsg(wkt: str) -> str | None:
+    m = re.search(r'(?:AUTHORITY\["EPSG","(\d+)"\]|ID\["EPSG",(\d+)\])\]\s*$', wkt)
+    return (m.group(1) or m.group(2)) if m else None
+
+
+def write_mosaics(out_dir: Path, pieces: list[dict], k: int) -> tuple[list[dict], list[str]]:
+    """VRT mosaics of ``pieces`` (dicts: ``file`` relative to ``out_dir``, ``geometry``): ``mosaic.vrt`` where all
+    share one CRS, else one ``mosaic_EPSG-<code>.vrt`` (or ``mosaic_<n>.vrt``) per CRS, at the finest pixel size
+    of its pieces. Pieces without a CRS and a north-up transform (plain images, GCPs, rotated grids) are left out.
+    Returns ([{"file", "crs", "rasters"}], [files left out, with why])."""
+    groups, left_out = {}, []
+    for p in pieces:
+        g = p["geometry"]
+        if g.get("crs") and _north_up(g.get("geotransform")):
+            groups.setdefault(g["crs"], []).append(p)
+        else:
+            why = "no CRS" if g.get("geotransform") and _north_up(g["geotransform"]) else (
+                "georeferenced by GCPs" if g.get("gcps") else "not a north-up georeferenced grid")
+            left_out.append(f"{p['file']} ({why})")
+    mosaics = []
+    for n, (crs, members) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]["file"])):
+        if len(groups) == 1:
+            name = f"{MOSAIC_NAME}.vrt"
+        else:
+            code = _epsg(crs)
+            name = f"{MOSAIC_NAME}_EPSG-{code}.vrt" if code else f"{MOSAIC_NAME}_{n + 1}.vrt"
+        rx = min(m["geometry"]["geotransform"][1] for m in members)
+        ry = min(-m["geometry"]["geotransform"][5] for m in members)
+        x0 = min(m["geometry"]["geotransform"][0] for m in members)
+        y0 = max(m["geometry"]["geotransform"][3] for m in members)
+        x1 = max(m["geometry"]["geotransform"][0] + m["geometry"]["width"] * m["geometry"]["geotransform"][1]
+                 for m in members)
+        y1 = min(m["geometry"]["geotransform"][3] + m["geometry"]["height"] * m["geometry"]["geotransform"][5]
+                 for m in members)
+        width, height = max(1, round((x1 - x0) / rx)), max(1, round((y0 - y1) / ry))
+        sources = []
+        for m in members:
+            g = m["geometry"]
+            gt = g["geotransform"]
+            sources.append({"file": m["file"], "width": g["width"], "height": g["height"],
+                            "dst": (_tidy((gt[0] - x0) / rx), _tidy((y0 - gt[3]) / ry),
+                                    _tidy(g["width"] * gt[1] / rx), _tidy(g["height"] * -gt[5] / ry))})
+        write_vrt(out_dir / name, width, height, sources, k, crs=crs, geotransform=(x0, rx, 0.0, y0, 0.0, -ry))
+        mosaics.append({"file": name, "crs": crs, "epsg": _epsg(crs), "rasters": len(members)})
+    return mosaics, left_out
+
+
+def _tidy(v: float):
+    """An offset or size in pixels: the integer where it is one to within 1e-6 (the usual case), else as is."""
+    r = round(v)
+    return int(r) if abs(v - r) < 1e-6 else v
+
+
+# --------------------------------------------------------------------------- Dask
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError as exc:
+        raise BackendUnavailable(f"mapseg batch runs on Dask, which is not installed: {DASK_HINT}") from exc
+    return distributed
+
+
+@contextmanager
+def dask_client(scheduler=None, n_workers: int | None = None, memory_limit="auto", log=None):
+    """A Dask client: of the scheduler at ``scheduler`` (an address such as ``tcp://host:8786``, or a
+    ``distributed.Client`` already connected, left open), else of a LocalCluster of ``n_workers`` processes
+    (default: the CPUs) with one thread each and ``memory_limit`` each (default: the machine's memory shared
+    out), closed afterwards."""
+    distributed = _distributed()
+    log = log or (lambda msg: None)
+    if isinstance(scheduler, distributed.Client):
+        yield scheduler
+        return
+    if scheduler:
+        try:
+            client = distributed.Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise SegmentError(f"--scheduler {scheduler}: cannot connect ({first_line(exc)}); start one "
+                               "(dask scheduler) or drop --scheduler to run on this machine") from exc
+        try:
+            log(f"cluster: {scheduler}, {len(client.scheduler_info().get('workers', {}))} workers")
+            yield client
+        finally:
+            client.close()
+        return
+    from .parallel import available_cpus
+
+    n = n_workers or available_cpus()
+    if n < 1:
+        raise SegmentError(f"--workers {n}: give at least 1")
+    # no dashboard (it needs bokeh); the scheduler's HTTP routes (health, metrics) on a free port, not 8787
+    cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                       memory_limit=memory_limit, dashboard_address=None,
+                                       scheduler_kwargs={"dashboard_address": ":0"})
+    try:
+        client = distributed.Client(cluster)
+        try:
+            log(f"cluster: local, {n} worker process(es), 1 thread each, memory limit {memory_limit} each")
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+def _resolved_model(options: SegmentOptions) -> tuple[str, str, FeatureModel]:
+    """(model folder (absolute) or "kmeans", backend, the feature model loaded here) of a run's options."""
+    m = options.model
+    if m is not None and not isinstance(m, (str, os.PathLike)):  # a FeatureModel loaded already
+        features = m
+        name = "kmeans" if features.kind == "colour" else os.path.abspath(features.name)
+        return name, ("auto" if features.kind == "colour" else features.backend_name), features
+    features = load_features(m, options.backend, 1, 1)
+    if features.kind == "colour":
+        return "kmeans", "auto", features
+    return os.path.abspath(features.name), features.backend_name, features
+
+
+def _previous_report(out_dir: Path) -> dict:
+    try:
+        data = json.loads((out_dir / REPORT_NAME).read_text())
+        return data if isinstance(data, dict) and data.get("format") == REPORT_FORMAT else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_outputs_are_not_inputs(out_dir: Path, stems: list[str], inputs: list[str]) -> None:
+    local = {os.path.realpath(p) for p in inputs if not _is_remote(p)}
+    for stem in stems:
+        for name in (f"{stem}.tif", f"{stem}.vrt"):
+            if os.path.realpath(out_dir / name) in local:
+                raise OutputError(f"output {out_dir / name} would replace the input of that name: choose an output "
+                                  "folder that does not hold the inputs")
+
+
+def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, scheduler=None,
+                  n_workers: int | None = None, memory_limit="auto", block: int = DEFAULT_BLOCK,
+                  log=None) -> dict:
+    """Segment every raster of ``inputs`` (``expand_inputs``: files, globs, list files, URLs) into ``out_dir``
+    with one set of centres, on Dask (``scheduler``: an address or a Client; else a LocalCluster of
+    ``n_workers`` processes). ``options``: as ``mapseg segment`` takes them (``k`` or ``centers``, ``model``,
+    ``backend``, ``tile``, ``bands``, ``nodata``, ``stretch``/``input_max``, ``smooth``, ``seed``, ``cog``;
+    ``threads`` and ``workers`` per task, default 1 each). ``block``: rasters of more than block² pixels are
+    cut into block tasks. Returns the run report (also written to ``out_dir/batch_report.json``); its
+    ``failed`` counts the rasters that failed (the others are done or skipped). See the module doc."""
+    o = options or SegmentOptions()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t_start = time.perf_counter()
+    _distributed()  # before any work: without Dask, say what to install
+    if o.centers is None and o.k is None:
+        raise SegmentError("give -k K (number of clusters) or --centers FILE")
+    check_one_scaling(o.stretch, o.input_max)
+    for name in ("extent", "mask", "resolution"):  # the block tasks and the samples read whole rasters
+        if getattr(o, name, None) is not None:
+            raise SegmentError(f"--{name}: mapseg batch does not take it yet; run mapseg segment per raster for it")
+    if o.smooth < 0:
+        raise SegmentError(f"--smooth {o.smooth}: must be >= 0")
+    if o.tile < 4 or o.tile % 4:
+        raise SegmentError(f"--tile {o.tile}: must be a positive multiple of 4")
+    if block < o.tile:
+        raise SegmentError(f"--block {block}: must be at least --tile ({o.tile})")
+    block = block // o.tile * o.tile  # blocks on the window grid: every window lies in one block
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        if not out_dir.parent.is_dir():
+            raise OutputError(f"output folder {out_dir}: its parent {out_dir.parent} does not exist")
+        out_dir.mkdir(exist_ok=True)
+    out_dir = out_dir.resolve()
+    paths = expand_inputs(inputs if isinstance(inputs, (list, tuple)) else [inputs], log)
+    stems = output_stems(paths)
+    _check_outputs_are_not_inputs(out_dir, stems, paths)
+    model, backend, features = _resolved_model(o)
+    log(f"model: {features.name}; backend {backend}; {len(paths)} input raster(s)")
+    per_task = dataclasses.replace(o, model=None, centers=None, backend="auto",
+                                   threads=o.threads or 1, workers=o.workers or 1)
+    label_options = {"bands": o.bands, "nodata": o.nodata, "stretch": o.stretch, "input_max": o.input_max,
+                     "smooth": o.smooth, "seed": o.seed, "cog": o.cog}
+    fit_key = _digest({"inputs": [(p, _input_stat_or_none(p)) for p in paths], "k": o.k,
+                       "model": model_digest(features), "options": label_options})
+    previous = _previous_report(out_dir)
+    failed_inputs: dict[str, str] = {}
+    with dask_client(scheduler, n_workers, memory_limit, log) as client:
+        settings = TaskSettings(model, backend, model_digest(features), per_task, "", str(out_dir))
+        if o.centers is not None:
+            centers = check_centers(load_centers(o.centers), features, o.k, o.centers)
+            source = {"from": "given", "file": None if isinstance(o.centers, Centers) else os.path.abspath(o.centers)}
+        else:
+            k = check_k(o.k, features.max_k)
+            centers = _reusable_centers(out_dir, previous, fit_key, features, k)
+            if centers is not None:
+                log(f"centres: reused {out_dir / CENTERS_NAME} (fitted by an earlier run on the same inputs)")
+                source = {"from": "reused", "file": str(out_dir / CENTERS_NAME)}
+            else:
+                t0 = time.perf_counter()
+                fit_settings = dataclasses.replace(settings, run_key=fit_key)
+                centers, failed_inputs = fit_batch_centers(client, paths, fit_settings, features, k, log)
+                centers.save(out_dir / CENTERS_NAME)
+                log(f"centres: K={k} from {len(paths) - len(failed_inputs)} raster(s), "
+                    f"{time.perf_counter() - t0:.1f} s; wrote {out_dir / CENTERS_NAME}")
+                source = {"from": "fitted", "file": str(out_dir / CENTERS_NAME), "seconds": time.perf_counter() - t0}
+        digest = centers_digest(centers)
+        settings = dataclasses.replace(settings, run_key=_digest({"model": model_digest(features), "centers": digest,
+                                                                   "options": label_options}))
+        slim = dataclasses.replace(centers, sample={k_: v for k_, v in centers.sample.items() if k_ == "scaling"})
+        centers_future = client.submit(_identity, slim, key=f"centers-{digest[:16]}")
+        results = _segment_all(client, paths, stems, out_dir, settings, centers_future, block, failed_inputs, log)
+    rasters, pieces = [], []
+    for i, path in enumerate(paths):
+        entry, files = _raster_entry(out_dir, stems[i], results[i], centers.k)
+        rasters.append(entry)
+        pieces += files
+    mosaics, left_out = write_mosaics(out_dir, pieces, centers.k) if pieces else ([], [])
+    if left_out:
+        log(f"not in a mosaic: {', '.join(left_out)}")
+    for folder in [out_dir] + [out_dir / f"{s}.tiles" for s in stems if (out_dir / f"{s}.tiles").is_dir()]:
+        removed = remove_dead_leftovers(folder)
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) that killed workers left in {folder}")
+    counts = {st: sum(r["status"] == st for r in rasters) for st in ("done", "skipped", "failed")}
+    report = {
+        "format": REPORT_FORMAT, "version": 1, "out_dir": str(out_dir), "inputs": len(paths), **counts,
+        "seconds": time.perf_counter() - t_start, "fit_key": fit_key if source["from"] != "given" else None,
+        "model": {"name": features.name, "digest": model_digest(features), "features": features.kind,
+                  "backend": backend},
+        "centers": {**source, "digest": digest, "k": centers.k, "metric": centers.metric,
+                    "centers": [[float(v) for v in row] for row in centers.centers]},
+        "options": {**label_options, "tile": o.tile, "block": block, "bands": list(o.bands) if o.bands else None,
+                    "stretch": list(o.stretch) if o.stretch else None},
+        "mosaics": mosaics, "not_in_mosaic": left_out,
+        "cpu_s": sum(r.get("cpu_s") or 0.0 for r in rasters), "megapixels": sum(r.get("megapixels") or 0.0
+                                                                                for r in rasters),
+        "rasters": rasters,
+    }
+    write_text_atomic(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
+    log(f"batch: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed of {len(paths)} in "
+        f"{report['seconds']:.1f} s; wrote {out_dir / REPORT_NAME}"
+        + (f" and {', '.join(m['file'] for m in mosaics)}" if mosaics else ""))
+    return report
+
+
+def _identity(x):
+    return x
+
+
+def _input_stat_or_none(path: str):
+    try:
+        return _input_stat(path)
+    except OSError:
+        return None  # missing: its task says so
+
+
+def _reusable_centers(out_dir: Path, previous: dict, fit_key: str, features: FeatureModel, k: int):
+    """The centres an earlier run fitted in ``out_dir`` where it fitted them on the same inputs (paths, sizes,
+    times), K, model and options, and the file is unchanged since; else None."""
+    mine = previous.get("centers") or {}
+    if previous.get("fit_key") != fit_key or mine.get("from") not in ("fitted", "reused"):
+        return None
+    try:
+        centers = check_centers(load_centers(out_dir / CENTERS_NAME), features, k)
+    except USER_ERRORS:
+        return None
+    return centers if centers_digest(centers) == mine.get("digest") else None
+
+
+def _segment_all(client, paths, stems, out_dir: Path, s: TaskSettings, centers_future, block: int,
+                 failed_inputs: dict, log) -> list[dict]:
+    """Submit a task per raster (and per block of a large one) and collect the results as they finish,
+    printing a line each. Returns per input: its result (a block-split raster: {"split": ..., "blocks": [...]})."""
+    from distributed import as_completed
+
+    results: list = [None] * len(paths)
+    futures, live = {}, []  # key -> (input index, block or None); the futures, held until the run ends
+    for i, path in enumerate(paths):
+        if path in failed_inputs:
+            results[i] = {"index": i, "input": path, "status": "failed", "error": failed_inputs[path]}
+            continue
+        f = client.submit(segment_task, i, path, str(out_dir / f"{stems[i]}.tif"), s, centers_future, block,
+                          key=f"segment-{i}-{_digest([path, s.run_key, block, s.out_dir])[:16]}", retries=TASK_RETRIES)
+        futures[f.key] = (i, None)
+        live.append(f)
+    total = len(futures)
+    done_rasters, pending_blocks = 0, {}
+    ac = as_completed(live, with_results=True, raise_errors=False)
+    for fut, result in ac:
+        i, box = futures[fut.key]
+        if fut.status == "error":
+            result = {"index": i, "input": paths[i], "status": "failed", "error": _task_error(fut)}
+            if box is not None:
+                result.update(block=list(box), output=None)
+        if box is None and result["status"] == "split":
+            tiles = out_dir / f"{stems[i]}.tiles"
+            results[i] = {**result, "blocks": []}
+            pending_blocks[i] = len(result["blocks"])
+            log(f"{paths[i]}: {result['geometry']['width']} x {result['geometry']['height']} px, "
+                f"{len(result['blocks'])} blocks of at most {block} x {block}")
+            for b in result["blocks"]:
+                name = f"{stems[i]}_r{b[0] // block:03d}_c{b[2] // block:03d}.tif"
+                bf = client.submit(segment_block_task, i, paths[i], str(tiles / name), s, centers_future, tuple(b),
+                                   key=f"block-{i}-{b[0]}-{b[2]}-{_digest([paths[i], s.run_key, b, s.out_dir])[:16]}",
+                                   retries=TASK_RETRIES)
+                futures[bf.key] = (i, tuple(b))
+                live.append(bf)
+                ac.add(bf)
+            continue
+        if box is not None:
+            results[i]["blocks"].append(result)
+            pending_blocks[i] -= 1
+            if pending_blocks[i]:
+                continue
+            result = results[i] = _merge_blocks(results[i])
+        else:
+            results[i] = result
+        done_rasters += 1
+        line = f"[{done_rasters}/{total}] {result['status']:<7} {paths[i]}"
+        if result["status"] == "failed":
+            line += f": {result.get('error')}"
+        elif result["status"] == "done" and result.get("seconds"):
+            line += f" ({result['seconds']:.1f} s)"
+        log(line)
+    return results
+
+
+def _merge_blocks(raster: dict) -> dict:
+    blocks = sorted(raster["blocks"], key=lambda b: (b["block"][0], b["block"][2]))
+    statuses = {b["status"] for b in blocks}
+    status = "failed" if "failed" in statuses else "skipped" if statuses == {"skipped"} else "done"
+    errors = [f"block {b['block']}: {b['error']}" for b in blocks if b["status"] == "failed"]
+    return {**raster, "status": status, "blocks": blocks, "error": "; ".join(errors) or None,
+            "seconds": sum(b.get("seconds") or 0.0 for b in blocks),
+            "cpu_s": sum(b.get("cpu_s") or 0.0 for b in blocks),
+            "megapixels": sum(b.get("megapixels") or 0.0 for b in blocks)}
+
+
+def _raster_entry(out_dir: Path, stem: str, result: dict, k: int) -> tuple[dict, list[dict]]:
+    """A raster's line of the report, and the files of it a mosaic takes (its output, or its block tiles, whose
+    per-raster VRT is written here)."""
+    entry = {key: result.get(key) for key in ("input", "status", "error", "seconds", "cpu_s", "megapixels",
+                                              "worker", "clipped_pixels", "log") if result.get(key) is not None}
+    if result["status"] == "failed" or "geometry" not in result:
+        return entry, []
+    if "blocks" not in result:
+        entry["output"] = f"{stem}.tif"
+        return entry, [{"file": f"{stem}.tif", "geometry": result["geometry"]}]
+    g = result["geometry"]
+    tiles = []
+    for b in result["blocks"]:
+        r0, r1, c0, c1 = b["block"]
+        name = f"{stem}.tiles/{Path(b['output']).name}"
+        tiles.append({"file": name, "geometry": b["geometry"], "dst": (c0, r0, c1 - c0, r1 - r0)})
+    write_vrt(out_dir / f"{stem}.vrt", g["width"], g["height"],
+              [{"file": t["file"], "width": t["dst"][2], "height": t["dst"][3], "dst": t["dst"]} for t in tiles], k,
+              crs=g["crs"], geotransform=g["geotransform"] if g["crs"] or not g["gcps"] else None,
+              gcps=g["gcps"], gcp_crs=g["gcp_crs"])
+    entry.update(output=f"{stem}.vrt", tiles=[t["file"] for t in tiles],
+                 blocks=[{k_: b.get(k_) for k_ in ("block", "status", "error", "seconds", "worker")
+                          if b.get(k_) is not None} for b in result["blocks"]])
+    return entry, [{"file": t["file"], "geometry": t["geometry"]} for t in tiles]

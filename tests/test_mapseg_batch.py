@@ -1,0 +1,343 @@
+"""mapseg batch: many rasters, one set of centres, on a Dask cluster (mapseg/batch.py, docs/cluster.md).
+
+The cluster tests run a LocalCluster of 2 worker processes on real imagery (skipped when ../shared/datasets
+is absent) and hold the batch to what single-process runs give: the centres of ``mapseg fit`` on the same
+inputs, bit for bit, and the labels of ``mapseg segment --centers`` on each raster, pixel for pixel.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mapseg.batch import expand_inputs, kmeans_rows, output_stems, write_mosaics, write_vrt
+from mapseg.cluster import fit_centers
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+QUIET = {"progress": False, "log": lambda msg: None}
+K = 4
+TILE = 128
+BLOCK = 512  # the 1421 x 805 NGI rasters are cut into 3 x 2 block tasks each
+
+# two SWISSIMAGE tiles (EPSG:2056), a NEON raster cut into blocks (EPSG:32617), another NEON raster (EPSG:32611),
+# two overlapping NGI tiles with nodata edges (a transverse Mercator without an EPSG code): 4 CRSs, more than the
+# 30,000 sampled cells k-means sees (so the rows drawn on the client are exercised)
+INPUTS = ["swissimage/img/1091-322_00.tif", "swissimage/img/1091-322_01.tif", "neon/OSBS_029.tif",
+          "neon/2018_SJER_3_252000_4107000_image_477.tif", "ngi_aerial/ngi_rgb_byte_1.tif",
+          "ngi_aerial/ngi_rgb_byte_2.tif"]
+have_data = pytest.mark.skipif(not all((DATA / p).is_file() for p in INPUTS),
+                               reason=f"real imagery not found at {DATA}")
+
+
+# --------------------------------------------------------------------------- without a cluster
+
+def test_inputs_from_globs_lists_and_urls(tmp_path, monkeypatch):
+    for name in ("b.tif", "a.tif", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.tif").write_bytes(b"")
+    listing = tmp_path / "sub" / "list.txt"
+    listing.write_text("# rasters\nd.tif\n\nhttps://example.org/x/e.tif?sig=1\ns3://bucket/f.tif\n")
+    monkeypatch.chdir(tmp_path)
+    got = expand_inputs(["*.tif", f"@{listing}", "a.tif"])
+    assert got == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), str(tmp_path / "sub" / "d.tif"),
+                   "/vsicurl/https://example.org/x/e.tif?sig=1", "/vsis3/bucket/f.tif"]  # a.tif once
+    assert expand_inputs([str(listing)]) == got[2:]  # a .txt file is a list too
+    from mapseg.errors import SegmentError
+    with pytest.raises(SegmentError, match="no file matches"):
+        expand_inputs(["nothing/*.tif"])
+
+
+def test_output_names_are_unique_and_stable():
+    stems = output_stems(["/a/x.tif", "/b/x.tif", "/c/X.TIF", "/d/mosaic.tif", "/vsicurl/https://h/p/y.tif?s=1"])
+    assert stems[0] == "x" and stems[1].startswith("x-") and stems[2].startswith("X-") and stems[1] != stems[2]
+    assert stems[3].startswith("mosaic-") and stems[4] == "y"
+    # adding inputs renames no earlier output
+    assert output_stems(["/a/x.tif", "/b/x.tif", "/e/x.tif"])[:2] == stems[:2]
+
+
+def test_rows_drawn_for_kmeans_are_those_fit_centers_draws():
+    """The client fits on the rows mapseg.cluster.fit_centers would draw from the whole sample: same centres."""
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(30_500, 8)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    cols = rng.random((30_500, 3)).astype(np.float32)
+    whole = fit_centers(feats, cols, 3, "cosine", "embedding", {"kind": "artifact"}, seed=5)
+    rows = kmeans_rows(30_500, 8, seed=5)
+    assert rows is not None and len(rows) == 30_000 and (np.diff(rows) > 0).all()
+    drawn = fit_centers(feats[rows], cols[rows], 3, "cosine", "embedding", {"kind": "artifact"}, seed=5)
+    assert drawn.centers.tobytes() == whole.centers.tobytes()
+    assert kmeans_rows(30_000, 8, seed=5) is None and kmeans_rows(10_001, 3, seed=5) is not None
+
+
+def test_vrt_places_rasters_by_their_transforms(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+
+    pieces = []
+    for name, x0, y0, value in (("a.tif", 1000.0, 2000.0, 1), ("b.tif", 1020.0, 1990.0, 2)):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=10, height=10, count=1, dtype="uint8",
+                           crs="EPSG:32633", transform=Affine(2, 0, x0, 0, -2, y0)) as ds:
+            ds.write(np.full((1, 10, 10), value, np.uint8))
+        with rasterio.open(tmp_path / name) as ds:
+            geometry = {"width": 10, "height": 10, "geotransform": ds.transform.to_gdal(), "crs": ds.crs.to_wkt(),
+                        "gcps": None, "gcp_crs": None}
+        pieces.append({"file": name, "geometry": geometry})
+    pieces.append({"file": "plain.tif", "geometry": {"width": 5, "height": 5, "geotransform": None, "crs": None,
+                                                     "gcps": None, "gcp_crs": None}})
+    mosaics, left_out = write_mosaics(tmp_path, pieces, k=3)
+    assert [m["file"] for m in mosaics] == ["mosaic.vrt"]
+    assert left_out == ["plain.tif (not a north-up georeferenced grid)"]
+    with rasterio.open(tmp_path / "mosaic.vrt") as ds:
+        assert (ds.width, ds.height, ds.crs.to_epsg(), ds.transform) == (20, 15, 32633, Affine(2, 0, 1000, 0, -2, 2000))
+        a = ds.read(1)
+        assert ds.colormap(1)[2][:3] != ds.colormap(1)[1][:3] and ds.nodata == 255
+    assert (a[:10, :10] == 1).all() and (a[5:, 10:] == 2).all()
+    assert (a[:5, 10:] == 255).all() and (a[10:, :10] == 255).all()  # nothing there: nodata
+    write_vrt(tmp_path / "one.vrt", 10, 10, [{"file": "a.tif", "width": 10, "height": 10, "dst": (0, 0, 10, 10)}], 3,
+              geotransform=(1000.0, 2.0, 0.0, 2000.0, 0.0, -2.0))
+    with rasterio.open(tmp_path / "one.vrt") as ds:
+        assert (ds.read(1) == 1).all()
+
+
+def _run_blocked(code: str, blocked: list, cwd: Path) -> subprocess.CompletedProcess:
+    blocker = textwrap.dedent(f"""
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in {blocked!r}:
+                    raise ImportError(name + ' is blocked for this test')
+        sys.meta_path.insert(0, _Block())
+        """)
+    return subprocess.run([sys.executable, "-c", blocker + code], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_without_dask_mapseg_imports_and_batch_says_what_to_install(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        import mapseg.batch, mapseg.cli
+        assert not any(m in sys.modules for m in ('dask', 'distributed')), 'dask imported'
+        from mapseg.cli import main
+        sys.exit(main(['batch', {str(tmp_path / 'x.tif')!r}, {str(tmp_path / 'out')!r}, '-k', '3']))
+        """)
+    res = _run_blocked(code, ["dask", "distributed"], tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert 'pip install "map-segmenter[dask]"' in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # nothing made before the check
+
+
+# --------------------------------------------------------------------------- on a cluster
+
+PRELOAD = '''
+"""Worker preload for the tests: a worker writing the output named in kill.txt dies (os._exit) after its first
+window, once (marker file), leaving its temporary file behind as a killed worker does."""
+import os
+from pathlib import Path
+
+HERE = Path(FOLDER)  # (Dask imports a copy of this file from its scratch space: __file__ is not here)
+
+
+def dask_setup(worker):
+    from mapseg.raster import rasterio_io
+
+    original = rasterio_io.LabelWriter._write
+
+    def _write(self, labels, row0, col0):
+        original(self, labels, row0, col0)
+        victim = HERE / "kill.txt"
+        marker = HERE / "killed.marker"
+        if victim.exists() and self.path.name == victim.read_text().strip() and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+
+    rasterio_io.LabelWriter._write = _write
+'''
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A LocalCluster of 2 worker processes, one thread each, with the kill hook preloaded (inactive until
+    kill.txt names an output)."""
+    distributed = pytest.importorskip("distributed")
+    folder = tmp_path_factory.mktemp("preload")
+    (folder / "batch_kill_hook.py").write_text(PRELOAD.replace("FOLDER", repr(str(folder))))
+    lc = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  preload=[str(folder / "batch_kill_hook.py")])
+    client = distributed.Client(lc)
+    yield {"address": lc.scheduler_address, "hook": folder, "client": client}
+    client.close()
+    lc.close()
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, tmp_path_factory):
+    """One batch over INPUTS with fitted centres, and the single-process references: mapseg fit's centres on
+    the same inputs and mapseg segment --centers' labels of each raster."""
+    from mapseg.batch import segment_batch
+    from mapseg.segment import SegmentOptions, fit_raster_centers, segment_raster
+
+    paths = [str(DATA / p) for p in INPUTS]
+    tmp = tmp_path_factory.mktemp("batch")
+    lines = []
+    report = segment_batch(paths, tmp / "out", SegmentOptions(k=K, tile=TILE), scheduler=cluster["address"],
+                           block=BLOCK, log=lines.append)
+    backend = report["model"]["backend"]
+    fitted = fit_raster_centers(paths, SegmentOptions(k=K, backend=backend))
+    fitted.save(tmp / "fit.json")
+    refs = {}
+    for p in paths:
+        out = tmp / "ref" / (Path(p).stem + ".tif")
+        out.parent.mkdir(exist_ok=True)
+        segment_raster(p, out, SegmentOptions(centers=str(tmp / "fit.json"), backend=backend), **QUIET)
+        refs[Path(p).stem] = _read(out)
+    return {"report": report, "out": tmp / "out", "fit": fitted, "refs": refs, "paths": paths, "lines": lines,
+            "tmp": tmp}
+
+
+def _read(path):
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.crs, ds.transform
+
+
+def _outputs(out: Path, stem: str) -> Path:
+    return out / f"{stem}.vrt" if (out / f"{stem}.vrt").exists() else out / f"{stem}.tif"
+
+
+def _assert_outputs_equal_references(out: Path, refs: dict) -> None:
+    for stem, (labels, crs, transform) in refs.items():
+        got, got_crs, got_transform = _read(_outputs(out, stem))
+        assert got.shape == labels.shape and np.array_equal(got, labels), stem
+        assert got_crs == crs and got_transform == transform, stem
+
+
+def _no_temporaries(out: Path) -> list:
+    return [p.name for p in out.rglob(".*") if ".part-" in p.name or p.name.endswith(".tmp")]
+
+
+@pytest.mark.data
+@have_data
+def test_centres_and_labels_equal_single_process_runs(first_run):
+    report, out, fitted = first_run["report"], first_run["out"], first_run["fit"]
+    assert report["failed"] == 0 and report["done"] == len(INPUTS)
+    batch = json.loads((out / "centers.json").read_text())
+    assert batch == fitted.to_json()  # mapseg fit's centres file, every field
+    assert np.asarray(batch["centers"], np.float32).tobytes() == fitted.centers.tobytes()
+    assert sum(r["cells"] for r in batch["sample"]["rasters"]) > 30_000  # k-means saw rows drawn on the client
+    _assert_outputs_equal_references(out, first_run["refs"])
+    ngi = next(r for r in report["rasters"] if "ngi_rgb_byte_1" in r["input"])
+    assert ngi["output"] == "ngi_rgb_byte_1.vrt" and len(ngi["tiles"]) == 6  # cut into blocks
+    assert next(r for r in report["rasters"] if "OSBS_029" in r["input"])["output"] == "OSBS_029.tif"
+    assert sorted(m["epsg"] or "none" for m in report["mosaics"]) == ["2056", "32611", "32617", "none"]
+    assert all(r["status"] == "done" and r["seconds"] > 0 for r in report["rasters"])
+    assert _no_temporaries(out) == []
+
+
+@pytest.mark.data
+@have_data
+def test_mosaic_holds_every_raster_of_its_crs(first_run):
+    import rasterio
+
+    report, out = first_run["report"], first_run["out"]
+    swiss = next(m for m in report["mosaics"] if m["epsg"] == "2056")
+    with rasterio.open(out / swiss["file"]) as ds:
+        mosaic, transform = ds.read(1), ds.transform
+    for stem in ("1091-322_00", "1091-322_01"):
+        labels, _, t = first_run["refs"][stem]
+        col, row = ~transform @ (t.c, t.f)
+        r, c = round(row), round(col)
+        assert np.array_equal(mosaic[r:r + labels.shape[0], c:c + labels.shape[1]], labels)
+
+
+@pytest.mark.data
+@have_data
+def test_rerun_skips_and_other_centres_redo(first_run, cluster):
+    from mapseg.batch import segment_batch
+    from mapseg.segment import SegmentOptions
+
+    out = first_run["out"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")}
+    again = segment_batch(first_run["paths"], out, SegmentOptions(k=K, tile=TILE), scheduler=cluster["address"],
+                          block=BLOCK, log=lambda m: None)
+    assert again["skipped"] == len(INPUTS) and again["done"] == again["failed"] == 0
+    assert again["centers"]["from"] == "reused"
+    assert again["centers"]["digest"] == first_run["report"]["centers"]["digest"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tif")} == before  # nothing rewritten
+    # other centres (another seed): every output is redone, and labelled with them
+    other = first_run["tmp"] / "other.json"
+    from mapseg.segment import fit_raster_centers
+    backend = first_run["report"]["model"]["backend"]
+    fit_raster_centers(first_run["paths"][:2], SegmentOptions(k=K, seed=1, backend=backend)).save(other)
+    redo = segment_batch(first_run["paths"][:2], out, SegmentOptions(centers=str(other), tile=TILE),
+                         scheduler=cluster["address"], block=BLOCK, log=lambda m: None)
+    assert redo["done"] == 2 and redo["centers"]["from"] == "given"
+    assert redo["centers"]["digest"] != first_run["report"]["centers"]["digest"]
+    for p in first_run["paths"][:2]:
+        tif = out / (Path(p).stem + ".tif")
+        assert tif.stat().st_mtime_ns != before[tif]
+
+
+@pytest.mark.data
+@have_data
+def test_killed_worker_is_retried_and_outputs_are_complete(first_run, cluster, tmp_path):
+    from mapseg.batch import segment_batch
+    from mapseg.segment import SegmentOptions
+
+    victim = "OSBS_029.tif"  # 16 windows at --tile 128: the worker dies after writing the first
+    (cluster["hook"] / "kill.txt").write_text(victim)
+    try:
+        report = segment_batch(first_run["paths"], tmp_path / "out",
+                               SegmentOptions(centers=str(first_run["out"] / "centers.json"), tile=TILE),
+                               scheduler=cluster["address"], block=BLOCK, log=lambda m: None)
+    finally:
+        (cluster["hook"] / "kill.txt").unlink()
+    assert (cluster["hook"] / "killed.marker").exists()  # a worker did die
+    assert report["failed"] == 0 and report["done"] == len(INPUTS)
+    _assert_outputs_equal_references(tmp_path / "out", first_run["refs"])
+    assert _no_temporaries(tmp_path / "out") == []
+
+
+@pytest.mark.data
+@have_data
+def test_corrupt_and_missing_inputs_are_reported_and_the_rest_finish(cluster, tmp_path, capsys):
+    from mapseg.cli import main
+
+    good = DATA / INPUTS[0]
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes((DATA / INPUTS[1]).read_bytes()[:3000])  # the header, half the data
+    (tmp_path / "list.txt").write_text(f"{good}\ntruncated.tif\nmissing.tif\n")
+    rc = main(["batch", f"@{tmp_path / 'list.txt'}", str(tmp_path / "out"), "-k", str(K), "--tile", str(TILE),
+               "--scheduler", cluster["address"]])
+    assert rc == 1
+    report = json.loads((tmp_path / "out" / "batch_report.json").read_text())
+    status = {Path(r["input"]).name: r for r in report["rasters"]}
+    assert status[good.name]["status"] == "done" and (tmp_path / "out" / good.name).is_file()
+    assert status["truncated.tif"]["status"] == "failed" and "truncated.tif" in status["truncated.tif"]["error"]
+    assert status["missing.tif"]["status"] == "failed" and "does not exist" in status["missing.tif"]["error"]
+    assert report["failed"] == 2 and report["done"] == 1
+    assert [Path(r["path"]).name for r in json.loads((tmp_path / "out" / "centers.json").read_text())
+            ["sample"]["rasters"]] == [good.name]  # fitted on what could be read
+    assert not (tmp_path / "out" / "truncated.tif").exists() and _no_temporaries(tmp_path / "out") == []
+    assert "failed" in capsys.readouterr().err
+
+
+@pytest.mark.data
+@have_data
+def test_centres_are_the_same_with_one_worker(first_run, tmp_path):
+    from mapseg.batch import segment_batch
+    from mapseg.segment import SegmentOptions
+
+    report = segment_batch(first_run["paths"], tmp_path / "out", SegmentOptions(k=K, tile=TILE), n_workers=1,
+                           block=BLOCK, log=lambda m: None)
+    assert report["centers"]["digest"] == first_run["report"]["centers"]["digest"]
+    assert (tmp_path / "out" / "centers.json").read_bytes() == (first_run["out"] / "centers.json").read_bytes()
+    _assert_outputs_equal_references(tmp_path / "out", first_run["refs"])
+

@@ -23,6 +23,7 @@ file written by ``mapseg fit``. Every window is then assigned against them.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -210,10 +211,12 @@ def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int
 def map_windows(reader, features: FeatureModel, scaling: Scaling, wins: list[Window], work,
                 clipped: list | None = None):
     """``work(win, image, valid)`` of every window, in window order, as ``features.plan`` says: each of
-    its worker threads reads a window (one read at a time, under a lock), then works on it. Closing
-    the generator lets the windows in flight finish first (mapseg.parallel.ordered_map). ``clipped``:
-    a list given each window's count of pixels clipped to full brightness."""
-    lock = threading.Lock()
+    its worker threads reads a window (one read at a time, under a lock, unless the reader serialises its
+    file reads itself: ``locks_its_reads``, a resampling RasterView, whose resampling then runs in parallel),
+    then works on it. Closing the generator lets the windows in flight finish first
+    (mapseg.parallel.ordered_map). ``clipped``: a list given each window's count of pixels clipped to full
+    brightness."""
+    lock = contextlib.nullcontext() if reader.locks_its_reads else threading.Lock()
 
     def one(win: Window):
         with lock:

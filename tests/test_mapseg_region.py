@@ -226,9 +226,10 @@ def test_labels_do_not_depend_on_the_tile_with_extent_mask_and_resolution(model,
     mask = mask_geojson(tmp_path / "aoi.geojson")
     for res in (1.5, 0.75):  # area average with fractional weights; bilinear
         ref = None
-        for tile in (48, 100, 4096):
-            out = tmp_path / f"{res}_{tile}.tif"
-            segment_raster(src, out, SegmentOptions(k=4, model=model, tile=tile, backend="numpy", mask=mask,
+        for tile, workers in ((48, 2), (100, 2), (4096, 1)):  # 2 workers resample windows in parallel
+            out = tmp_path / f"{res}_{tile}_{workers}.tif"
+            segment_raster(src, out, SegmentOptions(k=4, model=model, tile=tile, workers=workers, backend="numpy",
+                                                    mask=mask,
                                                     extent=(296090.2, 5625390.7, 296370.9, 5625650.3),
                                                     resolution=res), **QUIET)
             labels, t, _, _ = grid(out)
@@ -237,7 +238,7 @@ def test_labels_do_not_depend_on_the_tile_with_extent_mask_and_resolution(model,
                 assert (t.a, t.e) == (res, -res) and (t.c, t.f) == (296090.2, 5625650.3)
                 assert labels.shape == (round(259.6 / res), round(280.7 / res))
                 assert 255 in labels and len(set(np.unique(labels)) - {255}) == 4
-            np.testing.assert_array_equal(labels, ref, err_msg=f"resolution {res}, tile {tile}")
+            np.testing.assert_array_equal(labels, ref, err_msg=f"resolution {res}, tile {tile}, workers {workers}")
 
 
 def test_resolution_in_a_geographic_crs_is_converted_at_the_centre_latitude(tmp_path):

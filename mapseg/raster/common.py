@@ -146,6 +146,9 @@ class ReaderBase:
     """What every reader shares: size from ``info``, a context manager around ``close``, and reads whose
     failures (``read_errors``: a truncated or corrupt file) become a RasterError naming the file and window."""
     read_errors: tuple = (OSError,)
+    # False: a file handle serves one read at a time, so the pipeline reads one window at a time; True: the
+    # reader guards its file reads itself (mapseg.raster.view.RasterView when it resamples)
+    locks_its_reads: bool = False
 
     def read(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
         """(data (h, w, 3) in the raster's dtype, valid (h, w) bool) for rows [row0, row1), cols [col0, col1)."""

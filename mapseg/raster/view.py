@@ -26,6 +26,7 @@ the pipeline (sampling, windows, the label writer, which takes the grid from ``i
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -326,6 +327,8 @@ class RasterView(ReaderBase):
             height = max(1, math.floor((cut[3] - cut[1]) / fy + 0.5))
         (co, ro), (fx, fy) = self.offset, self.scale
         self.exact = fx == 1.0 and fy == 1.0 and co == int(co) and ro == int(ro)
+        # resampling: the source is read under the view's own lock and windows resample in parallel
+        self.locks_its_reads, self._lock = not self.exact, threading.Lock()
         gt = (x0 + dx * co, dx * fx, 0.0, y0 + dy * ro, 0.0, dy * fy)
         self.info = replace(info, width=int(width), height=int(height), transform=like_transform(info.transform, gt),
                             has_mask=info.has_mask or polygons is not None, gcps=(), gcp_crs=None)
@@ -385,7 +388,8 @@ class RasterView(ReaderBase):
             b = min(row1, a + step)
             iy, wy = _taps(a, b, ro, fy, bh)
             sr0, sr1 = int(iy.min()), int(iy.max()) + 1
-            src, ok = self.base.read(sr0, sr1, sc0, sc1)
+            with self._lock:
+                src, ok = self.base.read(sr0, sr1, sc0, sc1)
             data[a - row0:b - row0], valid[a - row0:b - row0] = _resample(src, ok, iy - sr0, wy, ix - sc0, wx,
                                                                           self.info.dtype, self._fill())
         return data, valid

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
-from typing import Callable, Sequence, Union
+from typing import Union
 
 import numpy as np
 

@@ -19,9 +19,9 @@ pytest.importorskip("onnx")
 
 from mapseg import fit_centers, segment_array  # noqa: E402
 from mapseg.cli import main  # noqa: E402
+from mapseg.errors import SegmentError  # noqa: E402
 from mapseg.features import default_model_path  # noqa: E402
 from mapseg.onnx_export import check_tiling, default_overlap, overlap_px, resolution_cm  # noqa: E402
-from mapseg.errors import SegmentError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAIP = ROOT / "examples" / "naip_nd_2020_rgb.tif"

@@ -291,7 +291,7 @@ def test_unreferenced_input_says_its_resolution_is_unknown(tmp_path, capsys):
     assert run("segment", jpg, tmp_path / "b.tif", "-k", 3, "--model", "kmeans", "--no-progress",
                "--extent", "0,0,10,10") == 2
     err = capsys.readouterr().err
-    assert "error: --extent need a georeferenced raster" in err and "ground resolution is unknown" in err
+    assert "error: --extent needs a georeferenced raster" in err and "ground resolution is unknown" in err
     assert not (tmp_path / "b.tif").exists()
 
 

@@ -234,7 +234,8 @@ class RasterView(ReaderBase):
         flags = region.flags()
         if not getattr(info, "georeferenced", False) or info.gcps or info.transform is None:
             why = "it is georeferenced by ground control points only" if info.gcps else "it has no CRS or geotransform"
-            raise RasterError(f"{flags} need a georeferenced raster: {self.path} is not ({why}, so its ground "
+            verb = "needs" if "/" not in flags else "need"
+            raise RasterError(f"{flags} {verb} a georeferenced raster: {self.path} is not ({why}, so its ground "
                               "resolution is unknown); georeference it first (e.g. gdalwarp), or leave out " + flags)
         x0, dx, rx, y0, ry, dy = geotransform(info.transform)
         if rx or ry:

@@ -134,9 +134,19 @@ def _array_reader(image, o: SegmentOptions, valid=None, name: str = "<array>") -
     return reader, top, how
 
 
+# the settings an array honours; any other SegmentOptions field (cog, an extent, ...) concerns raster files and is
+# refused when set, rather than ignored
+ARRAY_SETTINGS = frozenset({"k", "centers", "model", "backend", "threads", "workers", "tile", "bands", "nodata",
+                            "stretch", "input_max", "smooth", "seed"})
+
+
 def _check_array_options(o: SegmentOptions) -> None:
-    if o.cog:
-        raise SegmentError("cog=True says how to write a raster file; arrays are returned, not written")
+    defaults = SegmentOptions()
+    raster_only = [f.name for f in dataclasses.fields(SegmentOptions)
+                   if f.name not in ARRAY_SETTINGS and getattr(o, f.name) != getattr(defaults, f.name)]
+    if raster_only:
+        raise SegmentError(f"{', '.join(raster_only)}: raster settings, which an array in memory does not take "
+                           "(crop or mask the array itself; write the labels as you need them)")
     if o.smooth < 0:
         raise SegmentError(f"smooth={o.smooth}: must be >= 0")
 

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "api.md"
 TILES = ROOT.parent / "shared" / "datasets" / "geonrw_dev" / "images"
 
-pytestmark = [pytest.mark.data, pytest.mark.slow, pytest.mark.skipif(not TILES.is_dir(), reason=f"real imagery not found at {TILES}")]
+pytestmark = [pytest.mark.data, pytest.mark.slow,
+              pytest.mark.skipif(not TILES.is_dir(), reason=f"real imagery not found at {TILES}")]
 
 
 def python_blocks(text: str) -> list[str]:

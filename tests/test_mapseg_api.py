@@ -165,7 +165,7 @@ def test_fit_centers_over_paths_and_arrays_and_save(crop, model, tmp_path):
     (np.zeros((8, 8), np.uint8), {"k": 2}, "single-band.*bands=\\(1, 1, 1\\)"),
     (np.zeros((8, 8, 3), np.int32), {"k": 2}, "int32 is not supported"),
     (np.zeros((8, 8, 3), np.uint8), {}, "give k"),
-    (np.zeros((8, 8, 3), np.uint8), {"k": 2, "cog": True}, "cog=True"),
+    (np.zeros((8, 8, 3), np.uint8), {"k": 2, "cog": True}, "cog: raster settings"),
 ])
 def test_bad_arrays_are_clear_errors(image, settings, message):
     with pytest.raises(SegmentError, match=message):

@@ -1,6 +1,7 @@
 """A portable ONNX segmenter: the artifact's network with fitted centres baked in (``mapseg export-onnx``).
 
     mapseg export-onnx --centers centers.json segmenter.onnx [--model DIR] [--tile 512] [--overlap PCT]
+                       [--legend legend.json]
 
 Input ``input``: (1, 3, T, T) float32, RGB, standardised: ``(x / 255 - mean) / std`` per channel with the
 ``standardization_mean`` / ``standardization_std`` the model carries (the artifact's input normalisation),
@@ -11,7 +12,7 @@ centres of ``(embedding . centre + bias) / temperature``; its argmax is ``mapseg
 
 The metadata follow Deepness' "Adding metadata to ONNX model" (docs/source/creators/
 creators_add_metadata_to_model.rst) and what its ``ModelBase`` reads (src/deepness/processing/models/
-model_base.py): ``model_type`` "Segmentor", ``class_names`` {id: name}, ``resolution`` (cm per pixel; only
+model_base.py): ``model_type`` "Segmentor", ``class_names`` {id: name} (``run_names``), ``resolution`` (cm per pixel; only
 where the artifact records its ground resolution), ``tiles_size`` (and ``tile_size``, the key its code reads),
 ``tiles_overlap`` (percent), ``standardization_mean`` / ``standardization_std``, ``seg_thresh`` 0 (the plugin
 zeroes scores below it before the argmax: 0 keeps every pixel's best segment), ``seg_small_segment`` 0 (no
@@ -42,6 +43,7 @@ from .cluster import Centers
 from .errors import ArtifactError, SegmentError
 from .features import default_model_path
 from .fileio import check_outputs, write_bytes_atomic
+from .legend import run_legend
 from .network import required_halo
 
 DEFAULT_TILE = 512
@@ -80,17 +82,12 @@ def default_overlap(tile: int, halo: int, stride: int = 4) -> int:
                        f"{2 * halo}; choose a larger tile (e.g. 512)")
 
 
-def class_names_for(centers: Centers, names: list[str] | None = None) -> dict[int, str]:
-    """{label: name}: ``names`` where given (one per centre), else the centres' own names where they carry them,
-    else ``"segment i"``."""
-    if names is None:
-        names = getattr(centers, "names", None)
-    if names is None:
-        return {i: f"segment {i}" for i in range(centers.k)}
-    names = [str(n) for n in names]
-    if len(names) != centers.k:
-        raise SegmentError(f"{len(names)} class names for {centers.k} centres: give one name per centre")
-    return dict(enumerate(names))
+def run_names(centers: Centers, legend=None) -> tuple[dict[int, str], dict]:
+    """({label: name} for 0..K-1, the legend's JSON): ``legend`` (a legend file, its JSON or a
+    ``mapseg.legend.Legend``) where given, else the legend the centres file keeps (``mapseg fit --legend``),
+    else ``segment i``; values a legend does not name keep their default name (``mapseg.legend.run_legend``)."""
+    chosen = run_legend(centers.k, legend, centers.legend, "--legend" if legend is not None else "the legend")
+    return {v: chosen.names[v] for v in range(centers.k)}, chosen.to_json()
 
 
 def resolution_cm(meta: dict) -> float | None:
@@ -201,10 +198,11 @@ def build_segmenter(artifact, centers: Centers, tile: int, overlap: int, names: 
 
 
 def export_onnx(centers, output, model=None, *, tile: int = DEFAULT_TILE, overlap: int | None = None,
-                class_names: list[str] | None = None, log=None) -> dict:
+                legend=None, log=None) -> dict:
     """Write the segmenter of ``model`` (an artifact folder; default: the default model) and ``centers`` (a centres
     file or ``Centers`` fitted with that model) to ``output`` (atomically; checked first: never an input).
-    ``overlap``: percent of ``tile`` (default: ``default_overlap``). Returns the metadata written."""
+    ``overlap``: percent of ``tile`` (default: ``default_overlap``); ``legend``: the class names (see
+    ``run_names``). Returns what was written: tile, overlap, class_names, resolution_cm."""
     log = log or (lambda msg: None)
     if str(model) == "kmeans":
         raise SegmentError("--model kmeans has no network to export: export-onnx needs an artifact and centres "
@@ -213,6 +211,8 @@ def export_onnx(centers, output, model=None, *, tile: int = DEFAULT_TILE, overla
     inputs = [(f"{name} of the model {folder}", os.path.join(folder, name)) for name in ARTIFACT_FILES]
     if isinstance(centers, (str, os.PathLike)):
         inputs.append(("the centres file", centers))
+    if isinstance(legend, (str, os.PathLike)):
+        inputs.append(("the legend file", legend))
     if Path(output).suffix.lower() != ".onnx":
         raise SegmentError(f"output {output}: give a .onnx name")
     artifact = load_artifact(folder)
@@ -224,8 +224,9 @@ def export_onnx(centers, output, model=None, *, tile: int = DEFAULT_TILE, overla
     shape = SimpleNamespace(kind="embedding", name=str(artifact.path), dim=artifact.embed_dim, max_k=artifact.max_k,
                             model_id={"weights_sha256": artifact.digest})
     check_centers(fitted, shape, None, centers)
-    names = class_names_for(fitted, class_names)
+    names, legend_json = run_names(fitted, legend)
     extra = {"mapseg": {"k": fitted.k, "weights_sha256": artifact.digest, "metric": fitted.metric,
+                        "legend": legend_json,
                         "temperature": artifact.temperature, "scores": "softmax((embedding . centre + bias) / "
                         "temperature) over the centres, at stride 4, repeated over each 4 x 4 cell",
                         "halo_px": halo, "overlap_px": overlap_px(tile, overlap)}}

@@ -155,6 +155,28 @@ def test_metadata_is_what_deepness_reads(tmp_path):
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)  # probabilities over the K segments
 
 
+def test_class_names_from_a_legend_or_the_centres_file(tmp_path):
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps({"classes": [{"value": 0, "name": "water"}, {"value": 2, "name": "fields"}]}))
+    plain, kept = tmp_path / "plain.json", tmp_path / "kept.json"
+    assert main(["fit", str(NAIP), "-k", "3", "-o", str(plain), "--no-progress"]) == 0
+    assert main(["fit", str(NAIP), "-k", "3", "-o", str(kept), "--no-progress", "--legend", str(legend)]) == 0
+
+    def names(*args):
+        out = tmp_path / "n.onnx"
+        assert main(["export-onnx", str(out), *args]) == 0
+        meta = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_modelmeta()
+        return json.loads(meta.custom_metadata_map["class_names"])
+
+    named = {"0": "water", "1": "segment 1", "2": "fields"}
+    assert names("--centers", str(plain), "--legend", str(legend)) == named
+    assert names("--centers", str(kept)) == named  # the legend mapseg fit kept in the centres file
+    assert names("--centers", str(plain)) == {"0": "segment 0", "1": "segment 1", "2": "segment 2"}
+    legend.write_text(json.dumps({"classes": [{"value": 5, "name": "roofs"}]}))
+    assert main(["export-onnx", str(tmp_path / "x.onnx"), "--centers", str(plain), "--legend", str(legend)]) == 2
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_tiling_rules():
     assert overlap_px(512, 8) == 40 and default_overlap(512, HALO) == 8
     assert default_overlap(256, HALO) == 16 and overlap_px(256, 16) == 40  # 13 % is 33 px, 14 % 35, 15 % 38

@@ -55,8 +55,9 @@ def load_model(path: PathLike | None = None, backend: str = "auto", *, threads: 
                workers: int | None = None) -> FeatureModel:
     """The feature model of an artifact folder (default: the shipped model, see ``default_model_path``), or
     colour k-means for ``"kmeans"``, loaded once: pass it as ``model=`` to every call that should reuse it
-    (no reloading of weights or onnxruntime sessions). ``backend``: auto | numpy | onnx | torch; ``threads``
-    per window and ``workers`` (windows in flight) as ``mapseg segment`` takes them."""
+    (no reloading of weights or onnxruntime sessions). ``backend``: auto | numpy | onnx | torch, as ``mapseg
+    segment --backend`` takes it (a precision rides on it as the CLI passes it: ``"onnx:int8"``); ``threads`` per
+    window and ``workers`` (windows in flight) as ``mapseg segment`` takes them."""
     return load_features(path, backend, threads, workers)
 
 

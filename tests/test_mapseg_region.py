@@ -391,3 +391,39 @@ def test_the_gdal_path_gives_the_same_area_grid_and_labels(tmp_path):
         assert (ta.a, ta.e) == (7, -7)
         assert ((a == 255) == (b == 255)).mean() > 0.999 and (a == b).mean() > 0.999
         assert (a == 255).any() and (a != 255).mean() > 0.5
+
+
+def test_an_extent_past_the_edge_is_cut_and_the_preview_shows_the_area(tmp_path, capsys):
+    from PIL import Image
+
+    src = need(TILE)
+    out, png = tmp_path / "cut.tif", tmp_path / "cut.png"
+    assert run("segment", src, out, "-k", 3, "--model", "kmeans", "--no-progress", "--preview", png,
+               "--extent", "295500,5625800,296300,5626500") == 0
+    err = capsys.readouterr().err
+    assert "reaches past" in err and "cut to the raster's bounds" in err
+    labels, t, _, _ = grid(out)
+    assert labels.shape == (200, 300) and t == Affine(1, 0, X0, 0, -1, Y0)
+    shown = np.asarray(Image.open(png).convert("RGB"))
+    with rasterio.open(src) as ds:  # the preview's left half is the area, not the whole raster
+        np.testing.assert_array_equal(shown[:, :300], ds.read(window=Window(0, 0, 300, 200)).transpose(1, 2, 0))
+
+
+def test_a_shapefile_mask_and_its_sidecars_are_inputs(tmp_path, capsys):
+    if not shutil.which("ogr2ogr"):
+        pytest.skip("ogr2ogr not installed")
+    import subprocess
+
+    src = need(TILE)
+    geojson = mask_geojson(tmp_path / "aoi.geojson")
+    shp = tmp_path / "aoi.shp"
+    subprocess.run(["ogr2ogr", "-f", "ESRI Shapefile", str(shp), str(geojson)], check=True, capture_output=True)
+    assert (tmp_path / "aoi.dbf").exists()
+    common = ["-k", 3, "--model", "kmeans", "--no-progress", "--mask", shp]
+    assert run("segment", src, tmp_path / "s.tif", *common) == 0
+    labels, t, _, _ = grid(tmp_path / "s.tif")
+    np.testing.assert_array_equal(labels != 255, expected_inside(t, labels.shape))
+    dbf = tmp_path / "aoi.dbf"
+    before = dbf.read_bytes()
+    assert run("segment", src, tmp_path / "x.tif", *common, "--report", dbf) == 2
+    assert "the --mask file" in capsys.readouterr().err and dbf.read_bytes() == before

@@ -1,7 +1,6 @@
 """Remote rasters: a Cloud Optimized GeoTIFF over HTTP (`http(s)://...`, `/vsicurl/...`) is segmented like the
 local file, and a windowed read fetches byte ranges, not the file. The server is a small HTTP/1.1 handler on
-127.0.0.1 that answers Range requests (single and multi-range), as object stores and web servers do; Python's
-http.server does not."""
+127.0.0.1 that answers Range requests, as object stores and web servers do; Python's http.server does not."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,40 +66,29 @@ class RangeServer:
                 data = path.read_bytes()
                 size = len(data)
                 header = self.headers.get("Range")
-                if not header:
-                    self.send_response(200)
+                ranges = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+                if ranges is None or ranges.groups() == ("", ""):  # no Range, or several (GDAL sends one per request): the whole file, as
+                    self.send_response(200)  # a server may answer any Range request (RFC 9110)
                     self.send_header("Content-Length", str(size))
                     self.send_header("Accept-Ranges", "bytes")
                     self.end_headers()
                     self._record(size)  # before the body: the client may go on as soon as it has it
                     self.wfile.write(data)
                     return
-                ranges = []
-                for part in re.fullmatch(r"bytes=(.+)", header.strip()).group(1).split(","):
-                    start, end = part.strip().split("-")
-                    if start == "":  # suffix range: the last N bytes
-                        start, end = max(0, size - int(end)), size - 1
-                    start, end = int(start), min(int(end) if end else size - 1, size - 1)
-                    if start >= size:
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{size}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return self._record(0)
-                    ranges.append((start, end))
-                if len(ranges) == 1:
-                    (start, end), = ranges
-                    body = data[start:end + 1]
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-                    self.send_header("Content-Type", "image/tiff")
-                else:
-                    boundary = "mapsegboundary"
-                    body = b"".join(f"--{boundary}\r\nContent-Type: image/tiff\r\nContent-Range: bytes {s}-{e}/{size}"
-                                    f"\r\n\r\n".encode() + data[s:e + 1] + b"\r\n" for s, e in ranges)
-                    body += f"--{boundary}--\r\n".encode()
-                    self.send_response(206)
-                    self.send_header("Content-Type", f"multipart/byteranges; boundary={boundary}")
+                start, end = ranges.groups()
+                if start == "":  # a suffix range: the last N bytes
+                    start, end = max(0, size - int(end)), size - 1
+                start, end = int(start), min(int(end) if end else size - 1, size - 1)
+                if start >= size:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return self._record(0)
+                body = data[start:end + 1]
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Type", "image/tiff")
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()

@@ -427,3 +427,18 @@ def test_a_shapefile_mask_and_its_sidecars_are_inputs(tmp_path, capsys):
     before = dbf.read_bytes()
     assert run("segment", src, tmp_path / "x.tif", *common, "--report", dbf) == 2
     assert "the --mask file" in capsys.readouterr().err and dbf.read_bytes() == before
+
+
+@pytest.mark.parametrize("res", [7, 3.3])  # area average over 1.4 source pixels; bilinear
+def test_resampling_around_nodata_does_not_depend_on_the_window(tmp_path, res):
+    """NGI tile 1 (5 m, nodata 0 at its edges): nodata pixels carry no weight, wherever a window cuts."""
+    src = need("ngi_aerial/ngi_rgb_byte_1.tif")
+    outs = []
+    for tile in (48, 4096):
+        segment_raster(src, tmp_path / f"{tile}.tif", SegmentOptions(k=4, model="kmeans", tile=tile, resolution=res,
+                                                                   extent=(-57200, -3726000, -55500, -3723800)),
+                       **QUIET)
+        outs.append(grid(tmp_path / f"{tile}.tif"))
+    (a, t, _, nodata), (b, _, _, _) = outs
+    assert nodata == 255 and 0.02 < (a == 255).mean() < 0.5 and t.a == pytest.approx(res)
+    np.testing.assert_array_equal(a, b)

@@ -67,8 +67,10 @@ class RangeServer:
                 size = len(data)
                 header = self.headers.get("Range")
                 ranges = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
-                if ranges is None or ranges.groups() == ("", ""):  # no Range, or several (GDAL sends one per request): the whole file, as
-                    self.send_response(200)  # a server may answer any Range request (RFC 9110)
+                if ranges is None or ranges.groups() == ("", ""):
+                    # no Range, or several (GDAL sends one per request): the whole file, which a server may
+                    # send for any Range request (RFC 9110)
+                    self.send_response(200)
                     self.send_header("Content-Length", str(size))
                     self.send_header("Accept-Ranges", "bytes")
                     self.end_headers()

@@ -410,7 +410,7 @@ def segment_block(path: str, output: str, s: TaskSettings, centers: Centers, fea
     halo = features.halo + o.smooth * features.stride
     with io_env(), open_reader(path, o.bands, o.nodata) as reader:
         info = reader.info
-        check_run_outputs({"output": output}, [(path, info)], o, log)
+        check_run_outputs({"output": output}, [(path, info)], dataclasses.replace(o, model=s.model), log)
         fitted = check_centers(load_centers(centers), features, None, centers)
         top, how, note = centres_scaling(fitted, info, centers, o.input_max, o.stretch)
         if note:
@@ -692,10 +692,10 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
         raise SegmentError(f"--block {block}: must be at least --tile ({o.tile})")
     block = block // o.tile * o.tile  # blocks on the window grid: every window lies in one block
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        if not out_dir.parent.is_dir():
-            raise OutputError(f"output folder {out_dir}: its parent {out_dir.parent} does not exist")
-        out_dir.mkdir(exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output folder {out_dir} is a file: give a folder")
+    if not out_dir.is_dir() and not out_dir.parent.is_dir():
+        raise OutputError(f"output folder {out_dir}: its parent {out_dir.parent} does not exist")
     out_dir = out_dir.resolve()
     paths = expand_inputs(inputs if isinstance(inputs, (list, tuple)) else [inputs], log)
     stems = output_stems(paths)
@@ -711,6 +711,7 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     previous = _previous_report(out_dir)
     failed_inputs: dict[str, str] = {}
     with dask_client(scheduler, n_workers, memory_limit, log) as client:
+        out_dir.mkdir(exist_ok=True)  # once the cluster is up: a run that cannot start leaves no folder
         settings = TaskSettings(model, backend, model_digest(features), per_task, "", str(out_dir))
         if o.centers is not None:
             centers = check_centers(load_centers(o.centers), features, o.k, o.centers)

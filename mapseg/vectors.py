@@ -1,0 +1,555 @@
+"""Segments as polygons: a label raster into a vector file (any OGR format, by extension), strip by strip.
+
+    polygonize_labels("labels.tif", "segments.gpkg", min_area=500, simplify=2.0)
+
+The label raster is read in strips of ``block_rows`` rows. For each strip:
+
+1. **Sieve** (GDAL's, ``rasterio.features.sieve``): regions of fewer pixels than ``min_area`` (square
+   metres) are merged into their largest neighbour. The strip is read with a halo of N rows above and
+   below (N = the threshold in pixels): a region of fewer than N pixels spans fewer than N rows, so one
+   that touches the strip lies wholly in the halo'd window and is measured exactly, and one cut by the
+   window's edge has at least N pixels inside it. So the regions removed are those a whole-raster sieve
+   removes. Which neighbour takes a removed region is GDAL's choice of the largest one *within the
+   window*: where two candidates both reach beyond the halo it can differ from a whole-raster sieve.
+2. **Polygonize** (``rasterio.features.shapes``) the strip's own rows, nodata excluded, in pixel
+   coordinates (integers: every union below is exact).
+3. **Simplify** (``simplify`` metres, Douglas-Peucker) so that neighbours keep sharing their edges: the
+   polygons' boundaries are noded into one linework, cut into arcs between junctions (and at every
+   vertex on the strip's top and bottom lines, so nothing moves on a seam), each arc simplified once with
+   its endpoints fixed, the simplified arcs polygonized again, and each face given to the polygon it
+   overlaps most (a face mostly outside every polygon, such as a nodata hole, to none). The faces tile
+   what the arcs enclose: no gaps, no overlaps. A region thinner than the tolerance can vanish.
+4. **Merge across the seam** with the strip above: polygons of one value whose pixels touch across the
+   seam (share an edge; with ``connectivity=8`` also a corner) become one feature. A feature is written
+   once nothing of it touches the strip's bottom line.
+
+Memory: one window of (block_rows + 2 N) x width pixels (the sieve holds about 3 bytes a pixel), the
+polygons of one strip, and the features still open at the seam (a region that spans the whole raster is
+held until it closes: its geometry has to be built to be written). Formats that cannot append (FlatGeobuf,
+...) get every feature at once at the end; GeoPackage, Shapefile and GeoJSON are written in batches.
+
+Attributes: ``label`` (the raster value), ``class`` (its name, from a legend; see ``mapseg.legend``)
+and ``area_m2``. Areas in square metres: projected CRSs from the pixel size and the CRS's unit; geographic
+CRSs (degrees) on the GRS80 ellipsoid's authalic sphere: the area of a pixel row is
+R_q^2 * dlon * |sin b(lat_top) - sin b(lat_bottom)| (b the authalic latitude), and a polygon's area the
+line integral R_q^2 * dlon * |sum over edges of the integral of sin b dx| (exact for the staircase
+edges, Simpson's rule on simplified ones). The sieve threshold of a geographic raster is taken per strip,
+from the pixel area at its middle row.
+
+The output is written in a temporary folder beside it (``.OUT.polygons-<pid>-<host>-<id>``) and its
+file(s) renamed into place when complete: an interrupted run leaves no half-written file.
+
+rasterio, shapely and pyogrio are imported when a function needs them, not with this module
+(QGIS's Python has numpy and osgeo alone).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OutputError, RasterError, SegmentError
+from .fileio import check_outputs, temp_sibling
+
+DEFAULT_BLOCK_ROWS = 1024
+LABEL_NODATA = 255               # mapseg's label nodata, where the file states none
+BATCH = 5000                     # features per write
+SIEVE_DTYPES = ("uint8", "uint16", "int16", "int32")
+# GRS80 (WGS84 differs in the 9th digit of the flattening): authalic sphere for areas on geographic CRSs
+ELLIPSOID_A = 6378137.0
+ELLIPSOID_F = 1 / 298.257222101
+_E = math.sqrt(ELLIPSOID_F * (2 - ELLIPSOID_F))
+MULTI_FILE_SUFFIXES = {"ESRI Shapefile": (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")}
+
+
+def _libraries():
+    """(rasterio, shapely, pyogrio), or a SegmentError naming what to install."""
+    missing = []
+    mods = []
+    for name in ("rasterio", "shapely", "pyogrio"):
+        try:
+            mods.append(__import__(name))
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SegmentError(f"polygons need {', '.join(missing)} (not installed): pip install rasterio shapely pyogrio "
+                           "(or pip install 'mapseg[vectors]')")
+    import shapely
+
+    if int(shapely.__version__.split(".")[0]) < 2:
+        raise SegmentError(f"polygons need shapely >= 2.0 (found {shapely.__version__}): pip install -U shapely")
+    return tuple(mods)
+
+
+def vector_driver(path: str | os.PathLike) -> str:
+    """The OGR driver that writes ``path``, from its extension (.gpkg, .shp, .geojson, .fgb, ...)."""
+    _, _, pyogrio = _libraries()
+    from pyogrio.raw import detect_write_driver
+
+    try:
+        driver = detect_write_driver(str(path))
+    except ValueError as exc:
+        raise OutputError(f"polygons {path}: no vector format for the extension {Path(path).suffix or '(none)'!r}; "
+                          "use .gpkg, .shp, .geojson, .fgb or another OGR format's extension") from exc
+    modes = pyogrio.list_drivers(write=True)
+    if driver not in modes:
+        raise OutputError(f"polygons {path}: this GDAL cannot write {driver}; use .gpkg")
+    return driver
+
+
+def _number(value, flag: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise SegmentError(f"{flag} {value!r}: give a number") from exc
+    if not math.isfinite(v) or v < 0:
+        raise SegmentError(f"{flag} {value!r}: give a finite number >= 0")
+    return v
+
+
+# --------------------------------------------------------------------------- pixel areas
+
+def _authalic_sin(lat_deg: np.ndarray) -> np.ndarray:
+    """sin of the authalic latitude of geodetic latitudes (degrees) on the GRS80 ellipsoid."""
+    s = np.sin(np.radians(np.clip(lat_deg, -90.0, 90.0)))
+
+    def q(sin_phi):
+        return (1 - _E ** 2) * (sin_phi / (1 - _E ** 2 * sin_phi ** 2)
+                                - np.log((1 - _E * sin_phi) / (1 + _E * sin_phi)) / (2 * _E))
+
+    return q(s) / q(np.float64(1.0))
+
+
+def _authalic_radius() -> float:
+    qp = (1 - _E ** 2) * (1 / (1 - _E ** 2) - math.log((1 - _E) / (1 + _E)) / (2 * _E))
+    return ELLIPSOID_A * math.sqrt(qp / 2)
+
+
+class PixelGeometry:
+    """Pixel -> ground: the transform, the pixel area (m²) at a row, and polygon areas in m²."""
+
+    def __init__(self, transform, crs, path: str):
+        self.t = transform
+        self.crs = crs
+        self.geographic = bool(crs is not None and crs.is_geographic)
+        self.georeferenced = crs is not None
+        if self.geographic:
+            if transform.b or transform.d:
+                raise RasterError(f"{path}: a rotated raster in geographic coordinates is not supported for areas")
+            self.rq = _authalic_radius()
+            self.dlon = abs(math.radians(transform.a))
+        elif crs is not None:
+            try:
+                factor = float(crs.linear_units_factor[1])
+            except Exception as exc:  # noqa: BLE001 - CRSError for CRSs without a linear unit
+                raise RasterError(f"{path}: the CRS has no linear unit ({exc}); reproject to a projected CRS") from exc
+            self.pixel_m2 = abs(transform.a * transform.e - transform.b * transform.d) * factor ** 2
+
+    def _lat(self, y):
+        return self.t.f + self.t.e * np.asarray(y, np.float64)
+
+    def pixel_area(self, row: float) -> float:
+        """Area in m² of one pixel of ``row`` (float rows: the pixel of that row's middle)."""
+        if not self.geographic:
+            return self.pixel_m2
+        r = math.floor(row)
+        s = _authalic_sin(self._lat([r, r + 1]))
+        return self.rq ** 2 * self.dlon * abs(float(s[0] - s[1]))
+
+    def pixel_size(self, row: float) -> float:
+        """Side in metres of a square of one pixel's area at ``row`` (the simplification's unit)."""
+        return math.sqrt(self.pixel_area(row))
+
+    def areas(self, geoms) -> np.ndarray:
+        """Areas in m² of shapely polygons in pixel coordinates."""
+        import shapely
+
+        geoms = np.asarray(geoms, dtype=object)
+        if not self.geographic:
+            return shapely.area(geoms) * self.pixel_m2
+        out = np.empty(len(geoms))
+        for i, g in enumerate(geoms):
+            total = 0.0
+            for poly in shapely.get_parts(g):
+                rings = [poly.exterior, *poly.interiors]
+                for k, ring in enumerate(rings):
+                    a = abs(self._ring_integral(shapely.get_coordinates(ring)))
+                    total += a if k == 0 else -a
+            out[i] = total * self.rq ** 2 * self.dlon
+        return out
+
+    def _ring_integral(self, xy: np.ndarray) -> float:
+        """The line integral of sin(authalic latitude) dx around a ring (pixel coordinates)."""
+        x0, y0, x1, y1 = xy[:-1, 0], xy[:-1, 1], xy[1:, 0], xy[1:, 1]
+        dx = x1 - x0
+        s0, s1 = _authalic_sin(self._lat(y0)), _authalic_sin(self._lat(y1))
+        sm = _authalic_sin(self._lat((y0 + y1) / 2))
+        return float(np.sum(dx * (s0 + 4 * sm + s1) / 6))  # exact where y0 == y1 (the staircase)
+
+    def to_crs(self, geoms):
+        """Pixel coordinates -> the raster's CRS (affine)."""
+        import shapely
+
+        t = self.t
+        return shapely.transform(geoms, lambda xy: np.column_stack(
+            (t.a * xy[:, 0] + t.b * xy[:, 1] + t.c, t.d * xy[:, 0] + t.e * xy[:, 1] + t.f)))
+
+
+# --------------------------------------------------------------------------- one strip
+
+def _seam_intervals(poly, y: float) -> list[tuple[float, float]]:
+    """The x-intervals of ``poly``'s edges lying on the line ``y`` (its pixels' edges along a seam)."""
+    import shapely
+
+    out = []
+    for ring in [poly.exterior, *poly.interiors]:
+        xy = shapely.get_coordinates(ring)
+        on = (xy[:-1, 1] == y) & (xy[1:, 1] == y)
+        for i in np.flatnonzero(on):
+            a, b = xy[i, 0], xy[i + 1, 0]
+            out.append((min(a, b), max(a, b)))
+    return out
+
+
+def _split_arcs(chains, rows: tuple[float, float], cols: tuple[float, float]):
+    """Chains of the noded linework cut at every inner vertex lying on the strip's top or bottom line (the seams)
+    or on the raster's left or right edge, so that the simplification keeps those vertices: strips still meet
+    and the raster's edges stay straight. Vectorised: one array of pieces."""
+    import shapely
+
+    xy, chain = shapely.get_coordinates(chains, return_index=True)
+    if not len(xy):
+        return np.asarray([], dtype=object)
+    first = np.r_[True, chain[1:] != chain[:-1]]
+    last = np.r_[chain[1:] != chain[:-1], True]
+    cut = (np.isin(xy[:, 1], rows) | np.isin(xy[:, 0], cols)) & ~first & ~last
+    piece = np.cumsum(first | cut) - 1                         # a cut vertex starts the next piece ...
+    dup = np.flatnonzero(cut)                                  # ... and ends the one before
+    order = np.r_[np.arange(len(xy)) * 2.0, dup * 2.0 - 1]
+    ids = np.r_[piece, piece[dup] - 1]
+    pts = np.r_[xy, xy[dup]]
+    sort = np.lexsort((order, ids))
+    return shapely.linestrings(pts[sort], indices=ids[sort])
+
+
+def _face_owners(faces, polys, rows: tuple[float, float], poly_json=None) -> np.ndarray:
+    """Per face: the index of the polygon holding most of its pixel centres, -1 where most are nodata, -2
+    where it holds none. Rasterised on the strip's grid (rows[0]..rows[1], pixel coordinates); ``poly_json``:
+    the polygons as GeoJSON mappings where the caller has them (rasterio converts shapely's slowly)."""
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    r0, r1 = int(rows[0]), int(rows[1])
+    width = int(math.ceil(max(shapely_bounds(polys)[2], shapely_bounds(faces)[2], 1)))
+    shape, grid = (r1 - r0, width), Affine(1, 0, 0, 0, 1, r0)
+    face_id = rasterize(zip(faces, range(len(faces))), out_shape=shape, transform=grid, fill=-1, dtype="int32")
+    poly_id = rasterize(zip(polys if poly_json is None else poly_json, range(len(polys))), out_shape=shape, transform=grid, fill=-1, dtype="int32")
+    inside = face_id >= 0
+    f, p = face_id[inside].astype(np.int64), poly_id[inside].astype(np.int64)
+    total = np.bincount(f, minlength=len(faces))
+    owner = np.where(total > 0, -1, -2)
+    held = p >= 0
+    if held.any():
+        pair, count = np.unique(f[held] * len(polys) + p[held], return_counts=True)
+        pf, pp = pair // len(polys), pair % len(polys)
+        order = np.lexsort((-count, pf))                      # per face, the largest count first
+        pf, pp, count = pf[order], pp[order], count[order]
+        top = np.r_[True, pf[1:] != pf[:-1]]
+        held_total = np.bincount(f[held], minlength=len(faces))
+        mostly = held_total[pf[top]] * 2 >= total[pf[top]]    # else mostly nodata: a hole's face
+        owner[pf[top][mostly]] = pp[top][mostly]
+    return owner
+
+
+def shapely_bounds(geoms) -> np.ndarray:
+    """(minx, miny, maxx, maxy) of all ``geoms``."""
+    import shapely
+
+    b = shapely.bounds(np.asarray(geoms, dtype=object))
+    return np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()])
+
+
+def simplify_shared(polys, tolerance: float, rows: tuple[float, float], width: int, poly_json=None):
+    """Polygons (pixel coordinates) simplified so that neighbours keep sharing their edges: a list with, per
+    polygon, its simplified geometry or None where it vanished. Vertices on ``rows`` (the strip's seams) and on
+    the raster's left and right edges (x = 0, ``width``) stay."""
+    import shapely
+
+    if not len(polys):
+        return []
+    polys = np.asarray(polys, dtype=object)
+    lines = shapely.union_all(shapely.boundary(polys))          # noded: every junction is a vertex
+    chains = shapely.get_parts(shapely.line_merge(lines))        # maximal chains between junctions
+    arcs = _split_arcs(chains, rows, (0.0, float(width)))
+    simple = shapely.simplify(arcs, tolerance, preserve_topology=False)
+    collapsed = shapely.is_closed(arcs) & (shapely.get_num_coordinates(simple) < 4)
+    simple[collapsed] = arcs[collapsed]                           # a ring must stay a ring
+    faces = np.asarray(shapely.get_parts(shapely.polygonize(shapely.get_parts(shapely.union_all(simple)))),
+                       dtype=object)
+    result = [None] * len(polys)
+    if not len(faces):
+        return result
+    # A face's owner: the polygon holding most of the pixel centres inside it (both rasterised on the strip's
+    # grid); a face mostly over nodata pixels (a nodata hole) has none; the few faces holding no pixel centre
+    # (slivers between crossing arcs) go to the polygon they overlap most.
+    owner_of = _face_owners(faces, polys, rows, poly_json)
+    sliver = np.flatnonzero(owner_of == -2)
+    if sliver.size:
+        fi, pi = shapely.STRtree(polys).query(faces[sliver], predicate="intersects")
+        overlap = shapely.area(shapely.intersection(faces[sliver][fi], polys[pi]))
+        face_area = shapely.area(faces[sliver])
+        best: dict[int, tuple[int, float]] = {}
+        covered = np.zeros(sliver.size)
+        for f, p, a in zip(fi.tolist(), pi.tolist(), overlap.tolist()):
+            covered[f] += a
+            if a > best.get(f, (-1, 0.0))[1]:
+                best[f] = (p, a)
+        owner_of[sliver] = -1
+        for f, (p, a) in best.items():
+            if covered[f] >= 0.5 * face_area[f]:
+                owner_of[sliver[f]] = p
+    owner: dict[int, list] = {}
+    for f in np.flatnonzero(owner_of >= 0).tolist():
+        owner.setdefault(int(owner_of[f]), []).append(faces[f])
+    for p, parts in owner.items():
+        result[p] = parts[0] if len(parts) == 1 else shapely.union_all(parts)
+    return result
+
+
+# --------------------------------------------------------------------------- the whole raster
+
+def _sieve_steps(n: int) -> list[int]:
+    """The thresholds of the sieve passes for a minimum of ``n`` pixels: 2, 4, 8, ... then n. GDAL merges a
+    small region into its largest neighbour only where that one is not small itself, so one pass at n leaves
+    clusters of small regions (a field of speckle) as they were; growing thresholds merge them step by step."""
+    steps, size = [], 2
+    while size < n:
+        steps.append(size)
+        size *= 2
+    return steps + [n] if n > 1 else []
+
+
+class _Open:
+    """A feature being built: its value and its (simplified) parts from each strip."""
+    __slots__ = ("value", "parts")
+
+    def __init__(self, value, parts):
+        self.value, self.parts = value, parts
+
+
+def _find(parent: dict, a):
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
+
+
+def _match(above, below, touch: bool):
+    """Pairs (gid above, gid below) of one value whose seam intervals overlap (``touch``: or meet at a point)."""
+    if not above or not below:
+        return []
+    below = sorted(below)
+    x0 = np.array([b[0] for b in below])
+    x1 = np.array([b[1] for b in below])
+    pairs = []
+    for a0, a1, value, gid in above:
+        lo = np.searchsorted(x1, a0, side="left" if touch else "right")
+        hi = np.searchsorted(x0, a1, side="right" if touch else "left")
+        for j in range(lo, hi):
+            if below[j][2] == value:
+                pairs.append((gid, below[j][3]))
+    return pairs
+
+
+def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: float = 0.0, connectivity: int = 4,
+                      names: dict | None = None, block_rows: int = DEFAULT_BLOCK_ROWS, log=None,
+                      check: bool = True) -> dict:
+    """Write the segments of a label raster as polygons to ``out_path`` (format by extension); see the module.
+
+    ``names``: value -> class name (the ``class`` attribute; without it the field is left out). Returns a
+    summary: ``polygons``, ``vertices``, ``sieve_pixels`` (the threshold, or its range over the strips),
+    ``format``, ``output``. ``check``: check the output against the input first (False where the caller did)."""
+    rasterio, shapely, pyogrio = _libraries()
+    from affine import Affine
+
+    log = log or (lambda msg: None)
+    min_area = _number(min_area, "--min-area")
+    simplify = _number(simplify, "--simplify")
+    if connectivity not in (4, 8):
+        raise SegmentError(f"--connectivity {connectivity!r}: 4 or 8")
+    if int(block_rows) < 1:
+        raise SegmentError(f"block_rows {block_rows!r}: give a positive number of rows")
+    out_path = Path(out_path)
+    driver = vector_driver(out_path)
+    if check:
+        check_outputs([("polygons", out_path)], [("the labels raster", labels_path)])
+    if not Path(labels_path).is_file():
+        raise RasterError(f"labels raster {labels_path} does not exist")
+    # no rasterio.Env(GDAL_CACHEMAX=...) here: a small block cache makes GDAL's rasterize (face owners) chunk
+    # its work and run 25 times slower; the reads are whole strips anyway
+    with rasterio.Env():
+        try:
+            ds = rasterio.open(labels_path)
+        except rasterio.errors.RasterioIOError as exc:
+            raise RasterError(f"cannot read {labels_path} as a raster ({exc})") from exc
+        with ds:
+            if ds.count != 1 or ds.dtypes[0] not in SIEVE_DTYPES:
+                raise RasterError(f"{labels_path}: polygons are made from a one-band integer label raster "
+                                  f"({', '.join(SIEVE_DTYPES)}); this has {ds.count} band(s) of {ds.dtypes[0]}")
+            nodata = LABEL_NODATA if ds.nodata is None else ds.nodata
+            geo = PixelGeometry(ds.transform, ds.crs, str(labels_path))
+            if not geo.georeferenced and (min_area or simplify):
+                raise SegmentError(f"{labels_path} has no CRS: --min-area (m²) and --simplify (m) need a "
+                                   "georeferenced raster")
+            summary = _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectivity, names,
+                                  int(block_rows), rasterio, shapely, pyogrio, Affine)
+    log(f"wrote {summary['polygons']} polygons ({summary['vertices']} vertices) to {out_path}")
+    if summary["under_min_area"]:
+        log(f"{summary['under_min_area']} polygon(s) stay under --min-area {min_area:g} m²: regions with no larger "
+            "neighbour to join (enclosed by nodata, or simplified below it)")
+    return summary
+
+
+def _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectivity, names, block_rows,
+                rasterio, shapely, pyogrio, Affine) -> dict:
+    from rasterio.features import shapes, sieve
+    from rasterio.windows import Window
+
+    height, width = ds.height, ds.width
+    crs_wkt = ds.crs.to_wkt() if ds.crs is not None else None
+    writer = _FeatureWriter(out_path, driver, crs_wkt, names, pyogrio, min_area)
+    parent: dict[int, int] = {}
+    groups: dict[int, _Open] = {}
+    prev_edges: list = []      # (x0, x1, value, gid) on the seam above the current strip
+    next_gid = 0
+    sieve_px = []
+    try:
+        for r0 in range(0, height, block_rows):
+            r1 = min(height, r0 + block_rows)
+            n = math.ceil(min_area / geo.pixel_area((r0 + r1) / 2)) if min_area > 0 else 0
+            sieve_px.append(n)
+            halo = n if n > 1 else 0
+            w0, w1 = max(0, r0 - halo), min(height, r1 + halo)
+            data = ds.read(1, window=Window(0, w0, width, w1 - w0))
+            valid = data != nodata
+            for size in _sieve_steps(n):
+                data = sieve(data, size, mask=valid, connectivity=connectivity)
+            core, core_valid = data[r0 - w0:r1 - w0], valid[r0 - w0:r1 - w0]
+            polys, values, mappings = [], [], []
+            for g, v in shapes(core, mask=core_valid, connectivity=connectivity, transform=Affine(1, 0, 0, 0, 1, r0)):
+                polys.append(shapely.geometry.shape(g))
+                mappings.append(g)
+                values.append(int(v))
+            if simplify > 0 and polys:
+                tol = simplify / geo.pixel_size((r0 + r1) / 2)
+                simple = simplify_shared(polys, tol, (float(r0), float(r1)), width, mappings)
+            else:
+                simple = polys
+            # new features, and where they meet the open ones above
+            new_top, new_bottom = [], []
+            for p, v, s in zip(polys, values, simple):
+                gid = next_gid
+                next_gid += 1
+                parent[gid] = gid
+                groups[gid] = _Open(v, [] if s is None else [s])
+                if r0 > 0 and p.bounds[1] == r0:
+                    new_top += [(a, b, v, gid) for a, b in _seam_intervals(p, float(r0))]
+                if r1 < height and p.bounds[3] == r1:
+                    new_bottom += [(a, b, v, gid) for a, b in _seam_intervals(p, float(r1))]
+            for a, b in _match(prev_edges, new_top, connectivity == 8):
+                ra, rb = _find(parent, a), _find(parent, b)
+                if ra != rb:
+                    keep, drop = min(ra, rb), max(ra, rb)
+                    parent[drop] = keep
+                    groups[keep].parts += groups.pop(drop).parts
+            prev_edges = [(a, b, v, _find(parent, g)) for a, b, v, g in new_bottom]
+            still_open = {g for _, _, _, g in prev_edges}
+            for gid in sorted(g for g in groups if g not in still_open):
+                writer.add(groups.pop(gid), geo)
+            # the union-find keeps only what may still be met: the open roots
+            parent = {g: g for g in groups}
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    lo, hi = min(sieve_px, default=0), max(sieve_px, default=0)
+    return {"output": str(out_path), "format": driver, "polygons": writer.count, "vertices": writer.vertices,
+            "sieve_pixels": lo if lo == hi else [lo, hi], "min_area_m2": min_area, "under_min_area": writer.small, "simplify_m": simplify,
+            "connectivity": connectivity, "block_rows": block_rows}
+
+
+class _FeatureWriter:
+    """Features written in batches into a temporary folder beside the output, moved into place by ``finish``."""
+
+    def __init__(self, out_path: Path, driver: str, crs_wkt, names, pyogrio, min_area: float = 0.0):
+        self.out_path, self.driver, self.crs, self.names, self.pyogrio = out_path, driver, crs_wkt, names, pyogrio
+        self.min_area, self.small = min_area, 0
+        self.append = "a" in pyogrio.list_drivers(write=True).get(driver, "")
+        self.tmp_dir = temp_sibling(out_path, "polygons", "")
+        os.mkdir(self.tmp_dir)
+        self.tmp = self.tmp_dir / out_path.name
+        self.batch: list = []
+        self.count = self.vertices = 0
+        self.written = False
+
+    def add(self, group: _Open, geo: PixelGeometry) -> None:
+        import shapely
+
+        if not group.parts:
+            return                                            # vanished in the simplification
+        geom = group.parts[0] if len(group.parts) == 1 else shapely.union_all(group.parts)
+        # straight runs lose their inner vertices (seam and junction points of others' arcs): the same shape
+        geom = shapely.simplify(geom, 0.0, preserve_topology=True)
+        if geom.is_empty:
+            return
+        self._geo = geo
+        self.batch.append((geom, group.value))
+        if self.append and len(self.batch) >= BATCH:
+            self._flush(geo)
+
+    def _flush(self, geo: PixelGeometry) -> None:
+        import shapely
+
+        if not self.batch and self.written:
+            return
+        geoms = np.array([g for g, _ in self.batch], dtype=object)
+        values = np.array([v for _, v in self.batch], dtype=np.int32)
+        area = geo.areas(geoms) if geo.georeferenced else np.full(len(geoms), np.nan)
+        self.small += int(np.sum(area < self.min_area * (1 - 1e-9))) if self.min_area else 0
+        world = geo.to_crs(geoms) if len(geoms) else geoms
+        self.vertices += int(shapely.get_num_coordinates(world).sum()) if len(geoms) else 0
+        fields, data = ["label"], [values]
+        if self.names is not None:
+            fields.append("class")
+            data.append(np.array([self.names.get(int(v), "") for v in values], dtype=object))
+        fields.append("area_m2")
+        data.append(area)
+        wkb = shapely.to_wkb(world) if len(geoms) else np.array([], dtype=object)
+        self.pyogrio.raw.write(str(self.tmp), wkb, data, fields, driver=self.driver, crs=self.crs,
+                               geometry_type="MultiPolygon", promote_to_multi=True, layer="segments",
+                               append=self.written)
+        self.written = True
+        self.count += len(geoms)
+        self.batch = []
+
+    def finish(self) -> None:
+        geo = getattr(self, "_geo", None)
+        if geo is None:   # no feature at all: an empty layer still says what the fields are
+            geo = PixelGeometry(None, None, "")
+        self._flush(geo)
+        folder = self.out_path.parent
+        stem = self.out_path.with_suffix("").name
+        made = {p.name for p in self.tmp_dir.iterdir()}
+        for suffix in MULTI_FILE_SUFFIXES.get(self.driver, ()):  # an older shapefile's parts not written now
+            old = folder / (stem + suffix)
+            if old.name not in made and old.exists():
+                old.unlink()
+        for name in sorted(made):
+            os.replace(self.tmp_dir / name, folder / name)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)

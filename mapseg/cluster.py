@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import ClusterError
 from .fileio import write_text_atomic
+from .legend import Legend
 from .network import matmul_rows
 
 CENTERS_FORMAT = "mapseg-centers"
@@ -271,6 +272,7 @@ class Centers:
     mean_colours: np.ndarray | None = None   # (K, 3) mean RGB in [0, 1] of the sampled members
     counts: np.ndarray | None = None         # sampled members per centre
     sample: dict = field(default_factory=dict)
+    legend: dict | None = None               # {"classes": [{"value", "name", "color"}]}: mapseg fit --legend
 
     @property
     def k(self) -> int:
@@ -293,12 +295,13 @@ class Centers:
             "mean_colours": None if self.mean_colours is None else np.round(self.mean_colours, 6).tolist(),
             "counts": None if self.counts is None else [int(v) for v in self.counts],
             "sample": self.sample,
+            **({} if self.legend is None else {"legend": self.legend}),
         }
 
     @classmethod
     def from_json(cls, data: dict, where: str = "centers file") -> "Centers":
         """Centres from a centres file's JSON; any field of the wrong type or shape is a ClusterError naming
-        ``where`` (``mean_colours``, ``counts`` and ``sample`` may be absent: older files)."""
+        ``where`` (``mean_colours``, ``counts``, ``sample`` and ``legend`` may be absent: older files)."""
         if not isinstance(data, dict):
             raise ClusterError(f"{where}: not a mapseg centres file (a JSON {type(data).__name__}, not an object); "
                                "write one with mapseg fit")
@@ -336,7 +339,13 @@ class Centers:
                 raise ClusterError(f"{where}: {key!r} must be an object, not {json.dumps(value)[:40]}")
         mc = None if data.get("mean_colours") is None else array("mean_colours", np.float64, f"({k}, 3)", 2, k, 3)
         counts = None if data.get("counts") is None else array("counts", np.int64, f"({k},)", 1, k)
-        return cls(centers, metric, features, model, mc, counts, sample)
+        legend = data.get("legend")
+        if legend is not None:  # names and colours of the labels (optional: files without them load)
+            try:
+                legend = Legend.from_json(legend, f"{where}: legend").check_k(k, f"{where}: legend").to_json()
+            except ValueError as exc:
+                raise ClusterError(str(exc)) from exc
+        return cls(centers, metric, features, model, mc, counts, sample, legend)
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")

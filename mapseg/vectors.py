@@ -5,20 +5,26 @@
 The label raster is read in strips of ``block_rows`` rows. For each strip:
 
 1. **Sieve** (GDAL's, ``rasterio.features.sieve``): regions of fewer pixels than ``min_area`` (square
-   metres) are merged into their largest neighbour. The strip is read with a halo of N rows above and
-   below (N = the threshold in pixels): a region of fewer than N pixels spans fewer than N rows, so one
-   that touches the strip lies wholly in the halo'd window and is measured exactly, and one cut by the
-   window's edge has at least N pixels inside it. So the regions removed are those a whole-raster sieve
-   removes. Which neighbour takes a removed region is GDAL's choice of the largest one *within the
-   window*: where two candidates both reach beyond the halo it can differ from a whole-raster sieve.
+   metres; N pixels) are merged into their largest neighbour, in passes at 2, 4, 8, ... then N pixels (GDAL
+   merges a small region only into a neighbour that is not small itself, so a single pass at N leaves
+   clusters of small regions as they were). The strip is read with a halo of N rows above and below: a
+   region of fewer than N pixels spans fewer than N rows, so one that touches the strip lies wholly in the
+   window and is measured exactly, and one cut by the window's edge has at least N pixels inside it. Near a
+   seam a strip's result can still differ from a whole-raster sieve's: GDAL picks the largest neighbour
+   among the parts *within the window*, and a region merged in one pass is measured again in the next. The
+   polygons tile the valid area either way; ``under_min_area`` counts those left smaller than the minimum
+   (a region with no neighbour to join: enclosed by nodata).
 2. **Polygonize** (``rasterio.features.shapes``) the strip's own rows, nodata excluded, in pixel
    coordinates (integers: every union below is exact).
 3. **Simplify** (``simplify`` metres, Douglas-Peucker) so that neighbours keep sharing their edges: the
    polygons' boundaries are noded into one linework, cut into arcs between junctions (and at every
-   vertex on the strip's top and bottom lines, so nothing moves on a seam), each arc simplified once with
-   its endpoints fixed, the simplified arcs polygonized again, and each face given to the polygon it
-   overlaps most (a face mostly outside every polygon, such as a nodata hole, to none). The faces tile
-   what the arcs enclose: no gaps, no overlaps. A region thinner than the tolerance can vanish.
+   vertex on the strip's top and bottom lines, so nothing moves on a seam, and on the raster's left and
+   right edges), each arc simplified once with its endpoints fixed, the simplified arcs noded and
+   polygonized again, and each face given to the polygon holding most of the pixel centres inside it (a
+   face mostly over nodata, such as a nodata hole, to none; a face holding no pixel centre, a sliver
+   where two simplified arcs cross, to the polygon it overlaps most). The faces tile what the arcs
+   enclose: no gaps, no overlaps. A region thinner than the tolerance can vanish (its neighbours close
+   over it). The tolerance is applied in pixel units: metres / the side of a square of one pixel's area.
 4. **Merge across the seam** with the strip above: polygons of one value whose pixels touch across the
    seam (share an edge; with ``connectivity=8`` also a corner) become one feature. A feature is written
    once nothing of it touches the strip's bottom line.

@@ -1,0 +1,244 @@
+"""Named classes (mapseg.legend; `--legend` on fit and segment, `mapseg legend`): the legend file checked with
+clear errors, kept in the centres file, written beside the labels as a QGIS style, a GDAL attribute table that
+GDAL reads, and the colour table; classes merged and renamed after a run."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+
+from affine import Affine  # noqa: E402
+
+from mapseg.cli import main  # noqa: E402
+from mapseg.cluster import Centers  # noqa: E402
+from mapseg.errors import ClusterError, SegmentError  # noqa: E402
+from mapseg.legend import Legend, parse_merge, read_legend, relabel, write_class_files  # noqa: E402
+from mapseg.raster.common import PALETTE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LEGEND = {"classes": [{"value": 0, "name": "water", "color": "#1f78b4"},
+                      {"value": 1, "name": "trees & grass", "color": "#33a02c"},
+                      {"value": 2, "name": "roofs <red>", "color": "#e31a1c80"}]}
+
+
+def rgb_raster(path, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.repeat(np.repeat(rng.integers(0, 255, (3, 12, 16)), 8, 1), 8, 2).astype(np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=128, height=96, count=3, dtype="uint8", crs="EPSG:32632",
+                       transform=Affine(1, 0, 500000, 0, -1, 5600000)) as ds:
+        ds.write(img)
+    return path
+
+
+def label_raster(path, labels, nodata=255):
+    with rasterio.open(path, "w", driver="GTiff", width=labels.shape[1], height=labels.shape[0], count=1,
+                       dtype="uint8", crs="EPSG:32632", transform=Affine(2, 0, 500000, 0, -2, 5600000),
+                       nodata=nodata) as ds:
+        ds.write(labels.astype(np.uint8), 1)
+        ds.update_tags(MAPSEG_K="5")
+    return path
+
+
+def gdal_rat(path) -> list[list]:
+    """The attribute table rows as GDAL reads them (gdalinfo -json, else osgeo); skip when neither is here."""
+    if shutil.which("gdalinfo"):
+        info = json.loads(subprocess.run(["gdalinfo", "-json", str(path)], capture_output=True, text=True,
+                                         check=True).stdout)
+        rat = info.get("rat") or info["bands"][0].get("rat")
+        names = [f["name"] for f in rat["fieldDefn"]]
+        return names, [row["f"] for row in rat["row"]]
+    osgeo = pytest.importorskip("osgeo.gdal", reason="neither gdalinfo nor osgeo to read the attribute table")
+    ds = osgeo.Open(str(path))
+    rat = ds.GetRasterBand(1).GetDefaultRAT()
+    names = [rat.GetNameOfCol(i) for i in range(rat.GetColumnCount())]
+    return names, [[rat.GetValueAsString(r, c) for c in range(rat.GetColumnCount())] for r in range(rat.GetRowCount())]
+
+
+def test_legend_round_trip_fit_centres_segment(tmp_path):
+    src = rgb_raster(tmp_path / "a.tif")
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps(LEGEND))
+    centres = tmp_path / "c.json"
+    assert main(["fit", str(src), "-k", "4", "-o", str(centres), "--model", "kmeans", "--no-progress",
+                 "--legend", str(legend)]) == 0
+    kept = Centers.load(centres).legend
+    assert [c["name"] for c in kept["classes"]] == ["water", "trees & grass", "roofs <red>", "segment 3"]
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(src), str(out), "--centers", str(centres), "--model", "kmeans", "--no-progress"]) == 0
+    # the names reached the attribute table GDAL reads, and the colours the GeoTIFF's colour table
+    fields, rows = gdal_rat(out)
+    assert fields == ["Value", "Count", "Name", "Red", "Green", "Blue", "Alpha"]
+    assert [str(r[2]) for r in rows] == ["water", "trees & grass", "roofs <red>", "segment 3"]
+    with rasterio.open(out) as ds:
+        labels, cmap = ds.read(1), ds.colormap(1)
+    assert [int(r[1]) for r in rows] == [int((labels == v).sum()) for v in range(4)]
+    assert cmap[0] == (0x1F, 0x78, 0xB4, 255) and cmap[2][:3] == (0xE3, 0x1A, 0x1C)   # (TIFF palettes: no alpha)
+    assert [int(x) for x in rows[2][3:7]] == [0xE3, 0x1A, 0x1C, 0x80]                   # the table keeps it
+    assert cmap[3] == PALETTE[3] + (255,)
+    assert read_legend(out).names == {0: "water", 1: "trees & grass", 2: "roofs <red>", 3: "segment 3"}
+    # --legend on segment overrides the centres file's
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"classes": [{"value": 3, "name": "bright"}]}))
+    out2 = tmp_path / "labels2.tif"
+    assert main(["segment", str(src), str(out2), "--centers", str(centres), "--model", "kmeans", "--no-progress",
+                 "--legend", str(other)]) == 0
+    assert read_legend(out2).names == {0: "segment 0", 1: "segment 1", 2: "segment 2", 3: "bright"}
+
+
+def test_qml_is_a_paletted_style_with_names_and_colours(tmp_path):
+    labels = np.array([[0, 1, 2, 255]] * 4, np.uint8)
+    out = label_raster(tmp_path / "l.tif", labels)
+    write_class_files(out, Legend.from_json(LEGEND))
+    root = ET.parse(tmp_path / "l.qml").getroot()                          # parses as XML
+    assert root.tag == "qgis"
+    renderer = root.find("pipe/rasterrenderer")
+    assert renderer.get("type") == "paletted" and renderer.get("band") == "1"
+    entries = [(e.get("value"), e.get("label"), e.get("color"), e.get("alpha"))
+               for e in renderer.findall("colorPalette/paletteEntry")]
+    assert entries == [("0", "water", "#1f78b4", "255"), ("1", "trees & grass", "#33a02c", "255"),
+                       ("2", "roofs <red>", "#e31a1c", "128")]
+    assert "255" not in [e[0] for e in entries]                            # nodata stays transparent
+
+
+def test_without_a_legend_names_are_segments_and_colours_the_palette(tmp_path):
+    src = rgb_raster(tmp_path / "a.tif")
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(src), str(out), "-k", "3", "--model", "kmeans", "--no-progress"]) == 0
+    _, rows = gdal_rat(out)
+    assert [str(r[2]) for r in rows] == ["segment 0", "segment 1", "segment 2"]
+    assert [tuple(int(x) for x in r[3:6]) for r in rows] == list(PALETTE[:3])
+    labels = [e.get("label") for e in ET.parse(tmp_path / "labels.qml").getroot().iter("paletteEntry")]
+    assert labels == ["segment 0", "segment 1", "segment 2"]
+
+
+def test_merge_rewrites_the_labels_and_their_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, (70, 90)).astype(np.uint8)
+    labels[:5, :5] = 255
+    src = label_raster(tmp_path / "l.tif", labels)
+    before = {v: int((labels == v).sum()) for v in range(5)}
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps({"classes": [{"value": 0, "name": "water"}, {"value": 1, "name": "vegetation"}]}))
+    new = tmp_path / "merged.tif"
+    assert main(["legend", str(src), "--legend", str(legend), "--merge", "3=1,4=1", "-o", str(new)]) == 0
+    with rasterio.open(new) as ds:
+        merged, crs, transform, nodata, tags = ds.read(1), ds.crs, ds.transform, ds.nodata, ds.tags()
+    counts = {int(v): int(n) for v, n in zip(*np.unique(merged[merged != 255], return_counts=True))}
+    assert counts == {0: before[0], 1: before[1] + before[3] + before[4], 2: before[2]}
+    assert (merged == 255).sum() == 25 and nodata == 255                  # nodata kept
+    assert crs.to_epsg() == 32632 and transform == Affine(2, 0, 500000, 0, -2, 5600000)
+    assert tags["MAPSEG_MERGED"] == "3=1,4=1" and tags["MAPSEG_K"] == "5"
+    _, rows = gdal_rat(new)
+    assert [(int(r[0]), int(r[1]), str(r[2])) for r in rows] == [
+        (0, before[0], "water"), (1, counts[1], "vegetation"), (2, before[2], "segment 2")]
+    assert np.array_equal(rasterio.open(src).read(1), labels)             # -o: the original untouched
+    # in place: the same file replaced, no temporaries left; renaming alone keeps the labels
+    relabel(src, {"classes": [{"value": 2, "name": "roofs", "color": "#ff0000"}]}, {4: 3})
+    with rasterio.open(src) as ds:
+        again, cmap = ds.read(1), ds.colormap(1)
+    assert (again == 4).sum() == 0 and (again == 3).sum() == before[3] + before[4]
+    assert cmap[2] == (255, 0, 0, 255)
+    assert read_legend(src).names == {0: "segment 0", 1: "segment 1", 2: "roofs", 3: "segment 3"}
+    relabel(src, {"classes": [{"value": 3, "name": "fields"}]})
+    assert np.array_equal(rasterio.open(src).read(1), again)
+    assert read_legend(src).names[3] == "fields"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{", "not valid JSON"),
+    ('[{"value": 0}]', "a legend is an object"),
+    ('{"classes": []}', "empty"),
+    ('{"classes": [{"value": 0, "name": "a"}], "colours": {}}', "unknown key"),
+    ('{"classes": [{"value": 0, "name": "a", "colour": "#000000"}]}', "unknown key"),
+    ('{"classes": [{"value": -1, "name": "a"}]}', "integer label 0..254"),
+    ('{"classes": [{"value": 255, "name": "a"}]}', "255 is nodata"),
+    ('{"classes": [{"value": 1.5, "name": "a"}]}', "integer label"),
+    ('{"classes": [{"value": 0, "name": ""}]}', "non-empty"),
+    ('{"classes": [{"value": 0, "name": "a", "color": "red"}]}', "#rrggbb"),
+    ('{"classes": [{"value": 0, "name": "a"}, {"value": 0, "name": "b"}]}', "named twice"),
+    ('{"classes": [{"value": 0, "name": "a"}, {"value": 1, "name": "a"}]}', "merge them"),
+])
+def test_bad_legend_files_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "legend.json"
+    path.write_text(content)
+    with pytest.raises(SegmentError, match=message) as info:
+        Legend.load(path)
+    assert str(path) in str(info.value)                                    # names the file
+    src = rgb_raster(tmp_path / "a.tif")
+    assert main(["segment", str(src), str(tmp_path / "o.tif"), "-k", "3", "--model", "kmeans", "--no-progress",
+                 "--legend", str(path)]) == 2                             # refused before the run
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_legend_values_beyond_k_and_bad_merges_are_refused(tmp_path):
+    src = rgb_raster(tmp_path / "a.tif")
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps({"classes": [{"value": 5, "name": "x"}]}))
+    assert main(["fit", str(src), "-k", "3", "-o", str(tmp_path / "c.json"), "--model", "kmeans", "--no-progress",
+                 "--legend", str(legend)]) == 2
+    with pytest.raises(SegmentError, match="K=3"):
+        Legend.load(legend).check_k(3)
+    for bad, message in (("3", "FROM=TO"), ("3=3", "into itself"), ("3=1,3=2", "twice"), ("3=1,1=0", "also a target"),
+                         ("300=1", "not a label")):
+        with pytest.raises(SegmentError, match=message):
+            parse_merge(bad)
+    labels = label_raster(tmp_path / "l.tif", np.zeros((8, 8), np.uint8))
+    with pytest.raises(SegmentError, match="do not occur"):
+        relabel(labels, None, {3: 0})
+    assert main(["legend", str(labels)]) == 2                              # nothing asked
+
+
+def test_centres_files_without_a_legend_still_load_and_a_bad_one_is_refused(tmp_path):
+    centres = Centers(np.eye(3, dtype=np.float32), "euclidean", "colour", {"kind": "kmeans"})
+    data = centres.to_json()
+    assert "legend" not in data                                            # older readers see the file they know
+    assert Centers.from_json(data).legend is None
+    data["legend"] = {"classes": [{"value": 7, "name": "x"}]}
+    with pytest.raises(ClusterError, match="K=3"):
+        Centers.from_json(data, "c.json")
+    data["legend"] = LEGEND
+    assert Centers.from_json(data).legend["classes"][1]["name"] == "trees & grass"
+
+
+def test_named_classes_through_gdal_alone_as_in_qgis(tmp_path):
+    """QGIS's Python has numpy and osgeo, no rasterio: the sidecars, the colour table and a merge go through GDAL."""
+    system = shutil.which("python3", path="/usr/bin")
+    if not system or subprocess.run([system, "-c", "from osgeo import gdal; import numpy"],
+                                    capture_output=True).returncode:
+        pytest.skip("no system Python with osgeo (GDAL bindings) and numpy: apt-get install python3-gdal")
+    src = rgb_raster(tmp_path / "a.tif")
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps(LEGEND))
+    code = f"""
+import sys, json
+from mapseg.cli import main
+out, new = {str(tmp_path / 'l.tif')!r}, {str(tmp_path / 'm.tif')!r}
+assert main(['segment', {str(src)!r}, out, '-k', '3', '--model', 'kmeans', '--no-progress', '--legend',
+             {str(legend)!r}]) == 0
+assert main(['legend', out, '--merge', '2=0', '-o', new]) == 0
+from osgeo import gdal
+result = {{}}
+for name, path in (('segment', out), ('merge', new)):
+    ds = gdal.Open(path)
+    band = ds.GetRasterBand(1)  # (ds held: a band outliving its dataset crashes the bindings)
+    rat = band.GetDefaultRAT()
+    result[name] = [[rat.GetValueAsString(r, 2) for r in range(rat.GetRowCount())],
+                    list(band.GetColorTable().GetColorEntry(1))]
+print(json.dumps({{'rasterio': 'rasterio' in sys.modules, **result}}))
+"""
+    res = subprocess.run([system, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MAPSEG_IO": "gdal"})
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["rasterio"] is False
+    assert got["segment"] == [["water", "trees & grass", "roofs <red>"], [0x33, 0xA0, 0x2C, 255]]
+    assert got["merge"] == [["water", "trees & grass"], [0x33, 0xA0, 0x2C, 255]]

@@ -532,7 +532,8 @@ def _epsg(wkt: str) -> str | None:
 
 
 def write_mosaics(out_dir: Path, pieces: list[dict], k: int) -> tuple[list[dict], list[str]]:
-    """VRT mosaics of ``pieces`` (dicts: ``file`` relative to ``out_dir``, ``geometry``): ``mosaic.vrt`` where all
+    """VRT mosaics of ``pieces`` (dicts: ``file`` relative to ``out_dir``, ``geometry``, optionally ``raster``: the
+    output it is part of, named in what is left out): ``mosaic.vrt`` where all
     share one CRS, else one ``mosaic_EPSG-<code>.vrt`` (or ``mosaic_<n>.vrt``) per CRS, at the finest pixel size
     of its pieces. Pieces without a CRS and a north-up transform (plain images, GCPs, rotated grids) are left out.
     Returns ([{"file", "crs", "rasters"}], [files left out, with why])."""
@@ -544,7 +545,8 @@ def write_mosaics(out_dir: Path, pieces: list[dict], k: int) -> tuple[list[dict]
         else:
             why = "no CRS" if g.get("geotransform") and _north_up(g["geotransform"]) else (
                 "georeferenced by GCPs" if g.get("gcps") else "not a north-up georeferenced grid")
-            left_out.append(f"{p['file']} ({why})")
+            left_out.append(f"{p.get('raster', p['file'])} ({why})")
+    left_out = list(dict.fromkeys(left_out))  # a raster cut into blocks is said once
     mosaics = []
     for n, (crs, members) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]["file"])):
         if len(groups) == 1:
@@ -730,6 +732,10 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
                 log(f"centres: K={k} from {len(paths) - len(failed_inputs)} raster(s), "
                     f"{time.perf_counter() - t0:.1f} s; wrote {out_dir / CENTERS_NAME}")
                 source = {"from": "fitted", "file": str(out_dir / CENTERS_NAME), "seconds": time.perf_counter() - t0}
+                # recorded now: a run stopped later reuses these centres when resumed (_reusable_centers)
+                write_text_atomic(out_dir / REPORT_NAME, json.dumps({
+                    "format": REPORT_FORMAT, "version": 1, "status": "running", "fit_key": fit_key,
+                    "centers": {**source, "digest": centers_digest(centers)}}, indent=1) + "\n")
         digest = centers_digest(centers)
         settings = dataclasses.replace(settings, run_key=_digest({"model": model_digest(features), "centers": digest,
                                                                    "options": label_options}))
@@ -750,7 +756,8 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
             log(f"removed {len(removed)} temporary file(s) that killed workers left in {folder}")
     counts = {st: sum(r["status"] == st for r in rasters) for st in ("done", "skipped", "failed")}
     report = {
-        "format": REPORT_FORMAT, "version": 1, "out_dir": str(out_dir), "inputs": len(paths), **counts,
+        "format": REPORT_FORMAT, "version": 1, "status": "finished", "out_dir": str(out_dir), "inputs": len(paths),
+        **counts,
         "seconds": time.perf_counter() - t_start, "fit_key": fit_key if source["from"] != "given" else None,
         "model": {"name": features.name, "digest": model_digest(features), "features": features.kind,
                   "backend": backend},
@@ -886,4 +893,4 @@ def _raster_entry(out_dir: Path, stem: str, result: dict, k: int) -> tuple[dict,
     entry.update(output=f"{stem}.vrt", tiles=[t["file"] for t in tiles],
                  blocks=[{k_: b.get(k_) for k_ in ("block", "status", "error", "seconds", "worker")
                           if b.get(k_) is not None} for b in result["blocks"]])
-    return entry, [{"file": t["file"], "geometry": t["geometry"]} for t in tiles]
+    return entry, [{"file": t["file"], "geometry": t["geometry"], "raster": f"{stem}.vrt"} for t in tiles]

@@ -339,35 +339,72 @@ def _tags(path) -> dict:
         return dict(ds.tags())
 
 
+# what mapseg.raster's writers give a COG (--cog); a COG is rebuilt with its new colour table, since updating
+# one in place would break its layout (GDAL refuses to)
+COG_OPTIONS = {"COMPRESS": "DEFLATE", "LEVEL": "1", "BLOCKSIZE": "512", "OVERVIEW_RESAMPLING": "NEAREST",
+               "BIGTIFF": "IF_SAFER"}
+
+
 def set_colour_table(labels_path, cmap: dict) -> None:
     """Replace the colour table of band 1 of a GeoTIFF atomically: the file is copied to a temporary sibling,
-    the table written there, and the copy renamed over the original."""
+    the table written there, and the copy renamed over the original (a COG: copied as a GeoTIFF, the table
+    set, converted back to a COG)."""
     from .raster import io_library
 
     path = Path(labels_path)
-    tmp = temp_sibling(path, "part", ".tif")
+    stem = temp_sibling(path, "part", "")
+    tmp, tmp_cog = stem.with_name(stem.name + ".tif"), stem.with_name(stem.name + ".cog.tif")
+    gdal_path = io_library() == "gdal"
     try:
-        shutil.copyfile(path, tmp)
-        if io_library() == "gdal":
-            from osgeo import gdal
-
-            gdal.UseExceptions()
-            ds = gdal.Open(str(tmp), gdal.GA_Update)
-            table = gdal.ColorTable()
-            for v, rgba in cmap.items():
-                table.SetColorEntry(int(v), tuple(int(c) for c in rgba))
-            ds.GetRasterBand(1).SetColorTable(table)
-            ds = None
-        else:
-            import rasterio
-
-            with rasterio.open(tmp, "r+") as ds:
-                ds.write_colormap(1, cmap)
-        os.replace(tmp, path)
-    except OSError as exc:
+        done = (_colour_table_gdal if gdal_path else _colour_table_rasterio)(path, tmp, tmp_cog, cmap)
+        os.replace(done, path)
+    except (OSError, RuntimeError, ValueError) as exc:  # rasterio's and osgeo's errors derive from these
         raise SegmentError(f"updating the colour table of {path} failed ({exc}); the file is unchanged") from exc
     finally:
-        remove_if_present(tmp, tmp.with_name(tmp.name + ".aux.xml"))
+        remove_if_present(*(p.with_name(p.name + ext) for p in (tmp, tmp_cog) for ext in ("", ".aux.xml")))
+
+
+def _colour_table_rasterio(path: Path, tmp: Path, tmp_cog: Path, cmap: dict) -> Path:
+    import rasterio
+    import rasterio.shutil
+
+    with rasterio.open(path) as ds:
+        cog = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT", "").upper() == "COG"
+    if cog:
+        rasterio.shutil.copy(str(path), str(tmp), driver="GTiff", TILED="YES", COMPRESS="DEFLATE", ZLEVEL=1,
+                             BIGTIFF="IF_SAFER")
+    else:
+        shutil.copyfile(path, tmp)
+    with rasterio.open(tmp, "r+") as ds:
+        ds.write_colormap(1, cmap)
+    if not cog:
+        return tmp
+    rasterio.shutil.copy(str(tmp), str(tmp_cog), driver="COG", **COG_OPTIONS)
+    return tmp_cog
+
+
+def _colour_table_gdal(path: Path, tmp: Path, tmp_cog: Path, cmap: dict) -> Path:
+    from osgeo import gdal
+
+    gdal.UseExceptions()
+    ds = gdal.Open(str(path))
+    cog = (ds.GetMetadata("IMAGE_STRUCTURE") or {}).get("LAYOUT", "").upper() == "COG"
+    ds = None
+    if cog:
+        gdal.Translate(str(tmp), str(path), format="GTiff",
+                       creationOptions=["TILED=YES", "COMPRESS=DEFLATE", "ZLEVEL=1", "BIGTIFF=IF_SAFER"])
+    else:
+        shutil.copyfile(path, tmp)
+    ds = gdal.Open(str(tmp), gdal.GA_Update)
+    table = gdal.ColorTable()
+    for v, rgba in cmap.items():
+        table.SetColorEntry(int(v), tuple(int(c) for c in rgba))
+    ds.GetRasterBand(1).SetColorTable(table)
+    ds = None
+    if not cog:
+        return tmp
+    gdal.Translate(str(tmp_cog), str(tmp), format="COG", creationOptions=[f"{k}={v}" for k, v in COG_OPTIONS.items()])
+    return tmp_cog
 
 
 def write_class_files(labels_path, legend: Legend, counts: dict | None = None, fresh: bool = True,

@@ -242,3 +242,25 @@ print(json.dumps({{'rasterio': 'rasterio' in sys.modules, **result}}))
     assert got["rasterio"] is False
     assert got["segment"] == [["water", "trees & grass", "roofs <red>"], [0x33, 0xA0, 0x2C, 255]]
     assert got["merge"] == [["water", "trees & grass"], [0x33, 0xA0, 0x2C, 255]]
+
+
+def test_a_cog_keeps_its_layout_with_the_new_colours(tmp_path):
+    src = rgb_raster(tmp_path / "a.tif")
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps(LEGEND))
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(src), str(out), "-k", "3", "--model", "kmeans", "--no-progress", "--cog",
+                 "--legend", str(legend)]) == 0
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"        # rebuilt, not updated in place
+        assert ds.colormap(1)[1] == (0x33, 0xA0, 0x2C, 255)
+        assert ds.crs.to_epsg() == 32632 and ds.tags()["MAPSEG_K"] == "3"
+
+
+def test_a_legend_beyond_k_is_refused_before_segmenting(tmp_path):
+    src = rgb_raster(tmp_path / "a.tif")
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps({"classes": [{"value": 4, "name": "x"}]}))
+    assert main(["segment", str(src), str(tmp_path / "o.tif"), "-k", "3", "--model", "kmeans", "--no-progress",
+                 "--legend", str(legend)]) == 2
+    assert not (tmp_path / "o.tif").exists()

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +344,61 @@ def test_centres_are_the_same_with_one_worker(first_run, tmp_path):
     assert (tmp_path / "out" / "centers.json").read_bytes() == (first_run["out"] / "centers.json").read_bytes()
     _assert_outputs_equal_references(tmp_path / "out", first_run["refs"])
 
+
+
+def _range_server(root: Path) -> ThreadingHTTPServer:
+    """An HTTP server of the files under ``root`` that answers byte ranges, as object stores do (GDAL's /vsicurl/
+    reads a COG by ranges and refuses a server without them)."""
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _head(self):
+            path = root / self.path.split("?")[0].lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return None
+            data = path.read_bytes()
+            wanted = self.headers.get("Range")
+            if wanted:
+                first, last = wanted.split("=")[1].split("-")
+                first, last = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+                data = data[first:last + 1]
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            return data
+
+        def do_HEAD(self):
+            self._head()
+
+        def do_GET(self):
+            data = self._head()
+            if data is not None:
+                self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.data
+@have_data
+def test_remote_inputs_are_read_by_the_workers(first_run, cluster, tmp_path):
+    from mapseg.batch import segment_batch
+    from mapseg.segment import SegmentOptions
+
+    server = _range_server(DATA / "neon")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/OSBS_029.tif?token=x"
+        report = segment_batch([url], tmp_path / "out", SegmentOptions(centers=str(first_run["out"] / "centers.json"),
+                                                                       tile=TILE),
+                               scheduler=cluster["address"], log=lambda m: None)
+    finally:
+        server.shutdown()
+    assert report["done"] == 1 and report["rasters"][0]["input"] == "/vsicurl/" + url
+    _assert_outputs_equal_references(tmp_path / "out", {"OSBS_029": first_run["refs"]["OSBS_029"]})

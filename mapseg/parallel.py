@@ -23,6 +23,23 @@ time on the BLAS's default threads and says so (``WorkerPlan.note``); asking
 for more workers is then an error rather than a quiet slowdown. The onnx and
 torch backends still run their windows in parallel (their networks have
 their own pools), and the note says the BLAS is not held.
+
+Every stage runs under this hold or uses no pool: the sampling windows go
+through the same plan (``map_windows``), the k-means fit calls no BLAS
+(mapseg/cluster.py: einsum's loops, one thread), and the assignment runs
+inside the windows. onnxruntime sessions take their thread count when they
+are made, and their idle pool threads sleep instead of spinning
+(``session.intra_op.allow_spinning`` 0, mapseg/backends.py). Measured on a
+2048^2 run on 2 CPUs (CPU seconds of the process, medians of 3, fresh
+processes; bench/REPORT.md): the default plan (2 windows x 1 thread) used the
+same CPU time with OPENBLAS_NUM_THREADS unset as at 1 (numpy 4.97 / 4.97 s,
+onnx 3.61 / 3.58 s; the fit stage 1.3-1.5 s in each), so nothing spins
+there; with ``--workers 1 --threads 2`` onnxruntime's spinning pool had cost
+12 % more CPU (4.16 against 3.72 s). What stays: the numpy backend at
+``--threads 2`` (one window at a time) spends 1.7 times the CPU of two
+windows at one thread each (windows 5.9 against 3.5 s) in OpenBLAS's own
+threads, which spin between products and which no library call can stop:
+the default plan avoids it.
 """
 from __future__ import annotations
 

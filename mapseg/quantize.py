@@ -45,7 +45,7 @@ from .backends import INT8_MODEL, INT8_SIDECAR, build_onnx_model
 from .errors import BackendUnavailable, SegmentError
 from .features import load_features
 from .fileio import remove_if_present, write_bytes_atomic, write_text_atomic
-from .raster import io_env, open_reader
+from .raster import OUTPUT_NODATA, io_env, open_reader
 from .segment import fit_reader_centers, label_reader, read_window, scaling_for
 from .windows import sample_window_order
 
@@ -147,27 +147,29 @@ def quantize_graph(model_bytes: bytes, images, digest: str) -> tuple[bytes, dict
     return out.SerializeToString(), settings
 
 
-def label_agreement(paths, model_dir, bands=None, seed: int = 0, ks=AGREEMENT_K, log=None) -> list[dict]:
-    """Per raster, the share of pixels whose int8 label equals the float32 one (onnx backend both), with K
-    centres fitted on the raster's float32 sample and applied to both, for each K in ``ks``."""
-    f32 = load_features(model_dir, "onnx")
-    i8 = load_features(model_dir, "onnx:int8")
+def label_agreement(paths, model_dir, bands=None, seed: int = 0, ks=AGREEMENT_K, log=None,
+                    reference: str = "onnx", variant: str = "onnx:int8") -> list[dict]:
+    """Per raster, the share of valid pixels whose label under ``variant`` (a backend spec, mapseg.backends.
+    split_backend) equals the label under ``reference``, with K centres fitted on the raster's ``reference``
+    sample and applied to both, for each K in ``ks``. Each raster's labels are held in memory whole."""
+    ref = load_features(model_dir, reference)
+    var = load_features(model_dir, variant)
     rows = []
     with io_env():
         for path in paths:
             with open_reader(path, bands) as reader:
-                scaling = scaling_for(reader, f32, None, seed)
+                scaling = scaling_for(reader, ref, None, seed)
                 row = {"path": str(path)}
                 for k in ks:
-                    centers = fit_reader_centers([reader], k, f32, seed)
-                    a = label_reader(reader, f32, scaling, centers)
-                    b = label_reader(reader, i8, scaling, centers)
-                    valid = a != 255
+                    centers = fit_reader_centers([reader], k, ref, seed)
+                    a = label_reader(reader, ref, scaling, centers)
+                    b = label_reader(reader, var, scaling, centers)
+                    valid = a != OUTPUT_NODATA
                     row[f"k{k}"] = round(float((a[valid] == b[valid]).mean()), 5)
                 rows.append(row)
                 if log:
-                    log(f"agreement with float32 on {path}: " + ", ".join(f"K={k} {100 * row[f'k{k}']:.2f} %"
-                                                                          for k in ks))
+                    log(f"agreement of {variant} with {reference} on {path}: "
+                        + ", ".join(f"K={k} {100 * row[f'k{k}']:.2f} %" for k in ks))
     return rows
 
 

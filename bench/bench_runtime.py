@@ -9,7 +9,9 @@ What it does, printing figures as it goes:
 1. Measures this machine's float32 matmul rate (2048^3 products; numpy, and
    torch when installed): the yardstick for "fraction of the matmul rate",
    measured again right before each throughput run (the machine may be
-   shared; the fraction compares figures taken under the same load).
+   shared; the fraction compares figures taken under the same load); and the
+   per-core rate (the same product on one thread), the yardstick of the
+   work done per CPU-second.
 2. Builds test rasters by tiling real imagery (``../shared/datasets``, the
    SWISSIMAGE 875 x 600 tile by default) into georeferenced VRT mosaics in a
    temporary folder outside the repository (nothing is copied).
@@ -17,7 +19,13 @@ What it does, printing figures as it goes:
    end -- read, embed, fit, assign, write a compressed GeoTIFF -- with each
    backend (numpy, onnx, torch: whatever is installed) and the SAME artifact,
    and in colour k-means mode; prints MP/s, effective GFLOP/s and the
-   fraction of the matmul rate measured just before that run. ``--repeat N``
+   fraction of the matmul rate measured just before that run; and, because
+   wall time on a shared host swings with other people's load while CPU time
+   much less, the CPU seconds of the run (this process's user + system time:
+   every thread of it), megapixels per CPU-second, the share of the per-core
+   float32 peak that this work is (effective GFLOP per CPU-second / the
+   per-core matmul rate measured just before), and the CPU seconds of the
+   fit stage (sampling + k-means) and of the label pass. ``--repeat N``
    (default 3) runs the backends in turn N times and ends with each one's
    median MP/s and median fraction: one run on a shared host can land on a
    burst of someone else's load, in the run or in its yardstick.
@@ -44,6 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,24 +64,46 @@ DATA = ROOT.parent / "shared" / "datasets"
 SOURCE = DATA / "swissimage" / "big_img" / "1091-322_00.tif"
 
 
-def matmul_rate(lib: str, n: int = 2048, repeat: int = 5) -> float:
-    """Best-of float32 GFLOP/s of an n^3 product."""
+def matmul_rate(lib: str, n: int = 2048, repeat: int = 5, threads: int | None = None, clock=time.perf_counter) -> float:
+    """Best-of float32 GFLOP/s of an n^3 product (``threads``: on that many threads, default all; ``clock``:
+    wall time, or ``time.thread_time`` for GFLOP per CPU-second of a one-thread product)."""
     if lib == "numpy":
         a = np.random.default_rng(0).random((n, n), dtype=np.float32)
         f = lambda: a @ a  # noqa: E731
-    else:
-        import torch
-        t = torch.rand(n, n)
-        f = lambda: t @ t  # noqa: E731
-    f()
-    best = min(_timed(f) for _ in range(repeat))
+        with threadpool_limits(limits=threads, user_api="blas"):
+            f()
+            best = min(_timed(f, clock) for _ in range(repeat))
+        return 2 * n ** 3 / best / 1e9
+    import torch
+    t = torch.rand(n, n)
+    f = lambda: t @ t  # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        f()
+        best = min(_timed(f, clock) for _ in range(repeat))
+    finally:
+        torch.set_num_threads(before)
     return 2 * n ** 3 / best / 1e9
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
+def core_rate(libs) -> float:
+    """The per-core float32 peak in GFLOP per CPU-second: the best one-thread product of ``libs``, timed by the
+    thread's CPU clock (a one-thread product runs on the calling thread), so other load on a shared host
+    does not lower it as it lowers the wall-clock rate."""
+    return max(matmul_rate(lib, repeat=3, threads=1, clock=time.thread_time) for lib in libs)
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time (user + system, all its threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _timed(fn, clock=time.perf_counter) -> float:
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def mosaic_vrt(source: Path, side: int, path: Path) -> Path:
@@ -122,8 +153,22 @@ def default_artifact(work: Path, model: str | None) -> Path:
 
 
 def run_segment(src: Path, out: Path, model: str, backend: str, k: int, tile: int) -> dict:
-    return segment_raster(src, out, SegmentOptions(k=k, model=model, tile=tile, backend=backend), progress=False,
-                          log=lambda msg: None)
+    """segment_raster's report, with ``cpu_s`` (the run's CPU seconds) and ``fit_cpu_s`` / ``windows_cpu_s`` (up to
+    the log line of the fitted centres, and after it)."""
+    marks = {}
+
+    def log(msg: str) -> None:
+        if msg.startswith("centres: "):
+            marks["fitted"] = cpu_seconds()
+
+    c0 = cpu_seconds()
+    r = segment_raster(src, out, SegmentOptions(k=k, model=model, tile=tile, backend=backend), progress=False,
+                       log=log)
+    c1 = cpu_seconds()
+    r["cpu_s"] = c1 - c0
+    r["fit_cpu_s"] = marks.get("fitted", c0) - c0
+    r["windows_cpu_s"] = c1 - marks.get("fitted", c0)
+    return r
 
 
 def peak_rss_run(src: Path, out: Path, model: str, backend: str, k: int, tile: int) -> tuple[float, float, float]:
@@ -181,6 +226,9 @@ def main() -> int:
     for lib, rate in rates.items():
         print(f"float32 matmul rate ({lib}, 2048^3): {rate:.0f} GFLOP/s")
     yardstick = max(rates.values())
+    core = core_rate(rates)
+    print(f"per-core float32 peak (best one-thread 2048^3 product of {', '.join(rates)}): {core:.0f} GFLOP "
+          "per CPU-second")
 
     model = str(default_artifact(work, args.model))
     art = load_artifact(model)
@@ -193,15 +241,16 @@ def main() -> int:
         mp = args.size ** 2 / 1e6
         print(f"\nthroughput raster: {args.size} x {args.size} ({mp:.1f} MP) tiled from {source.name}; K={args.k}, "
               f"tile {args.tile}; end to end (read, embed, fit, assign, write)")
-        print(f"{'mode':<14}{'MP/s':>8}{'s':>8}{'GFLOP/s':>9}{'of matmul':>11}{'matmul now':>12}{'load':>6}"
-              f"  fit s / windows s")
-        runs = {}  # backend -> [(MP/s, fraction of matmul)]
+        print(f"{'mode':<14}{'MP/s':>8}{'s':>8}{'GFLOP/s':>9}{'of matmul':>11}{'matmul now':>12}"
+              f"{'CPU s':>8}{'MP/CPU-s':>10}{'of core':>9}{'core now':>10}{'load':>6}  fit s / windows s (CPU s)")
+        runs = {}  # backend -> [(MP/s, fraction of matmul, MP per CPU-second, fraction of the per-core peak)]
         for round_ in range(max(1, args.repeat)):
             for backend in backends:
                 if backend in runs and not runs[backend]:
                     continue  # unavailable
                 # the machine may be shared: measure the yardstick right before each run, under the same load
                 now = max(matmul_rate(lib, repeat=3) for lib in rates)
+                core_now = core_rate(rates)
                 load = os.getloadavg()[0]
                 try:
                     r = run_segment(src, work / f"out_{backend}.tif", model, backend, args.k, args.tile)
@@ -210,25 +259,36 @@ def main() -> int:
                     runs[backend] = []
                     continue
                 gf = r["megapixels_per_s"] * flops / 1e9
-                runs.setdefault(backend, []).append((r["megapixels_per_s"], gf / now))
+                per_cpu = mp / r["cpu_s"]
+                of_core = per_cpu * flops / 1e9 / core_now
+                runs.setdefault(backend, []).append((r["megapixels_per_s"], gf / now, per_cpu, of_core))
                 print(f"{backend:<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{gf:9.1f}{gf / now:10.0%}"
-                      f"{now:12.0f}{load:6.1f}  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
+                      f"{now:12.0f}{r['cpu_s']:8.1f}{per_cpu:10.2f}{of_core:8.0%}{core_now:10.0f}{load:6.1f}  "
+                      f"{r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f} "
+                      f"({r['fit_cpu_s']:.1f} / {r['windows_cpu_s']:.1f})")
             if not args.no_kmeans:
                 r = run_segment(src, work / "out_kmeans.tif", "kmeans", "auto", args.k, args.tile)
-                runs.setdefault("colour kmeans", []).append((r["megapixels_per_s"], None))
+                runs.setdefault("colour kmeans", []).append((r["megapixels_per_s"], None, mp / r["cpu_s"], None))
                 print(f"{'colour kmeans':<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{'-':>9}{'-':>11}"
-                      f"{'-':>12}{'':6}  {r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f}")
+                      f"{'-':>12}{r['cpu_s']:8.1f}{mp / r['cpu_s']:10.2f}{'-':>9}{'-':>10}{os.getloadavg()[0]:6.1f}  "
+                      f"{r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f} "
+                      f"({r['fit_cpu_s']:.1f} / {r['windows_cpu_s']:.1f})")
         print(f"(of matmul = effective GFLOP/s / the float32 matmul rate (best of 3) measured just before the "
-              f"run; at the start: {yardstick:.0f} GFLOP/s)")
+              f"run; at the start: {yardstick:.0f} GFLOP/s. CPU s = the process's user + system seconds over the "
+              f"run; of core = effective GFLOP per CPU-second / the per-core float32 peak (one-thread 2048^3 "
+              f"product, best of 3, GFLOP per CPU-second of its thread) measured just before; at the start: "
+              f"{core:.0f})")
         if args.repeat > 1:
             print(f"\nmedians over {args.repeat} rounds")
             for name, got in runs.items():
                 if got:
-                    share = ("-" if got[0][1] is None
-                             else f"{np.median([g[1] for g in got]):.0%} ({min(g[1] for g in got):.0%}-"
-                                  f"{max(g[1] for g in got):.0%})")
-                    print(f"{name:<14}{np.median([g[0] for g in got]):8.2f} MP/s "
-                          f"({min(g[0] for g in got):.2f}-{max(g[0] for g in got):.2f}), of matmul {share}")
+                    def spread(i, fmt):
+                        if got[0][i] is None:
+                            return "-"
+                        v = [g[i] for g in got]
+                        return f"{format(float(np.median(v)), fmt)} ({format(min(v), fmt)}-{format(max(v), fmt)})"
+                    print(f"{name:<14}{spread(0, '.2f')} MP/s, of matmul {spread(1, '.0%')}; "
+                          f"{spread(2, '.2f')} MP per CPU-second, of the per-core peak {spread(3, '.0%')}")
 
     sizes = [int(s) for s in args.rss_sizes.split(",") if s]
     if sizes:

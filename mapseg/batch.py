@@ -50,7 +50,7 @@ import numpy as np
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
 from .cluster import (ELEMENTWISE_MAX_DIM, SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, check_k,
                       fit_centers)
-from .errors import USER_ERRORS, BackendUnavailable, OutputError, SegmentError, first_line
+from .errors import USER_ERRORS, BackendUnavailable, OutputError, RasterError, SegmentError, first_line
 from .features import FeatureModel, load_features
 from .fileio import remove_dead_leftovers, write_text_atomic
 from .raster import OUTPUT_NODATA, colormap, io_env, open_reader, open_writer
@@ -172,7 +172,10 @@ def _input_stat(path: str):
     """(size, mtime_ns) of a local input, None for a remote one (matched by its URL alone)."""
     if _is_remote(path):
         return None
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise RasterError(f"input raster {path} does not exist") from exc
     return [st.st_size, st.st_mtime_ns]
 
 
@@ -708,8 +711,9 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
                                    threads=o.threads or 1, workers=o.workers or 1)
     label_options = {"bands": o.bands, "nodata": o.nodata, "stretch": o.stretch, "input_max": o.input_max,
                      "smooth": o.smooth, "seed": o.seed, "cog": o.cog}
+    sample_options = {key: label_options[key] for key in ("bands", "nodata", "stretch", "input_max", "seed")}
     fit_key = _digest({"inputs": [(p, _input_stat_or_none(p)) for p in paths], "k": o.k,
-                       "model": model_digest(features), "options": label_options})
+                       "model": model_digest(features), "options": sample_options})
     previous = _previous_report(out_dir)
     failed_inputs: dict[str, str] = {}
     with dask_client(scheduler, n_workers, memory_limit, log) as client:
@@ -784,7 +788,7 @@ def _identity(x):
 def _input_stat_or_none(path: str):
     try:
         return _input_stat(path)
-    except OSError:
+    except (OSError, RasterError):
         return None  # missing: its task says so
 
 

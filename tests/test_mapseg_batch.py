@@ -330,6 +330,12 @@ def test_corrupt_and_missing_inputs_are_reported_and_the_rest_finish(cluster, tm
             ["sample"]["rasters"]] == [good.name]  # fitted on what could be read
     assert not (tmp_path / "out" / "truncated.tif").exists() and _no_temporaries(tmp_path / "out") == []
     assert "failed" in capsys.readouterr().err
+    # with centres given there is no sampling: the label task says the same of the missing file
+    rc = main(["batch", str(good), str(tmp_path / "missing.tif"), str(tmp_path / "out2"), "--centers",
+               str(tmp_path / "out" / "centers.json"), "--scheduler", cluster["address"]])
+    report = json.loads((tmp_path / "out2" / "batch_report.json").read_text())
+    assert rc == 1 and [r["status"] for r in report["rasters"]] == ["done", "failed"]
+    assert "missing.tif does not exist" in report["rasters"][1]["error"]
 
 
 @pytest.mark.data

@@ -338,6 +338,7 @@ def test_corrupt_and_missing_inputs_are_reported_and_the_rest_finish(cluster, tm
     assert "missing.tif does not exist" in report["rasters"][1]["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.data
 @have_data
 def test_centres_are_the_same_with_one_worker(first_run, tmp_path):

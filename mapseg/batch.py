@@ -639,17 +639,24 @@ def dask_client(scheduler=None, n_workers: int | None = None, memory_limit="auto
 
 # --------------------------------------------------------------------------- the run
 
+def _backend_spec(features: FeatureModel) -> str:
+    """The backend a feature model runs, as a spec every worker loads alike: ``onnx``, or ``onnx:int8`` where its
+    precision is not float32 (mapseg.backends.split_backend); ``auto`` for colour k-means (no network)."""
+    if features.kind == "colour":
+        return "auto"
+    precision = getattr(getattr(features, "backend", None), "precision", "float32")
+    return features.backend_name if precision == "float32" else f"{features.backend_name}:{precision}"
+
+
 def _resolved_model(options: SegmentOptions) -> tuple[str, str, FeatureModel]:
-    """(model folder (absolute) or "kmeans", backend, the feature model loaded here) of a run's options."""
+    """(model folder (absolute) or "kmeans", backend spec, the feature model loaded here) of a run's options."""
     m = options.model
     if m is not None and not isinstance(m, (str, os.PathLike)):  # a FeatureModel loaded already
         features = m
-        name = "kmeans" if features.kind == "colour" else os.path.abspath(features.name)
-        return name, ("auto" if features.kind == "colour" else features.backend_name), features
-    features = load_features(m, options.backend, 1, 1)
-    if features.kind == "colour":
-        return "kmeans", "auto", features
-    return os.path.abspath(features.name), features.backend_name, features
+    else:
+        features = load_features(m, options.backend, 1, 1)
+    name = "kmeans" if features.kind == "colour" else os.path.abspath(features.name)
+    return name, _backend_spec(features), features
 
 
 def _previous_report(out_dir: Path) -> dict:
@@ -709,9 +716,12 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     log(f"model: {features.name}; backend {backend}; {len(paths)} input raster(s)")
     per_task = dataclasses.replace(o, model=None, centers=None, backend="auto",
                                    threads=o.threads or 1, workers=o.workers or 1)
+    # what changes labels (besides model and centres); the precision of the network is part of the backend spec
+    precision = backend.partition(":")[2] or "float32"
     label_options = {"bands": o.bands, "nodata": o.nodata, "stretch": o.stretch, "input_max": o.input_max,
-                     "smooth": o.smooth, "seed": o.seed, "cog": o.cog}
-    sample_options = {key: label_options[key] for key in ("bands", "nodata", "stretch", "input_max", "seed")}
+                     "smooth": o.smooth, "seed": o.seed, "cog": o.cog, "precision": precision}
+    sample_options = {key: label_options[key] for key in ("bands", "nodata", "stretch", "input_max", "seed",
+                                                          "precision")}
     fit_key = _digest({"inputs": [(p, _input_stat_or_none(p)) for p in paths], "k": o.k,
                        "model": model_digest(features), "options": sample_options})
     previous = _previous_report(out_dir)

@@ -9,7 +9,12 @@
 
 Settings are ``mapseg.segment.SegmentOptions`` fields, given as keyword arguments (``k=6``,
 ``centers=...``, ``model=...``, ``tile=1024``, ...) or as a ``SegmentOptions`` (``options=``), the keywords
-replacing its fields. Any field of SegmentOptions is accepted by name, so settings added there work here.
+replacing its fields; a name that is no field is an error listing them. ``segment_raster``, and
+``fit_centers`` over raster paths alone, accept every field (a fit uses those ``mapseg fit`` uses). Arrays
+(``segment_array``, ``fit_centers`` with an array among its inputs) take only ``ARRAY_SETTINGS`` (k, centers,
+model, backend, threads, workers, tile, bands, nodata, stretch, input_max, smooth, seed): any other field
+(``cog``, an extent, a mask, ...) concerns raster files and, set to other than its default, is refused rather
+than ignored.
 
 Arrays run the raster pipeline on an in-memory image (``mapseg.raster.ArrayReader`` and
 ``mapseg.segment.label_reader``): the same windows, sample, centres and assignment, so ``segment_array`` gives
@@ -20,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 from typing import Union
 
 import numpy as np
@@ -80,12 +84,18 @@ def segment_raster(input_path: PathLike, output_path: PathLike, options: Segment
 # --------------------------------------------------------------------------- arrays
 
 class _FloatArrayReader(ArrayReader):
-    """``ArrayReader`` over a float (H, W, 3) image (ArrayReader itself takes uint8 and uint16)."""
+    """``ArrayReader`` over a float (H, W, 3) image (ArrayReader itself takes uint8 and uint16).
 
-    def __init__(self, image: np.ndarray, valid: np.ndarray | None, name: str):
-        self.image, self.valid, self.path = image, valid, name
-        self.info = SimpleNamespace(dtype=image.dtype.name, width=image.shape[1], height=image.shape[0],
-                                    has_nodata=valid is not None)
+    ``ArrayReader.__init__`` runs as for any array (its shape and emptiness checks, and whatever it sets up) on a
+    uint8 stand-in of the image's shape (a broadcast view: no copy); the float image then takes its place."""
+
+    def __init__(self, image: np.ndarray, valid: np.ndarray | None = None, name: str = "<array>"):
+        image = np.asarray(image)
+        if image.dtype.kind != "f" or image.ndim != 3 or image.shape[2] != 3:
+            raise SegmentError(f"{name}: expected an (H, W, 3) float image, got {image.shape} {image.dtype}")
+        super().__init__(np.broadcast_to(np.uint8(0), image.shape), valid, name)
+        self.image = image
+        self.info.dtype = image.dtype.name
 
 
 def _array_reader(image, o: SegmentOptions, valid=None, name: str = "<array>") -> tuple[ArrayReader, float | None, str]:
@@ -163,8 +173,9 @@ def segment_array(image: np.ndarray, k: int | None = None, *, centers: PathLike 
     ``k`` clusters fitted on a sample of the image, or ``centers`` (``fit_centers``' result or a centres file)
     applied; ``model``: an artifact folder, ``"kmeans"``, None (the default model) or ``load_model()``'s result
     (faster when reused). Nodata: pixels whose bands all equal ``nodata``, where ``valid`` (H, W) is False, and
-    float pixels with a NaN band. Further settings by name (``seed``, ``tile``, ``smooth``, ``input_max``,
-    ``stretch``, ``backend``, ...): see ``SegmentOptions``. ``log(message)``: notes on scaling (default: none).
+    float pixels with a NaN band. Further settings by name, those of ``ARRAY_SETTINGS`` (``seed``, ``tile``,
+    ``smooth``, ``input_max``, ``stretch``, ``backend``, ...; see ``SegmentOptions``): the other fields are raster
+    settings, refused when set. ``log(message)``: notes on scaling (default: none).
     """
     given = {key: value for key, value in (("k", k), ("centers", centers), ("model", model), ("nodata", nodata))
              if value is not None}
@@ -215,7 +226,8 @@ def fit_centers(inputs: ImageInput | Sequence[ImageInput], k: int | None = None,
     ``mapseg segment --centers`` reads; pass it as ``centers=`` to ``segment_raster`` / ``segment_array``.
     ``model`` as in ``segment_array`` (the centres apply only to the model they were fitted with). Further
     settings by name (``seed``, ``bands``, ``nodata``, ``input_max``, ``stretch``, ...). Rasters alone run
-    ``mapseg.segment.fit_raster_centers`` (``progress``: its bars); arrays are sampled in memory."""
+    ``mapseg.segment.fit_raster_centers`` (``progress``: its bars) and accept every SegmentOptions field; with an
+    array among the inputs (sampled in memory) only ``ARRAY_SETTINGS`` are, as in ``segment_array``."""
     if isinstance(inputs, (str, os.PathLike, np.ndarray)):
         inputs = [inputs]
     inputs = list(inputs)

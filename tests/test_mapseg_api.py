@@ -98,9 +98,14 @@ def test_nodata_value_mask_and_nan_give_255(crop, model):
     labels = segment_array(image, k=4, model=model, valid=valid)
     assert (labels[-10:, -12:] == 255).all() and (labels[valid] < 4).all()
     f = image.astype(np.float64) / 255
-    f[5:9, 7:11, 1] = np.nan
-    labels = segment_array(f, k=4, model=model)
+    hole = np.ones(image.shape[:2], bool)
+    hole[5:9, 7:11] = False
+    nan = f.copy()
+    nan[5:9, 7:11, 1] = np.nan
+    labels = segment_array(nan, k=4, model=model)
     assert (labels[5:9, 7:11] == 255).all() and (labels < 4).sum() == labels.size - 16
+    # a NaN band is nodata exactly as a valid= mask says it: no NaN reaches the network or the neighbours' labels
+    np.testing.assert_array_equal(labels, segment_array(f, k=4, model=model, valid=hole))
 
 
 def test_bands_pick_three_of_more(crop, model):
@@ -166,14 +171,41 @@ def test_fit_centers_over_paths_and_arrays_and_save(crop, model, tmp_path):
     (np.zeros((8, 8, 3), np.int32), {"k": 2}, "int32 is not supported"),
     (np.zeros((8, 8, 3), np.uint8), {}, "give k"),
     (np.zeros((8, 8, 3), np.uint8), {"k": 2, "cog": True}, "cog: raster settings"),
+    # empty and wrong-shape floats: the checks a uint8 array gets (once a ZeroDivisionError)
+    (np.zeros((0, 10, 3), np.float32), {"k": 2}, "<array> is empty"),
+    (np.zeros((10, 0, 3), np.float64), {"k": 2}, "<array> is empty"),
+    (np.zeros((0, 10, 4), np.float32), {"k": 2, "bands": (1, 2, 3)}, "<array> is empty"),
+    (np.zeros((0, 10, 3), np.uint8), {"k": 2}, "<array> is empty"),
+    (np.zeros((8, 8, 3, 1), np.float32), {"k": 2}, r"expected an \(H, W, 3\) image"),
+    (np.zeros((8, 8, 2), np.float32), {"k": 2}, "2 bands.*bands="),
+    (np.zeros((8, 8), np.float32), {"k": 2}, "single-band"),
 ])
 def test_bad_arrays_are_clear_errors(image, settings, message):
     with pytest.raises(SegmentError, match=message):
         segment_array(image, model="kmeans", **settings)
 
 
+def test_float_reader_runs_the_array_reader_checks():
+    from mapseg.api import _FloatArrayReader
+    from mapseg.raster import ArrayReader
+
+    image = np.random.default_rng(0).random((6, 5, 3), np.float32)
+    reader = _FloatArrayReader(image, None, "<f>")
+    assert isinstance(reader, ArrayReader) and reader.image is image and reader.info.dtype == "float32"
+    assert (reader.height, reader.width) == (6, 5)
+    data, ok = reader.read(1, 3, 0, 5)
+    np.testing.assert_array_equal(data, image[1:3])
+    assert ok.shape == (2, 5) and ok.all()
+    for bad, message in ((np.zeros((0, 5, 3), np.float32), "is empty"), (np.zeros((6, 5, 4), np.float32), "float"),
+                         (np.zeros((6, 5, 3), np.uint8), "float")):
+        with pytest.raises(SegmentError, match=message):
+            _FloatArrayReader(bad, None, "<f>")
+
+
 def test_fit_centers_errors(crop):
     _, image = crop
+    with pytest.raises(SegmentError, match="<array 0> is empty"):
+        fit_centers(np.zeros((0, 4, 3), np.float32), 2, model="kmeans")
     with pytest.raises(SegmentError, match="give k"):
         fit_centers(image, model="kmeans")
     with pytest.raises(SegmentError, match="at least one"):

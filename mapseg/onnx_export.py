@@ -7,7 +7,8 @@ Input ``input``: (1, 3, T, T) float32, RGB, standardised: ``(x / 255 - mean) / s
 ``standardization_mean`` / ``standardization_std`` the model carries (the artifact's input normalisation),
 which is how the QGIS plugin Deepness feeds a model (``preprocessing_utils.normalize_values_to_01`` then
 ``standardize_values``, NHWC -> NCHW). Output ``scores``: (1, K, T, T) float32, per pixel the softmax over the K
-centres of ``(embedding . centre + bias) / temperature``; its argmax is ``mapseg segment --centers``' label
+centres of ``(embedding . centre + bias) / temperature`` (``bias``: ``Centers.scorer()``'s, 0 for cosine centres,
+-|centre|^2 / 2 for euclidean ones; the artifact's temperature); its argmax is ``mapseg segment --centers``' label
 (the assignment, at stride 4, repeated over each 4 x 4 cell by a nearest resize).
 
 The metadata follow Deepness' "Adding metadata to ONNX model" (docs/source/creators/
@@ -16,7 +17,11 @@ model_base.py): ``model_type`` "Segmentor", ``class_names`` {id: name} (``run_na
 where the artifact records its ground resolution), ``tiles_size`` (and ``tile_size``, the key its code reads),
 ``tiles_overlap`` (percent), ``standardization_mean`` / ``standardization_std``, ``seg_thresh`` 0 (the plugin
 zeroes scores below it before the argmax: 0 keeps every pixel's best segment), ``seg_small_segment`` 0 (no
-median filter: mapseg's labels as they are); each value JSON-encoded, as the plugin parses it.
+median filter: mapseg's labels as they are), and mapseg's own ``mapseg`` (K, digest, what the scores are),
+``weights_sha256`` and ``format_version``; every value JSON-encoded (a string as a JSON string), as the plugin
+parses each with ``json.loads``. ``tiles_size`` and ``tiles_overlap`` are whole numbers: the plugin reads them
+with ``int(json.loads(v))``, so a fractional percentage would be truncated to another overlap than the one
+checked, and is refused.
 
 Tiles and overlap: the network needs a 16-pixel halo for exact embeddings (``network.required_halo``), and
 the plugin keeps, of each tile, all but half the overlap at every inner side; with an overlap of at least
@@ -40,7 +45,7 @@ from .artifact import ARTIFACT_FILES, load_artifact
 from .backends import ONNX_IR_VERSION, ONNX_OPSET, build_onnx_model
 from .centres import check_centers, load_centers
 from .cluster import Centers
-from .errors import ArtifactError, SegmentError
+from .errors import ArtifactError, OutputError, SegmentError
 from .features import default_model_path
 from .fileio import check_outputs, write_bytes_atomic
 from .legend import run_legend
@@ -57,9 +62,21 @@ def overlap_px(tile: int, percent: float) -> int:
     return int(tile * percent / 100 * 2) // 2
 
 
-def check_tiling(tile: int, percent: float, halo: int, stride: int = 4) -> None:
-    """``tile`` and ``percent`` give exact labels away from the raster's border (see the module docstring), or a
-    SegmentError saying which values do."""
+def _whole(value, flag: str) -> int:
+    """``value`` as an int where it is a whole number (an int, or a float such as 8.0), else a SegmentError:
+    Deepness reads the tile size and overlap with ``int(json.loads(v))``, which truncates a fraction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SegmentError(f"{flag} {value!r}: give a whole number")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        read = f", which makes it {int(value)}" if math.isfinite(value) else ""
+        raise SegmentError(f"{flag} {value:g}: give a whole number (Deepness reads it with int(){read})")
+    return int(value)
+
+
+def check_tiling(tile: int, percent: int, halo: int, stride: int = 4) -> None:
+    """``tile`` and ``percent`` (whole numbers) give exact labels away from the raster's border (see the module
+    docstring), or a SegmentError saying which values do."""
+    tile, percent = _whole(tile, "--tile"), _whole(percent, "--overlap")
     if tile < 4 * halo or tile % stride:
         raise SegmentError(f"--tile {tile}: give a multiple of {stride} of at least {4 * halo} pixels (e.g. 512)")
     if not 0 <= percent < 100:
@@ -190,19 +207,29 @@ def build_segmenter(artifact, centers: Centers, tile: int, overlap: int, names: 
         "seg_thresh": 0.0, "seg_small_segment": 0,
         **(extra_metadata or {}),
     }
-    helper.set_model_props(out, {key: json.dumps(value) for key, value in meta.items()}
-                           | {"weights_sha256": artifact.digest,
-                              "format_version": str(artifact.meta["format_version"])})
+    meta |= {"weights_sha256": artifact.digest, "format_version": artifact.meta["format_version"]}
+    helper.set_model_props(out, {key: json.dumps(value) for key, value in meta.items()})
     onnx.checker.check_model(out, full_check=True)
     return out.SerializeToString()
+
+
+def _inside(path, folder) -> bool:
+    """Whether ``path`` (existing or not) lies in ``folder`` or below it, symlinks resolved."""
+    where, top = os.path.realpath(path), os.path.realpath(folder)
+    try:
+        return os.path.commonpath([where, top]) == top
+    except ValueError:  # different drives
+        return False
 
 
 def export_onnx(centers, output, model=None, *, tile: int = DEFAULT_TILE, overlap: int | None = None,
                 legend=None, log=None) -> dict:
     """Write the segmenter of ``model`` (an artifact folder; default: the default model) and ``centers`` (a centres
     file or ``Centers`` fitted with that model) to ``output`` (atomically; checked first: never an input).
-    ``overlap``: percent of ``tile`` (default: ``default_overlap``); ``legend``: the class names (see
-    ``run_names``). Returns what was written: tile, overlap, class_names, resolution_cm."""
+    ``output`` may not lie inside the model's artifact folder (whose other files, e.g. ``mapseg quantize``'s
+    model.int8.onnx, it could replace). ``tile`` (pixels) and ``overlap`` (percent of ``tile``; default:
+    ``default_overlap``) are whole numbers; ``legend``: the class names (see ``run_names``). Returns what was
+    written: tile, overlap, class_names, resolution_cm."""
     log = log or (lambda msg: None)
     if str(model) == "kmeans":
         raise SegmentError("--model kmeans has no network to export: export-onnx needs an artifact and centres "
@@ -215,6 +242,12 @@ def export_onnx(centers, output, model=None, *, tile: int = DEFAULT_TILE, overla
         inputs.append(("the legend file", legend))
     if Path(output).suffix.lower() != ".onnx":
         raise SegmentError(f"output {output}: give a .onnx name")
+    if _inside(output, folder):
+        raise OutputError(f"output {output} is inside the model's artifact folder {folder}: writing there could "
+                          "replace the model's files (model.onnx, model.int8.onnx, ...); write it elsewhere")
+    tile = _whole(tile, "--tile")
+    if overlap is not None:
+        overlap = _whole(overlap, "--overlap")
     artifact = load_artifact(folder)
     halo = max(artifact.halo, required_halo(artifact.layers))
     if overlap is None:

@@ -19,9 +19,9 @@ pytest.importorskip("onnx")
 
 from mapseg import fit_centers, segment_array  # noqa: E402
 from mapseg.cli import main  # noqa: E402
-from mapseg.errors import SegmentError  # noqa: E402
+from mapseg.errors import OutputError, SegmentError  # noqa: E402
 from mapseg.features import default_model_path  # noqa: E402
-from mapseg.onnx_export import check_tiling, default_overlap, overlap_px, resolution_cm  # noqa: E402
+from mapseg.onnx_export import check_tiling, default_overlap, export_onnx, overlap_px, resolution_cm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAIP = ROOT / "examples" / "naip_nd_2020_rgb.tif"
@@ -37,8 +37,7 @@ def deepness_labels(onnx_path, image: np.ndarray) -> np.ndarray:
     map_processor_segmentation._process_tile). The extended extent grows east and north (QGIS's y maximum) to
     N x stride + tile; pixels beyond the raster are rendered black (0)."""
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    meta = {key: json.loads(value) for key, value in sess.get_modelmeta().custom_metadata_map.items()
-            if key != "weights_sha256" and key != "format_version"}
+    meta = {key: json.loads(value) for key, value in sess.get_modelmeta().custom_metadata_map.items()}
     assert str(meta["model_type"]).capitalize() == "Segmentor"
     tile, overlap = int(meta["tiles_size"]), overlap_px(int(meta["tiles_size"]), int(meta["tiles_overlap"]))
     stride = tile - overlap
@@ -139,12 +138,15 @@ def test_metadata_is_what_deepness_reads(tmp_path):
     assert main(["fit", str(NAIP), "-k", "4", "-o", str(centres), "--no-progress"]) == 0
     assert main(["export-onnx", "--centers", str(centres), str(onnx_path), "--tile", "320", "--overlap", "15"]) == 0
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    meta = {key: json.loads(value) for key, value in sess.get_modelmeta().custom_metadata_map.items()
-            if key not in ("weights_sha256", "format_version")}
+    # every value is JSON, as Deepness parses each with json.loads (strings too)
+    meta = {key: json.loads(value) for key, value in sess.get_modelmeta().custom_metadata_map.items()}
+    art = json.loads((Path(default_model_path()) / "meta.json").read_text())
+    assert meta["weights_sha256"] == art["weights_sha256"] == meta["mapseg"]["weights_sha256"]
+    assert meta["format_version"] == art["format_version"]
     assert meta["model_type"] == "Segmentor"
     assert meta["class_names"] == {str(i): f"segment {i}" for i in range(4)}
     assert (meta["tiles_size"], meta["tile_size"], meta["tiles_overlap"]) == (320, 320, 15)
-    art = json.loads((Path(default_model_path()) / "meta.json").read_text())
+    assert all(type(meta[key]) is int for key in ("tiles_size", "tile_size", "tiles_overlap"))
     assert meta["standardization_mean"] == pytest.approx(art["input"]["mean"])
     assert meta["standardization_std"] == pytest.approx(art["input"]["std"])
     assert meta["seg_thresh"] == 0 and meta["seg_small_segment"] == 0
@@ -188,11 +190,21 @@ def test_tiling_rules():
         check_tiling(512, 10, HALO)
     with pytest.raises(SegmentError, match="multiple of 4"):
         check_tiling(510, 8, HALO)
+    # Deepness reads tiles_overlap with int(json.loads(v)): 7.9 % would be 7 % = 35 px, not the 40 px checked
+    assert overlap_px(512, 7.9) == 40 and overlap_px(512, int(7.9)) == 35
+    for bad in (7.9, 8.5, float("nan"), "8", True):
+        with pytest.raises(SegmentError, match="--overlap .*whole number"):
+            check_tiling(512, bad, HALO)
+    with pytest.raises(SegmentError, match=r"--overlap 7.9: give a whole number.*makes it 7"):
+        check_tiling(512, 7.9, HALO)
+    with pytest.raises(SegmentError, match="--tile 512.5: give a whole number"):
+        check_tiling(512.5, 8, HALO)
+    check_tiling(512, 8.0, HALO)  # a whole float is the same percentage
     assert resolution_cm({"resolution": {"m_per_px": 0.5}}) == 50 and resolution_cm({}) is None
     assert resolution_cm({"resolution": {"m_per_px": None}}) is None
 
 
-def test_resolution_from_the_artifact_and_refusals(tmp_path):
+def test_resolution_from_the_artifact_and_refusals(tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(default_model_path(), model)
     meta = json.loads((model / "meta.json").read_text())
@@ -208,6 +220,30 @@ def test_resolution_from_the_artifact_and_refusals(tmp_path):
     # an output that is a file of the model is refused before any work
     assert main(["export-onnx", "--centers", str(centres), str(model / "model.onnx"), "--model", str(model)]) == 2
     assert (model / "model.onnx").read_bytes() == before
+    # ... and so is any output inside the artifact folder: files there that are not the artifact's own (mapseg
+    # quantize's model.int8.onnx), a new name, a subfolder; by the folder's name or a link to it
+    (model / "model.int8.onnx").write_bytes(b"int8 model")
+    (model / "sub").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(model, target_is_directory=True)
+    listing = sorted(p.name for p in model.rglob("*"))
+    for target in (model / "model.int8.onnx", model / "new.onnx", model / "sub" / "x.onnx", link / "new.onnx"):
+        capsys.readouterr()
+        assert main(["export-onnx", "--centers", str(centres), str(target), "--model", str(model)]) == 2
+        assert "inside the model's artifact folder" in capsys.readouterr().err
+    assert (model / "model.int8.onnx").read_bytes() == b"int8 model"
+    assert sorted(p.name for p in model.rglob("*")) == listing
+    with pytest.raises(OutputError, match="inside the model's artifact folder"):
+        export_onnx(str(centres), str(model / "model.int8.onnx"), str(model))
+    # the Python API refuses a fractional overlap that the CLI's int flag cannot give
+    with pytest.raises(SegmentError, match="--overlap 7.9: give a whole number"):
+        export_onnx(str(centres), str(tmp_path / "x.onnx"), str(model), overlap=7.9)
+    assert not (tmp_path / "x.onnx").exists()
+    written = export_onnx(str(centres), str(tmp_path / "whole.onnx"), str(model), tile=256.0, overlap=16.0)
+    assert (written["tile"], written["overlap"]) == (256, 16) and type(written["overlap"]) is int
+    meta_map = ort.InferenceSession(str(tmp_path / "whole.onnx"),
+                                    providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert (meta_map["tiles_size"], meta_map["tiles_overlap"]) == ("256", "16")
     # centres of colour k-means, a bad overlap, no network: clear errors, nothing written
     kmeans = tmp_path / "km.json"
     assert main(["fit", str(NAIP), "-k", "3", "-o", str(kmeans), "--no-progress", "--model", "kmeans"]) == 0

@@ -4,7 +4,9 @@ local file, and a windowed read fetches byte ranges, not the file. The server is
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,15 +26,42 @@ NAIP = ROOT / "examples" / "naip_nd_2020_rgb.tif"
 GEONRW = ROOT.parent / "shared" / "datasets" / "geonrw_dev" / "images" / "aachen_296_5625.tif"
 
 
+class _Server(ThreadingHTTPServer):
+    # non-daemon handler threads, which server_close() joins: none outlives the server
+    daemon_threads = False
+    block_on_close = True
+
+
 class RangeServer:
-    """Serves files by name over HTTP with Range support; records (method, Range header, body bytes) per request."""
+    """Serves files by name over HTTP with Range support; records (method, Range header, body bytes) per request.
+
+    The socket is bound on entering and everything is released on exit: GDAL keeps HTTP/1.1 connections open
+    for reuse, and each open one holds a handler thread in a blocking read that shutdown() / server_close() do not
+    end; so every connection is tracked and shut down on exit, and server_close() joins their threads."""
 
     def __init__(self, files: dict[str, Path]):
         self.files, self.log, self.lock = files, [], threading.Lock()
+        self.connections: set[socket.socket] = set()
+        self.closing = False
+        self.httpd = self.thread = self.url = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server.connections.add(self.connection)
+                    if server.closing:  # accepted as the server stopped: end it at once
+                        _hang_up(self.connection)
+
+            def finish(self):
+                try:
+                    super().finish()
+                finally:
+                    with server.lock:
+                        server.connections.discard(self.connection)
 
             def log_message(self, *args):  # quiet
                 pass
@@ -97,23 +126,51 @@ class RangeServer:
                 self._record(len(body))
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.handler = Handler
 
     def __enter__(self):
+        self.httpd = _Server(("127.0.0.1", 0), self.handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="RangeServer", daemon=True)
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.shutdown()  # no new connections
+        self.thread.join()
+        with self.lock:
+            self.closing = True
+            open_ones = list(self.connections)
+        for conn in open_ones:  # the kept-alive ones: their handlers' reads return, and the handlers end
+            _hang_up(conn)
+        self.httpd.server_close()  # the listening socket; joins the handler threads
 
     def served(self) -> tuple[int, int, int]:
         """(requests, Range requests, body bytes) so far."""
         with self.lock:
             log = list(self.log)
         return len(log), sum(1 for _, r, _ in log if r), sum(n for _, _, n in log)
+
+
+def _hang_up(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already by its handler or the client
+        pass
+
+
+def handler_threads() -> list[threading.Thread]:
+    """The live threads socketserver starts per connection."""
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_handlers():
+    """Every test here leaves no server handler thread behind (each holds a connection and a file's bytes)."""
+    before = set(handler_threads())
+    yield
+    left = [t.name for t in handler_threads() if t not in before]
+    assert not left, f"handler threads left running: {left}"
 
 
 def make_cog(src: Path, dst: Path) -> Path:
@@ -200,3 +257,30 @@ def test_missing_remote_raster_is_a_clear_error(tmp_path, gdal_http, capsys):
     assert "error:" in err and "absent.tif" in err
     assert not any(tmp_path.iterdir())
 
+
+
+def test_server_releases_kept_alive_connections_and_threads(tmp_path):
+    """A client that keeps its HTTP/1.1 connection open (as GDAL does) does not keep a handler thread alive after
+    the server exits; a server never entered binds nothing."""
+    idle = RangeServer({})
+    assert idle.httpd is None and idle.url is None  # no socket, no thread until entered
+    del idle
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with RangeServer({"f.bin": path}) as server:
+        port = server.httpd.server_address[1]
+        clients = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(3)]
+        for client in clients:
+            client.request("GET", "/f.bin", headers={"Range": "bytes=10-19"})
+            response = client.getresponse()
+            assert response.status == 206 and response.read() == bytes(range(10, 20))
+            assert not response.will_close  # the connection stays open for the next request
+        assert len(handler_threads()) >= len(clients)
+    assert handler_threads() == []
+    for client in clients:  # the server hung up on them
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            client.request("GET", "/f.bin")
+            client.getresponse()
+        client.close()
+    with pytest.raises(OSError):  # and no longer listens
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -502,6 +502,9 @@ def relabel(labels_path, legend=None, merge: dict | None = None, out_path=None, 
         raise SegmentError(f"--merge: label(s) {', '.join(map(str, missing))} do not occur in {src} "
                            f"(it holds {', '.join(map(str, sorted(counts))) or 'no labels'})")
     given = load_legend(legend)
+    k = tags.get("MAPSEG_K", "")
+    if given is not None and k.isdigit():
+        given.check_k(int(k), f"the legend (for {src.name}, written with MAPSEG_K={k})")
     chosen = given or read_legend(src) or Legend.default(sorted(counts))
     merged_counts = {}
     for v, n in counts.items():

@@ -2,7 +2,8 @@
 
     polygonize_labels("labels.tif", "segments.gpkg", min_area=500, simplify=2.0)
 
-The label raster is read in strips of ``block_rows`` rows. For each strip:
+The label raster is read in strips of ``block_rows`` rows (default ``strip_rows``: about 2 million pixels,
+64 to 1024 rows). For each strip:
 
 1. **Sieve** (GDAL's, ``rasterio.features.sieve``): regions of fewer pixels than ``min_area`` (square
    metres; N pixels) are merged into their largest neighbour, in passes at 2, 4, 8, ... then N pixels (GDAL
@@ -30,7 +31,8 @@ The label raster is read in strips of ``block_rows`` rows. For each strip:
    once nothing of it touches the strip's bottom line.
 
 Memory: one window of (block_rows + 2 N) x width pixels (the sieve holds about 3 bytes a pixel), the
-polygons of one strip, and the features still open at the seam (a region that spans the whole raster is
+polygons of one strip and their noding and polygonizing (about 100 bytes per strip pixel, GEOS), and the
+features still open at the seam (a region that spans the whole raster is
 held until it closes: its geometry has to be built to be written). Formats that cannot append (FlatGeobuf,
 ...) get every feature at once at the end; GeoPackage, Shapefile and GeoJSON are written in batches.
 
@@ -60,7 +62,10 @@ import numpy as np
 from .errors import OutputError, RasterError, SegmentError
 from .fileio import check_outputs, temp_sibling
 
-DEFAULT_BLOCK_ROWS = 1024
+# Strips of about STRIP_PIXELS pixels (block_rows = STRIP_PIXELS / width, within 64..1024 rows): the noding
+# and polygonizing of a strip's boundaries take about 100 bytes per strip pixel (GEOS), which this bounds.
+STRIP_PIXELS = 2_000_000
+STRIP_ROWS = (64, 1024)
 LABEL_NODATA = 255               # mapseg's label nodata, where the file states none
 BATCH = 5000                     # features per write
 SIEVE_DTYPES = ("uint8", "uint16", "int16", "int32")
@@ -69,6 +74,11 @@ ELLIPSOID_A = 6378137.0
 ELLIPSOID_F = 1 / 298.257222101
 _E = math.sqrt(ELLIPSOID_F * (2 - ELLIPSOID_F))
 MULTI_FILE_SUFFIXES = {"ESRI Shapefile": (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")}
+
+
+def strip_rows(width: int) -> int:
+    """Rows per strip for a raster ``width`` pixels wide: about STRIP_PIXELS pixels, 64..1024 rows."""
+    return int(min(STRIP_ROWS[1], max(STRIP_ROWS[0], STRIP_PIXELS // max(1, width))))
 
 
 def _libraries():
@@ -371,7 +381,7 @@ def _match(above, below, touch: bool):
 
 
 def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: float = 0.0, connectivity: int = 4,
-                      names: dict | None = None, block_rows: int = DEFAULT_BLOCK_ROWS, log=None,
+                      names: dict | None = None, block_rows: int | None = None, log=None,
                       check: bool = True) -> dict:
     """Write the segments of a label raster as polygons to ``out_path`` (format by extension); see the module.
 
@@ -386,7 +396,7 @@ def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: fl
     simplify = _number(simplify, "--simplify")
     if connectivity not in (4, 8):
         raise SegmentError(f"--connectivity {connectivity!r}: 4 or 8")
-    if int(block_rows) < 1:
+    if block_rows is not None and int(block_rows) < 1:
         raise SegmentError(f"block_rows {block_rows!r}: give a positive number of rows")
     out_path = Path(out_path)
     driver = vector_driver(out_path)
@@ -411,7 +421,8 @@ def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: fl
                 raise SegmentError(f"{labels_path} has no CRS: --min-area (m²) and --simplify (m) need a "
                                    "georeferenced raster")
             summary = _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectivity, names,
-                                  int(block_rows), rasterio, shapely, pyogrio, Affine)
+                                  strip_rows(ds.width) if block_rows is None else int(block_rows), rasterio,
+                                  shapely, pyogrio, Affine)
     log(f"wrote {summary['polygons']} polygons ({summary['vertices']} vertices) to {out_path}")
     if summary["under_min_area"]:
         log(f"{summary['under_min_area']} polygon(s) stay under --min-area {min_area:g} m²: regions with no larger "

@@ -195,6 +195,8 @@ def test_legend_values_beyond_k_and_bad_merges_are_refused(tmp_path):
     with pytest.raises(SegmentError, match="do not occur"):
         relabel(labels, None, {3: 0})
     assert main(["legend", str(labels)]) == 2                              # nothing asked
+    with pytest.raises(SegmentError, match="MAPSEG_K=5"):                  # label_raster's tag: K=5
+        relabel(labels, {"classes": [{"value": 6, "name": "x"}]})
 
 
 def test_centres_files_without_a_legend_still_load_and_a_bad_one_is_refused(tmp_path):

@@ -29,11 +29,13 @@ export is refused (it records the weights digest it was made from).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import importlib.util
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -135,12 +137,13 @@ def quantize_graph(model_bytes: bytes, images, digest: str) -> tuple[bytes, dict
     with tempfile.TemporaryDirectory(prefix="mapseg-quantize-") as tmp:
         src, dst = Path(tmp) / "float32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, src)
-        quantization.quantize_static(
-            str(src), str(dst), _Windows(images), quant_format=quantization.QuantFormat.QDQ,
-            per_channel=True, reduce_range=False, activation_type=quantization.QuantType.QUInt8,
-            weight_type=quantization.QuantType.QInt8, op_types_to_quantize=["Conv"], nodes_to_exclude=[first],
-            calibrate_method=quantization.CalibrationMethod.Percentile,
-            extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1})
+        with contextlib.redirect_stdout(sys.stderr):  # its progress prints go with the log, not to stdout
+            quantization.quantize_static(
+                str(src), str(dst), _Windows(images), quant_format=quantization.QuantFormat.QDQ,
+                per_channel=True, reduce_range=False, activation_type=quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8, op_types_to_quantize=["Conv"], nodes_to_exclude=[first],
+                calibrate_method=quantization.CalibrationMethod.Percentile,
+                extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1})
         out = onnx.load(dst)
     del out.metadata_props[:]
     onnx.helper.set_model_props(out, {"weights_sha256": digest, "precision": "int8", "made_by": "mapseg quantize"})

@@ -61,12 +61,12 @@ import numpy as np
 
 from .errors import OutputError, RasterError, SegmentError
 from .fileio import check_outputs, temp_sibling
+from .raster.common import OUTPUT_NODATA
 
 # Strips of about STRIP_PIXELS pixels (block_rows = STRIP_PIXELS / width, within 64..1024 rows): the noding
 # and polygonizing of a strip's boundaries take about 100 bytes per strip pixel (GEOS), which this bounds.
 STRIP_PIXELS = 2_000_000
 STRIP_ROWS = (64, 1024)
-LABEL_NODATA = 255               # mapseg's label nodata, where the file states none
 BATCH = 5000                     # features per write
 SIEVE_DTYPES = ("uint8", "uint16", "int16", "int32")
 # GRS80 (WGS84 differs in the 9th digit of the flattening): authalic sphere for areas on geographic CRSs
@@ -415,7 +415,7 @@ def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: fl
             if ds.count != 1 or ds.dtypes[0] not in SIEVE_DTYPES:
                 raise RasterError(f"{labels_path}: polygons are made from a one-band integer label raster "
                                   f"({', '.join(SIEVE_DTYPES)}); this has {ds.count} band(s) of {ds.dtypes[0]}")
-            nodata = LABEL_NODATA if ds.nodata is None else ds.nodata
+            nodata = OUTPUT_NODATA if ds.nodata is None else ds.nodata  # mapseg's, where the file states none
             geo = PixelGeometry(ds.transform, ds.crs, str(labels_path))
             if not geo.georeferenced and (min_area or simplify):
                 raise SegmentError(f"{labels_path} has no CRS: --min-area (m²) and --simplify (m) need a "

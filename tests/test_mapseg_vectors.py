@@ -294,3 +294,26 @@ def test_real_labels_tile_and_simplify(tmp_path, rel):
         assert cols["area_m2"].sum() == pytest.approx(valid, rel=1e-9)
     # strips: the same regions survive the sieve (a removed region may join another neighbour near a seam)
     assert abs(s_strips["polygons"] - s_simple["polygons"]) <= 0.02 * s_simple["polygons"]
+
+
+def test_an_interrupted_run_leaves_the_older_file_and_no_temporaries(tmp_path, monkeypatch):
+    from mapseg import vectors
+
+    src = write_labels(tmp_path / "l.tif", blocky_labels(h=64, w=64))
+    out = tmp_path / "p.gpkg"
+    polygonize_labels(src, out, block_rows=8)
+    before = out.read_bytes()
+    calls = {"n": 0}
+    real_add = vectors._FeatureWriter.add
+
+    def add_then_interrupt(self, group, geo):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        real_add(self, group, geo)
+
+    monkeypatch.setattr(vectors._FeatureWriter, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        polygonize_labels(src, out, min_area=100, block_rows=8)
+    assert out.read_bytes() == before                                      # the older result, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

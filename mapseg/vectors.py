@@ -91,8 +91,7 @@ def _libraries():
         except ImportError:
             missing.append(name)
     if missing:
-        raise SegmentError(f"polygons need {', '.join(missing)} (not installed): pip install rasterio shapely pyogrio "
-                           "(or pip install 'mapseg[vectors]')")
+        raise SegmentError(f"polygons need {', '.join(missing)} (not installed): pip install rasterio shapely pyogrio")
     import shapely
 
     if int(shapely.__version__.split(".")[0]) < 2:
@@ -520,6 +519,8 @@ class _FeatureWriter:
         geom = group.parts[0] if len(group.parts) == 1 else shapely.union_all(group.parts)
         # straight runs lose their inner vertices (seam and junction points of others' arcs): the same shape
         geom = shapely.simplify(geom, 0.0, preserve_topology=True)
+        if not geom.is_valid:   # 8-connected regions: a ring touching itself at a corner; split there
+            geom = shapely.make_valid(geom, method="structure", keep_collapsed=False)
         if geom.is_empty:
             return
         self._geo = geo

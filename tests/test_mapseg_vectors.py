@@ -116,6 +116,13 @@ def test_seams_merge_by_connectivity(tmp_path, connectivity):
     ones = geoms[cols["label"] == 1]
     assert len(ones) == (1 if connectivity == 8 else 4)
     assert shapely.area(ones).sum() == 4 * 4
+    # speckle of single pixels: valid geometries (8-connected rings touch themselves at corners) that tile
+    labels = blocky_labels(h=48, w=48, cell=1, k=2)
+    src = write_labels(tmp_path / "speckle.tif", labels)
+    for simplify in (0.0, 4.0):
+        polygonize_labels(src, out, connectivity=connectivity, simplify=simplify, block_rows=7)
+        geoms, _, _ = read(out)
+        assert_tiles(geoms, area_of_valid=None if simplify else float((labels != 255).sum() * 4))
 
 
 @pytest.mark.parametrize("block_rows", [1024, 9])

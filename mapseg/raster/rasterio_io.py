@@ -26,7 +26,9 @@ def _rasterio():
 def env():
     """GDAL settings for a run: a bounded block cache (it counts in the process's memory), and
     multi-threaded decoding of compressed inputs."""
-    return _rasterio().Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_NUM_THREADS="ALL_CPUS")
+    # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax, which counts bytes (GDAL's own "< 100000 means MB" rule
+    # is for the configuration option): 64 here was a 64-byte cache, every block decoded again for each read.
+    return _rasterio().Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20, GDAL_NUM_THREADS="ALL_CPUS")
 
 
 def range_metadata(ds, bands) -> dict:

@@ -7,6 +7,7 @@ labels do not depend on --tile with all of them at once; bad requests are clear 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -21,6 +22,7 @@ from rasterio.windows import Window  # noqa: E402
 
 from mapseg.artifact import ArtifactError, load_artifact  # noqa: E402
 from mapseg.cli import main  # noqa: E402
+from mapseg.errors import RasterError  # noqa: E402
 from mapseg.raster import Region, open_reader  # noqa: E402
 from mapseg.raster.polygons import PolygonMask, wkb_polygons  # noqa: E402
 from mapseg.raster.view import metres_per_degree  # noqa: E402
@@ -221,6 +223,41 @@ def test_resolution_2_on_a_1_m_tile_is_an_area_average_on_a_2_m_grid(model, tmp_
     np.testing.assert_array_equal(data, block)
 
 
+def test_resolution_finer_than_the_tile_is_bilinear(tmp_path):
+    """--resolution 0.7 on a 1 m tile, from an origin off the pixel grid: each output value is the bilinear
+    interpolation of the four nearest source pixel centres (the edge pixel repeated past the border), worked
+    out here independently on a float32 copy of the tile (so no rounding to uint8 hides a difference)."""
+    src = need(TILE)
+    with rasterio.open(src) as ds:
+        raw = ds.read(window=Window(80, 560, 160, 120)).astype(np.float32)  # columns 80-240, rows 560-680
+        profile = {"driver": "GTiff", "width": 160, "height": 120, "count": 3, "dtype": "float32", "crs": ds.crs,
+                   "transform": ds.window_transform(Window(80, 560, 160, 120))}
+    raw += np.linspace(0, 0.9, 160, dtype=np.float32)[None, None, :]  # not integers: a fractional weight shows
+    copy = tmp_path / "f32.tif"
+    with rasterio.open(copy, "w", **profile) as dst:
+        dst.write(raw)
+    img = raw.transpose(1, 2, 0).astype(np.float64)
+    # the area starts 0.3 px right of column 80 and 0.55 px below row 560 of the tile: in the copy's pixels
+    col0, row0, f = 0.3, 0.55, 0.7
+    with open_reader(copy, region=Region(extent=(296080.3, 5625320, 296240, 5625439.45), resolution=0.7)) as view:
+        assert "bilinear" in view.resampling and view.offset == pytest.approx((col0, row0))
+        h, w = view.height, view.width
+        data, valid = view.read(0, h, 0, w)
+    assert data.dtype == np.float32 and valid.all() and (h, w) == (round(119.45 / f), round(159.7 / f))
+
+    def axis(n_out, start, n_src):  # source index below each output centre, its weight, clamped at the border
+        s = start + (np.arange(n_out) + 0.5) * f - 0.5
+        i = np.floor(s).astype(int)
+        return np.clip(i, 0, n_src - 1), np.clip(i + 1, 0, n_src - 1), s - i
+
+    r0, r1, fy = axis(h, row0, img.shape[0])
+    c0, c1, fx = axis(w, col0, img.shape[1])
+    fy, fx = fy[:, None, None], fx[None, :, None]
+    ref = ((1 - fy) * ((1 - fx) * img[r0][:, c0] + fx * img[r0][:, c1])
+           + fy * ((1 - fx) * img[r1][:, c0] + fx * img[r1][:, c1]))
+    np.testing.assert_allclose(data, ref, rtol=0, atol=1e-3)
+
+
 def test_labels_do_not_depend_on_the_tile_with_extent_mask_and_resolution(model, tmp_path):
     src = need(TILE)
     mask = mask_geojson(tmp_path / "aoi.geojson")
@@ -337,6 +374,168 @@ def test_polygon_mask_rule_on_shared_edges_and_holes():
     edge = PolygonMask([[np.array(square(1.5, 0, 3.5, 1), float)]]).inside(0, 1, 0, 5)
     assert edge.tolist() == [[False, True, True, False, False]]
     assert math.isfinite(PolygonMask([left]).bounds[2])
+
+
+def reference_inside(polygons, row0, row1, col0, col1):
+    """The rule worked out polygon by polygon over the whole window (slow): even-odd over each polygon's rings,
+    union across polygons; a crossing at x flips the centres c + 0.5 >= x of its row; rows half-open in y."""
+    h, w = row1 - row0, col1 - col0
+    out = np.zeros((h, w), bool)
+    yc = np.arange(row0, row1) + 0.5
+    for rings in polygons:
+        flips = np.zeros((h, w + 1), np.int32)
+        for ring in rings:
+            ring = np.vstack([ring, ring[:1]]) if not np.array_equal(ring[0], ring[-1]) else ring
+            for (x1, y1), (x2, y2) in itertools.pairwise(ring):
+                if y1 == y2:
+                    continue
+                for r in np.flatnonzero((y1 <= yc) != (y2 <= yc)):
+                    x = x1 + (yc[r] - y1) * (x2 - x1) / (y2 - y1)
+                    flips[r, int(np.clip(np.ceil(x - 0.5) - col0, 0, w))] += 1
+        out |= (np.cumsum(flips[:, :w], axis=1) & 1).astype(bool)
+    return out
+
+
+def many_polygons(rng, n=70):
+    """Squares on the pixel grid and on pixel centres, polygons with holes, stars, bow ties (self-intersecting),
+    overlapping and edge-sharing neighbours, unclosed rings: in pixels over about (-10, 110)."""
+    def star(cx, cy, r, k, snap):
+        t = np.sort(rng.uniform(0, 2 * np.pi, k))
+        pts = np.column_stack([cx + r * rng.uniform(0.3, 1, k) * np.cos(t), cy + r * rng.uniform(0.3, 1, k) * np.sin(t)])
+        return np.round(pts * 2) / 2 if snap else pts
+
+    polys = []
+    for _ in range(n):
+        cx, cy = rng.uniform(-10, 110, 2)
+        kind, snap = rng.integers(0, 5), rng.random() < 0.5
+        if kind == 0:
+            x0, y0 = np.round(rng.uniform(-10, 100, 2) * 2) / 2
+            polys.append([np.array(square(x0, y0, x0 + rng.integers(1, 30) / 2, y0 + rng.integers(1, 30) / 2), float)])
+        elif kind == 1:
+            polys.append([np.array(square(cx - 15, cy - 12, cx + 15, cy + 12), float),
+                          star(cx - 6, cy, 5, 7, snap)[::-1], star(cx + 7, cy + 2, 4, 5, snap)])
+        elif kind == 2:
+            pts = np.array([cx, cy]) + rng.uniform(-12, 12, (6, 2))
+            polys.append([np.round(pts * 2) / 2 if snap else pts])
+        elif kind == 3:
+            polys.append([star(cx, cy, rng.uniform(2, 15), 60, snap)])
+        else:
+            x0, y0 = np.floor(rng.uniform(-10, 100, 2)) + 0.5
+            polys += [[np.array(square(x0, y0, x0 + 6, y0 + 5), float)],
+                      [np.array(square(x0 + 6, y0, x0 + 11, y0 + 5), float)],
+                      [np.array(square(x0 + 3, y0 + 2, x0 + 9, y0 + 9), float)]]
+    return polys
+
+
+def test_polygon_mask_is_the_per_polygon_rule_in_any_window():
+    """One pass over all polygons gives the pixels of the rule applied polygon by polygon, in the whole grid, in
+    windows cut through polygons and past the polygons, and on a decimated grid (the preview)."""
+    rng = np.random.default_rng(7)
+    polys = many_polygons(rng)
+    mask = PolygonMask(polys)
+    whole = mask.inside(0, 100, 0, 100)
+    np.testing.assert_array_equal(whole, reference_inside(polys, 0, 100, 0, 100))
+    assert 0.2 < whole.mean() < 0.8
+    for _ in range(12):
+        r0, c0 = (int(v) for v in rng.integers(0, 90, 2))
+        r1, c1 = min(100, r0 + int(rng.integers(1, 40))), min(100, c0 + int(rng.integers(1, 40)))
+        np.testing.assert_array_equal(mask.inside(r0, r1, c0, c1), whole[r0:r1, c0:c1], err_msg=str((r0, c0)))
+    np.testing.assert_array_equal(mask.inside(90, 130, -20, 10), reference_inside(polys, 90, 130, -20, 10))
+    assert not mask.inside(300, 310, 0, 50).any() and mask.inside(0, 0, 0, 5).shape == (0, 5)
+    np.testing.assert_array_equal(mask.scaled(0.37, 0.61).inside(0, 61, 0, 37),
+                                  reference_inside([[r * [0.37, 0.61] for r in rings] for rings in polys], 0, 61, 0, 37))
+
+
+def test_polygon_mask_matches_gdal_rasterize_on_a_geojson_of_many_polygons(tmp_path):
+    """Against rasterio.features.rasterize (GDAL: pixel centres) on polygons read back from a GeoJSON:
+    multipolygons with holes, overlapping and disjoint, vertices off the pixel centres (where GDAL and the
+    half-open rule can only agree)."""
+    from rasterio.features import rasterize
+
+    from mapseg.raster.polygons import read_polygons
+
+    rng = np.random.default_rng(3)
+    feats = []
+    for _ in range(60):
+        cx, cy = rng.uniform(-5, 205, 2)
+        r = rng.uniform(2, 25)
+        t = np.sort(rng.uniform(0, 2 * np.pi, 24))
+        outer = np.column_stack([cx + r * np.cos(t), cy + r * np.sin(t)])
+        hole = np.column_stack([cx + 0.4 * r * np.cos(t[::-2]), cy + 0.4 * r * np.sin(t[::-2])])
+        part = [outer.tolist() + outer[:1].tolist(), hole.tolist() + hole[:1].tolist()]
+        small = square(cx + r + 1.13, cy - 2.71, cx + r + 6.29, cy + 3.37)
+        feats.append({"type": "Feature", "properties": {},
+                      "geometry": {"type": "MultiPolygon", "coordinates": [part, [small]]}})
+    path = tmp_path / "many.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    polygons, _, _ = read_polygons(path)
+    assert len(polygons) == 120
+    gdal = rasterize([({"type": "Polygon", "coordinates": [r.tolist() for r in rings]}, 1) for rings in polygons],
+                     out_shape=(200, 200), transform=Affine.identity(), dtype="uint8").astype(bool)
+    ours = PolygonMask(polygons).inside(0, 200, 0, 200)
+    assert 0.2 < ours.mean() < 0.8
+    np.testing.assert_array_equal(ours, gdal)
+    np.testing.assert_array_equal(PolygonMask(polygons).inside(37, 141, 55, 190), gdal[37:141, 55:190])
+
+
+def test_a_mask_reads_once_and_keeps_only_the_polygons_that_reach_the_area(tmp_path, monkeypatch):
+    import mapseg.raster.view as view_module
+
+    src = need(TILE)
+    near = mask_geojson(tmp_path / "near.geojson")
+    doc = json.loads(near.read_text())
+    far = {"type": "Feature", "properties": {}, "geometry": {"type": "MultiPolygon", "coordinates": [
+        [square(296700, 5625100, 296800, 5625200)], [square(300000, 5600000, 300100, 5600100)]]}}
+    doc["features"].append(far)
+    both = tmp_path / "both.geojson"
+    both.write_text(json.dumps(doc))
+    reads = []
+    real = view_module.read_polygons
+    monkeypatch.setattr(view_module, "read_polygons", lambda path: reads.append(path) or real(path))
+    region = Region(mask=str(both), extent=(296090, 5625390, 296370, 5625710))
+    with open_reader(src, region=region) as a, open_reader(src, region=region) as b:
+        assert reads == [str(both)] and a.mask_count == 4  # read once for two rasters
+        assert set(a.mask.ring_poly.tolist()) == {0, 1}  # the two far squares are left out
+        assert any("2 of its 4 polygons reach the area" in n for n in a.notes), a.notes
+        with open_reader(src, region=Region(mask=str(near), extent=region.extent)) as c:
+            np.testing.assert_array_equal(a.inside(0, a.height, 0, a.width), c.inside(0, c.height, 0, c.width))
+        np.testing.assert_array_equal(b.inside(10, 200, 30, 270), a.inside(10, 200, 30, 270))
+    # none of them in the area: a clear error, not an empty run
+    with pytest.raises(RasterError, match="none of its 4 polygon.s. reaches --extent 296400"):
+        open_reader(src, region=Region(mask=str(both), extent=(296400, 5625300, 296500, 5625380)))
+
+
+@pytest.mark.parametrize("geometry", [
+    {"type": "Polygon", "coordinates": []},
+    {"type": "MultiPolygon", "coordinates": [[], [[]]]},
+    {"type": "Polygon", "coordinates": [[[296100, 5625100]] * 4]},                             # one point
+    {"type": "Polygon", "coordinates": [[[296100, 5625100], [296300, 5625100], [296100, 5625100]]]},  # a line
+    {"type": "Polygon", "coordinates": [[[296100, 5625100], [296200, 5625200], [296300, 5625300],
+                                         [296100, 5625100]]]},                                  # collinear
+    {"type": "Polygon", "coordinates": [[], square(296100, 5625100, 296300, 5625300)]},       # a hole alone
+])
+def test_a_mask_without_an_area_is_a_clear_error(tmp_path, capsys, geometry):
+    src = need(TILE)
+    mask = tmp_path / "empty.geojson"
+    mask.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": geometry,
+                                "crs": {"type": "name", "properties": {"name": "EPSG:25832"}}}))
+    out = tmp_path / "out.tif"
+    assert run("segment", src, out, "-k", 3, "--model", "kmeans", "--no-progress", "--mask", mask) == 2
+    err = capsys.readouterr().err
+    assert f"error: --mask {mask} holds no polygons" in err and "misses" not in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_degenerate_rings_are_dropped_and_real_ones_kept():
+    from mapseg.raster.polygons import clean_polygons
+
+    tri = np.array([[0, 0], [4, 0], [0, 3]], float)
+    point = np.array([[1, 1], [1, 1], [1, 1], [1, 1]], float)
+    bowtie = np.array([[0, 0], [2, 2], [2, 0], [0, 2]], float)  # zero signed area, but two triangles
+    kept = clean_polygons([[tri, point], [point, tri], [], [bowtie], [np.zeros((0, 2)), tri]])
+    assert len(kept) == 2 and len(kept[0]) == 1 and kept[1][0] is bowtie
+    with pytest.raises(RasterError, match="not a finite number"):
+        clean_polygons([[np.array([[0, 0], [1, np.nan], [0, 1]])]])
 
 
 SYSTEM_PY = shutil.which("python3", path="/usr/bin")

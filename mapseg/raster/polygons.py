@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,41 @@ def read_polygons(path) -> tuple[list[list[np.ndarray]], str | None, str]:
         how = "GeoJSON (json module)"
     else:
         polygons, crs, how = _read_ogr(path)
+    polygons = clean_polygons(polygons, path)
     if not polygons:
-        raise RasterError(f"--mask {path} holds no polygons: give a file of polygons (the area to segment)")
+        raise RasterError(f"--mask {path} holds no polygons (none with an outer ring of 3 or more distinct, "
+                          "non-collinear vertices): give a file of polygons (the area to segment)")
     return polygons, crs, how
+
+
+def clean_polygons(polygons, path: str = "the mask") -> list[list[np.ndarray]]:
+    """``polygons`` without the rings that enclose no area (fewer than 3 distinct vertices, or all exactly on
+    one line), and without the polygons whose outer ring was one of them or that have no rings at all (an
+    empty polygon: its holes are not an area of their own); a vertex that is not a finite number is an error."""
+    out = []
+    for rings in polygons:
+        if not rings or not _encloses(rings[0], path):
+            continue
+        out.append([rings[0]] + [r for r in rings[1:] if _encloses(r, path)])
+    return out
+
+
+def _encloses(ring: np.ndarray, path: str) -> bool:
+    if ring.shape[0] and not np.isfinite(ring).all():
+        raise RasterError(f"--mask {path} holds a vertex that is not a finite number")
+    if ring.shape[0] < 3:
+        return False
+    d = ring - ring[0]
+    d = d[(d != 0).any(axis=1)]
+    if d.shape[0] < 2:  # fewer than 3 distinct vertices
+        return False
+    if (d[:, 0] * d[0, 1] != d[:, 1] * d[0, 0]).any():  # off the line through the first two: encloses area
+        return True
+    # rare (a ring that looks collinear): confirm with exact arithmetic (products of floats round)
+    pts = [(Fraction(float(x)), Fraction(float(y))) for x, y in ring]
+    (x0, y0), distinct = pts[0], [p for p in pts if p != pts[0]]
+    ax, ay = distinct[0][0] - x0, distinct[0][1] - y0
+    return any((x - x0) * ay != (y - y0) * ax for x, y in distinct[1:])
 
 
 def _read_geojson(path: str):
@@ -87,7 +120,8 @@ def _geojson_polygons(geom: dict, path: str) -> list[list[np.ndarray]]:
 
 
 def _rings(coords) -> list[np.ndarray]:
-    return [np.asarray([pt[:2] for pt in ring], np.float64).reshape(-1, 2) for ring in coords if len(ring)]
+    # empty rings kept (as (0, 2)): clean_polygons drops them, and a polygon whose outer ring is empty
+    return [np.asarray([pt[:2] for pt in ring], np.float64).reshape(-1, 2) for ring in coords]
 
 
 def _read_ogr(path: str):
@@ -197,8 +231,7 @@ def wkb_polygons(wkb: bytes, path: str = "the mask") -> list[list[np.ndarray]]:
             pos += 4
             pts = np.frombuffer(wkb, np.dtype(order + "f8"), n * dims, pos).reshape(n, dims)[:, :2]
             pos += 8 * n * dims
-            if n:
-                rings.append(pts.astype(np.float64))
+            rings.append(pts.astype(np.float64))
         return rings, pos
 
     geometry(0)
@@ -208,68 +241,144 @@ def wkb_polygons(wkb: bytes, path: str = "the mask") -> list[list[np.ndarray]]:
 # --------------------------------------------------------------------------- rasterising
 
 class PolygonMask:
-    """Polygons in a grid's pixel coordinates (``rings``: (n, 2) arrays of column, row); ``inside`` rasterises them.
+    """Polygons in a grid's pixel coordinates (rings: (n, 2) arrays of column, row); ``inside`` rasterises them.
 
     A pixel is inside when its centre is: inside a polygon's outer ring and outside its holes (even-odd over
-    the polygon's rings), in any polygon. A centre exactly on an edge belongs to the pixel on the edge's
-    right (the half-open rule), so two polygons that share an edge never both take, or both leave out, a pixel.
+    the polygon's rings), in any polygon (union). The rule is half-open like the pixels themselves: a centre
+    exactly on a polygon's left or top edge is inside, on its right or bottom edge outside, so two polygons
+    that share an edge never both take, or both leave out, a pixel.
+
+    ``inside`` rasterises every polygon that can reach the window in one pass, so its cost follows the edges
+    near the window, not the polygons of the file: the rings whose bounding box misses the window are dropped
+    (exactly: they cannot change a pixel of it), and each remaining non-horizontal edge gives a crossing on
+    each pixel row whose centre line it spans (half-open in y). On a row that one polygon alone crosses, the
+    parity of the crossings left of a pixel is the answer (even-odd); on a row that several cross, each
+    polygon's crossings, sorted, pair up into its runs of inside pixels, and a pixel is inside when a run
+    covers it (the union). Both go into one (rows, columns + 1) array and one cumulative sum along the rows.
     """
 
     def __init__(self, polygons: list[list[np.ndarray]]):
-        self.edges = []  # per polygon: (x1, y1, x2, y2) of every non-horizontal edge of all its rings
-        lo, hi = np.full(2, np.inf), np.full(2, -np.inf)
-        for rings in polygons:
-            parts = []
+        edges, ring_poly, ring_box, ring_edges = [], [], [], [0]
+        for p, rings in enumerate(polygons):
             for ring in rings:
-                ring = np.asarray(ring, np.float64)
-                if ring.shape[0] < 3:
+                ring = np.asarray(ring, np.float64).reshape(-1, 2)
+                if ring.shape[0] < 3 or not np.isfinite(ring).all():
                     continue
                 if not np.array_equal(ring[0], ring[-1]):
                     ring = np.vstack([ring, ring[:1]])
                 a, b = ring[:-1], ring[1:]
-                keep = a[:, 1] != b[:, 1]
-                parts.append(np.hstack([a[keep], b[keep]]))
-                lo, hi = np.minimum(lo, ring.min(0)), np.maximum(hi, ring.max(0))
-            if parts:
-                self.edges.append(np.vstack(parts))
+                keep = a[:, 1] != b[:, 1]  # horizontal edges never cross a centre line
+                if not keep.any():
+                    continue
+                edges.append(np.hstack([a[keep], b[keep]]))
+                ring_poly.append(p)
+                ring_box.append(np.concatenate([ring.min(0), ring.max(0)]))
+                ring_edges.append(ring_edges[-1] + int(keep.sum()))
+        self._set(np.vstack(edges) if edges else np.zeros((0, 4)), np.asarray(ring_poly, np.int64),
+                  np.asarray(ring_box, np.float64).reshape(-1, 4), np.asarray(ring_edges, np.int64))
+
+    def _set(self, edges, ring_poly, ring_box, ring_edges) -> None:
+        self.edges = edges            # (E, 4): x1, y1, x2, y2 of every non-horizontal edge, ring after ring
+        self.ring_poly = ring_poly    # (R,): the polygon of each ring
+        self.ring_box = ring_box      # (R, 4): col0, row0, col1, row1 of each ring's vertices
+        self.ring_edges = ring_edges  # (R + 1,): ring r's edges are edges[ring_edges[r]:ring_edges[r + 1]]
+        self.y_lo = np.minimum(edges[:, 1], edges[:, 3])
+        self.y_hi = np.maximum(edges[:, 1], edges[:, 3])
+        if ring_box.shape[0]:
+            lo, hi = ring_box[:, :2].min(0), ring_box[:, 2:].max(0)
+        else:
+            lo, hi = np.full(2, np.inf), np.full(2, -np.inf)
         self.bounds = (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))  # col0, row0, col1, row1
 
     @property
     def empty(self) -> bool:
-        return not self.edges
+        return not self.ring_poly.size
 
     def scaled(self, sx: float, sy: float) -> PolygonMask:
         """The same polygons on a grid of pixels ``sx`` x ``sy`` times as many (a decimated preview)."""
         out = PolygonMask([])
-        out.edges = [e * np.array([sx, sy, sx, sy]) for e in self.edges]
-        c0, r0, c1, r1 = self.bounds
-        out.bounds = (c0 * sx, r0 * sy, c1 * sx, r1 * sy)
+        out._set(self.edges * np.array([sx, sy, sx, sy]), self.ring_poly, self.ring_box * np.array([sx, sy, sx, sy]),
+                 self.ring_edges)
         return out
 
     def inside(self, row0: int, row1: int, col0: int, col1: int) -> np.ndarray:
         """(row1 - row0, col1 - col0) bool: True where the pixel's centre lies in a polygon."""
         h, w = row1 - row0, col1 - col0
-        out = np.zeros((h, w), bool)
+        if h <= 0 or w <= 0 or self.empty:
+            return np.zeros((max(h, 0), max(w, 0)), bool)
+        # rings that can flip a centre of the window. A ring wholly right of it (every crossing x > col1 - 0.5,
+        # one pixel of margin against rounding) only adds crossings at the row's end; one wholly left of it an
+        # even number at its start: neither changes a run. The row test is the edges' own (below).
+        box = self.ring_box
+        rings = np.flatnonzero((box[:, 1] < row1) & (box[:, 3] > row0) & (box[:, 0] <= col1 + 0.5)
+                               & (box[:, 2] >= col0 - 0.5))
+        if rings.size == 0:
+            return np.zeros((h, w), bool)
+        first_edge, n_edges = self.ring_edges[rings], self.ring_edges[rings + 1] - self.ring_edges[rings]
+        e = _ranges(first_edge, n_edges)
         yc = np.arange(row0, row1, dtype=np.float64) + 0.5
-        for e in self.edges:
-            x1, y1, x2, y2 = e[:, 0], e[:, 1], e[:, 2], e[:, 3]
-            near = (np.minimum(y1, y2) < row1) & (np.maximum(y1, y2) > row0)
-            if not near.any():
-                continue
-            x1, y1, x2, y2 = x1[near], y1[near], x2[near], y2[near]
-            y = yc[:, None]
-            crosses = (y1 <= y) != (y2 <= y)  # the edge spans the centre line (half-open in y)
-            rows, idx = np.nonzero(crosses)
-            if rows.size == 0:
-                continue
-            yr = yc[rows]
-            x = x1[idx] + (yr - y1[idx]) * (x2[idx] - x1[idx]) / (y2[idx] - y1[idx])
-            # a crossing at x flips every centre c + 0.5 >= x of its row: columns from ceil(x - 0.5)
-            first = np.clip(np.ceil(x - 0.5) - col0, 0, w).astype(np.int64)
-            flips = np.zeros((h, w + 1), np.int32)
-            np.add.at(flips, (rows, first), 1)
-            out |= (np.cumsum(flips[:, :w], axis=1) & 1).astype(bool)
-        return out
+        # the rows whose centre line y an edge spans: min(y1, y2) <= y < max(y1, y2), i.e. (y1 <= y) != (y2 <= y)
+        lo = np.searchsorted(yc, self.y_lo[e], "left")
+        n = np.searchsorted(yc, self.y_hi[e], "left") - lo
+        some = n > 0
+        e, lo, n = e[some], lo[some], n[some]
+        if e.size == 0:
+            return np.zeros((h, w), bool)
+        # the polygons of the window, numbered 0..P-1 (edges come ring after ring, polygon after polygon)
+        poly_of_edge = np.repeat(self.ring_poly[rings], n_edges)[some]
+        cut = np.flatnonzero(np.r_[True, poly_of_edge[1:] != poly_of_edge[:-1]])
+        poly = np.cumsum(np.r_[False, poly_of_edge[1:] != poly_of_edge[:-1]])
+        n_poly = cut.size
+        # rows crossed by one polygon alone: its crossings' parity is the answer there (no sort needed)
+        p_lo, p_hi = np.minimum.reduceat(lo, cut), np.maximum.reduceat(lo + n, cut)
+        shared = np.cumsum(np.bincount(p_lo, minlength=h + 1) - np.bincount(p_hi, minlength=h + 1))[:h] > 1
+        rows = _ranges(lo, n)                      # window row of each crossing
+        idx = np.repeat(np.arange(e.size), n)      # its edge (among e)
+        x1, y1, x2, y2 = (self.edges[e, k][idx] for k in range(4))
+        x = x1 + (yc[rows] - y1) * (x2 - x1) / (y2 - y1)
+        # a crossing at x flips every centre c + 0.5 >= x of its row: columns from ceil(x - 0.5)
+        first = np.clip(np.ceil(x - 0.5) - col0, 0, w).astype(np.int64)
+        size = h * (w + 1)
+        many = shared[rows]
+        acc = np.bincount(rows[~many] * (w + 1) + first[~many], minlength=size)
+        if many.any():
+            acc += self._runs(rows[many], poly[idx[many]], first[many], h, w, n_poly)
+        acc = np.cumsum(acc.reshape(h, w + 1)[:, :w], axis=1)
+        # rows of one polygon: odd crossings to the left (even-odd); shared rows: covered by a run (the union)
+        return np.where(shared[:, None], acc > 0, (acc & 1).astype(bool))
+
+    @staticmethod
+    def _runs(rows, poly, first, h: int, w: int, n_poly: int) -> np.ndarray:
+        """+1 where each polygon's runs of inside pixels start and -1 where they end, flat over (h, w + 1)."""
+        group = rows * n_poly + poly               # (row, polygon)
+        bits = int(w).bit_length()                 # first <= w < 2 ** bits
+        if (h * n_poly) << bits < 2 ** 62:
+            key = np.sort((group << bits) | first)
+            group, first = key >> bits, key & ((1 << bits) - 1)
+        else:
+            order = np.lexsort((first, group))
+            group, first = group[order], first[order]
+        # the crossings of a polygon's closed rings on a row are even in number, so sorted per (row, polygon)
+        # they pair up into the runs [first[0], first[1]), [first[2], first[3]), ... of even-odd; a group left
+        # odd (not for closed rings) runs to the row's end, as the parity would
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        odd = np.flatnonzero(np.diff(np.r_[starts, group.size]) & 1)
+        if odd.size:
+            ends = np.r_[starts[1:], group.size][odd]
+            group = np.insert(group, ends, group[ends - 1])
+            first = np.insert(first, ends, w)
+        row = group[0::2] // n_poly
+        size = h * (w + 1)
+        return (np.bincount(row * (w + 1) + first[0::2], minlength=size)
+                - np.bincount(row * (w + 1) + first[1::2], minlength=size))
+
+def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """start[0], start[0] + 1, ... (count[0] values), then the same for start[1], ...: one int64 array."""
+    total = int(count.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    offsets = np.cumsum(count) - count
+    return np.arange(total, dtype=np.int64) + np.repeat(start - offsets, count)
 
 
 def polygons_in_pixels(polygons, to_pixels) -> PolygonMask:
@@ -286,7 +395,8 @@ def polygons_in_pixels(polygons, to_pixels) -> PolygonMask:
 
 def flatten(polygons) -> tuple[np.ndarray, np.ndarray]:
     """(xs, ys) of every vertex of ``polygons``, in order (for one batched coordinate transformation)."""
-    pts = np.vstack([ring for rings in polygons for ring in rings]) if polygons else np.zeros((0, 2))
+    rings = [ring for rings in polygons for ring in rings]
+    pts = np.vstack(rings) if rings else np.zeros((0, 2))
     return pts[:, 0], pts[:, 1]
 
 
@@ -303,5 +413,5 @@ def unflatten(polygons, xs: np.ndarray, ys: np.ndarray) -> list[list[np.ndarray]
     return out
 
 
-__all__ = ["PolygonMask", "flatten", "mask_files", "polygons_in_pixels", "read_polygons", "unflatten",
+__all__ = ["PolygonMask", "clean_polygons", "flatten", "mask_files", "polygons_in_pixels", "read_polygons", "unflatten",
            "wkb_polygons"]

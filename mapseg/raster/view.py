@@ -21,11 +21,13 @@ the pipeline (sampling, windows, the label writer, which takes the grid from ``i
   identical for any ``--tile``.
 * **The mask**: pixels whose centre is outside every polygon are nodata for the output and the sample;
   the network still sees their values (they are real imagery), so inside the polygons the labels are
-  those of a run with the same area and no mask.
+  those of a run with the same area and no mask. The file is read once while it is unchanged (many rasters,
+  one mask) and reprojected per raster; polygons whose bounding box misses the view's grid are left out.
 """
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass, replace
 
@@ -282,7 +284,7 @@ class RasterView(ReaderBase):
         self.mask_count = 0
         polygons = None
         if region.mask is not None:
-            polygons, mask_crs, how = read_polygons(region.mask)
+            polygons, mask_crs, how = _read_polygons_once(region.mask)
             self.mask_count = len(polygons)
             xs, ys = flatten(polygons)
             if mask_crs is None:
@@ -337,12 +339,33 @@ class RasterView(ReaderBase):
                               int(math.floor(co)), min(W, int(math.ceil(co + width * fx - SNAP_EPS))))
         self.mask = None
         if polygons is not None:
+            polygons = self._polygons_in_grid(polygons, pc, pr, what)
             gx0, gdx, _, gy0, _, gdy = gt
             self.mask = PolygonMask([[np.column_stack([(r[:, 0] - gx0) / gdx, (r[:, 1] - gy0) / gdy]) for r in rings]
                                      for rings in polygons])
         self.bounds = world(co, ro, co + width * fx, ro + height * fy)
         self.crs_label = crs_label
         self.resampling = self._resampling_text()
+
+    def _polygons_in_grid(self, polygons, pc: np.ndarray, pr: np.ndarray, what: str):
+        """The polygons whose bounding box (``pc``, ``pr``: every vertex in source pixels, in order) reaches the
+        view's grid; the others cannot hold one of its pixel centres (each half an output pixel inside the grid;
+        a quarter of one kept as margin against rounding), so leaving them out changes no pixel."""
+        (co, ro), (fx, fy) = self.offset, self.scale
+        counts = np.array([sum(r.shape[0] for r in rings) for rings in polygons], np.int64)
+        starts = np.cumsum(counts) - counts  # every polygon has vertices (read_polygons drops empty ones)
+        c_lo, c_hi = np.minimum.reduceat(pc, starts), np.maximum.reduceat(pc, starts)
+        r_lo, r_hi = np.minimum.reduceat(pr, starts), np.maximum.reduceat(pr, starts)
+        reach = ((c_hi >= co + 0.25 * fx) & (c_lo <= co + (self.info.width - 0.25) * fx)
+                 & (r_hi >= ro + 0.25 * fy) & (r_lo <= ro + (self.info.height - 0.25) * fy))
+        if not reach.any():
+            where = what if self.region.extent is not None else str(self.path)
+            raise RasterError(f"--mask {self.region.mask}: none of its {len(polygons)} polygon(s) reaches {where}: "
+                              "nothing to segment")
+        if not reach.all():
+            self.notes.append(f"--mask {self.region.mask}: {int(reach.sum())} of its {len(polygons)} polygons reach "
+                              "the area; the others are left out")
+        return [rings for rings, ok in zip(polygons, reach) if ok]
 
     def _check_overlap(self, area, W: int, H: int, what: str, raster_bounds, crs_label: str):
         """``area`` (source pixels) cut to the raster; an error naming the raster when nothing is left."""
@@ -410,10 +433,28 @@ class RasterView(ReaderBase):
     def close(self) -> None:
         self.base.close()
 
-    @property
-    def files(self) -> list[str]:
-        """The files the view reads besides the raster's: the mask's."""
-        return mask_files(self.region.mask) if self.region.mask else []
+
+_POLYGONS: dict = {}  # (path, the stat of each of its files) -> read_polygons(path): one read for many rasters
+_POLYGONS_LOCK = threading.Lock()
+
+
+def _read_polygons_once(path: str):
+    """``read_polygons(path)``, read once while its files stay unchanged (a fit or a batch over many rasters
+    with one mask reads it once; each raster still reprojects the vertices to its own CRS)."""
+    try:
+        key = (path,) + tuple((f, st.st_mtime_ns, st.st_size) for f in mask_files(path) for st in [os.stat(f)])
+    except OSError:
+        return read_polygons(path)  # not a local file (/vsi...) or missing: read_polygons says what it is
+    with _POLYGONS_LOCK:
+        hit = _POLYGONS.get(key)
+    if hit is None:
+        hit = read_polygons(path)
+        with _POLYGONS_LOCK:
+            if len(_POLYGONS) >= 4:
+                _POLYGONS.pop(next(iter(_POLYGONS)))
+            _POLYGONS[key] = hit
+    polygons, crs, how = hit
+    return list(polygons), crs, how
 
 
 def _fmt(box) -> str:

@@ -35,7 +35,7 @@ from .cluster import Centers, check_k
 from .errors import SegmentError
 from .features import FeatureModel, load_features
 from .raster import ArrayReader, io_env, nodata_valid, open_reader
-from .segment import SegmentOptions, collect_sample, label_reader, scaling_for
+from .segment import SegmentOptions, fit_samples, label_reader, sample_reader, scaling_for
 
 PathLike = Union[str, os.PathLike]
 ImageInput = Union[PathLike, np.ndarray]
@@ -207,15 +207,12 @@ def _fit_samples(readers: list, k: int, features: FeatureModel, seed: int, log) 
     """K centres on the samples of every (reader, scaling) pair, as ``mapseg fit`` fits them."""
     feats, colours, info = [], [], []
     for reader, scaling in readers:
-        sample = collect_sample(reader, features, scaling, seed)
-        _segment._sample_log(log, reader.path, sample)
+        sample, raster = sample_reader(reader, features, scaling, seed, log=log)
         feats.append(sample.features)
         colours.append(sample.colours)
-        info.append({"path": str(reader.path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
-                     "partial_cells": sample.partial, "scaling": scaling.description,
-                     "input_max": scaling.input_max, "dtype": reader.info.dtype})
+        info.append(raster)
     where = readers[0][0].path if len(readers) == 1 else "the inputs"
-    return _segment._fit(feats, colours, k, features, seed, {"rasters": info, **record_scaling(info, log)}, where)
+    return fit_samples(feats, colours, k, features, seed, {"rasters": info, **record_scaling(info, log)}, where)
 
 
 def fit_centers(inputs: ImageInput | Sequence[ImageInput], k: int | None = None, *,

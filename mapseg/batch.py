@@ -5,30 +5,36 @@
     from mapseg.batch import segment_batch
     report = segment_batch(["tiles/*.tif"], "out", SegmentOptions(k=6), n_workers=2)
 
-1. **Centres, once.** Each raster's sample (``mapseg.segment.scaling_for`` + ``collect_sample``, what
-   ``mapseg fit`` draws) is a Dask task; the samples stay on the workers. The client takes the rows k-means
-   sees (``SAMPLE_FEATURES`` drawn over the concatenation in input order, as ``mapseg.cluster.fit_centers``
-   draws them) and fits: the centres are those of ``mapseg fit`` on the same inputs, bit for bit, for any
-   number of workers. They are written to ``OUT_DIR/centers.json`` and reused by a rerun on the same inputs.
-   With ``--centers FILE`` there is no fit.
+1. **Centres, once.** Each raster's sample (``mapseg.segment.sample_raster``, what ``mapseg fit`` draws) is a
+   Dask task; the samples stay on the workers. The client takes the rows k-means sees
+   (``mapseg.cluster.kmeans_rows``: drawn over the concatenation in input order, as ``fit_centers`` draws them)
+   and fits (``mapseg.segment.fit_samples``): the centres are those of ``mapseg fit`` on the same inputs, bit
+   for bit, for any number of workers (with the onnx backend: workers of one CPU instruction set). They are
+   written to ``OUT_DIR/centers.json`` and reused by a rerun on the same inputs. With ``--centers FILE`` there
+   is no fit.
 2. **Every raster a task**: ``mapseg.segment.segment_raster`` with those centres (the labels of
    ``mapseg segment --centers``), one ``OUT_DIR/<input name>.tif`` per input. A raster of more than
    ``block``² pixels is cut into blocks of ``block`` x ``block`` pixels (a multiple of ``tile``), each a task
-   writing ``OUT_DIR/<name>.tiles/<name>_rRRR_cCCC.tif`` from the whole raster's windows (the same labels),
-   and ``OUT_DIR/<name>.vrt`` over them. Then ``OUT_DIR/mosaic.vrt`` over every output (one VRT per CRS:
-   ``mosaic_EPSG-<code>.vrt``) and ``OUT_DIR/batch_report.json``.
-3. **Resumable.** A finished output gets a sidecar ``<output>.mapseg.json`` (written after the output) holding
-   a digest of what made it: input (path, size, mtime), model weights, centres, the options that change labels.
-   A rerun skips an output whose sidecar matches and whose size and mtime are the recorded ones; anything else
-   is redone. A raster that fails is reported (status, error) and the others go on; the run then returns failures
-   (CLI exit status 1). Outputs are renamed into place when complete; temporaries of killed workers are removed
-   by the next write in their folder and at the end of the run (this host's dead processes only, as
-   ``mapseg.fileio`` does).
+   writing ``OUT_DIR/<name>.tiles/<name>_rRRR_cCCC.tif`` from the whole raster's windows
+   (``mapseg.segment.write_windows`` with a box: the same labels), and ``OUT_DIR/<name>.vrt`` over them; once
+   one form of an output is in place, the other's files (an earlier run's, another ``block``) are removed.
+   Then ``OUT_DIR/mosaic.vrt`` over every output (one VRT per CRS: ``mosaic_EPSG-<code>.vrt``; an earlier
+   run's mosaics this run does not write are removed) and ``OUT_DIR/batch_report.json``.
+3. **Resumable.** A finished output gets a sidecar ``<output>.mapseg.json`` (written after the output) holding a
+   digest of what made it: input (path; size and mtime of every file it reads, ``input_stamp``), model weights,
+   centres, the options that change labels, the mapseg version (and for block tiles the backend). A rerun skips an
+   output whose sidecar matches and whose size and mtime are the recorded ones; anything else is redone. A rerun on
+   another backend than the previous report's is said in the log. A raster that fails is reported (status, error)
+   and the others go on; the run then returns failures (CLI exit status 1); on any error or Ctrl-C the run's
+   futures are cancelled (a cluster the caller passed in keeps nothing of it). Outputs are renamed into place when
+   complete; temporaries of killed workers are removed by the next write in their folder and at the end of the run
+   (this host's dead processes only, as ``mapseg.fileio`` does).
 
-What crosses the network: paths, options and centres to the workers; small summaries back; the k-means rows
-(at most ``SAMPLE_FEATURES`` x D floats over all rasters) once. Never pixels: workers read the rasters
-themselves (a shared file system, or GDAL's /vsicurl/, /vsis3/ for URLs). Dask is optional: this module
-imports it inside the functions that need it, and ``mapseg batch`` without it says what to install.
+What crosses the network: paths, options and centres to the workers; small summaries back; the k-means rows (at
+most ``SAMPLE_FEATURES`` x D floats over all rasters) once, through the scheduler to the client. Never pixels:
+workers read the rasters themselves (a shared file system, or GDAL's /vsicurl/, /vsis3/ for URLs). Dask is
+optional: this module imports it inside the functions that need it, and ``mapseg batch`` without it says what to
+install.
 """
 from __future__ import annotations
 
@@ -47,16 +53,16 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+from . import __version__
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
-from .cluster import (ELEMENTWISE_MAX_DIM, SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, check_k,
-                      fit_centers)
+from .cluster import Centers, check_k, kmeans_rows
 from .errors import USER_ERRORS, BackendUnavailable, OutputError, RasterError, SegmentError, first_line
 from .features import FeatureModel, load_features
 from .fileio import remove_dead_leftovers, write_text_atomic
-from .raster import OUTPUT_NODATA, colormap, io_env, open_reader, open_writer
+from .raster import OUTPUT_NODATA, colormap, io_env, open_reader
 from .scaling import check_one_scaling
-from .segment import (SegmentOptions, _fit, check_run_outputs, collect_sample, iter_labels, scaling_for,
-                      segment_raster)
+from .segment import (SegmentOptions, check_run_outputs, fit_samples, sample_raster, scaling_for, segment_raster,
+                      write_windows)
 from .windows import plan_windows
 
 DASK_HINT = 'pip install "map-segmenter[dask]" (or: pip install "dask[distributed]")'
@@ -64,7 +70,8 @@ REPORT_NAME = "batch_report.json"
 CENTERS_NAME = "centers.json"
 MOSAIC_NAME = "mosaic"
 SIDECAR = ".mapseg.json"
-RESERVED_STEMS = {"mosaic", "centers", "batch_report"}
+RESERVED_STEMS = {"mosaic", "centers", "batch_report"}  # and every mosaic_* (see _reserved)
+_MOSAIC_FILE = re.compile(r"mosaic(_EPSG-\d+|_\d+)?\.vrt")  # the names write_mosaics gives
 DEFAULT_BLOCK = 8192    # a raster of more than 8192² pixels (67 MP, ~1 min of one core) is cut into block tasks
 TASK_RETRIES = 2        # an unexpected exception in a task (not a user error) is retried this often
 REPORT_FORMAT = "mapseg-batch-report"
@@ -136,14 +143,23 @@ def _stem(path: str) -> str:
     return stem or "raster"
 
 
+def _reserved(stem: str) -> bool:
+    """A stem the run's own files may take: mosaic, mosaic_* (mosaic_EPSG-<n>, mosaic_<n>), centers,
+    batch_report (case-insensitive)."""
+    low = stem.lower()
+    return low in RESERVED_STEMS or low.startswith(MOSAIC_NAME + "_")
+
+
 def output_stems(inputs: list[str]) -> list[str]:
-    """One output stem per input: its file name without the extension; a stem already taken (another input of
-    that name, case-insensitive, or a name the run writes: mosaic, centers, batch_report) gets ``-<8 hex>`` of
-    the input's path. The first input keeps the plain name, so adding inputs renames no earlier output."""
-    taken, stems = set(RESERVED_STEMS), []
+    """One output stem per input: its file name without the extension; a stem already taken (an earlier input of
+    that name, case-insensitive, or a name the run's own files may take: mosaic, mosaic_*, centers,
+    batch_report) gets ``-<8 hex>`` of the input's path. An input's stem depends only on its path and the inputs
+    before it: appending inputs renames no output, but an input inserted before another of the same name (a new
+    file sorting earlier in a glob) takes the plain name, and the other's output moves to ``-<8 hex>``."""
+    taken, stems = set(), []
     for path in inputs:
         stem = _stem(path)
-        if stem.lower() in taken:
+        if stem.lower() in taken or _reserved(stem):
             stem = f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
         taken.add(stem.lower())
         stems.append(stem)
@@ -168,15 +184,33 @@ def model_digest(features: FeatureModel) -> str:
     return features.model_id.get("weights_sha256", features.model_id.get("kind", "unknown"))
 
 
-def _input_stat(path: str):
-    """(size, mtime_ns) of a local input, None for a remote one (matched by its URL alone)."""
+def input_stamp(path: str, bands=None, nodata=None):
+    """What a rerun compares of a local input: [file, size, mtime_ns] of the input and of every file its reader
+    reads (a VRT's sources, ``.aux.xml``, ``.msk``, ``.ovr``: the reader's ``info.files``; only the header is
+    read), sorted; a remote file among them by its name alone. None for a remote input (matched by its URL
+    alone). A missing input is a RasterError, an unreadable one what opening it raises."""
     if _is_remote(path):
         return None
+    if not os.path.exists(path):
+        raise RasterError(f"input raster {path} does not exist")
+    with io_env(), open_reader(path, bands, nodata) as reader:
+        files = reader.info.files
+    stamps = []
+    for f in sorted({os.path.abspath(path)} | {f if _is_remote(f) else os.path.abspath(f) for f in files}):
+        try:
+            st = None if _is_remote(f) else os.stat(f)
+        except OSError:
+            st = None
+        stamps.append([f, st.st_size, st.st_mtime_ns] if st else [f, None, None])
+    return stamps
+
+
+def _input_stamp_or_none(path: str, bands=None, nodata=None):
+    """``input_stamp``, or None where the input cannot be read (its task says why)."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise RasterError(f"input raster {path} does not exist") from exc
-    return [st.st_size, st.st_mtime_ns]
+        return input_stamp(path, bands, nodata)
+    except (OSError, *USER_ERRORS):
+        return None
 
 
 # --------------------------------------------------------------------------- what a task gets
@@ -198,11 +232,13 @@ _FEATURES_LOCK = threading.Lock()
 
 def _worker_features(s: TaskSettings) -> FeatureModel:
     """The feature model of this worker process and thread (loaded once, reused by every task), checked to be
-    the client's: a worker with other weights at that path is an error, not another set of labels."""
+    the client's: a worker with other weights at that path is an error, not another set of labels. A model
+    loaded by an earlier run whose digest is not this run's (the model re-exported at that path since) is
+    loaded again."""
     key = (s.model, s.backend, s.options.threads, s.options.workers, threading.get_ident())
     with _FEATURES_LOCK:
         features = _FEATURES.get(key)
-    if features is None:
+    if features is None or model_digest(features) != s.model_digest:
         features = load_features(s.model, s.backend, s.options.threads, s.options.workers)
         with _FEATURES_LOCK:
             _FEATURES[key] = features
@@ -224,22 +260,12 @@ def _worker_name() -> str:
 
 # --------------------------------------------------------------------------- the fit: one sample per raster
 
-def sample_raster(path: str, s: TaskSettings):
+def sample_task(path: str, s: TaskSettings):
     """(Sample, the raster's entry of the centres' sample, log lines), or ("failed", message): what ``mapseg fit``
-    draws from one raster (``scaling_for`` + ``collect_sample`` with the run's seed). Runs on a worker."""
-    o = s.options
+    draws from one raster (``mapseg.segment.sample_raster`` with the run's options). Runs on a worker."""
+    lines = []
     try:
-        features = _worker_features(s)
-        with io_env(), open_reader(path, o.bands, o.nodata) as reader:
-            scaling = scaling_for(reader, features, o.stretch, o.seed, o.input_max)
-            sample = collect_sample(reader, features, scaling, o.seed)
-            info = {"path": str(path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
-                    "partial_cells": sample.partial, "scaling": scaling.description,
-                    "input_max": scaling.input_max, "dtype": reader.info.dtype}
-        lines = []
-        if sample.partial:
-            lines.append(f"centres fitted on cells that are partly nodata: no cell of {path} is wholly valid (the "
-                         "raster is narrower than a cell, or every cell holds nodata)")
+        sample, info = sample_raster(path, _worker_features(s), s.options, log=lines.append)
         return sample, info, lines
     except USER_ERRORS as exc:
         return "failed", str(exc)
@@ -261,15 +287,6 @@ def _sample_rows(result, rows):
     return sample.features[rows], sample.colours[rows]
 
 
-def kmeans_rows(n: int, dim: int, seed: int):
-    """The rows of an n-row sample that ``mapseg.cluster.fit_centers`` fits on (sorted), or None for all of them:
-    its draw, repeated here so that only those rows leave the workers."""
-    most = SAMPLE_COLOURS if dim <= ELEMENTWISE_MAX_DIM else SAMPLE_FEATURES
-    if n <= most:
-        return None
-    return np.sort(np.random.default_rng([seed, 0xF17]).choice(n, most, replace=False))
-
-
 def fit_batch_centers(client, inputs: list[str], s: TaskSettings, features: FeatureModel, k: int, log):
     """Centres from a sample of every input, the samples drawn by Dask tasks and combined in input order: the
     centres ``mapseg fit`` gives on the same inputs, for any number of workers. Returns (Centers,
@@ -277,48 +294,48 @@ def fit_batch_centers(client, inputs: list[str], s: TaskSettings, features: Feat
     from distributed import as_completed
 
     o = s.options
-    samples = [client.submit(sample_raster, path, s, key=f"sample-{i}-{_digest([path, s.run_key])[:16]}",
-                             retries=TASK_RETRIES) for i, path in enumerate(inputs)]
-    summaries = [client.submit(_sample_summary, f, key=f"summary-{f.key}") for f in samples]
-    index = {f.key: i for i, f in enumerate(summaries)}
-    got, failed = [None] * len(inputs), {}
-    for n_done, (fut, result) in enumerate(as_completed(summaries, with_results=True, raise_errors=False), 1):
-        i = index[fut.key]
-        if fut.status == "error":
-            result = ("failed", _task_error(fut))
-        if result[0] == "failed":
-            failed[inputs[i]] = result[1]
-            log(f"[sample {n_done}/{len(inputs)}] failed {inputs[i]}: {result[1]}")
-        else:
-            got[i] = result
-            log(f"[sample {n_done}/{len(inputs)}] {result[0]:,} cells from {result[1]['windows']} windows of "
-                f"{inputs[i]} ({result[1]['scaling']})")
-            for line in result[2]:
-                log(line)
-    ok = [i for i in range(len(inputs)) if got[i] is not None]
-    if not ok:
-        raise SegmentError("no input raster could be sampled: " + "; ".join(f"{p}: {e}" for p, e in failed.items()))
-    counts = [got[i][0] for i in ok]
-    n = sum(counts)
-    rows = kmeans_rows(n, features.dim, o.seed)
-    takes, start = [], 0
-    for i, c in zip(ok, counts):
-        part = None if rows is None else rows[(rows >= start) & (rows < start + c)] - start
-        start += c
-        takes.append(client.submit(_sample_rows, samples[i], part, key=f"rows-{samples[i].key}"))
-    parts = client.gather(takes)
-    for f in samples + summaries + takes:
-        f.release()
+    samples, summaries, takes = [], [], []
+    try:
+        samples += [client.submit(sample_task, path, s, key=f"sample-{i}-{_digest([path, s.run_key])[:16]}",
+                                  retries=TASK_RETRIES) for i, path in enumerate(inputs)]
+        summaries += [client.submit(_sample_summary, f, key=f"summary-{f.key}") for f in samples]
+        index = {f.key: i for i, f in enumerate(summaries)}
+        got, failed, said = [None] * len(inputs), {}, set()
+        for n_done, (fut, result) in enumerate(as_completed(summaries, with_results=True, raise_errors=False), 1):
+            i = index[fut.key]
+            if fut.status == "error":
+                result = ("failed", _task_error(fut))
+            if result[0] == "failed":
+                failed[inputs[i]] = result[1]
+                log(f"[sample {n_done}/{len(inputs)}] failed {inputs[i]}: {result[1]}")
+            else:
+                got[i] = result
+                log(f"[sample {n_done}/{len(inputs)}] {result[0]:,} cells from {result[1]['windows']} windows of "
+                    f"{inputs[i]} ({result[1]['scaling']})")
+                for line in result[2]:  # the sample's notes (ground resolution, partial cells), each said once
+                    if line not in said and not line.startswith(("sampled ", "scaling of ")):
+                        said.add(line)
+                        log("  " + line)
+        ok = [i for i in range(len(inputs)) if got[i] is not None]
+        if not ok:
+            raise SegmentError("no input raster could be sampled: "
+                               + "; ".join(f"{p}: {e}" for p, e in failed.items()))
+        counts = [got[i][0] for i in ok]
+        n = sum(counts)
+        rows = kmeans_rows(n, features.dim, o.seed)
+        start = 0
+        for i, c in zip(ok, counts):
+            part = None if rows is None else rows[(rows >= start) & (rows < start + c)] - start
+            start += c
+            takes.append(client.submit(_sample_rows, samples[i], part, key=f"rows-{samples[i].key}"))
+        parts = client.gather(takes)
+    finally:  # done, failed or interrupted: the samples leave the workers
+        client.cancel(samples + summaries + takes)
     info = [got[i][1] for i in ok]
     meta = {"rasters": info, "bands": list(o.bands) if o.bands else None, **record_scaling(info, log)}
-    all_f, all_c = [p[0] for p in parts], [p[1] for p in parts]
-    if rows is None:  # every row: exactly mapseg fit's call
-        return _fit(all_f, all_c, k, features, o.seed, meta), failed
-    try:  # the rows fit_centers would draw, drawn already: it fits them as they are (n recorded as it records it)
-        return fit_centers(np.concatenate(all_f), np.concatenate(all_c), k, features.metric, features.kind,
-                           features.model_id, o.seed, {**meta, "features": n, "seed": o.seed}), failed
-    except ClusterError as exc:
-        raise SegmentError(str(exc)) from exc
+    # every row: exactly mapseg fit's call; else the rows fit_centers would draw, drawn already (n recorded)
+    return fit_samples([p[0] for p in parts], [p[1] for p in parts], k, features, o.seed, meta,
+                       sampled=None if rows is None else n), failed
 
 
 # --------------------------------------------------------------------------- a raster (or a block) as a task
@@ -328,7 +345,12 @@ def _sidecar(output: Path) -> Path:
 
 
 def _job_key(s: TaskSettings, path: str, block) -> str:
-    return _digest({"run": s.run_key, "input": path, "stat": _input_stat(path), "block": block})
+    """The digest an output's record carries: the run's (model, centres, options, mapseg version), the input
+    (path, and every file it reads: ``input_stamp``), the block; for a block also the backend, so that the tiles
+    of one raster all come from one backend (backends may differ on near-tie pixels)."""
+    o = s.options
+    return _digest({"run": s.run_key, "input": path, "files": input_stamp(path, o.bands, o.nodata), "block": block,
+                    **({"backend": s.backend} if block is not None else {})})
 
 
 def _finished(output: Path, key: str):
@@ -347,7 +369,7 @@ def _finished(output: Path, key: str):
 def _mark_finished(output: Path, key: str, path: str, geometry: dict, extra: dict) -> None:
     st = output.stat()
     write_text_atomic(_sidecar(output), json.dumps({
-        "format": SIDECAR_FORMAT, "version": 1, "key": key, "input": path, "size": st.st_size,
+        "format": SIDECAR_FORMAT, "version": 1, "key": key, "input": path, "mapseg": __version__, "size": st.st_size,
         "mtime_ns": st.st_mtime_ns, "geometry": geometry, **extra}, indent=1) + "\n")
 
 
@@ -395,7 +417,7 @@ def segment_task(index: int, path: str, output: str, s: TaskSettings, centers: C
                                 progress=False, log=lines.append)
         geometry = _geometry(info)
         mp = info.width * info.height / 1e6
-        _mark_finished(out, key, path, geometry, {"megapixels": mp, "k": report["k"]})
+        _mark_finished(out, key, path, geometry, {"megapixels": mp, "k": report["k"], "backend": s.backend})
         return {**result, "status": "done", "geometry": geometry, "megapixels": mp, "log": lines,
                 "clipped_pixels": report["clipped_pixels"], "seconds": time.perf_counter() - t0,
                 "cpu_s": time.process_time() - c0}
@@ -421,33 +443,10 @@ def segment_block(path: str, output: str, s: TaskSettings, centers: Centers, fea
         scaling = scaling_for(reader, features, o.stretch, o.seed, top, None, how)
         wins = [w for w in plan_windows(info.height, info.width, o.tile, features.stride, halo)
                 if r0 <= w.core.row0 < r1 and c0 <= w.core.col0 < c1]
-        shifted = dataclasses.replace(info, width=c1 - c0, height=r1 - r0, transform=_shift(info.transform, r0, c0),
-                                      gcps=tuple((r - r0, c - c0, x, y, z) for r, c, x, y, z in info.gcps))
-        tags = {"MAPSEG_K": fitted.k, "MAPSEG_MODEL": model_digest(features), "MAPSEG_FEATURES": features.kind,
-                "MAPSEG_TILE_INVARIANT_REFERENCE": "whole-raster pass", "MAPSEG_BLOCK": f"{r0},{r1},{c0},{c1}"}
-        writer, clipped = None, []
-        try:
-            writer = open_writer(output, shifted, fitted.k, OUTPUT_NODATA if info.has_nodata else None, o.cog, tags)
-            windows = iter_labels(reader, features, scaling, fitted.scorer(), fitted.k, wins, o.smooth, clipped)
-            try:
-                for win, labels in windows:
-                    writer.write(labels, win.core.row0 - r0, win.core.col0 - c0)
-            finally:
-                windows.close()
-            writer.commit()
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-    return {"geometry": _geometry(info, r0, c0, r1 - r0, c1 - c0), "clipped_pixels": sum(clipped), "k": fitted.k,
+        _, clipped, _ = write_windows(reader, output, features, scaling, fitted, wins, smooth=o.smooth, cog=o.cog,
+                                      box=box, tags={"MAPSEG_BLOCK": f"{r0},{r1},{c0},{c1}"})
+    return {"geometry": _geometry(info, r0, c0, r1 - r0, c1 - c0), "clipped_pixels": clipped, "k": fitted.k,
             "scaling": scaling.description}
-
-
-def _shift(transform, row0: int, col0: int):
-    """A raster's transform moved to the pixel (row0, col0): an Affine (rasterio) or a GDAL 6-tuple (osgeo)."""
-    g = transform.to_gdal() if hasattr(transform, "to_gdal") else tuple(transform)
-    moved = (g[0] + col0 * g[1] + row0 * g[2], g[1], g[2], g[3] + col0 * g[4] + row0 * g[5], g[4], g[5])
-    return type(transform).from_gdal(*moved) if hasattr(transform, "to_gdal") else moved
 
 
 def segment_block_task(index: int, path: str, output: str, s: TaskSettings, centers: Centers, box):
@@ -464,7 +463,7 @@ def segment_block_task(index: int, path: str, output: str, s: TaskSettings, cent
         lines = []
         made = segment_block(path, output, s, centers, _worker_features(s), tuple(box), lines.append)
         mp = (box[1] - box[0]) * (box[3] - box[2]) / 1e6
-        _mark_finished(out, key, path, made["geometry"], {"megapixels": mp, "k": made["k"]})
+        _mark_finished(out, key, path, made["geometry"], {"megapixels": mp, "k": made["k"], "backend": s.backend})
         return {**result, "status": "done", "geometry": made["geometry"], "megapixels": mp, "log": lines,
                 "clipped_pixels": made["clipped_pixels"], "seconds": time.perf_counter() - t0,
                 "cpu_s": time.process_time() - c0}
@@ -487,6 +486,17 @@ def _task_error(fut) -> str:
 
 # --------------------------------------------------------------------------- VRTs
 
+def _remove_files(out_dir: Path, names: list[str], folder: str | None = None) -> None:
+    """Remove these files (and the folder ``folder``) of ``out_dir`` where they are: an earlier run's outputs
+    that this run replaced with another form."""
+    import shutil
+
+    for name in names:
+        (out_dir / name).unlink(missing_ok=True)
+    if folder is not None and (out_dir / folder).is_dir():
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
+
+
 def write_vrt(path, width: int, height: int, sources: list[dict], k: int, *, crs: str | None = None,
               geotransform=None, gcps=None, gcp_crs: str | None = None) -> Path:
     """A GDAL VRT of one uint8 label band over ``sources`` (dicts: ``file`` relative to the VRT, ``width``,
@@ -495,7 +505,9 @@ def write_vrt(path, width: int, height: int, sources: list[dict], k: int, *, crs
     path = Path(path)
     out = [f'<VRTDataset rasterXSize="{int(width)}" rasterYSize="{int(height)}">']
     if crs:
-        out.append(f'  <SRS dataAxisToSRSAxisMapping="1,2">{escape(crs)}</SRS>')
+        # no dataAxisToSRSAxisMapping: GDAL then reads x, y in the traditional GIS order (easting/longitude
+        # first) whatever the CRS's own axis order ("1,2" swapped x and y for EPSG:4326 or northing-first CRSs)
+        out.append(f"  <SRS>{escape(crs)}</SRS>")
     if geotransform is not None:
         out.append("  <GeoTransform>" + ", ".join(repr(float(v)) for v in geotransform) + "</GeoTransform>")
     if gcps:
@@ -722,46 +734,72 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
                      "smooth": o.smooth, "seed": o.seed, "cog": o.cog, "precision": precision}
     sample_options = {key: label_options[key] for key in ("bands", "nodata", "stretch", "input_max", "seed",
                                                           "precision")}
-    fit_key = _digest({"inputs": [(p, _input_stat_or_none(p)) for p in paths], "k": o.k,
-                       "model": model_digest(features), "options": sample_options})
     previous = _previous_report(out_dir)
+    before = (previous.get("model") or {}).get("backend")
+    if before and before != backend:
+        log(f"warning: the earlier run in {out_dir} used the backend {before}, this one {backend}: outputs it "
+            "finished are kept (backends may differ on near-tie pixels); a raster cut into blocks is redone whole, "
+            f"so that its tiles come from one backend (--backend {before.partition(':')[0]} continues with the "
+            "earlier one)")
     failed_inputs: dict[str, str] = {}
+    centers_future = None
     with dask_client(scheduler, n_workers, memory_limit, log) as client:
-        out_dir.mkdir(exist_ok=True)  # once the cluster is up: a run that cannot start leaves no folder
-        settings = TaskSettings(model, backend, model_digest(features), per_task, "", str(out_dir))
-        if o.centers is not None:
-            centers = check_centers(load_centers(o.centers), features, o.k, o.centers)
-            source = {"from": "given", "file": None if isinstance(o.centers, Centers) else os.path.abspath(o.centers)}
-        else:
-            k = check_k(o.k, features.max_k)
-            centers = _reusable_centers(out_dir, previous, fit_key, features, k)
-            if centers is not None:
-                log(f"centres: reused {out_dir / CENTERS_NAME} (fitted by an earlier run on the same inputs)")
-                source = {"from": "reused", "file": str(out_dir / CENTERS_NAME)}
+        try:
+            out_dir.mkdir(exist_ok=True)  # once the cluster is up: a run that cannot start leaves no folder
+            settings = TaskSettings(model, backend, model_digest(features), per_task, "", str(out_dir))
+            fit_key = None
+            if o.centers is not None:
+                centers = check_centers(load_centers(o.centers), features, o.k, o.centers)
+                source = {"from": "given",
+                          "file": None if isinstance(o.centers, Centers) else os.path.abspath(o.centers)}
             else:
-                t0 = time.perf_counter()
-                fit_settings = dataclasses.replace(settings, run_key=fit_key)
-                centers, failed_inputs = fit_batch_centers(client, paths, fit_settings, features, k, log)
-                centers.save(out_dir / CENTERS_NAME)
-                log(f"centres: K={k} from {len(paths) - len(failed_inputs)} raster(s), "
-                    f"{time.perf_counter() - t0:.1f} s; wrote {out_dir / CENTERS_NAME}")
-                source = {"from": "fitted", "file": str(out_dir / CENTERS_NAME), "seconds": time.perf_counter() - t0}
-                # recorded now: a run stopped later reuses these centres when resumed (_reusable_centers)
-                write_text_atomic(out_dir / REPORT_NAME, json.dumps({
-                    "format": REPORT_FORMAT, "version": 1, "status": "running", "fit_key": fit_key,
-                    "centers": {**source, "digest": centers_digest(centers)}}, indent=1) + "\n")
-        digest = centers_digest(centers)
-        settings = dataclasses.replace(settings, run_key=_digest({"model": model_digest(features), "centers": digest,
-                                                                   "options": label_options}))
-        slim = dataclasses.replace(centers, sample={k_: v for k_, v in centers.sample.items() if k_ == "scaling"})
-        centers_future = client.submit(_identity, slim, key=f"centers-{digest[:16]}")
-        results = _segment_all(client, paths, stems, out_dir, settings, centers_future, block, failed_inputs, log)
+                k = check_k(o.k, features.max_k)
+                # what the fit depends on: every input's files (read by the workers, which see the inputs)
+                stamps = client.map(_input_stamp_or_none, paths, bands=o.bands, nodata=o.nodata, pure=False)
+                try:
+                    inputs_key = list(zip(paths, client.gather(stamps)))
+                finally:
+                    client.cancel(stamps)
+                fit_key = _digest({"inputs": inputs_key, "k": o.k, "model": model_digest(features),
+                                   "options": sample_options, "mapseg": __version__})
+                centers = _reusable_centers(out_dir, previous, fit_key, features, k)
+                if centers is not None:
+                    log(f"centres: reused {out_dir / CENTERS_NAME} (fitted by an earlier run on the same inputs)")
+                    source = {"from": "reused", "file": str(out_dir / CENTERS_NAME)}
+                else:
+                    t0 = time.perf_counter()
+                    fit_settings = dataclasses.replace(settings, run_key=fit_key)
+                    centers, failed_inputs = fit_batch_centers(client, paths, fit_settings, features, k, log)
+                    centers.save(out_dir / CENTERS_NAME)
+                    log(f"centres: K={k} from {len(paths) - len(failed_inputs)} raster(s), "
+                        f"{time.perf_counter() - t0:.1f} s; wrote {out_dir / CENTERS_NAME}")
+                    source = {"from": "fitted", "file": str(out_dir / CENTERS_NAME),
+                              "seconds": time.perf_counter() - t0}
+                    # recorded now: a run stopped later reuses these centres when resumed (_reusable_centers)
+                    write_text_atomic(out_dir / REPORT_NAME, json.dumps({
+                        "format": REPORT_FORMAT, "version": 1, "status": "running", "fit_key": fit_key,
+                        "model": {"digest": model_digest(features), "backend": backend},
+                        "centers": {**source, "digest": centers_digest(centers)}}, indent=1) + "\n")
+            digest = centers_digest(centers)
+            settings = dataclasses.replace(settings, run_key=_digest({
+                "model": model_digest(features), "centers": digest, "options": label_options,
+                "mapseg": __version__}))
+            slim = dataclasses.replace(centers, sample={k_: v for k_, v in centers.sample.items() if k_ == "scaling"})
+            centers_future = client.submit(_identity, slim, key=f"centers-{digest[:16]}")
+            results = _segment_all(client, paths, stems, out_dir, settings, centers_future, block, failed_inputs,
+                                   log)
+        finally:  # done, failed or interrupted (Ctrl-C): nothing of this run stays on a caller's cluster
+            if centers_future is not None:
+                client.cancel([centers_future])
     rasters, pieces = [], []
     for i, path in enumerate(paths):
         entry, files = _raster_entry(out_dir, stems[i], results[i], centers.k)
         rasters.append(entry)
         pieces += files
     mosaics, left_out = write_mosaics(out_dir, pieces, centers.k) if pieces else ([], [])
+    # an earlier run's mosaics that this one did not write (its CRSs were others) would show stale outputs
+    _remove_files(out_dir, [f.name for f in out_dir.glob(f"{MOSAIC_NAME}*.vrt") if _MOSAIC_FILE.fullmatch(f.name)
+                            and f.name not in {m["file"] for m in mosaics}])
     if left_out:
         log(f"not in a mosaic: {', '.join(left_out)}")
     for folder in [out_dir] + [out_dir / f"{s}.tiles" for s in stems if (out_dir / f"{s}.tiles").is_dir()]:
@@ -772,7 +810,7 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     report = {
         "format": REPORT_FORMAT, "version": 1, "status": "finished", "out_dir": str(out_dir), "inputs": len(paths),
         **counts,
-        "seconds": time.perf_counter() - t_start, "fit_key": fit_key if source["from"] != "given" else None,
+        "seconds": time.perf_counter() - t_start, "fit_key": fit_key, "mapseg": __version__,
         "model": {"name": features.name, "digest": model_digest(features), "features": features.kind,
                   "backend": backend},
         "centers": {**source, "digest": digest, "k": centers.k, "metric": centers.metric,
@@ -795,16 +833,10 @@ def _identity(x):
     return x
 
 
-def _input_stat_or_none(path: str):
-    try:
-        return _input_stat(path)
-    except (OSError, RasterError):
-        return None  # missing: its task says so
-
-
 def _reusable_centers(out_dir: Path, previous: dict, fit_key: str, features: FeatureModel, k: int):
-    """The centres an earlier run fitted in ``out_dir`` where it fitted them on the same inputs (paths, sizes,
-    times), K, model and options, and the file is unchanged since; else None."""
+    """The centres an earlier run fitted in ``out_dir`` where it fitted them on the same inputs (paths; sizes and
+    times of every file each reads), K, model, options and mapseg version, and the file is unchanged since; else
+    None."""
     mine = previous.get("centers") or {}
     if previous.get("fit_key") != fit_key or mine.get("from") not in ("fitted", "reused"):
         return None
@@ -823,53 +855,57 @@ def _segment_all(client, paths, stems, out_dir: Path, s: TaskSettings, centers_f
 
     results: list = [None] * len(paths)
     futures, live = {}, []  # key -> (input index, block or None); the futures, held until the run ends
-    for i, path in enumerate(paths):
-        if path in failed_inputs:
-            results[i] = {"index": i, "input": path, "status": "failed", "error": failed_inputs[path]}
-            continue
-        f = client.submit(segment_task, i, path, str(out_dir / f"{stems[i]}.tif"), s, centers_future, block,
-                          key=f"segment-{i}-{_digest([path, s.run_key, block, s.out_dir])[:16]}", retries=TASK_RETRIES)
-        futures[f.key] = (i, None)
-        live.append(f)
-    total = len(futures)
-    done_rasters, pending_blocks = 0, {}
-    ac = as_completed(live, with_results=True, raise_errors=False)
-    for fut, result in ac:
-        i, box = futures[fut.key]
-        if fut.status == "error":
-            result = {"index": i, "input": paths[i], "status": "failed", "error": _task_error(fut)}
-            if box is not None:
-                result.update(block=list(box), output=None)
-        if box is None and result["status"] == "split":
-            tiles = out_dir / f"{stems[i]}.tiles"
-            results[i] = {**result, "blocks": []}
-            pending_blocks[i] = len(result["blocks"])
-            log(f"{paths[i]}: {result['geometry']['width']} x {result['geometry']['height']} px, "
-                f"{len(result['blocks'])} blocks of at most {block} x {block}")
-            for b in result["blocks"]:
-                name = f"{stems[i]}_r{b[0] // block:03d}_c{b[2] // block:03d}.tif"
-                bf = client.submit(segment_block_task, i, paths[i], str(tiles / name), s, centers_future, tuple(b),
-                                   key=f"block-{i}-{b[0]}-{b[2]}-{_digest([paths[i], s.run_key, b, s.out_dir])[:16]}",
-                                   retries=TASK_RETRIES)
-                futures[bf.key] = (i, tuple(b))
-                live.append(bf)
-                ac.add(bf)
-            continue
-        if box is not None:
-            results[i]["blocks"].append(result)
-            pending_blocks[i] -= 1
-            if pending_blocks[i]:
+    try:
+        for i, path in enumerate(paths):
+            if path in failed_inputs:
+                results[i] = {"index": i, "input": path, "status": "failed", "error": failed_inputs[path]}
                 continue
-            result = results[i] = _merge_blocks(results[i])
-        else:
-            results[i] = result
-        done_rasters += 1
-        line = f"[{done_rasters}/{total}] {result['status']:<7} {paths[i]}"
-        if result["status"] == "failed":
-            line += f": {result.get('error')}"
-        elif result["status"] == "done" and result.get("seconds"):
-            line += f" ({result['seconds']:.1f} s)"
-        log(line)
+            f = client.submit(segment_task, i, path, str(out_dir / f"{stems[i]}.tif"), s, centers_future, block,
+                              key=f"segment-{i}-{_digest([path, s.run_key, block, s.out_dir])[:16]}",
+                              retries=TASK_RETRIES)
+            futures[f.key] = (i, None)
+            live.append(f)
+        total = len(futures)
+        done_rasters, pending_blocks = 0, {}
+        ac = as_completed(live, with_results=True, raise_errors=False)
+        for fut, result in ac:
+            i, box = futures[fut.key]
+            if fut.status == "error":
+                result = {"index": i, "input": paths[i], "status": "failed", "error": _task_error(fut)}
+                if box is not None:
+                    result.update(block=list(box), output=None)
+            if box is None and result["status"] == "split":
+                tiles = out_dir / f"{stems[i]}.tiles"
+                results[i] = {**result, "blocks": []}
+                pending_blocks[i] = len(result["blocks"])
+                log(f"{paths[i]}: {result['geometry']['width']} x {result['geometry']['height']} px, "
+                    f"{len(result['blocks'])} blocks of at most {block} x {block}")
+                for b in result["blocks"]:
+                    name = f"{stems[i]}_r{b[0] // block:03d}_c{b[2] // block:03d}.tif"
+                    bkey = _digest([paths[i], s.run_key, b, s.out_dir])[:16]
+                    bf = client.submit(segment_block_task, i, paths[i], str(tiles / name), s, centers_future,
+                                       tuple(b), key=f"block-{i}-{b[0]}-{b[2]}-{bkey}", retries=TASK_RETRIES)
+                    futures[bf.key] = (i, tuple(b))
+                    live.append(bf)
+                    ac.add(bf)
+                continue
+            if box is not None:
+                results[i]["blocks"].append(result)
+                pending_blocks[i] -= 1
+                if pending_blocks[i]:
+                    continue
+                result = results[i] = _merge_blocks(results[i])
+            else:
+                results[i] = result
+            done_rasters += 1
+            line = f"[{done_rasters}/{total}] {result['status']:<7} {paths[i]}"
+            if result["status"] == "failed":
+                line += f": {result.get('error')}"
+            elif result["status"] == "done" and result.get("seconds"):
+                line += f" ({result['seconds']:.1f} s)"
+            log(line)
+    finally:  # done, failed or interrupted (Ctrl-C): nothing of this run stays on a caller's cluster
+        client.cancel(live)
     return results
 
 
@@ -893,6 +929,7 @@ def _raster_entry(out_dir: Path, stem: str, result: dict, k: int) -> tuple[dict,
         return entry, []
     if "blocks" not in result:
         entry["output"] = f"{stem}.tif"
+        _remove_files(out_dir, [f"{stem}.vrt"], f"{stem}.tiles")  # an earlier run's blocks of it (another --block)
         return entry, [{"file": f"{stem}.tif", "geometry": result["geometry"]}]
     g = result["geometry"]
     tiles = []
@@ -904,6 +941,13 @@ def _raster_entry(out_dir: Path, stem: str, result: dict, k: int) -> tuple[dict,
               [{"file": t["file"], "width": t["dst"][2], "height": t["dst"][3], "dst": t["dst"]} for t in tiles], k,
               crs=g["crs"], geotransform=g["geotransform"] if g["crs"] or not g["gcps"] else None,
               gcps=g["gcps"], gcp_crs=g["gcp_crs"])
+    # the VRT in place: an earlier run's whole output of it, and tiles of another block grid, are removed
+    current = {Path(t["file"]).name for t in tiles}
+    folder = out_dir / f"{stem}.tiles"
+    stale = [f"{stem}.tiles/{f.name}" for f in folder.iterdir()
+             if re.fullmatch(re.escape(stem) + r"_r\d+_c\d+\.tif(" + re.escape(SIDECAR) + ")?", f.name)
+             and f.name.removesuffix(SIDECAR) not in current]
+    _remove_files(out_dir, [f"{stem}.tif", f"{stem}.tif{SIDECAR}"] + stale)
     entry.update(output=f"{stem}.vrt", tiles=[t["file"] for t in tiles],
                  blocks=[{k_: b.get(k_) for k_ in ("block", "status", "error", "seconds", "worker")
                           if b.get(k_) is not None} for b in result["blocks"]])

@@ -362,12 +362,21 @@ class Centers:
         return cls.from_json(data, str(path))
 
 
+def kmeans_rows(n: int, dim: int, seed: int = 0) -> np.ndarray | None:
+    """The rows (sorted) of an n-row sample of dim-dimensional features that k-means fits on: at most
+    SAMPLE_FEATURES (SAMPLE_COLOURS for colours), drawn with the seed; None for all of them. ``fit_centers``
+    draws them; ``mapseg.batch`` draws them before gathering, so that only those rows leave the workers."""
+    most = SAMPLE_COLOURS if dim <= ELEMENTWISE_MAX_DIM else SAMPLE_FEATURES
+    if n <= most:
+        return None
+    return np.sort(np.random.default_rng([seed, 0xF17]).choice(n, most, replace=False))
+
+
 def fit_centers(features: np.ndarray, colours: np.ndarray, k: int, metric: str, feature_kind: str, model: dict,
                 seed: int = 0, sample_info: dict | None = None) -> Centers:
     """k-means on sampled features (at most SAMPLE_FEATURES / SAMPLE_COLOURS, drawn with the seed), in label order."""
-    most = SAMPLE_COLOURS if features.shape[1] <= ELEMENTWISE_MAX_DIM else SAMPLE_FEATURES
-    if features.shape[0] > most:
-        pick = np.sort(np.random.default_rng([seed, 0xF17]).choice(features.shape[0], most, replace=False))
+    pick = kmeans_rows(features.shape[0], features.shape[1], seed)
+    if pick is not None:
         features, colours = features[pick], colours[pick]
     grid, exponent = _grid_sample(features, metric)
     raw = _kmeans_on_grid(grid, k, metric, seed)

@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -374,11 +374,55 @@ def scaling_for(reader, features: FeatureModel, stretch, seed: int, input_max: f
     return make_scaling(reader.info.dtype, None, None, *input_range(reader.info, lambda: sample(False)[1]))
 
 
-def _sample_log(log, path, sample: Sample) -> None:
+def sample_log(log, path, sample: Sample) -> None:
+    """Log what a raster's sample holds (and that its cells are partly nodata, where they are)."""
     log(f"sampled {sample.features.shape[0]} cells from {sample.windows} windows of {path}")
     if sample.partial:
         log(f"centres fitted on cells that are partly nodata: no cell of {path} is wholly valid (the raster is "
             "narrower than a cell, or every cell holds nodata), so cells with any valid pixel were sampled")
+
+
+def sample_reader(reader, features: FeatureModel, scaling: Scaling, seed: int, *, log=None,
+                  progress: SampleProgress | None = None, area: dict | None = None, path=None) -> tuple[Sample, dict]:
+    """(the ``Sample`` of an open reader scaled by ``scaling``, its entry of the centres' sample: ``path`` (default:
+    the reader's), cells, windows, partial cells, scaling, input maximum, dtype and ``area``, the region where one
+    was asked for). ``log`` hears what the sample holds; ``progress`` of every window drawn (closed here)."""
+    path = reader.path if path is None else path
+    try:
+        sample = collect_sample(reader, features, scaling, seed, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if log is not None:
+        sample_log(log, path, sample)
+    return sample, {"path": str(path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
+                    "partial_cells": sample.partial, "scaling": scaling.description,
+                    "input_max": scaling.input_max, "dtype": reader.info.dtype, **({"region": area} if area else {})}
+
+
+def sample_raster(source, features: FeatureModel, options: SegmentOptions, *, log=None, progress: bool = False,
+                  said: set | None = None) -> tuple[Sample, dict]:
+    """What ``mapseg fit`` draws from one raster: (``Sample``, its entry of the centres' sample, see
+    ``sample_reader``). ``source``: a path (opened here with ``options``' bands, nodata and region) or an open
+    reader. Logs the region, the ground resolution (a warning where it is far from the model's) and the scaling
+    (``options.stretch`` / ``input_max``, else what the raster says); ``progress``: bars on stderr; ``said``: the
+    notes said once per run (``check_resolution``)."""
+    log = log or (lambda msg: None)
+    if isinstance(source, (str, os.PathLike)):
+        with io_env(), open_reader(source, options.bands, options.nodata, options.region()) as reader:
+            return _sample_open_raster(reader, source, features, options, log, progress, said)
+    return _sample_open_raster(source, source.path, features, options, log, progress, said)
+
+
+def _sample_open_raster(reader, path, features: FeatureModel, options: SegmentOptions, log, progress: bool,
+                        said: set | None) -> tuple[Sample, dict]:
+    area = region_log(reader, log)
+    check_resolution(features, reader, log, set() if said is None else said)
+    scaling = scaling_for(reader, features, options.stretch, options.seed, options.input_max,
+                          SampleProgress("range", "pixels", MIN_RAW_VALUES, progress))
+    log(f"scaling of {path}: {scaling.description}")
+    return sample_reader(reader, features, scaling, options.seed, log=log, area=area, path=path,
+                         progress=SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress))
 
 
 def region_log(reader, log) -> dict | None:
@@ -447,31 +491,22 @@ def fit_raster_centers(inputs: list[str | os.PathLike], options: SegmentOptions,
                     rasters.append((path, reader.info))
             check_run_outputs({"-o": output}, rasters, options, log)
         for path in inputs:  # opened again, one at a time: thousands of tiles do not hold thousands of handles
-            with open_reader(path, bands, options.nodata, region) as reader:
-                area = region_log(reader, log)
-                check_resolution(features, reader, log, said)
-                scaling = scaling_for(reader, features, options.stretch, seed, options.input_max,
-                                      SampleProgress("range", "pixels", MIN_RAW_VALUES, progress))
-                log(f"scaling of {path}: {scaling.description}")
-                bar = SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress)
-                try:
-                    sample = collect_sample(reader, features, scaling, seed, bar)
-                finally:
-                    bar.close()
-                _sample_log(log, path, sample)
-                all_f.append(sample.features)
-                all_c.append(sample.colours)
-                info.append({"path": str(path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
-                             "partial_cells": sample.partial, "scaling": scaling.description,
-                             "input_max": scaling.input_max, "dtype": reader.info.dtype,
-                             **({"region": area} if area else {})})
-    return _fit(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None,
-                                                  **record_scaling(info, log)})
+            sample, raster = sample_raster(path, features, options, log=log, progress=progress, said=said)
+            all_f.append(sample.features)
+            all_c.append(sample.colours)
+            info.append(raster)
+    return fit_samples(all_f, all_c, k, features, seed, {"rasters": info, "bands": list(bands) if bands else None,
+                                                         **record_scaling(info, log)})
 
 
-def _fit(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, info: dict, where="the rasters") -> Centers:
+def fit_samples(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, info: dict,
+                where="the rasters", sampled: int | None = None) -> Centers:
+    """K centres on the samples' features and colours (lists of arrays, in input order), as ``mapseg fit`` fits
+    them (``mapseg.cluster.fit_centers``); ``info``: the centres' sample record. ``sampled``: the size of the
+    whole sample where the arrays hold only the rows k-means draws from it (``mapseg.cluster.kmeans_rows``,
+    drawn already: ``mapseg.batch``), recorded as the sample's size."""
     feats, cols = np.concatenate(all_f), np.concatenate(all_c)
-    n = feats.shape[0]
+    n = feats.shape[0] if sampled is None else sampled
     if n < k:  # a raster of a few pixels
         unit = "pixel" if features.stride == 1 else "cell"
         size = "" if features.stride == 1 else f" of {features.stride} x {features.stride} pixels"
@@ -480,7 +515,7 @@ def _fit(all_f: list, all_c: list, k: int, features: FeatureModel, seed: int, in
                            f"{where} has only {n} {unit}s{size} to cluster, fewer than K={k}: choose K <= {n}")
     try:
         return fit_centers(feats, cols, k, features.metric, features.kind, features.model_id, seed,
-                           {**info, "features": int(feats.shape[0]), "seed": seed})
+                           {**info, "features": int(n), "seed": seed})
     except ClusterError as exc:
         raise SegmentError(str(exc)) from exc
 
@@ -495,7 +530,7 @@ def fit_reader_centers(readers, k: int, features: FeatureModel, seed: int = 0, s
         all_c.append(sample.colours)
         info.append({"path": str(reader.path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
                      "partial_cells": sample.partial})
-    return _fit(all_f, all_c, k, features, seed, {"rasters": info})
+    return fit_samples(all_f, all_c, k, features, seed, {"rasters": info})
 
 
 # --------------------------------------------------------------------------- outputs
@@ -528,6 +563,60 @@ def check_run_outputs(outputs: dict, rasters: list, options: SegmentOptions, log
 
 
 # --------------------------------------------------------------------------- segment
+
+def label_tags(features: FeatureModel, k: int) -> dict:
+    """The GeoTIFF tags of a label raster: K, the model's weights digest, the feature kind."""
+    return {"MAPSEG_K": k, "MAPSEG_MODEL": features.model_id.get("weights_sha256", "kmeans"),
+            "MAPSEG_FEATURES": features.kind, "MAPSEG_TILE_INVARIANT_REFERENCE": "whole-raster pass"}
+
+
+def shift_transform(transform, row0: int, col0: int):
+    """A raster's transform moved to the pixel (row0, col0): an Affine (rasterio) or a GDAL 6-tuple (osgeo)."""
+    g = transform.to_gdal() if hasattr(transform, "to_gdal") else tuple(transform)
+    moved = (g[0] + col0 * g[1] + row0 * g[2], g[1], g[2], g[3] + col0 * g[4] + row0 * g[5], g[4], g[5])
+    return type(transform).from_gdal(*moved) if hasattr(transform, "to_gdal") else moved
+
+
+def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling, centers: Centers,
+                  wins: list[Window], *, smooth: int = 0, cog: bool = False, box=None, tags: dict | None = None,
+                  progress: bool = False, callback=None, span=(0.0, 1.0)) -> tuple[str, int, dict]:
+    """Write the labels of the windows ``wins`` (planned for the whole raster, ``plan_windows``) of an open
+    reader to the label GeoTIFF ``output_path``: the whole raster, or the pixel box ``box`` = (row0, row1, col0,
+    col1) of it (a GeoTIFF of that box, georeferenced there; ``wins`` are then those whose cores lie in it).
+    ``tags`` are added to ``label_tags``. Written to a temporary name, renamed when complete; on an error or a
+    cancel nothing is left. ``progress``: a bar on stderr; ``callback(fraction, "segment")`` after each window,
+    the fraction running over ``span``. Returns (the output's path, pixels clipped to full brightness,
+    {"windows_s", "finish_s"})."""
+    info, r0, c0 = reader.info, 0, 0
+    if box is not None:
+        r0, r1, c0, c1 = box
+        info = replace(info, width=c1 - c0, height=r1 - r0, transform=shift_transform(info.transform, r0, c0),
+                       gcps=tuple((r - r0, c - c0, x, y, z) for r, c, x, y, z in info.gcps))
+    writer, clipped = None, []
+    try:
+        writer = open_writer(output_path, info, centers.k, OUTPUT_NODATA if info.has_nodata else None, cog,
+                             {**label_tags(features, centers.k), **(tags or {})})
+        bar = Progress(len(wins), "segment", progress)
+        t0 = time.perf_counter()
+        windows = iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth, clipped)
+        try:
+            for i, (win, labels) in enumerate(windows):
+                writer.write(labels, win.core.row0 - r0, win.core.col0 - c0)
+                bar.update(1, labels.size)
+                if callback is not None:
+                    tell(callback, span[0] + (span[1] - span[0]) * (i + 1) / len(wins), "segment")
+        finally:
+            windows.close()  # the windows in flight finish before the reader is closed
+            bar.close()
+        t1 = time.perf_counter()
+        out = writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return out, sum(clipped), {"windows_s": t1 - t0, "finish_s": time.perf_counter() - t1}
+
+
 
 def segment_raster(input_path, output_path, options: SegmentOptions | None = None, *, progress: bool = True,
                    log=None, callback=None, other_outputs: dict | None = None) -> dict:
@@ -574,51 +663,19 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         log(f"scaling: {scaling.description}")
         if centers is None:
             log(f"fitting K={k} centres on a sample of {input_path} ...")
-            bar = SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress, callback, (0.03, 0.1))
-            try:
-                sample = collect_sample(reader, features, scaling, seed, bar)
-            finally:
-                bar.close()
-            _sample_log(log, input_path, sample)
+            sample, raster = sample_reader(reader, features, scaling, seed, log=log, area=area, path=input_path,
+                                           progress=SampleProgress("sample", "cells", MIN_SAMPLE_CELLS, progress,
+                                                                   callback, (0.03, 0.1)))
             partial = sample.partial
-            raster = {"path": str(input_path), "cells": int(sample.features.shape[0]), "windows": sample.windows,
-                      "partial_cells": partial, "scaling": scaling.description, "input_max": scaling.input_max,
-                      "dtype": reader.info.dtype, **({"region": area} if area else {})}
-            fitted = _fit([sample.features], [sample.colours], k, features, seed,
-                          {"rasters": [raster], **record_scaling([raster], log)}, input_path)
+            fitted = fit_samples([sample.features], [sample.colours], k, features, seed,
+                                 {"rasters": [raster], **record_scaling([raster], log)}, input_path)
             log(f"centres: K={k} from {sample.features.shape[0]} sampled cells of {sample.windows} sampling windows")
         timings["fit_s"] = time.perf_counter() - t0
-        scorer = fitted.scorer()
         wins = plan_windows(reader.height, reader.width, o.tile, features.stride, halo)
-        tags = {"MAPSEG_K": k, "MAPSEG_MODEL": features.model_id.get("weights_sha256", "kmeans"),
-                "MAPSEG_FEATURES": features.kind, "MAPSEG_TILE_INVARIANT_REFERENCE": "whole-raster pass"}
-        writer = None
-        try:
-            writer = open_writer(output_path, reader.info, k, OUTPUT_NODATA if reader.info.has_nodata else None,
-                                 o.cog, tags)
-            bar = Progress(len(wins), "segment", progress)
-            t0 = time.perf_counter()
-            clipped = []
-            windows = iter_labels(reader, features, scaling, scorer, k, wins, smooth, clipped)
-            try:
-                for i, (win, labels) in enumerate(windows):
-                    writer.write(labels, win.core.row0, win.core.col0)
-                    bar.update(1, labels.size)
-                    if callback is not None:
-                        tell(callback, 0.1 + 0.9 * (i + 1) / len(wins), "segment")
-            finally:
-                windows.close()  # the windows in flight finish before the reader is closed
-                bar.close()
-            t1 = time.perf_counter()
-            out = writer.commit()
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-        timings["windows_s"] = t1 - t0
-        timings["finish_s"] = time.perf_counter() - t1
+        out, n_clipped, written = write_windows(reader, output_path, features, scaling, fitted, wins, smooth=smooth,
+                                                cog=o.cog, progress=progress, callback=callback, span=(0.1, 1.0))
+        timings.update(written)
         info = reader.info
-    n_clipped = sum(clipped)
     if n_clipped:
         log(f"{n_clipped:,} pixels ({100 * n_clipped / (info.width * info.height):.3g} %) are brighter than the "
             f"input maximum {scaling.input_max:g} and were clipped to full brightness; --input-max N or --bits N "

@@ -6,7 +6,10 @@ inputs, bit for bit, and the labels of ``mapseg segment --centers`` on each rast
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mapseg.batch import expand_inputs, kmeans_rows, output_stems, write_mosaics, write_vrt
-from mapseg.cluster import fit_centers
+from mapseg.batch import expand_inputs, output_stems, write_mosaics, write_vrt
+from mapseg.cluster import fit_centers, kmeans_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -60,8 +63,13 @@ def test_output_names_are_unique_and_stable():
     stems = output_stems(["/a/x.tif", "/b/x.tif", "/c/X.TIF", "/d/mosaic.tif", "/vsicurl/https://h/p/y.tif?s=1"])
     assert stems[0] == "x" and stems[1].startswith("x-") and stems[2].startswith("X-") and stems[1] != stems[2]
     assert stems[3].startswith("mosaic-") and stems[4] == "y"
-    # adding inputs renames no earlier output
+    # every name a mosaic can take is reserved (mosaic_EPSG-<n>.vrt, mosaic_<n>.vrt), and the run's other files
+    for name in ("mosaic_EPSG-2056", "Mosaic_1", "mosaic_x", "centers", "batch_report"):
+        assert output_stems([f"/d/{name}.tif"])[0].startswith(f"{name}-")
+    assert output_stems(["/d/mosaics.tif", "/d/mosaic-1.tif"]) == ["mosaics", "mosaic-1"]
+    # appending inputs renames no output; an input inserted before one of the same name takes the plain name
     assert output_stems(["/a/x.tif", "/b/x.tif", "/e/x.tif"])[:2] == stems[:2]
+    assert output_stems(["/0/x.tif", "/a/x.tif"])[1] != "x"
 
 
 def test_rows_drawn_for_kmeans_are_those_fit_centers_draws():
@@ -106,6 +114,61 @@ def test_vrt_places_rasters_by_their_transforms(tmp_path):
               geotransform=(1000.0, 2.0, 0.0, 2000.0, 0.0, -2.0))
     with rasterio.open(tmp_path / "one.vrt") as ds:
         assert (ds.read(1) == 1).all()
+
+
+def test_vrt_over_a_geographic_raster_keeps_longitude_as_x(tmp_path):
+    """EPSG:4326 declares latitude first; the VRT's x is still the longitude (GDAL's traditional GIS order), so
+    its bounds, and where GDAL puts it on the globe, are the tile's."""
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+
+    with rasterio.open(tmp_path / "t.tif", "w", driver="GTiff", width=10, height=10, count=1, dtype="uint8",
+                       crs="EPSG:4326", transform=Affine(0.01, 0, 10.0, 0, -0.01, 50.0)) as ds:
+        ds.write(np.ones((1, 10, 10), np.uint8))
+    with rasterio.open(tmp_path / "t.tif") as ds:
+        geometry = {"width": 10, "height": 10, "geotransform": ds.transform.to_gdal(), "crs": ds.crs.to_wkt(),
+                    "gcps": None, "gcp_crs": None}
+        bounds = ds.bounds
+    mosaics, _ = write_mosaics(tmp_path, [{"file": "t.tif", "geometry": geometry}], k=3)
+    with rasterio.open(tmp_path / mosaics[0]["file"]) as ds:
+        assert ds.bounds == bounds and ds.crs.to_epsg() == 4326 and (ds.read(1) == 1).all()
+    if shutil.which("gdalinfo") is None:
+        pytest.skip("gdalinfo not found: the placement on the globe is not checked")
+
+    def extent(path):
+        out = subprocess.run(["gdalinfo", "-json", str(path)], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)["wgs84Extent"]["coordinates"]
+
+    got = np.array(extent(tmp_path / mosaics[0]["file"]))
+    assert np.allclose(got, extent(tmp_path / "t.tif")) and np.allclose(got[0][0], [10.0, 50.0])  # lon 10, lat 50
+
+
+def test_worker_reloads_a_model_reexported_at_its_path(monkeypatch):
+    """A long-lived worker loaded the model of an earlier run; the model re-exported at the same path (another
+    digest) is loaded again, not refused; a model still other than the client's is refused."""
+    from mapseg import batch
+    from mapseg.errors import SegmentError
+    from mapseg.segment import SegmentOptions
+
+    on_disk, loads = {"digest": "a" * 64}, []
+
+    class Loaded:
+        def __init__(self, digest):
+            self.model_id = {"kind": "artifact", "weights_sha256": digest}
+
+    def load(model, backend, threads, workers):
+        loads.append(on_disk["digest"])
+        return Loaded(on_disk["digest"])
+
+    monkeypatch.setattr(batch, "load_features", load)
+    monkeypatch.setattr(batch, "_FEATURES", {})
+    s = batch.TaskSettings("/models/m", "numpy", "a" * 64, SegmentOptions(threads=1, workers=1), "", "/out")
+    assert batch._worker_features(s) is batch._worker_features(s) and loads == ["a" * 64]  # loaded once
+    on_disk["digest"] = "b" * 64  # re-exported
+    again = batch._worker_features(dataclasses.replace(s, model_digest="b" * 64))
+    assert again.model_id["weights_sha256"] == "b" * 64 and loads == ["a" * 64, "b" * 64]
+    with pytest.raises(SegmentError, match="not the client's"):
+        batch._worker_features(dataclasses.replace(s, model_digest="c" * 64))
 
 
 def _run_blocked(code: str, blocked: list, cwd: Path) -> subprocess.CompletedProcess:
@@ -409,3 +472,140 @@ def test_remote_inputs_are_read_by_the_workers(first_run, cluster, tmp_path):
         server.shutdown()
     assert report["done"] == 1 and report["rasters"][0]["input"] == "/vsicurl/" + url
     _assert_outputs_equal_references(tmp_path / "out", {"OSBS_029": first_run["refs"]["OSBS_029"]})
+
+
+# --------------------------------------------------------------------------- on a cluster, synthetic rasters
+
+def _synthetic(path: Path, seed: int, size: int = 192, crs: str = "EPSG:32633", x0: float = 500_000.0,
+               driver: str = "GTiff") -> Path:
+    """A small 3-band uint8 raster of coloured squares (colour k-means finds them), georeferenced."""
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (6, 3))
+    cells = rng.integers(0, 6, (size // 16, size // 16))
+    image = colours[np.kron(cells, np.ones((16, 16), int))].astype(np.uint8)
+    with rasterio.open(path, "w", driver=driver, width=size, height=size, count=3, dtype="uint8", crs=crs,
+                       transform=Affine(1.0, 0, x0, 0, -1.0, 5_000_000.0)) as ds:
+        ds.write(image.transpose(2, 0, 1))
+    return path
+
+
+def _vrt_of(path: Path, source: Path, size: int) -> Path:
+    """A 3-band VRT over ``source`` (relative to the VRT), with the source's CRS and transform."""
+    import rasterio
+
+    with rasterio.open(source) as ds:
+        wkt, gt = ds.crs.to_wkt(), ds.transform.to_gdal()
+    bands = "".join(f'''<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
+<SourceFilename relativeToVRT="1">{source.name}</SourceFilename><SourceBand>{b}</SourceBand>
+<SrcRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/><DstRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/>
+</SimpleSource></VRTRasterBand>''' for b in (1, 2, 3))
+    from xml.sax.saxutils import escape
+
+    path.write_text(f'''<VRTDataset rasterXSize="{size}" rasterYSize="{size}"><SRS>{escape(wkt)}</SRS>
+<GeoTransform>{", ".join(repr(float(v)) for v in gt)}</GeoTransform>{bands}</VRTDataset>''')
+    return path
+
+
+def test_a_replaced_vrt_source_or_another_mapseg_version_is_redone(cluster, tmp_path, monkeypatch):
+    """Resumption looks at every file an input reads: a VRT whose source tile was replaced (the VRT itself
+    untouched) is redone, and the centres refitted; so is everything under another mapseg version."""
+    from mapseg import batch
+    from mapseg.segment import SegmentOptions
+
+    (tmp_path / "src").mkdir()
+    source = _synthetic(tmp_path / "src" / "tile.tif", seed=1)
+    vrt = _vrt_of(tmp_path / "src" / "scene.vrt", source, 192)
+    opts = SegmentOptions(k=3, model="kmeans", tile=64)
+
+    def run():
+        return batch.segment_batch([str(vrt)], tmp_path / "out", opts, scheduler=cluster["client"],
+                                   log=lambda m: None)
+
+    first = run()
+    assert first["done"] == 1 and first["centers"]["from"] == "fitted"
+    assert run()["skipped"] == 1  # nothing changed
+    vrt_stat = vrt.stat()
+    _synthetic(source, seed=2)  # the same size, other pixels
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert vrt.stat().st_mtime_ns == vrt_stat.st_mtime_ns and vrt.stat().st_size == vrt_stat.st_size
+    second = run()
+    assert second["done"] == 1 and second["skipped"] == 0 and second["centers"]["from"] == "fitted"
+    assert second["centers"]["digest"] != first["centers"]["digest"]
+    monkeypatch.setattr(batch, "__version__", "0.0.0-other")
+    third = run()
+    assert third["done"] == 1 and third["centers"]["from"] == "fitted" and third["mapseg"] == "0.0.0-other"
+
+
+def test_block_changes_and_reruns_leave_no_stale_outputs(cluster, tmp_path):
+    """A raster cut into blocks and then whole (another --block) leaves only its .tif; cut again (once redone)
+    only its .vrt and tiles; a mosaic of an earlier run that this run does not write is removed; a rerun on
+    another backend says so."""
+    from mapseg.batch import segment_batch
+    from mapseg.segment import SegmentOptions
+
+    tif = _synthetic(tmp_path / "scene.tif", seed=3)
+    out = tmp_path / "out"
+    lines = []
+
+    def run(block):
+        lines.clear()
+        return segment_batch([str(tif)], out, SegmentOptions(k=3, model="kmeans", tile=64), block=block,
+                             scheduler=cluster["client"], log=lines.append)
+
+    split = run(128)
+    assert split["rasters"][0]["output"] == "scene.vrt" and len(split["rasters"][0]["tiles"]) == 4
+    names = lambda: sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # noqa: E731
+    assert "scene.tiles/scene_r001_c001.tif" in names() and "scene.tif" not in names()
+    out.joinpath("mosaic_EPSG-4326.vrt").write_text("<VRTDataset/>")  # an earlier run's, of another CRS
+    report = json.loads((out / "batch_report.json").read_text())
+    report["model"]["backend"] = "torch"
+    (out / "batch_report.json").write_text(json.dumps(report))
+    whole = run(4096)
+    assert whole["rasters"][0]["output"] == "scene.tif" and whole["done"] == 1
+    assert names() == ["batch_report.json", "centers.json", "mosaic.vrt", "scene.tif", "scene.tif.mapseg.json"]
+    assert any(line.startswith("warning: the earlier run") and "torch" in line for line in lines)
+    kept = run(128)  # a finished whole output holds the labels the blocks would: kept
+    assert kept["rasters"][0]["output"] == "scene.tif" and kept["skipped"] == 1
+    _synthetic(tif, seed=4)  # the input changed: redone, and now cut into blocks
+    again = run(128)
+    assert again["rasters"][0]["output"] == "scene.vrt" and again["done"] == 1
+    assert "scene.tif" not in names() and "scene.tif.mapseg.json" not in names() and "scene.vrt" in names()
+    # another block grid: the tiles of the old one go
+    run(64)
+    tiles = [n for n in names() if n.startswith("scene.tiles/") and n.endswith(".tif")]
+    assert len(tiles) == 9 and "scene.tiles/scene_r002_c002.tif" in tiles
+    import rasterio
+
+    with rasterio.open(out / "scene.vrt") as ds, rasterio.open(out / "mosaic.vrt") as mosaic:
+        assert ds.read(1).shape == (192, 192) and np.array_equal(mosaic.read(1), ds.read(1))
+
+
+def test_an_interrupted_run_cancels_its_tasks_on_the_callers_cluster(cluster, tmp_path):
+    """Ctrl-C (here: the log raising KeyboardInterrupt once a raster is done) leaves none of the run's tasks or
+    data on a cluster the caller passed in."""
+    from mapseg.batch import segment_batch
+    from mapseg.segment import SegmentOptions
+
+    client = cluster["client"]
+    rasters = [str(_synthetic(tmp_path / f"t{i}.tif", seed=10 + i, x0=500_000.0 + 192 * i)) for i in range(6)]
+
+    def log(line):
+        if line.startswith("[1/"):
+            raise KeyboardInterrupt
+
+    def ours(dask_scheduler):
+        return [str(k) for k in dask_scheduler.tasks
+                if str(k).startswith(("sample-", "summary-", "rows-", "centers-", "segment-", "block-"))]
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        segment_batch(rasters, tmp_path / "out", SegmentOptions(k=3, model="kmeans", tile=64), block=128,
+                      scheduler=client, log=log)
+    import time
+
+    deadline = time.monotonic() + 20
+    while client.run_on_scheduler(ours) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.run_on_scheduler(ours) == [] and stopped is not None  # the traceback (futures) still held

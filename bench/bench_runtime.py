@@ -28,7 +28,11 @@ What it does, printing figures as it goes:
    fit stage (sampling + k-means) and of the label pass. ``--repeat N``
    (default 3) runs the backends in turn N times and ends with each one's
    median MP/s and median fraction: one run on a shared host can land on a
-   burst of someone else's load, in the run or in its yardstick.
+   burst of someone else's load, in the run or in its yardstick. ``--backends``
+   takes backend specs with a precision too (``onnx:int8,torch:bf16``: the
+   artifact needs model.int8.onnx for int8, see ``mapseg quantize``); the
+   A/B of a variant against float32 with agreement and mIoU is
+   bench/bench_precision.py.
 4. Runs ``mapseg segment`` in a fresh process per raster size (``--rss-sizes``,
    default 1000, 5000, 20000 pixels square) and prints each run's peak RSS.
 
@@ -202,7 +206,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=4096, help="side of the throughput raster")
     p.add_argument("--rss-sizes", default="1000,5000,20000", help="sides of the peak-RSS rasters ('' = skip)")
     p.add_argument("--rss-backend", default="numpy", help="backend of the peak-RSS runs")
-    p.add_argument("--backends", default="numpy,onnx,torch", help="throughput runs ('' = none)")
+    p.add_argument("--backends", default="numpy,onnx,torch",
+                   help="throughput runs ('' = none); backend specs, a precision too: onnx:int8,torch:bf16")
     p.add_argument("--no-kmeans", action="store_true", help="skip the colour k-means throughput run")
     p.add_argument("-k", type=int, default=8)
     p.add_argument("--tile", type=int, default=DEFAULT_TILE)

@@ -520,12 +520,15 @@ def test_a_replaced_vrt_source_or_another_mapseg_version_is_redone(cluster, tmp_
     vrt = _vrt_of(tmp_path / "src" / "scene.vrt", source, 192)
     opts = SegmentOptions(k=3, model="kmeans", tile=64)
 
+    lines = []
+
     def run():
         return batch.segment_batch([str(vrt)], tmp_path / "out", opts, scheduler=cluster["client"],
-                                   log=lambda m: None)
+                                   log=lines.append)
 
     first = run()
     assert first["done"] == 1 and first["centers"]["from"] == "fitted"
+    assert any(f"ground resolution of {vrt}: 1 m/px" in line for line in lines)  # as mapseg fit logs it
     assert run()["skipped"] == 1  # nothing changed
     vrt_stat = vrt.stat()
     _synthetic(source, seed=2)  # the same size, other pixels

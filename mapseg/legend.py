@@ -40,7 +40,8 @@ import numpy as np
 
 from .errors import SegmentError
 from .fileio import remove_if_present, temp_sibling, write_text_atomic
-from .raster.common import OUTPUT_NODATA, PALETTE
+from .raster.common import (COG_OPTIONS, GTIFF_OPTIONS, OUTPUT_NODATA, colormap, option_list, palette_colour,
+                            same_colours, set_gdal_colours)
 
 MAX_VALUE = OUTPUT_NODATA - 1
 _HEX = re.compile(r"^#([0-9a-fA-F]{6})([0-9a-fA-F]{2})?$")
@@ -56,7 +57,7 @@ def default_name(value: int) -> str:
 
 
 def default_colour(value: int) -> tuple[int, int, int, int]:
-    return PALETTE[value % len(PALETTE)] + (255,)
+    return palette_colour(value)
 
 
 def parse_colour(text, where: str) -> tuple[int, int, int, int]:
@@ -165,9 +166,8 @@ class Legend:
                       {v: c for v, c in self.colours.items() if v in keep})
 
     def colormap(self) -> dict:
-        cmap = {v: tuple(self.colours[v]) for v in self.values}
-        cmap[OUTPUT_NODATA] = (0, 0, 0, 0)
-        return cmap
+        """value -> (r, g, b, a), nodata transparent: the colour table of a label raster with these classes."""
+        return colormap({v: self.colours[v] for v in self.values})
 
 
 def load_legend(legend) -> Legend | None:
@@ -339,19 +339,44 @@ def _tags(path) -> dict:
         return dict(ds.tags())
 
 
-# what mapseg.raster's writers give a COG (--cog); a COG is rebuilt with its new colour table, since updating
-# one in place would break its layout (GDAL refuses to)
-COG_OPTIONS = {"COMPRESS": "DEFLATE", "LEVEL": "1", "BLOCKSIZE": "512", "OVERVIEW_RESAMPLING": "NEAREST",
-               "BIGTIFF": "IF_SAFER"}
+def layout_and_colours(labels_path) -> tuple[bool, dict | None]:
+    """(whether the raster is a COG (IMAGE_STRUCTURE LAYOUT=COG), the colour table of band 1 or None), through
+    the run's raster library."""
+    from .raster import io_library
+
+    if io_library() == "gdal":
+        from osgeo import gdal
+
+        gdal.UseExceptions()
+        ds = gdal.Open(str(labels_path))
+        try:
+            cog = (ds.GetMetadata("IMAGE_STRUCTURE") or {}).get("LAYOUT", "").upper() == "COG"
+            table = ds.GetRasterBand(1).GetColorTable()
+            cmap = None if table is None else {i: tuple(table.GetColorEntry(i)) for i in range(table.GetCount())}
+            return cog, cmap
+        finally:
+            ds = None
+    import rasterio
+
+    with rasterio.open(labels_path) as ds:
+        cog = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT", "").upper() == "COG"
+        try:
+            cmap = ds.colormap(1)
+        except ValueError:                                    # no colour table
+            cmap = None
+    return cog, cmap
 
 
-def set_colour_table(labels_path, cmap: dict) -> None:
+def set_colour_table(labels_path, cmap: dict) -> bool:
     """Replace the colour table of band 1 of a GeoTIFF atomically: the file is copied to a temporary sibling,
     the table written there, and the copy renamed over the original (a COG: copied as a GeoTIFF, the table
-    set, converted back to a COG)."""
+    set, converted back to a COG). Nothing is done where the file already shows these colours (a run in the
+    default palette, or a writer given the legend's colours): returns whether the file was rewritten."""
     from .raster import io_library
 
     path = Path(labels_path)
+    if same_colours(layout_and_colours(path)[1], cmap):
+        return False
     stem = temp_sibling(path, "part", "")
     tmp, tmp_cog = stem.with_name(stem.name + ".tif"), stem.with_name(stem.name + ".cog.tif")
     gdal_path = io_library() == "gdal"
@@ -362,17 +387,16 @@ def set_colour_table(labels_path, cmap: dict) -> None:
         raise SegmentError(f"updating the colour table of {path} failed ({exc}); the file is unchanged") from exc
     finally:
         remove_if_present(*(p.with_name(p.name + ext) for p in (tmp, tmp_cog) for ext in ("", ".aux.xml")))
+    return True
 
 
 def _colour_table_rasterio(path: Path, tmp: Path, tmp_cog: Path, cmap: dict) -> Path:
     import rasterio
     import rasterio.shutil
 
-    with rasterio.open(path) as ds:
-        cog = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT", "").upper() == "COG"
+    cog = layout_and_colours(path)[0]
     if cog:
-        rasterio.shutil.copy(str(path), str(tmp), driver="GTiff", TILED="YES", COMPRESS="DEFLATE", ZLEVEL=1,
-                             BIGTIFF="IF_SAFER")
+        rasterio.shutil.copy(str(path), str(tmp), driver="GTiff", **GTIFF_OPTIONS)
     else:
         shutil.copyfile(path, tmp)
     with rasterio.open(tmp, "r+") as ds:
@@ -387,30 +411,24 @@ def _colour_table_gdal(path: Path, tmp: Path, tmp_cog: Path, cmap: dict) -> Path
     from osgeo import gdal
 
     gdal.UseExceptions()
-    ds = gdal.Open(str(path))
-    cog = (ds.GetMetadata("IMAGE_STRUCTURE") or {}).get("LAYOUT", "").upper() == "COG"
-    ds = None
+    cog = layout_and_colours(path)[0]
     if cog:
-        gdal.Translate(str(tmp), str(path), format="GTiff",
-                       creationOptions=["TILED=YES", "COMPRESS=DEFLATE", "ZLEVEL=1", "BIGTIFF=IF_SAFER"])
+        gdal.Translate(str(tmp), str(path), format="GTiff", creationOptions=option_list(GTIFF_OPTIONS))
     else:
         shutil.copyfile(path, tmp)
     ds = gdal.Open(str(tmp), gdal.GA_Update)
-    table = gdal.ColorTable()
-    for v, rgba in cmap.items():
-        table.SetColorEntry(int(v), tuple(int(c) for c in rgba))
-    ds.GetRasterBand(1).SetColorTable(table)
+    set_gdal_colours(gdal, ds.GetRasterBand(1), cmap)
     ds = None
     if not cog:
         return tmp
-    gdal.Translate(str(tmp_cog), str(tmp), format="COG", creationOptions=[f"{k}={v}" for k, v in COG_OPTIONS.items()])
+    gdal.Translate(str(tmp_cog), str(tmp), format="COG", creationOptions=option_list(COG_OPTIONS))
     return tmp_cog
 
 
 def write_class_files(labels_path, legend: Legend, counts: dict | None = None, fresh: bool = True,
                       colour_table: bool = True) -> list[str]:
     """Write ``OUT.qml`` and the attribute table in ``OUT.tif.aux.xml`` for ``legend`` (atomically), and set the
-    GeoTIFF's colour table to its colours. ``fresh``: the labels were just written, so an older sidecar's
+    GeoTIFF's colour table to its colours (where it does not show them yet: ``set_colour_table``). ``fresh``: the labels were just written, so an older sidecar's
     content (statistics of another file) is dropped; else it is kept and only the table replaced.
     Returns the files written."""
     labels_path = Path(labels_path)
@@ -503,8 +521,13 @@ def relabel(labels_path, legend=None, merge: dict | None = None, out_path=None, 
                            f"(it holds {', '.join(map(str, sorted(counts))) or 'no labels'})")
     given = load_legend(legend)
     k = tags.get("MAPSEG_K", "")
-    if given is not None and k.isdigit():
-        given.check_k(int(k), f"the legend (for {src.name}, written with MAPSEG_K={k})")
+    if k.isdigit():
+        over = sorted({b for b in merge.values() if b >= int(k)})
+        if over:   # a label beyond the run's could never be named afterwards (a legend is checked against K)
+            raise SegmentError(f"--merge: target(s) {', '.join(map(str, over))} are not labels of {src.name} "
+                               f"(written with MAPSEG_K={k}: labels 0..{int(k) - 1}); merge into one of those")
+        if given is not None:
+            given.check_k(int(k), f"the legend (for {src.name}, written with MAPSEG_K={k})")
     chosen = given or read_legend(src) or Legend.default(sorted(counts))
     merged_counts = {}
     for v, n in counts.items():
@@ -517,11 +540,13 @@ def relabel(labels_path, legend=None, merge: dict | None = None, out_path=None, 
         for a, b in merge.items():
             lut[a] = b
         tags = {**tags, "MAPSEG_MERGED": ",".join(f"{a}={b}" for a, b in merge.items())}
+        cog = layout_and_colours(src)[0]                      # a COG stays a COG
         with io_env():
             reader, writer = open_reader(src, (1, 1, 1)), None
             try:
                 writer = open_writer(out, reader.info, int(max(keep, default=0)) + 1,
-                                     OUTPUT_NODATA if reader.info.has_nodata else None, False, tags)
+                                     OUTPUT_NODATA if reader.info.has_nodata else None, cog, tags,
+                                     final.colormap())       # the colours at creation: no second rewrite
                 for r0 in range(0, reader.height, rows):
                     data, valid = reader.read(r0, min(reader.height, r0 + rows), 0, reader.width)
                     writer.write(np.where(valid, lut[data[..., 0]], OUTPUT_NODATA).astype(np.uint8), r0, 0)

@@ -266,3 +266,75 @@ def test_a_legend_beyond_k_is_refused_before_segmenting(tmp_path):
     assert main(["segment", str(src), str(tmp_path / "o.tif"), "-k", "3", "--model", "kmeans", "--no-progress",
                  "--legend", str(legend)]) == 2
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_merge_keeps_a_cogs_layout_and_writes_the_colours_once(tmp_path):
+    labels = np.repeat(np.arange(5, dtype=np.uint8), 20)[None, :].repeat(64, 0)      # 64 x 100, labels 0..4
+    src = tmp_path / "cog.tif"
+    with rasterio.open(src, "w", driver="COG", width=100, height=64, count=1, dtype="uint8", crs="EPSG:32632",
+                       transform=Affine(2, 0, 500000, 0, -2, 5600000), nodata=255) as ds:
+        ds.write(labels, 1)
+        ds.update_tags(MAPSEG_K="5")
+    new = tmp_path / "merged.tif"
+    legend = {"classes": [{"value": 1, "name": "vegetation", "color": "#33a02c"}]}
+    relabel(src, legend, {3: 1, 4: 1}, new)
+    with rasterio.open(new) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"               # not a plain GeoTIFF
+        assert ds.colormap(1)[1] == (0x33, 0xA0, 0x2C, 255)
+        assert np.array_equal(np.unique(ds.read(1)), [0, 1, 2])
+    relabel(src, None, {2: 0})                                                 # in place: still a COG
+    with rasterio.open(src) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert np.array_equal(np.unique(ds.read(1)), [0, 1, 3, 4])
+
+
+def test_merge_targets_beyond_k_are_refused(tmp_path):
+    src = label_raster(tmp_path / "l.tif", np.arange(5, dtype=np.uint8)[None, :].repeat(4, 0))  # MAPSEG_K=5
+    with pytest.raises(SegmentError, match="MAPSEG_K=5"):
+        relabel(src, None, {3: 7, 4: 7})
+    assert main(["legend", str(src), "--merge", "3=7,4=7"]) == 2
+    assert np.array_equal(rasterio.open(src).read(1), np.arange(5)[None, :].repeat(4, 0))   # untouched
+    relabel(src, None, {3: 4})                                                 # within K: fine
+
+
+def test_the_colour_table_is_rewritten_only_where_it_changes(tmp_path):
+    from mapseg.legend import set_colour_table
+    from mapseg.raster import RasterReader, open_writer
+    from mapseg.raster.common import colormap
+
+    src = label_raster(tmp_path / "l.tif", np.arange(5, dtype=np.uint8)[None, :].repeat(4, 0))
+    assert set_colour_table(src, colormap(5)) is True                          # rasterio's default table: none
+    inode = src.stat().st_ino
+    assert set_colour_table(src, colormap(5)) is False                         # the default palette: kept as is
+    write_class_files(src, Legend.default(5))
+    assert src.stat().st_ino == inode                                          # not copied again
+    legend = Legend.from_json(LEGEND)
+    assert set_colour_table(src, legend.colormap()) is True and src.stat().st_ino != inode
+    # a writer given the legend's colours makes the table at creation: nothing left to rewrite
+    with RasterReader(src, (1, 1, 1)) as reader:
+        writer = open_writer(tmp_path / "w.tif", reader.info, 5, 255, cmap=legend.completed(range(5)).colormap())
+        writer.write(np.zeros((4, 5), np.uint8), 0, 0)
+        out = writer.commit()
+    assert set_colour_table(out, legend.completed(range(5)).colormap()) is False
+    with rasterio.open(out) as ds:
+        assert ds.colormap(1)[2][:3] == (0xE3, 0x1A, 0x1C) and ds.colormap(1)[3] == PALETTE[3] + (255,)
+
+
+def test_renaming_keeps_the_statistics_in_the_sidecar(tmp_path):
+    src = label_raster(tmp_path / "l.tif", np.arange(5, dtype=np.uint8)[None, :].repeat(4, 0))
+    write_class_files(src, Legend.default(5), {v: 4 for v in range(5)})
+    pam = tmp_path / "l.tif.aux.xml"
+    root = ET.parse(pam).getroot()
+    band = root.find("PAMRasterBand")
+    meta = ET.SubElement(band, "Metadata")
+    for key, value in (("STATISTICS_MINIMUM", "0"), ("STATISTICS_MAXIMUM", "4"), ("STATISTICS_MEAN", "2")):
+        ET.SubElement(meta, "MDI", {"key": key}).text = value
+    pam.write_text(ET.tostring(root, encoding="unicode"))
+    with rasterio.open(src) as ds:
+        assert ds.tags(1)["STATISTICS_MAXIMUM"] == "4"                         # GDAL reads them from the sidecar
+    relabel(src, {"classes": [{"value": 2, "name": "roofs", "color": "#ff0000"}]})   # rename and recolour
+    assert read_legend(src).names[2] == "roofs"
+    with rasterio.open(src) as ds:
+        tags = ds.tags(1)
+        assert ds.colormap(1)[2] == (255, 0, 0, 255)
+    assert (tags["STATISTICS_MINIMUM"], tags["STATISTICS_MAXIMUM"], tags["STATISTICS_MEAN"]) == ("0", "4", "2")

@@ -74,10 +74,12 @@ def open_reader(path, bands=None, nodata=None, region: Region | None = None):
         raise
 
 
-def open_writer(path, like, k: int, nodata, cog: bool = False, tags: dict | None = None):
+def open_writer(path, like, k: int, nodata, cog: bool = False, tags: dict | None = None, cmap: dict | None = None):
+    """The label writer of the run's library; ``cmap`` (value -> (r, g, b, a)): the colour table, where not the
+    palette's for labels 0..k-1 (a legend's colours: ``Legend.colormap()``)."""
     if io_library() == "gdal":
-        return GdalLabelWriter(path, like, k, nodata, cog, tags)
-    return LabelWriter(path, like, k, nodata, cog, tags)
+        return GdalLabelWriter(path, like, k, nodata, cog, tags, cmap)
+    return LabelWriter(path, like, k, nodata, cog, tags, cmap)
 
 
 def io_env():

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RasterError
-from .common import (BLOCK, GDAL_CACHE_MB, LabelWriterBase, RasterInfo, ReaderBase, check_input_exists,
-                     choose_bands, colormap, common_dtype, common_nodata, nodata_valid, range_hint)
+from .common import (COG_OPTIONS, GDAL_CACHE_MB, GTIFF_OPTIONS, LabelWriterBase, RasterInfo, ReaderBase,
+                     check_input_exists, choose_bands, colormap, common_dtype, common_nodata, nodata_valid, option_list,
+                     range_hint, set_gdal_colours)
 
 # GDAL data type names -> numpy dtype names
 _DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Int16": "int16", "UInt32": "uint32", "Int32": "int32",
@@ -134,15 +135,14 @@ class GdalLabelWriter(LabelWriterBase):
     write_errors = (RuntimeError, OSError)
 
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
-                 tags: dict | None = None):
+                 tags: dict | None = None, cmap: dict | None = None):
         gdal = self.gdal = _gdal()
         self._prepare(path, cog)
         self.ds = self.band = None
         with self._creating():
             self.ds = gdal.GetDriverByName("GTiff").Create(
                 str(self.tmp), like.width, like.height, 1, gdal.GDT_Byte,
-                options=["TILED=YES", f"BLOCKXSIZE={BLOCK}", f"BLOCKYSIZE={BLOCK}", "COMPRESS=DEFLATE", "ZLEVEL=1",
-                         "BIGTIFF=IF_SAFER"])
+                options=option_list(GTIFF_OPTIONS))
             if like.gcps:  # GCP georeference: the points and their CRS
                 self.ds.SetGCPs([gdal.GCP(x, y, z, c, r) for r, c, x, y, z in like.gcps], like.gcp_crs or "")
             elif like.georeferenced:
@@ -155,11 +155,7 @@ class GdalLabelWriter(LabelWriterBase):
             self.band = self.ds.GetRasterBand(1)
             if nodata is not None:
                 self.band.SetNoDataValue(float(nodata))
-            table = gdal.ColorTable()
-            for i, rgba in colormap(k).items():
-                table.SetColorEntry(int(i), tuple(int(v) for v in rgba))
-            self.band.SetRasterColorTable(table)
-            self.band.SetRasterColorInterpretation(gdal.GCI_PaletteIndex)
+            set_gdal_colours(gdal, self.band, colormap(k if cmap is None else cmap))
             if tags:
                 self.ds.SetMetadata({str(a): str(b) for a, b in tags.items()})
 
@@ -174,8 +170,7 @@ class GdalLabelWriter(LabelWriterBase):
         if self.cog:
             try:
                 self.gdal.Translate(str(self.tmp_cog), str(self.tmp), format="COG",
-                                    creationOptions=["COMPRESS=DEFLATE", "LEVEL=1", "BLOCKSIZE=512",
-                                                     "OVERVIEW_RESAMPLING=NEAREST", "BIGTIFF=IF_SAFER"])
+                                    creationOptions=option_list(COG_OPTIONS))
             except RuntimeError as exc:
                 self.abort()
                 raise RasterError(f"writing a COG failed ({exc}); GDAL >= 3.1 has the COG driver") from exc

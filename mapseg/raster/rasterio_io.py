@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RasterError
-from .common import (BLOCK, GDAL_CACHE_MB, LabelWriterBase, RasterInfo, ReaderBase, check_input_exists,
-                     choose_bands, colormap, common_dtype, common_nodata, nodata_valid, range_hint)
+from .common import (COG_OPTIONS, GDAL_CACHE_MB, GTIFF_OPTIONS, LabelWriterBase, RasterInfo, ReaderBase,
+                     check_input_exists, choose_bands, colormap, common_dtype, common_nodata, nodata_valid, range_hint)
 
 
 def _rasterio():
@@ -114,18 +114,18 @@ class RasterReader(ReaderBase):
 
 
 class LabelWriter(LabelWriterBase):
-    """A uint8 label raster written window by window under a temporary name, renamed by ``commit`` (rasterio)."""
+    """A uint8 label raster written window by window under a temporary name, renamed by ``commit`` (rasterio).
+    Its colour table: ``cmap`` (value -> (r, g, b, a), a legend's colours) where given, else the palette's for
+    labels 0..k-1."""
     library = "rasterio"
 
     def __init__(self, path: str | os.PathLike, like: RasterInfo, k: int, nodata: int | None, cog: bool = False,
-                 tags: dict | None = None):
+                 tags: dict | None = None, cmap: dict | None = None):
         rasterio = _rasterio()
         self.write_errors = (rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError, OSError)
         self._prepare(path, cog)
         profile = {"driver": "GTiff", "width": like.width, "height": like.height, "count": 1, "dtype": "uint8",
-                   "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate",
-                   # level 1: ~10x faster than the default 6 on label rasters, files ~10 % larger
-                   "zlevel": 1, "BIGTIFF": "IF_SAFER", "nodata": nodata}
+                   **GTIFF_OPTIONS, "nodata": nodata}
         if like.georeferenced and not like.gcps:
             profile.update(crs=like.crs, transform=like.transform)
         self.ds = None
@@ -139,7 +139,7 @@ class LabelWriter(LabelWriterBase):
 
                 self.ds.gcps = ([GroundControlPoint(row=r, col=c, x=x, y=y, z=z) for r, c, x, y, z in like.gcps],
                                 CRS.from_wkt(like.gcp_crs) if like.gcp_crs else None)
-            self.ds.write_colormap(1, colormap(k))
+            self.ds.write_colormap(1, colormap(k if cmap is None else cmap))
             if tags:
                 self.ds.update_tags(**{str(a): str(b) for a, b in tags.items()})
 
@@ -157,8 +157,7 @@ class LabelWriter(LabelWriterBase):
             import rasterio.shutil
 
             try:
-                rasterio.shutil.copy(str(self.tmp), str(self.tmp_cog), driver="COG", COMPRESS="DEFLATE", LEVEL=1,
-                                     BLOCKSIZE=512, OVERVIEW_RESAMPLING="NEAREST", BIGTIFF="IF_SAFER")
+                rasterio.shutil.copy(str(self.tmp), str(self.tmp_cog), driver="COG", **COG_OPTIONS)
             except Exception as exc:  # noqa: BLE001 - GDAL errors come in several types
                 self.abort()
                 raise RasterError(f"writing a COG failed ({exc}); GDAL >= 3.1 has the COG driver") from exc

@@ -1,48 +1,56 @@
 """Segments as polygons: a label raster into a vector file (any OGR format, by extension), strip by strip.
 
-    polygonize_labels("labels.tif", "segments.gpkg", min_area=500, simplify=2.0)
+    polygonize_labels("labels.tif", "segments.gpkg", min_area=500, simplify="auto")
 
-The label raster is read in strips of ``block_rows`` rows (default ``strip_rows``: about 2 million pixels,
-64 to 1024 rows). For each strip:
+1. **Sieve** (GDAL's, ``rasterio.features.sieve``), once over the whole raster before the strips: regions of
+   fewer pixels than ``min_area`` (square metres; N pixels) are merged into their largest neighbour, in passes
+   at 2, 4, 8, ... then N pixels (GDAL merges a small region only into a neighbour that is not small itself,
+   so a single pass at N leaves clusters of small regions as they were). GDAL reads the labels from the file
+   and the valid pixels from a mask file beside the output (written strip by strip, removed after) and writes
+   into one array of the raster's size (1 byte a pixel for uint8 labels), in place from the second pass on:
+   the result does not depend on the strips, and the memory not on N. ``under_min_area`` counts the polygons
+   left smaller than the minimum (a region with no neighbour to join: enclosed by nodata).
 
-1. **Sieve** (GDAL's, ``rasterio.features.sieve``): regions of fewer pixels than ``min_area`` (square
-   metres; N pixels) are merged into their largest neighbour, in passes at 2, 4, 8, ... then N pixels (GDAL
-   merges a small region only into a neighbour that is not small itself, so a single pass at N leaves
-   clusters of small regions as they were). The strip is read with a halo of N rows above and below: a
-   region of fewer than N pixels spans fewer than N rows, so one that touches the strip lies wholly in the
-   window and is measured exactly, and one cut by the window's edge has at least N pixels inside it. Near a
-   seam a strip's result can still differ from a whole-raster sieve's: GDAL picks the largest neighbour
-   among the parts *within the window*, and a region merged in one pass is measured again in the next. The
-   polygons tile the valid area either way; ``under_min_area`` counts those left smaller than the minimum
-   (a region with no neighbour to join: enclosed by nodata).
-2. **Polygonize** (``rasterio.features.shapes``) the strip's own rows, nodata excluded, in pixel
-   coordinates (integers: every union below is exact).
-3. **Simplify** (``simplify`` metres, Douglas-Peucker) so that neighbours keep sharing their edges: the
-   polygons' boundaries are noded into one linework, cut into arcs between junctions (and at every
+The (sieved) labels are then read in strips of ``block_rows`` rows (default ``strip_rows``: about 2 million
+pixels, 64 to 1024 rows). For each strip:
+
+2. **Polygonize** (``rasterio.features.shapes``) the strip's rows, nodata excluded, in pixel coordinates
+   (integers: every union below is exact).
+3. **Simplify** (``simplify`` metres, or ``"auto"``: AUTO_SIMPLIFY_PX = 3 pixels, 0.75 of mapseg's 4-pixel
+   cell, which straightens the staircase of its edges; Douglas-Peucker) so that neighbours keep sharing their
+   edges: the polygons' boundaries are noded into one linework, cut into arcs between junctions (and at every
    vertex on the strip's top and bottom lines, so nothing moves on a seam, and on the raster's left and
    right edges), each arc simplified once with its endpoints fixed, the simplified arcs noded and
    polygonized again, and each face given to the polygon holding most of the pixel centres inside it (a
    face mostly over nodata, such as a nodata hole, to none; a face holding no pixel centre, a sliver
    where two simplified arcs cross, to the polygon it overlaps most). The faces tile what the arcs
    enclose: no gaps, no overlaps. A region thinner than the tolerance can vanish (its neighbours close
-   over it). The tolerance is applied in pixel units: metres / the side of a square of one pixel's area.
+   over it): ``vanished`` counts them. The tolerance is applied in pixel units: metres / the side of a
+   square of one pixel's area.
 4. **Merge across the seam** with the strip above: polygons of one value whose pixels touch across the
    seam (share an edge; with ``connectivity=8`` also a corner) become one feature. A feature is written
    once nothing of it touches the strip's bottom line.
 
-Memory: one window of (block_rows + 2 N) x width pixels (the sieve holds about 3 bytes a pixel), the
-polygons of one strip and their noding and polygonizing (about 100 bytes per strip pixel, GEOS), and the
-features still open at the seam (a region that spans the whole raster is
-held until it closes: its geometry has to be built to be written). Formats that cannot append (FlatGeobuf,
-...) get every feature at once at the end; GeoPackage, Shapefile and GeoJSON are written in batches.
+Memory: the sieved raster (1 byte a pixel for uint8 labels, where ``min_area`` is given) and GDAL's tables of
+its regions; one strip of labels, its polygons and their noding and polygonizing (about 100 bytes per strip
+pixel, GEOS); and the features still open at the seam (a region that spans the whole raster is held until it
+closes: its geometry has to be built to be written). Formats that cannot append (FlatGeobuf, ...) get every
+feature at once at the end; GeoPackage, Shapefile and GeoJSON are written in batches.
 
 Attributes: ``label`` (the raster value), ``class`` (its name, from a legend; see ``mapseg.legend``)
-and ``area_m2``. Areas in square metres: projected CRSs from the pixel size and the CRS's unit; geographic
-CRSs (degrees) on the GRS80 ellipsoid's authalic sphere: the area of a pixel row is
-R_q^2 * dlon * |sin b(lat_top) - sin b(lat_bottom)| (b the authalic latitude), and a polygon's area the
-line integral R_q^2 * dlon * |sum over edges of the integral of sin b dx| (exact for the staircase
-edges, Simpson's rule on simplified ones). The sieve threshold of a geographic raster is taken per strip,
-from the pixel area at its middle row.
+and ``area_m2``. Areas in square metres on the ground:
+
+* projected CRSs whose own areas are within AREA_TOLERANCE (0.5 %) of the ground's at the raster's corners,
+  edge midpoints and centre (equal-area CRSs, UTM, national grids): from the pixel size and the CRS's unit;
+* geographic CRSs (degrees), on the GRS80 ellipsoid's authalic sphere: the area of a pixel row is
+  R_q^2 * dlon * |sin b(lat_top) - sin b(lat_bottom)| (b the authalic latitude), and a polygon's area the
+  line integral R_q^2 * dlon * |sum over edges of the integral of sin b dx| (exact for the staircase
+  edges, Simpson's rule on simplified ones);
+* other projected CRSs (Web Mercator, ...): on the same sphere, the line integral
+  R_q^2 * |sum over edges of the integral of sin b dlon| over the vertices (and each edge's middle, for
+  Simpson's rule) transformed to longitude and latitude by PROJ.
+
+The sieve's threshold in pixels is taken from the pixel area at the raster's middle row (and column).
 
 The output is written in a temporary folder beside it (``.OUT.polygons-<pid>-<host>-<id>``) and its
 file(s) renamed into place when complete: an interrupted run leaves no half-written file.
@@ -60,7 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError, RasterError, SegmentError
-from .fileio import check_outputs, temp_sibling
+from .fileio import check_outputs, remove_if_present, temp_sibling
 from .raster.common import OUTPUT_NODATA
 
 # Strips of about STRIP_PIXELS pixels (block_rows = STRIP_PIXELS / width, within 64..1024 rows): the noding
@@ -68,11 +76,16 @@ from .raster.common import OUTPUT_NODATA
 STRIP_PIXELS = 2_000_000
 STRIP_ROWS = (64, 1024)
 BATCH = 5000                     # features per write
+# --simplify auto: 0.75 x mapseg's 4-pixel cell. The staircase of 4-pixel steps goes at a tolerance of about
+# 2.83 pixels (half a cell's diagonal); 3 pixels straightens it and keeps regions of one cell or more.
+AUTO_SIMPLIFY_PX = 3.0
 SIEVE_DTYPES = ("uint8", "uint16", "int16", "int32")
 # GRS80 (WGS84 differs in the 9th digit of the flattening): authalic sphere for areas on geographic CRSs
 ELLIPSOID_A = 6378137.0
 ELLIPSOID_F = 1 / 298.257222101
 _E = math.sqrt(ELLIPSOID_F * (2 - ELLIPSOID_F))
+# A projected CRS's own areas are used where they are within this of the ground's all over the raster
+AREA_TOLERANCE = 0.005
 MULTI_FILE_SUFFIXES = {"ESRI Shapefile": (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")}
 
 
@@ -143,14 +156,27 @@ def _authalic_radius() -> float:
     return ELLIPSOID_A * math.sqrt(qp / 2)
 
 
-class PixelGeometry:
-    """Pixel -> ground: the transform, the pixel area (m²) at a row, and polygon areas in m²."""
+def _ring_sums(values: np.ndarray, ring: np.ndarray, n_rings: int) -> np.ndarray:
+    return np.bincount(ring, weights=values, minlength=n_rings)
 
-    def __init__(self, transform, crs, path: str):
+
+class PixelGeometry:
+    """Pixel -> ground: the transform, the pixel area (m²) at a row, and polygon areas in m².
+
+    Geographic CRSs: on the authalic sphere (``geographic``). Projected CRSs: the CRS's own area (pixel
+    area = the pixel's sides in the CRS's unit, converted to metres) where it is within AREA_TOLERANCE of
+    the area on the ground at the raster's corners, edge midpoints and centre (equal-area CRSs, UTM, national
+    grids); else (``ground``: Web Mercator, ...) every area on the authalic sphere from the vertices
+    transformed to longitude and latitude (PROJ, through rasterio)."""
+
+    def __init__(self, transform, crs, path: str, width: int = 1, height: int = 1):
         self.t = transform
         self.crs = crs
         self.geographic = bool(crs is not None and crs.is_geographic)
         self.georeferenced = crs is not None
+        self.ground = False
+        self.distortion = 0.0          # largest |CRS area / ground area - 1| at the sample points
+        self.width, self.height = int(width), int(height)
         if self.geographic:
             if transform.b or transform.d:
                 raise RasterError(f"{path}: a rotated raster in geographic coordinates is not supported for areas")
@@ -162,17 +188,64 @@ class PixelGeometry:
             except Exception as exc:  # noqa: BLE001 - CRSError for CRSs without a linear unit
                 raise RasterError(f"{path}: the CRS has no linear unit ({exc}); reproject to a projected CRS") from exc
             self.pixel_m2 = abs(transform.a * transform.e - transform.b * transform.d) * factor ** 2
+            self.rq = _authalic_radius()
+            cols = (0.5, self.width / 2, max(0.5, self.width - 0.5))
+            rows = (0.5, self.height / 2, max(0.5, self.height - 0.5))
+            try:
+                self.distortion = max(abs(self.pixel_m2 / self._ground_pixel(c, r) - 1) for c in cols for r in rows)
+            except Exception:  # noqa: BLE001 - a CRS PROJ cannot take to longitude and latitude: its own areas
+                self.distortion = 0.0
+            self.ground = self.distortion > AREA_TOLERANCE
 
     def _lat(self, y):
         return self.t.f + self.t.e * np.asarray(y, np.float64)
 
+    # ---- projected CRSs that do not keep areas: on the authalic sphere, through longitude and latitude
+
+    def _lonlat(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates -> (longitude, latitude) in degrees (WGS84; PROJ)."""
+        from rasterio.warp import transform
+
+        t = self.t
+        x = t.a * xy[:, 0] + t.b * xy[:, 1] + t.c
+        y = t.d * xy[:, 0] + t.e * xy[:, 1] + t.f
+        lon, lat = transform(self.crs, "EPSG:4326", x, y)
+        lon, lat = np.asarray(lon, np.float64), np.asarray(lat, np.float64)
+        if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
+            raise RasterError("points outside the CRS's area of use")
+        return lon, lat
+
+    def _ground_rings(self, xy: np.ndarray, ring: np.ndarray, n_rings: int) -> np.ndarray:
+        """Unsigned areas in m² of rings given as vertices (pixel coordinates, each ring closed) and their ring
+        index: R_q² |the line integral of sin(authalic latitude) d(longitude)|, Simpson's rule per edge (its
+        middle transformed too)."""
+        if not len(xy):
+            return np.zeros(n_rings)
+        same = ring[1:] == ring[:-1]                       # edges within a ring
+        mid = (xy[:-1][same] + xy[1:][same]) / 2
+        lon, lat = self._lonlat(np.concatenate([xy, mid]))
+        n = len(xy)
+        s = _authalic_sin(lat)
+        i0 = np.flatnonzero(same)
+        dlon = np.radians((lon[i0 + 1] - lon[i0] + 180.0) % 360.0 - 180.0)   # across the antimeridian too
+        part = dlon * (s[i0] + 4 * s[n:] + s[i0 + 1]) / 6
+        return np.abs(_ring_sums(part, ring[i0], n_rings)) * self.rq ** 2
+
+    def _ground_pixel(self, col: float, row: float) -> float:
+        c, r = math.floor(col), math.floor(row)
+        sq = np.array([[c, r], [c + 1, r], [c + 1, r + 1], [c, r + 1], [c, r]], np.float64)
+        return float(self._ground_rings(sq, np.zeros(5, np.int64), 1)[0])
+
     def pixel_area(self, row: float) -> float:
-        """Area in m² of one pixel of ``row`` (float rows: the pixel of that row's middle)."""
-        if not self.geographic:
-            return self.pixel_m2
-        r = math.floor(row)
-        s = _authalic_sin(self._lat([r, r + 1]))
-        return self.rq ** 2 * self.dlon * abs(float(s[0] - s[1]))
+        """Area in m² of one pixel of ``row`` (float rows: the pixel of that row's middle; in a projected CRS
+        that does not keep areas, the pixel in the middle of the row)."""
+        if self.geographic:
+            r = math.floor(row)
+            s = _authalic_sin(self._lat([r, r + 1]))
+            return self.rq ** 2 * self.dlon * abs(float(s[0] - s[1]))
+        if self.ground:
+            return self._ground_pixel(self.width / 2, row)
+        return self.pixel_m2
 
     def pixel_size(self, row: float) -> float:
         """Side in metres of a square of one pixel's area at ``row`` (the simplification's unit)."""
@@ -183,8 +256,16 @@ class PixelGeometry:
         import shapely
 
         geoms = np.asarray(geoms, dtype=object)
-        if not self.geographic:
+        if not self.geographic and not self.ground:
             return shapely.area(geoms) * self.pixel_m2
+        if self.ground:
+            polys, owner = shapely.get_parts(geoms, return_index=True)
+            rings, poly = shapely.get_rings(polys, return_index=True)
+            xy, ring = shapely.get_coordinates(rings, return_index=True)
+            ring_area = self._ground_rings(xy, ring, len(rings))
+            exterior = np.r_[True, poly[1:] != poly[:-1]]     # get_rings: each polygon's exterior first
+            signed = np.where(exterior, ring_area, -ring_area)
+            return np.bincount(owner[poly], weights=signed, minlength=len(geoms))
         out = np.empty(len(geoms))
         for i, g in enumerate(geoms):
             total = 0.0
@@ -250,6 +331,31 @@ def _split_arcs(chains, rows: tuple[float, float], cols: tuple[float, float]):
     return shapely.linestrings(pts[sort], indices=ids[sort])
 
 
+def geojson_polygons(polys) -> list[dict]:
+    """GeoJSON mappings of shapely Polygons, built from their coordinate arrays at once (rasterio's rasterize
+    takes these as they are; shapely's ``__geo_interface__``, one polygon at a time, was 14 % of a run)."""
+    import shapely
+
+    polys = np.asarray(polys, dtype=object)
+    out = [{"type": "Polygon", "coordinates": []} for _ in range(len(polys))]
+    holed = shapely.get_num_interior_rings(polys) > 0
+    for which, parts in ((np.flatnonzero(~holed), None), (np.flatnonzero(holed), "rings")):
+        if not which.size:
+            continue
+        geoms = polys[which]
+        if parts:                                           # each ring on its own: exterior, then holes
+            geoms, owner = shapely.get_rings(geoms, return_index=True)
+            owner = which[owner]
+        else:                                               # one ring each: the polygon's coordinates
+            owner = which
+        xy, ring = shapely.get_coordinates(geoms, return_index=True)
+        xy = xy.tolist()
+        cut = (np.flatnonzero(ring[1:] != ring[:-1]) + 1).tolist()
+        for p, i0, i1 in zip(owner[ring[[0] + cut]].tolist(), [0] + cut, cut + [len(xy)]):
+            out[p]["coordinates"].append(xy[i0:i1])
+    return out
+
+
 def _face_owners(faces, polys, rows: tuple[float, float], poly_json=None) -> np.ndarray:
     """Per face: the index of the polygon holding most of its pixel centres, -1 where most are nodata, -2
     where it holds none. Rasterised on the strip's grid (rows[0]..rows[1], pixel coordinates); ``poly_json``:
@@ -260,7 +366,8 @@ def _face_owners(faces, polys, rows: tuple[float, float], poly_json=None) -> np.
     r0, r1 = int(rows[0]), int(rows[1])
     width = int(math.ceil(max(shapely_bounds(polys)[2], shapely_bounds(faces)[2], 1)))
     shape, grid = (r1 - r0, width), Affine(1, 0, 0, 0, 1, r0)
-    face_id = rasterize(zip(faces, range(len(faces))), out_shape=shape, transform=grid, fill=-1, dtype="int32")
+    face_id = rasterize(zip(geojson_polygons(faces), range(len(faces))), out_shape=shape, transform=grid, fill=-1,
+                        dtype="int32")
     poly_id = rasterize(zip(polys if poly_json is None else poly_json, range(len(polys))), out_shape=shape, transform=grid, fill=-1, dtype="int32")
     inside = face_id >= 0
     f, p = face_id[inside].astype(np.int64), poly_id[inside].astype(np.int64)
@@ -379,20 +486,66 @@ def _match(above, below, touch: bool):
     return pairs
 
 
-def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: float = 0.0, connectivity: int = 4,
-                      names: dict | None = None, block_rows: int | None = None, log=None,
+def simplify_tolerance(simplify) -> float | str:
+    """``--simplify``: ``"auto"`` (also None) or a number of metres >= 0 (0: the staircase kept)."""
+    if simplify is None or (isinstance(simplify, str) and simplify.strip().lower() == "auto"):
+        return "auto"
+    return _number(simplify, "--simplify")
+
+
+def _sieve_whole(ds, n: int, connectivity: int, nodata, out_path: Path, block_rows: int, rasterio) -> np.ndarray:
+    """The whole label raster sieved at ``n`` pixels (passes at 2, 4, 8, ... n): one array in the raster's
+    dtype. GDAL's sieve reads the source band from the file and the valid pixels from a mask file beside the
+    output (written strip by strip, removed after), so it holds the result (1 byte a pixel for uint8 labels)
+    and its tables of regions, whatever ``n``."""
+    import warnings
+
+    from rasterio.features import sieve
+    from rasterio.windows import Window
+
+    height, width = ds.height, ds.width
+    steps = _sieve_steps(n)
+    mask_path = temp_sibling(out_path, "sieve", ".tif")
+    try:
+        any_nodata = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(mask_path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+                               tiled=True, compress="deflate", zlevel=1, BIGTIFF="IF_SAFER") as m:
+                for r0 in range(0, height, block_rows):
+                    win = Window(0, r0, width, min(height, r0 + block_rows) - r0)
+                    valid = ds.read(1, window=win) != nodata
+                    any_nodata = any_nodata or not valid.all()
+                    m.write(valid.view(np.uint8), 1, window=win)
+            out = np.empty((height, width), ds.dtypes[0])
+            with rasterio.open(mask_path) as m:
+                mask = rasterio.band(m, 1) if any_nodata else None
+                sieve(rasterio.band(ds, 1), steps[0], out=out, mask=mask, connectivity=connectivity)
+                for size in steps[1:]:
+                    sieve(out, size, out=out, mask=mask, connectivity=connectivity)   # in place
+        return out
+    finally:
+        remove_if_present(mask_path)
+
+
+def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: float | str = 0.0,
+                      connectivity: int = 4, names: dict | None = None, block_rows: int | None = None, log=None,
                       check: bool = True) -> dict:
     """Write the segments of a label raster as polygons to ``out_path`` (format by extension); see the module.
 
-    ``names``: value -> class name (the ``class`` attribute; without it the field is left out). Returns a
-    summary: ``polygons``, ``vertices``, ``sieve_pixels`` (the threshold, or its range over the strips),
-    ``format``, ``output``. ``check``: check the output against the input first (False where the caller did)."""
+    ``simplify``: metres, or ``"auto"`` (None too): AUTO_SIMPLIFY_PX pixels, which straightens the staircase
+    of mapseg's 4-pixel cells (the CLI's default; 0 keeps the staircase). ``names``: value -> class name (the
+    ``class`` attribute; without it the field is left out). Returns a summary: ``polygons``, ``vertices``,
+    ``vanished`` (regions that vanished in the simplification), ``under_min_area``, ``sieve_pixels``,
+    ``simplify_m`` / ``simplify_px`` (the tolerance at the raster's middle row), ``area`` (``planar``,
+    ``ellipsoid`` or None: how areas were computed), ``format``, ``output``. ``check``: check the output
+    against the input first (False where the caller did)."""
     rasterio, shapely, pyogrio = _libraries()
     from affine import Affine
 
     log = log or (lambda msg: None)
     min_area = _number(min_area, "--min-area")
-    simplify = _number(simplify, "--simplify")
+    simplify = simplify_tolerance(simplify)
     if connectivity not in (4, 8):
         raise SegmentError(f"--connectivity {connectivity!r}: 4 or 8")
     if block_rows is not None and int(block_rows) < 1:
@@ -415,14 +568,23 @@ def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: fl
                 raise RasterError(f"{labels_path}: polygons are made from a one-band integer label raster "
                                   f"({', '.join(SIEVE_DTYPES)}); this has {ds.count} band(s) of {ds.dtypes[0]}")
             nodata = OUTPUT_NODATA if ds.nodata is None else ds.nodata  # mapseg's, where the file states none
-            geo = PixelGeometry(ds.transform, ds.crs, str(labels_path))
-            if not geo.georeferenced and (min_area or simplify):
+            geo = PixelGeometry(ds.transform, ds.crs, str(labels_path), ds.width, ds.height)
+            if not geo.georeferenced and (min_area or (simplify != "auto" and simplify)):
                 raise SegmentError(f"{labels_path} has no CRS: --min-area (m²) and --simplify (m) need a "
-                                   "georeferenced raster")
+                                   "georeferenced raster (--simplify auto works in pixels)")
+            if geo.ground:
+                log(f"areas on the ellipsoid: the CRS's own areas differ from the ground's by up to "
+                    f"{100 * geo.distortion:.1f} % over {Path(labels_path).name}")
             summary = _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectivity, names,
                                   strip_rows(ds.width) if block_rows is None else int(block_rows), rasterio,
                                   shapely, pyogrio, Affine)
+    if simplify == "auto":
+        metres = "" if summary["simplify_m"] is None else f" = {summary['simplify_m']:.2f} m"
+        log(f"--simplify auto: {AUTO_SIMPLIFY_PX:g} pixels{metres}")
     log(f"wrote {summary['polygons']} polygons ({summary['vertices']} vertices) to {out_path}")
+    if summary["vanished"]:
+        log(f"{summary['vanished']} region(s) thinner than the simplification's tolerance vanished (their "
+            "neighbours closed over them); --simplify 0 keeps every region")
     if summary["under_min_area"]:
         log(f"{summary['under_min_area']} polygon(s) stay under --min-area {min_area:g} m²: regions with no larger "
             "neighbour to join (enclosed by nodata, or simplified below it)")
@@ -431,36 +593,35 @@ def polygonize_labels(labels_path, out_path, min_area: float = 0.0, simplify: fl
 
 def _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectivity, names, block_rows,
                 rasterio, shapely, pyogrio, Affine) -> dict:
-    from rasterio.features import shapes, sieve
+    from rasterio.features import shapes
     from rasterio.windows import Window
 
     height, width = ds.height, ds.width
     crs_wkt = ds.crs.to_wkt() if ds.crs is not None else None
+    middle = height / 2
+    n = math.ceil(min_area / geo.pixel_area(middle)) if min_area > 0 else 0
+    if simplify == "auto":
+        tol_m = AUTO_SIMPLIFY_PX * geo.pixel_size(middle) if geo.georeferenced else None
+    else:
+        tol_m = simplify
     writer = _FeatureWriter(out_path, driver, crs_wkt, names, pyogrio, min_area)
     parent: dict[int, int] = {}
     groups: dict[int, _Open] = {}
     prev_edges: list = []      # (x0, x1, value, gid) on the seam above the current strip
     next_gid = 0
-    sieve_px = []
     try:
+        sieved = _sieve_whole(ds, n, connectivity, nodata, out_path, block_rows, rasterio) if n > 1 else None
         for r0 in range(0, height, block_rows):
             r1 = min(height, r0 + block_rows)
-            n = math.ceil(min_area / geo.pixel_area((r0 + r1) / 2)) if min_area > 0 else 0
-            sieve_px.append(n)
-            halo = n if n > 1 else 0
-            w0, w1 = max(0, r0 - halo), min(height, r1 + halo)
-            data = ds.read(1, window=Window(0, w0, width, w1 - w0))
-            valid = data != nodata
-            for size in _sieve_steps(n):
-                data = sieve(data, size, mask=valid, connectivity=connectivity)
-            core, core_valid = data[r0 - w0:r1 - w0], valid[r0 - w0:r1 - w0]
+            core = ds.read(1, window=Window(0, r0, width, r1 - r0)) if sieved is None else sieved[r0:r1]
+            core_valid = core != nodata
             polys, values, mappings = [], [], []
             for g, v in shapes(core, mask=core_valid, connectivity=connectivity, transform=Affine(1, 0, 0, 0, 1, r0)):
                 polys.append(shapely.geometry.shape(g))
                 mappings.append(g)
                 values.append(int(v))
-            if simplify > 0 and polys:
-                tol = simplify / geo.pixel_size((r0 + r1) / 2)
+            if (simplify == "auto" or simplify > 0) and polys:
+                tol = AUTO_SIMPLIFY_PX if simplify == "auto" else simplify / geo.pixel_size((r0 + r1) / 2)
                 simple = simplify_shared(polys, tol, (float(r0), float(r1)), width, mappings)
             else:
                 simple = polys
@@ -491,9 +652,12 @@ def _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectiv
     except BaseException:
         writer.abort()
         raise
-    lo, hi = min(sieve_px, default=0), max(sieve_px, default=0)
     return {"output": str(out_path), "format": driver, "polygons": writer.count, "vertices": writer.vertices,
-            "sieve_pixels": lo if lo == hi else [lo, hi], "min_area_m2": min_area, "under_min_area": writer.small, "simplify_m": simplify,
+            "vanished": writer.vanished, "sieve_pixels": n, "min_area_m2": min_area, "under_min_area": writer.small,
+            "simplify": simplify, "simplify_m": tol_m,
+            "simplify_px": AUTO_SIMPLIFY_PX if simplify == "auto" else (simplify / geo.pixel_size(middle) if simplify
+                                                                        and geo.georeferenced else 0.0),
+            "area": ("ellipsoid" if geo.geographic or geo.ground else "planar") if geo.georeferenced else None,
             "connectivity": connectivity, "block_rows": block_rows}
 
 
@@ -502,7 +666,7 @@ class _FeatureWriter:
 
     def __init__(self, out_path: Path, driver: str, crs_wkt, names, pyogrio, min_area: float = 0.0):
         self.out_path, self.driver, self.crs, self.names, self.pyogrio = out_path, driver, crs_wkt, names, pyogrio
-        self.min_area, self.small = min_area, 0
+        self.min_area, self.small, self.vanished = min_area, 0, 0
         self.append = "a" in pyogrio.list_drivers(write=True).get(driver, "")
         self.tmp_dir = temp_sibling(out_path, "polygons", "")
         os.mkdir(self.tmp_dir)
@@ -515,13 +679,15 @@ class _FeatureWriter:
         import shapely
 
         if not group.parts:
-            return                                            # vanished in the simplification
+            self.vanished += 1                                # vanished in the simplification
+            return
         geom = group.parts[0] if len(group.parts) == 1 else shapely.union_all(group.parts)
         # straight runs lose their inner vertices (seam and junction points of others' arcs): the same shape
         geom = shapely.simplify(geom, 0.0, preserve_topology=True)
         if not geom.is_valid:   # 8-connected regions: a ring touching itself at a corner; split there
             geom = shapely.make_valid(geom, method="structure", keep_collapsed=False)
         if geom.is_empty:
+            self.vanished += 1
             return
         self._geo = geo
         self.batch.append((geom, group.value))

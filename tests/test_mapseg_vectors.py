@@ -324,3 +324,101 @@ def test_an_interrupted_run_leaves_the_older_file_and_no_temporaries(tmp_path, m
         polygonize_labels(src, out, min_area=100, block_rows=8)
     assert out.read_bytes() == before                                      # the older result, whole
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _equal_area_from(crs, geom) -> float:
+    """Area in m² on EPSG:6933 (PROJ through rasterio.warp), densified so that PROJ follows the edges."""
+    from rasterio.warp import transform_geom
+
+    return shapely.geometry.shape(transform_geom(crs, "EPSG:6933", shapely.geometry.mapping(
+        shapely.segmentize(geom, 5.0)))).area
+
+
+@pytest.mark.parametrize("simplify", [0, 25])
+def test_areas_and_min_area_in_a_crs_that_does_not_keep_areas(tmp_path, simplify):
+    # Web Mercator at about 50 N, 10 m pixels: a pixel is about 41 m² on the ground, not 100
+    a = np.zeros((60, 80), np.uint8)
+    a[20:40, 30:50] = 1                                                   # 20 x 20 pixels: 16547 m², not 40000
+    a[:6, :60] = 2                                                        # a band along the top
+    transform = Affine(10, 0, 700000, 0, -10, 6446276)                    # y of 50 N in EPSG:3857
+    src = write_labels(tmp_path / "l.tif", a, crs="EPSG:3857", transform=transform)
+    out = tmp_path / "p.gpkg"
+    s = polygonize_labels(src, out, simplify=simplify)
+    assert s["area"] == "ellipsoid"
+    geoms, cols, _ = read(out)
+    for g, area in zip(geoms, cols["area_m2"]):
+        assert area == pytest.approx(_equal_area_from("EPSG:3857", g), rel=0.01)
+    assert cols["area_m2"][cols["label"] == 1][0] == pytest.approx(16547, rel=0.01)
+    # the minimum area is ground area too: 20000 m² sieves the square (4e4 m² in the CRS's units)
+    polygonize_labels(src, out, min_area=20000)
+    assert 1 not in read(out)[1]["label"].tolist()
+    polygonize_labels(src, out, min_area=15000)
+    assert 1 in read(out)[1]["label"].tolist()
+
+
+def test_a_crs_that_keeps_areas_keeps_its_own(tmp_path):
+    src = write_labels(tmp_path / "l.tif", blocky_labels(h=40, w=40))         # UTM: within 0.5 % everywhere
+    s = polygonize_labels(src, tmp_path / "p.gpkg")
+    assert s["area"] == "planar"
+    geoms, cols, _ = read(tmp_path / "p.gpkg")
+    assert np.allclose(cols["area_m2"], shapely.area(geoms))
+
+
+def test_the_sieve_is_exact_whatever_the_strips(tmp_path):
+    """One sieve over the whole raster: strips of 5 rows give the features of one strip, vertex for vertex."""
+    rng = np.random.default_rng(3)
+    a = np.repeat(np.repeat(rng.integers(0, 3, (30, 40)), 2, 0), 2, 1).astype(np.uint8)  # speckle of 2-px cells
+    a[:10, :10] = 255
+    src = write_labels(tmp_path / "l.tif", a)
+    results = []
+    for rows in (1024, 5):
+        out = tmp_path / f"p{rows}.gpkg"
+        s = polygonize_labels(src, out, min_area=4 * 30, block_rows=rows)   # 30 pixels of 2 m x 2 m
+        geoms, cols, _ = read(out)
+        assert s["sieve_pixels"] == 30
+        assert_tiles(geoms, valid=valid_area(a))
+        results.append(sorted((int(v), g.normalize().wkb) for g, v in zip(geoms, cols["label"])))
+    assert results[0] == results[1]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # the mask file went
+
+
+def test_simplify_auto_straightens_the_staircase_and_counts_what_vanishes(tmp_path, capsys):
+    labels = blocky_labels()
+    src = write_labels(tmp_path / "l.tif", labels)
+    raw = polygonize_labels(src, tmp_path / "raw.gpkg")
+    messages = []
+    auto = polygonize_labels(src, tmp_path / "auto.gpkg", simplify="auto", log=messages.append)
+    assert auto["simplify_px"] == 3.0 and auto["simplify_m"] == pytest.approx(6.0)       # 3 pixels of 2 m
+    assert auto["vanished"] > 0                                          # single 4-pixel cells close over
+    assert auto["polygons"] + auto["vanished"] == raw["polygons"]        # every region: written or counted
+    assert any(f"{auto['vanished']} region(s)" in m for m in messages)
+    assert auto["vertices"] < raw["vertices"]
+    assert_tiles(read(tmp_path / "auto.gpkg")[0])
+
+    # a boundary along a diagonal of 4-pixel steps (8 m): a staircase, straightened by auto, not by 2 pixels
+    rows, cols = np.mgrid[:120, :160] // 4
+    diagonal = write_labels(tmp_path / "d.tif", np.where(cols > rows + 3, 0, 1).astype(np.uint8))
+    for name, tol in (("raw", 0), ("auto", "auto"), ("two", 4.0)):
+        polygonize_labels(diagonal, tmp_path / f"d-{name}.gpkg", simplify=tol)
+
+    def stair(path):
+        """The share of vertices that are a corner between two single 4-pixel (8 m) steps: the staircase."""
+        xy = shapely.get_coordinates(shapely.get_exterior_ring(shapely.get_parts(read(path)[0])))
+        steps = np.abs(np.diff(xy, axis=0))
+        one = (steps == [8, 0]).all(1) | (steps == [0, 8]).all(1)
+        return (one[:-1] & one[1:] & (steps[:-1] != steps[1:]).any(1)).sum() / len(steps)
+
+    assert stair(tmp_path / "d-raw.gpkg") > 0.8 and stair(tmp_path / "d-two.gpkg") > 0.3
+    assert stair(tmp_path / "d-auto.gpkg") == 0
+    # auto works in pixels: a raster without a CRS takes it too
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", width=40, height=40, count=1, dtype="uint8") as ds:
+        ds.write(blocky_labels(h=40, w=40, nodata=False)[None])
+    assert polygonize_labels(plain, tmp_path / "plain.gpkg", simplify="auto")["simplify_m"] is None
+    # the CLI's default is auto; 0 keeps the staircase; anything else is refused
+    assert main(["polygonize", str(src), str(tmp_path / "cli.gpkg")]) == 0
+    assert len(read(tmp_path / "cli.gpkg")[0]) == auto["polygons"]
+    assert main(["polygonize", str(src), str(tmp_path / "cli0.gpkg"), "--simplify", "0"]) == 0
+    assert len(read(tmp_path / "cli0.gpkg")[0]) == raw["polygons"]
+    with pytest.raises(SystemExit):
+        main(["polygonize", str(src), str(tmp_path / "x.gpkg"), "--simplify", "lots"])

@@ -9,6 +9,9 @@ Runs, each in its own process, printing as it goes:
                     fraction of the measured matmul rate; colour k-means; peak RSS at 1k/5k/20k pixels square
   bench_shards.py   shard build MP/s with SLIC (dubai_dev, 19.5 MP)
   bench_train.py    training images/s on CPU (and GPU when present) at patch 256 and 512
+  bench_precision.py  int8 / bf16 against float32: label agreement, dev-set mIoU, MP per CPU-second A/B
+                    (int8 needs model.int8.onnx in the model folder: the job prints the command that makes it)
+  bench_batch.py    mapseg batch on a local Dask cluster of 1 and 2 workers (the dask extra)
 The report records the machine, the date, the commands and their printed figures verbatim.
 Figures from one run are comparable with each other; these machines are shared, so compare
 across runs only with the load averages in mind.
@@ -42,7 +45,10 @@ def main(argv=None) -> int:
     jobs = [("Runtime: throughput per backend and peak RSS", runtime),
             ("Shard build", [py, "bench/bench_shards.py"]),
             ("Training throughput", [py, "bench/bench_train.py"] + (["--steps", "3", "--sizes", "256"]
-                                                                      if args.quick else []))]
+                                                                      if args.quick else [])),
+            ("Precision variants", [py, "bench/bench_precision.py"] + (["--model", model] if model else [])
+             + (["--repeat", "1", "--size", "1024", "--no-eval"] if args.quick else [])),
+            ("Batch on Dask: 1 and 2 workers", [py, "bench/bench_batch.py"] + (["--tiles", "4"] if args.quick else []))]
     lines = ["# Benchmark report", "",
              f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
              f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",

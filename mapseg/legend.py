@@ -428,9 +428,9 @@ def _colour_table_gdal(path: Path, tmp: Path, tmp_cog: Path, cmap: dict) -> Path
 def write_class_files(labels_path, legend: Legend, counts: dict | None = None, fresh: bool = True,
                       colour_table: bool = True) -> list[str]:
     """Write ``OUT.qml`` and the attribute table in ``OUT.tif.aux.xml`` for ``legend`` (atomically), and set the
-    GeoTIFF's colour table to its colours (where it does not show them yet: ``set_colour_table``). ``fresh``: the labels were just written, so an older sidecar's
-    content (statistics of another file) is dropped; else it is kept and only the table replaced.
-    Returns the files written."""
+    GeoTIFF's colour table to its colours (where it does not show them yet: ``set_colour_table``). ``fresh``:
+    the labels were just written, so an older sidecar's content (statistics of another file) is dropped; else
+    it is kept and only the table replaced. Returns the files written."""
     labels_path = Path(labels_path)
     if colour_table:
         set_colour_table(labels_path, legend.colormap())

@@ -7,9 +7,10 @@
    at 2, 4, 8, ... then N pixels (GDAL merges a small region only into a neighbour that is not small itself,
    so a single pass at N leaves clusters of small regions as they were). GDAL reads the labels from the file
    and the valid pixels from a mask file beside the output (written strip by strip, removed after) and writes
-   into one array of the raster's size (1 byte a pixel for uint8 labels), in place from the second pass on:
-   the result does not depend on the strips, and the memory not on N. ``under_min_area`` counts the polygons
-   left smaller than the minimum (a region with no neighbour to join: enclosed by nodata).
+   into one array of the raster's size (1 byte a pixel for uint8 labels), in place from the second pass on,
+   then into a GeoTIFF beside the output (removed after) that the strips read: the result does not depend on
+   the strips, and the memory not on N. ``under_min_area`` counts the polygons left smaller than the minimum
+   (a region with no neighbour to join: enclosed by nodata).
 
 The (sieved) labels are then read in strips of ``block_rows`` rows (default ``strip_rows``: about 2 million
 pixels, 64 to 1024 rows). For each strip:
@@ -31,11 +32,11 @@ pixels, 64 to 1024 rows). For each strip:
    seam (share an edge; with ``connectivity=8`` also a corner) become one feature. A feature is written
    once nothing of it touches the strip's bottom line.
 
-Memory: the sieved raster (1 byte a pixel for uint8 labels, where ``min_area`` is given) and GDAL's tables of
-its regions; one strip of labels, its polygons and their noding and polygonizing (about 100 bytes per strip
-pixel, GEOS); and the features still open at the seam (a region that spans the whole raster is held until it
-closes: its geometry has to be built to be written). Formats that cannot append (FlatGeobuf, ...) get every
-feature at once at the end; GeoPackage, Shapefile and GeoJSON are written in batches.
+Memory: while sieving (where ``min_area`` is given), the sieved raster (1 byte a pixel for uint8 labels) and
+GDAL's tables of its regions; then one strip of labels, its polygons and their noding and polygonizing (about
+100 bytes per strip pixel, GEOS); and the features still open at the seam (a region that spans the whole raster
+is held until it closes: its geometry has to be built to be written). Formats that cannot append (FlatGeobuf,
+...) get every feature at once at the end; GeoPackage, Shapefile and GeoJSON are written in batches.
 
 Attributes: ``label`` (the raster value), ``class`` (its name, from a legend; see ``mapseg.legend``)
 and ``area_m2``. Areas in square metres on the ground:
@@ -80,6 +81,7 @@ BATCH = 5000                     # features per write
 # 2.83 pixels (half a cell's diagonal); 3 pixels straightens it and keeps regions of one cell or more.
 AUTO_SIMPLIFY_PX = 3.0
 SIEVE_DTYPES = ("uint8", "uint16", "int16", "int32")
+SIEVE_CACHE_MB = 32
 # GRS80 (WGS84 differs in the 9th digit of the flattening): authalic sphere for areas on geographic CRSs
 ELLIPSOID_A = 6378137.0
 ELLIPSOID_F = 1 / 298.257222101
@@ -368,7 +370,8 @@ def _face_owners(faces, polys, rows: tuple[float, float], poly_json=None) -> np.
     shape, grid = (r1 - r0, width), Affine(1, 0, 0, 0, 1, r0)
     face_id = rasterize(zip(geojson_polygons(faces), range(len(faces))), out_shape=shape, transform=grid, fill=-1,
                         dtype="int32")
-    poly_id = rasterize(zip(polys if poly_json is None else poly_json, range(len(polys))), out_shape=shape, transform=grid, fill=-1, dtype="int32")
+    poly_id = rasterize(zip(polys if poly_json is None else poly_json, range(len(polys))), out_shape=shape,
+                        transform=grid, fill=-1, dtype="int32")
     inside = face_id >= 0
     f, p = face_id[inside].astype(np.int64), poly_id[inside].astype(np.int64)
     total = np.bincount(f, minlength=len(faces))
@@ -493,11 +496,12 @@ def simplify_tolerance(simplify) -> float | str:
     return _number(simplify, "--simplify")
 
 
-def _sieve_whole(ds, n: int, connectivity: int, nodata, out_path: Path, block_rows: int, rasterio) -> np.ndarray:
+def _sieve_whole(ds, n: int, connectivity: int, nodata, out_path: Path, block_rows: int, rasterio,
+                 sieved_path: Path | None = None):
     """The whole label raster sieved at ``n`` pixels (passes at 2, 4, 8, ... n): one array in the raster's
-    dtype. GDAL's sieve reads the source band from the file and the valid pixels from a mask file beside the
-    output (written strip by strip, removed after), so it holds the result (1 byte a pixel for uint8 labels)
-    and its tables of regions, whatever ``n``."""
+    dtype, or (``sieved_path``) a GeoTIFF of it, the array let go. GDAL's sieve reads the source band from the
+    file and the valid pixels from a mask file beside the output (written strip by strip, removed after), so
+    it holds the result (1 byte a pixel for uint8 labels) and its tables of regions, whatever ``n``."""
     import warnings
 
     from rasterio.features import sieve
@@ -506,9 +510,11 @@ def _sieve_whole(ds, n: int, connectivity: int, nodata, out_path: Path, block_ro
     height, width = ds.height, ds.width
     steps = _sieve_steps(n)
     mask_path = temp_sibling(out_path, "sieve", ".tif")
+    # GDAL's sieve reads both files line by line: a small block cache holds a row of tiles of each (GDAL's default,
+    # 5 % of the RAM, would keep the labels and the mask whole); rasterio hands GDAL_CACHEMAX over in bytes
     try:
         any_nodata = False
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=SIEVE_CACHE_MB * 2**20):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             with rasterio.open(mask_path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8",
                                tiled=True, compress="deflate", zlevel=1, BIGTIFF="IF_SAFER") as m:
@@ -523,7 +529,13 @@ def _sieve_whole(ds, n: int, connectivity: int, nodata, out_path: Path, block_ro
                 sieve(rasterio.band(ds, 1), steps[0], out=out, mask=mask, connectivity=connectivity)
                 for size in steps[1:]:
                     sieve(out, size, out=out, mask=mask, connectivity=connectivity)   # in place
-        return out
+            if sieved_path is None:
+                return out
+            with rasterio.open(sieved_path, "w", driver="GTiff", width=width, height=height, count=1,
+                               dtype=out.dtype.name, nodata=nodata, crs=ds.crs, transform=ds.transform, tiled=True,
+                               compress="deflate", zlevel=1, BIGTIFF="IF_SAFER") as f:
+                f.write(out, 1)
+            return sieved_path
     finally:
         remove_if_present(mask_path)
 
@@ -609,11 +621,16 @@ def _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectiv
     groups: dict[int, _Open] = {}
     prev_edges: list = []      # (x0, x1, value, gid) on the seam above the current strip
     next_gid = 0
+    # the sieve's result in a GeoTIFF beside the output (removed after), read strip by strip like the labels
+    sieved_path = temp_sibling(out_path, "sieved", ".tif") if n > 1 else None
+    src = ds
     try:
-        sieved = _sieve_whole(ds, n, connectivity, nodata, out_path, block_rows, rasterio) if n > 1 else None
+        if sieved_path is not None:
+            _sieve_whole(ds, n, connectivity, nodata, out_path, block_rows, rasterio, sieved_path)
+            src = rasterio.open(sieved_path)
         for r0 in range(0, height, block_rows):
             r1 = min(height, r0 + block_rows)
-            core = ds.read(1, window=Window(0, r0, width, r1 - r0)) if sieved is None else sieved[r0:r1]
+            core = src.read(1, window=Window(0, r0, width, r1 - r0))
             core_valid = core != nodata
             polys, values, mappings = [], [], []
             for g, v in shapes(core, mask=core_valid, connectivity=connectivity, transform=Affine(1, 0, 0, 0, 1, r0)):
@@ -652,6 +669,11 @@ def _polygonize(ds, out_path, driver, geo, nodata, min_area, simplify, connectiv
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if src is not ds:
+            src.close()
+        if sieved_path is not None:
+            remove_if_present(sieved_path)
     return {"output": str(out_path), "format": driver, "polygons": writer.count, "vertices": writer.vertices,
             "vanished": writer.vanished, "sieve_pixels": n, "min_area_m2": min_area, "under_min_area": writer.small,
             "simplify": simplify, "simplify_m": tol_m,

@@ -70,8 +70,10 @@ def segment_raster(input_path: PathLike, output_path: PathLike, options: Segment
                    callback: Callable[[float, str], object] | None = None, other_outputs: dict | None = None,
                    **settings) -> dict:
     """Segment the raster ``input_path`` into the label GeoTIFF ``output_path`` (``mapseg segment``); returns the
-    run report (timings, centres, backend, scaling). Settings: ``options`` and/or keywords (``k=6``,
-    ``centers="centers.json"``, ``model=load_model()``, ``tile=1024``, ...; see ``SegmentOptions``).
+    run report (timings, centres, backend, precision, scaling, class names). Settings: ``options`` and/or keywords
+    (``k=6``, ``centers="centers.json"``, ``model=load_model()``, ``tile=1024``, ``legend="legend.json"``, ...;
+    see ``SegmentOptions``). Beside the labels go ``OUT.qml`` and ``OUT.tif.aux.xml`` with the class names and
+    colours (``legend``, else the centres file's legend, else ``segment 0..K-1``), as ``mapseg segment`` writes.
 
     ``progress``: a bar on stderr; ``log(message)``: the run's messages (default: stderr);
     ``callback(fraction, stage)``: called as the run advances (stage ``"fit"`` then ``"segment"``); returning

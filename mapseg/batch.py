@@ -19,10 +19,13 @@
    (``mapseg.segment.write_windows`` with a box: the same labels), and ``OUT_DIR/<name>.vrt`` over them; once
    one form of an output is in place, the other's files (an earlier run's, another ``block``) are removed.
    Then ``OUT_DIR/mosaic.vrt`` over every output (one VRT per CRS: ``mosaic_EPSG-<code>.vrt``; an earlier
-   run's mosaics this run does not write are removed) and ``OUT_DIR/batch_report.json``.
+   run's mosaics this run does not write are removed) and ``OUT_DIR/batch_report.json``. Every output carries
+   the run's legend (``options.legend``, else the centres file's, else ``segment 0..K-1``): its colour table, and
+   ``<name>.qml`` with ``<name>.tif.aux.xml`` beside (a VRT: the attribute table inside, the ``.qml`` beside).
 3. **Resumable.** A finished output gets a sidecar ``<output>.mapseg.json`` (written after the output) holding a
    digest of what made it: input (path; size and mtime of every file it reads, ``input_stamp``), model weights,
-   centres, the options that change labels, the mapseg version (and for block tiles the backend). A rerun skips an
+   centres, the options that change labels, the legend (a rerun with other names or colours rewrites the outputs),
+   the mapseg version (and for block tiles the backend). A rerun skips an
    output whose sidecar matches and whose size and mtime are the recorded ones; anything else is redone. A rerun on
    another backend than the previous report's is said in the log. A raster that fails is reported (status, error)
    and the others go on; the run then returns failures (CLI exit status 1); on any error or Ctrl-C the run's
@@ -59,6 +62,7 @@ from .cluster import Centers, check_k, kmeans_rows
 from .errors import USER_ERRORS, BackendUnavailable, OutputError, RasterError, SegmentError, first_line
 from .features import FeatureModel, load_features
 from .fileio import remove_dead_leftovers, write_text_atomic
+from .legend import Legend, load_legend, qml_text, rat_element, run_legend, style_path
 from .raster import OUTPUT_NODATA, colormap, io_env, open_reader
 from .scaling import check_one_scaling
 from .segment import (SegmentOptions, check_run_outputs, fit_samples, sample_raster, scaling_for, segment_raster,
@@ -443,8 +447,10 @@ def segment_block(path: str, output: str, s: TaskSettings, centers: Centers, fea
         scaling = scaling_for(reader, features, o.stretch, o.seed, top, None, how)
         wins = [w for w in plan_windows(info.height, info.width, o.tile, features.stride, halo)
                 if r0 <= w.core.row0 < r1 and c0 <= w.core.col0 < c1]
+        classes = run_legend(fitted.k, o.legend, fitted.legend)
         _, clipped, _ = write_windows(reader, output, features, scaling, fitted, wins, smooth=o.smooth, cog=o.cog,
-                                      box=box, tags={"MAPSEG_BLOCK": f"{r0},{r1},{c0},{c1}"})
+                                      box=box, tags={"MAPSEG_BLOCK": f"{r0},{r1},{c0},{c1}"},
+                                      cmap=classes.colormap())
     return {"geometry": _geometry(info, r0, c0, r1 - r0, c1 - c0), "clipped_pixels": clipped, "k": fitted.k,
             "scaling": scaling.description}
 
@@ -497,11 +503,13 @@ def _remove_files(out_dir: Path, names: list[str], folder: str | None = None) ->
         shutil.rmtree(out_dir / folder, ignore_errors=True)
 
 
-def write_vrt(path, width: int, height: int, sources: list[dict], k: int, *, crs: str | None = None,
-              geotransform=None, gcps=None, gcp_crs: str | None = None) -> Path:
+def write_vrt(path, width: int, height: int, sources: list[dict], k: int | dict, *, crs: str | None = None,
+              geotransform=None, gcps=None, gcp_crs: str | None = None, legend: Legend | None = None) -> Path:
     """A GDAL VRT of one uint8 label band over ``sources`` (dicts: ``file`` relative to the VRT, ``width``,
     ``height``, ``dst``: (x offset, y offset, x size, y size) in the VRT's pixels), later sources painted over
-    earlier ones except where they hold nodata (255), with the labels' colour table. Written atomically."""
+    earlier ones except where they hold nodata (255), with the labels' colour table (``k``: K for mapseg's palette,
+    or a colour map value -> (r, g, b, a), ``Legend.colormap``), and ``legend``'s names as the band's raster
+    attribute table. Written atomically."""
     path = Path(path)
     out = [f'<VRTDataset rasterXSize="{int(width)}" rasterYSize="{int(height)}">']
     if crs:
@@ -522,6 +530,12 @@ def write_vrt(path, width: int, height: int, sources: list[dict], k: int, *, crs
         r, g, b, a = cmap.get(i, (0, 0, 0, 0))
         out.append(f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>')
     out.append("    </ColorTable>")
+    if legend is not None:
+        import xml.etree.ElementTree as ET
+
+        rat = rat_element(legend)
+        ET.indent(rat, "  ", level=2)
+        out.append("    " + ET.tostring(rat, encoding="unicode").rstrip())
     for src in sources:
         x, y, w, h = src["dst"]
         out += ["    <ComplexSource>",
@@ -546,11 +560,12 @@ def _epsg(wkt: str) -> str | None:
     return (m.group(1) or m.group(2)) if m else None
 
 
-def write_mosaics(out_dir: Path, pieces: list[dict], k: int) -> tuple[list[dict], list[str]]:
+def write_mosaics(out_dir: Path, pieces: list[dict], k: int | Legend) -> tuple[list[dict], list[str]]:
     """VRT mosaics of ``pieces`` (dicts: ``file`` relative to ``out_dir``, ``geometry``, optionally ``raster``: the
     output it is part of, named in what is left out): ``mosaic.vrt`` where all
     share one CRS, else one ``mosaic_EPSG-<code>.vrt`` (or ``mosaic_<n>.vrt``) per CRS, at the finest pixel size
     of its pieces. Pieces without a CRS and a north-up transform (plain images, GCPs, rotated grids) are left out.
+    ``k``: K (mapseg's palette), or the run's Legend: its colours and names, and a ``.qml`` beside each VRT.
     Returns ([{"file", "crs", "rasters"}], [files left out, with why])."""
     groups, left_out = {}, []
     for p in pieces:
@@ -585,9 +600,20 @@ def write_mosaics(out_dir: Path, pieces: list[dict], k: int) -> tuple[list[dict]
             sources.append({"file": m["file"], "width": g["width"], "height": g["height"],
                             "dst": (_tidy((gt[0] - x0) / rx), _tidy((y0 - gt[3]) / ry),
                                     _tidy(g["width"] * gt[1] / rx), _tidy(g["height"] * -gt[5] / ry))})
-        write_vrt(out_dir / name, width, height, sources, k, crs=crs, geotransform=(x0, rx, 0.0, y0, 0.0, -ry))
+        _write_vrt_classes(out_dir / name, width, height, sources, k, crs=crs,
+                           geotransform=(x0, rx, 0.0, y0, 0.0, -ry))
         mosaics.append({"file": name, "crs": crs, "epsg": _epsg(crs), "rasters": len(members)})
     return mosaics, left_out
+
+
+def _write_vrt_classes(path: Path, width: int, height: int, sources: list[dict], k: int | Legend, **kw) -> None:
+    """``write_vrt`` with a Legend's colours and names (the attribute table in the VRT), and its QGIS style
+    ``NAME.qml`` beside."""
+    if not isinstance(k, Legend):
+        write_vrt(path, width, height, sources, k, **kw)
+        return
+    write_vrt(path, width, height, sources, k.colormap(), legend=k, **kw)
+    write_text_atomic(style_path(path), qml_text(k))
 
 
 def _tidy(v: float):
@@ -705,6 +731,7 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     if o.centers is None and o.k is None:
         raise SegmentError("give -k K (number of clusters) or --centers FILE")
     check_one_scaling(o.stretch, o.input_max)
+    given_legend = load_legend(o.legend)  # read (and refused) before any work; checked against K with the centres
     for name in ("extent", "mask", "resolution"):  # the block tasks and the samples read whole rasters
         if getattr(o, name, None) is not None:
             raise SegmentError(f"--{name}: mapseg batch does not take it yet; run mapseg segment per raster for it")
@@ -781,9 +808,14 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
                         "model": {"digest": model_digest(features), "backend": backend},
                         "centers": {**source, "digest": centers_digest(centers)}}, indent=1) + "\n")
             digest = centers_digest(centers)
-            settings = dataclasses.replace(settings, run_key=_digest({
-                "model": model_digest(features), "centers": digest, "options": label_options,
-                "mapseg": __version__}))
+            # the legend (names, colours: the colour table and the class files, not the labels) is in the digest:
+            # a rerun with another legend rewrites the outputs
+            classes = run_legend(centers.k, given_legend, centers.legend,
+                                 f"legend {o.legend}" if isinstance(o.legend, (str, os.PathLike)) else "the legend")
+            label_options["legend"] = classes.to_json()
+            settings = dataclasses.replace(settings, options=dataclasses.replace(settings.options, legend=classes),
+                                           run_key=_digest({"model": model_digest(features), "centers": digest,
+                                                            "options": label_options, "mapseg": __version__}))
             slim = dataclasses.replace(centers, sample={k_: v for k_, v in centers.sample.items() if k_ == "scaling"})
             centers_future = client.submit(_identity, slim, key=f"centers-{digest[:16]}")
             results = _segment_all(client, paths, stems, out_dir, settings, centers_future, block, failed_inputs,
@@ -793,13 +825,14 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
                 client.cancel([centers_future])
     rasters, pieces = [], []
     for i, path in enumerate(paths):
-        entry, files = _raster_entry(out_dir, stems[i], results[i], centers.k)
+        entry, files = _raster_entry(out_dir, stems[i], results[i], classes)
         rasters.append(entry)
         pieces += files
-    mosaics, left_out = write_mosaics(out_dir, pieces, centers.k) if pieces else ([], [])
+    mosaics, left_out = write_mosaics(out_dir, pieces, classes) if pieces else ([], [])
     # an earlier run's mosaics that this one did not write (its CRSs were others) would show stale outputs
-    _remove_files(out_dir, [f.name for f in out_dir.glob(f"{MOSAIC_NAME}*.vrt") if _MOSAIC_FILE.fullmatch(f.name)
-                            and f.name not in {m["file"] for m in mosaics}])
+    stale = [f.name for f in out_dir.glob(f"{MOSAIC_NAME}*.vrt") if _MOSAIC_FILE.fullmatch(f.name)
+             and f.name not in {m["file"] for m in mosaics}]
+    _remove_files(out_dir, stale + [style_path(name).name for name in stale])
     if left_out:
         log(f"not in a mosaic: {', '.join(left_out)}")
     for folder in [out_dir] + [out_dir / f"{s}.tiles" for s in stems if (out_dir / f"{s}.tiles").is_dir()]:
@@ -920,7 +953,7 @@ def _merge_blocks(raster: dict) -> dict:
             "megapixels": sum(b.get("megapixels") or 0.0 for b in blocks)}
 
 
-def _raster_entry(out_dir: Path, stem: str, result: dict, k: int) -> tuple[dict, list[dict]]:
+def _raster_entry(out_dir: Path, stem: str, result: dict, k: int | Legend) -> tuple[dict, list[dict]]:
     """A raster's line of the report, and the files of it a mosaic takes (its output, or its block tiles, whose
     per-raster VRT is written here)."""
     entry = {key: result.get(key) for key in ("input", "status", "error", "seconds", "cpu_s", "megapixels",
@@ -929,7 +962,8 @@ def _raster_entry(out_dir: Path, stem: str, result: dict, k: int) -> tuple[dict,
         return entry, []
     if "blocks" not in result:
         entry["output"] = f"{stem}.tif"
-        _remove_files(out_dir, [f"{stem}.vrt"], f"{stem}.tiles")  # an earlier run's blocks of it (another --block)
+        # an earlier run's blocks of it (another --block)
+        _remove_files(out_dir, [f"{stem}.vrt"], f"{stem}.tiles")
         return entry, [{"file": f"{stem}.tif", "geometry": result["geometry"]}]
     g = result["geometry"]
     tiles = []
@@ -937,17 +971,18 @@ def _raster_entry(out_dir: Path, stem: str, result: dict, k: int) -> tuple[dict,
         r0, r1, c0, c1 = b["block"]
         name = f"{stem}.tiles/{Path(b['output']).name}"
         tiles.append({"file": name, "geometry": b["geometry"], "dst": (c0, r0, c1 - c0, r1 - r0)})
-    write_vrt(out_dir / f"{stem}.vrt", g["width"], g["height"],
-              [{"file": t["file"], "width": t["dst"][2], "height": t["dst"][3], "dst": t["dst"]} for t in tiles], k,
-              crs=g["crs"], geotransform=g["geotransform"] if g["crs"] or not g["gcps"] else None,
-              gcps=g["gcps"], gcp_crs=g["gcp_crs"])
+    _write_vrt_classes(out_dir / f"{stem}.vrt", g["width"], g["height"],
+                       [{"file": t["file"], "width": t["dst"][2], "height": t["dst"][3], "dst": t["dst"]}
+                        for t in tiles], k,
+                       crs=g["crs"], geotransform=g["geotransform"] if g["crs"] or not g["gcps"] else None,
+                       gcps=g["gcps"], gcp_crs=g["gcp_crs"])
     # the VRT in place: an earlier run's whole output of it, and tiles of another block grid, are removed
     current = {Path(t["file"]).name for t in tiles}
     folder = out_dir / f"{stem}.tiles"
     stale = [f"{stem}.tiles/{f.name}" for f in folder.iterdir()
              if re.fullmatch(re.escape(stem) + r"_r\d+_c\d+\.tif(" + re.escape(SIDECAR) + ")?", f.name)
              and f.name.removesuffix(SIDECAR) not in current]
-    _remove_files(out_dir, [f"{stem}.tif", f"{stem}.tif{SIDECAR}"] + stale)
+    _remove_files(out_dir, [f"{stem}.tif", f"{stem}.tif{SIDECAR}", f"{stem}.tif.aux.xml"] + stale)
     entry.update(output=f"{stem}.vrt", tiles=[t["file"] for t in tiles],
                  blocks=[{k_: b.get(k_) for k_ in ("block", "status", "error", "seconds", "worker")
                           if b.get(k_) is not None} for b in result["blocks"]])

@@ -33,12 +33,10 @@ from . import __version__
 from .artifact import describe, load_artifact
 from .backends import AUTO_ORDER, PRECISIONS, BackendUnavailable, available_backends, make_backend
 from .batch import DEFAULT_BLOCK, segment_batch
-from .centres import load_centers
 from .errors import USER_ERRORS, RasterError, SegmentError
 from .features import default_model_path
 from .fileio import write_text_atomic
-from .legend import (Legend, load_legend, pam_path, parse_merge, read_legend, relabel, sidecar_paths, style_path,
-                     write_run_classes)
+from .legend import Legend, load_legend, pam_path, parse_merge, read_legend, relabel, style_path
 from .raster import parse_bands, parse_extent, write_preview
 from .scaling import parse_input_max, parse_stretch
 from .segment import SegmentOptions, fit_raster_centers, segment_raster
@@ -102,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--centers", default=None, help="apply centres from 'mapseg fit' instead of fitting")
     s.add_argument("--cog", action="store_true", help="write a Cloud Optimized GeoTIFF")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--report", default=None, metavar="JSON", help="also write the run report (timings, centres)")
+    s.add_argument("--report", default=None, metavar="JSON", help="also write the run report (timings, centres, class names, precision)")
     s.add_argument("--preview", default=None, metavar="PNG",
                    help="also write a PNG of the input beside its colour-coded segments (at most 1600 px wide)")
     s.add_argument("--legend", default=None, metavar="JSON",
@@ -138,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(docs/cluster.md)", epilog=EPILOG, conflict_handler="resolve")
     m.add_argument("inputs", nargs="+", help="rasters: files, globs ('tiles/*.tif'), URLs, or a text file of paths "
                    "(@list.txt or a .txt file)")
-    m.add_argument("out_dir", help="output folder: one label GeoTIFF per input, mosaic.vrt, centers.json, "
-                   "batch_report.json")
+    m.add_argument("out_dir", help="output folder: one label GeoTIFF per input (with its .qml and .tif.aux.xml), "
+                   "mosaic.vrt, centers.json, batch_report.json")
     m.add_argument("-k", type=int, default=None, help="number of clusters, fitted once over all inputs; not needed "
                    "with --centers")
     m.add_argument("--centers", default=None, help="apply centres from 'mapseg fit' instead of fitting")
@@ -149,7 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--block", type=int, default=DEFAULT_BLOCK, metavar="PIXELS",
                    help="a raster of more than PIXELS^2 pixels is cut into blocks of PIXELS x PIXELS, one task each "
                         f"(default {DEFAULT_BLOCK})")
+    m.add_argument("--legend", default=None, metavar="JSON",
+                   help="class names and colours (legend.json, docs/gis.md) for every output's .qml, .tif.aux.xml "
+                        "and colour table (default: the centres file's, else 'segment 0..K-1')")
     _common(m)
+    for action in m._actions:  # parsed, so that batch refuses them with a message, but not offered
+        if action.dest in ("extent", "extent_crs", "mask", "resolution"):
+            action.help = argparse.SUPPRESS
     where = m.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="address of a running Dask scheduler (tcp://host:8786); default: a local cluster")
@@ -236,23 +240,20 @@ def _options(args, **settings) -> SegmentOptions:
 def cmd_segment(args) -> int:
     if args.preview and not args.preview.lower().endswith(".png"):
         raise RasterError(f"--preview {args.preview}: give a .png name")
-    options = _options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers, cog=args.cog)
-    legend = load_legend(args.legend)  # read (and refused) before the run, as the polygons' format and libraries
-    if legend is not None and (args.k or args.centers):
-        legend.check_k(args.k or load_centers(args.centers).k, f"--legend {args.legend}")
+    # the legend: read and checked against K by segment_raster before any work, written beside the labels after
+    options = _options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers, cog=args.cog,
+                       legend=args.legend)
     if args.polygons:
-        vector_driver(args.polygons)
+        vector_driver(args.polygons)  # before the run, as the polygons' format and libraries
     elif args.min_area or args.simplify or args.connectivity != 4:
         raise SegmentError("--min-area, --simplify and --connectivity shape the --polygons: give --polygons OUT.gpkg")
     report = segment_raster(args.input, args.output, options, progress=not args.no_progress, log=_log,
                             other_outputs={"--report": args.report, "--preview": args.preview,
-                                           "--polygons": args.polygons, **sidecar_paths(args.output)})
-    report["precision"] = args.precision
-    classes = write_run_classes(args.output, report["k"], legend, args.centers)
-    _log(f"wrote {style_path(args.output)} and {pam_path(args.output).name} (class names, colours)")
+                                           "--polygons": args.polygons})
     if args.polygons:
+        names = {c["value"]: c["name"] for c in report["classes"]}
         report["polygons"] = polygonize_labels(args.output, args.polygons, args.min_area, args.simplify,
-                                               args.connectivity, classes.names, log=_log, check=False)
+                                               args.connectivity, names, log=_log, check=False)
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if args.preview:
@@ -300,7 +301,7 @@ def cmd_export_onnx(args) -> int:
 
 def cmd_batch(args) -> int:
     options = dataclasses.replace(_options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers,
-                                           cog=args.cog), workers=None)
+                                           cog=args.cog, legend=args.legend), workers=None)
     if options.region().given:  # mapseg.batch opens its rasters as they are: refuse rather than ignore the flags
         raise RasterError(f"mapseg batch does not take {options.region().flags()} yet: segment each raster with "
                           "mapseg segment (with --centers from mapseg fit for consistent labels)")

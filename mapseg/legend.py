@@ -9,7 +9,8 @@ A legend file (``legend.json``)::
 (optional): ``#rrggbb`` or ``#rrggbbaa`` (default: mapseg's palette colour of the value). Any other key,
 a repeated value or name, or a value the run does not have is an error that names the file and the class.
 
-Beside a label raster ``OUT.tif`` (``write_class_files``):
+Beside a label raster ``OUT.tif`` (``write_class_files``; ``mapseg.segment.segment_raster`` writes them after
+every run, with the run's legend, ``run_legend``):
 
 * ``OUT.qml``: a QGIS style (paletted renderer: each value's colour, its name as the label); QGIS applies
   a same-named ``.qml`` when it opens the raster.
@@ -455,19 +456,6 @@ def run_legend(k: int, legend=None, centers_legend: dict | None = None, where: s
     if chosen is None:
         return Legend.default(k)
     return chosen.check_k(k, where).completed(range(k))
-
-
-def write_run_classes(labels_path, k: int, legend=None, centers=None) -> Legend:
-    """After a K-cluster run (``mapseg segment``): the run's legend (``legend``, else the one the centres file
-    ``centers`` keeps, else the default; ``run_legend``) written beside the labels (``write_class_files``, with
-    the pixel count of each class). Returns the legend."""
-    from .centres import load_centers
-
-    kept = None if centers is None else load_centers(centers).legend
-    chosen = run_legend(k, legend, kept)
-    counts, _ = class_counts(labels_path)
-    write_class_files(labels_path, chosen, {v: counts.get(v, 0) for v in chosen.values})
-    return chosen
 
 
 # --------------------------------------------------------------------------- mapseg legend: rename, recolour, merge

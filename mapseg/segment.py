@@ -35,11 +35,13 @@ from typing import NamedTuple
 import numpy as np
 
 from .artifact import ARTIFACT_FILES, resolution_text
+from .backends import INT8_MODEL, INT8_SIDECAR
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
 from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
 from .errors import SegmentCancelled, SegmentError  # noqa: F401 - SegmentCancelled: re-exported for callers
 from .features import FeatureModel, default_model_path, load_features
 from .fileio import check_outputs
+from .legend import Legend, class_counts, load_legend, run_legend, sidecar_paths, write_class_files
 from .parallel import ordered_map
 from .progress import Progress, SampleProgress, tell
 from .raster import OUTPUT_NODATA, RasterView, Region, ground_resolution, io_env, open_reader, open_writer
@@ -79,6 +81,8 @@ class SegmentOptions:
     extent_crs: str | None = None          # the CRS ``extent`` is in (default: the raster's)
     mask: str | os.PathLike | None = None  # vector file of polygons: pixels outside them are nodata
     resolution: float | None = None        # metres per output pixel: resample on read (mapseg.raster.view)
+    legend: str | os.PathLike | Legend | None = None  # class names and colours (legend.json); default: the
+    #                                        centres file's legend, else "segment 0..K-1" (mapseg.legend.run_legend)
 
     def region(self) -> Region:
         """``extent``, ``extent_crs``, ``mask`` and ``resolution`` as a ``mapseg.raster.Region`` (checked)."""
@@ -552,7 +556,10 @@ def check_run_outputs(outputs: dict, rasters: list, options: SegmentOptions, log
         inputs += [("the --mask file", f) for f in mask_files(options.mask)]
     if options.model is None or (isinstance(options.model, (str, os.PathLike)) and str(options.model) != "kmeans"):
         folder = options.model or default_model_path()
-        inputs += [(f"{name} of the model {folder}", os.path.join(folder, name)) for name in ARTIFACT_FILES]
+        inputs += [(f"{name} of the model {folder}", os.path.join(folder, name))
+                   for name in ARTIFACT_FILES + (INT8_MODEL, INT8_SIDECAR)]
+    if isinstance(options.legend, (str, os.PathLike)):
+        inputs.append(("the legend file", options.legend))
     need = {}
     if "output" in outputs:
         pixels = sum(info.width * info.height for _, info in rasters)
@@ -579,11 +586,13 @@ def shift_transform(transform, row0: int, col0: int):
 
 def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling, centers: Centers,
                   wins: list[Window], *, smooth: int = 0, cog: bool = False, box=None, tags: dict | None = None,
-                  progress: bool = False, callback=None, span=(0.0, 1.0)) -> tuple[str, int, dict]:
+                  progress: bool = False, callback=None, span=(0.0, 1.0), cmap: dict | None = None
+                  ) -> tuple[str, int, dict]:
     """Write the labels of the windows ``wins`` (planned for the whole raster, ``plan_windows``) of an open
     reader to the label GeoTIFF ``output_path``: the whole raster, or the pixel box ``box`` = (row0, row1, col0,
     col1) of it (a GeoTIFF of that box, georeferenced there; ``wins`` are then those whose cores lie in it).
-    ``tags`` are added to ``label_tags``. Written to a temporary name, renamed when complete; on an error or a
+    ``tags`` are added to ``label_tags``; ``cmap`` (value -> (r, g, b, a), ``Legend.colormap``): the colour
+    table (default: mapseg's palette). Written to a temporary name, renamed when complete; on an error or a
     cancel nothing is left. ``progress``: a bar on stderr; ``callback(fraction, "segment")`` after each window,
     the fraction running over ``span``. Returns (the output's path, pixels clipped to full brightness,
     {"windows_s", "finish_s"})."""
@@ -595,7 +604,7 @@ def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling,
     writer, clipped = None, []
     try:
         writer = open_writer(output_path, info, centers.k, OUTPUT_NODATA if info.has_nodata else None, cog,
-                             {**label_tags(features, centers.k), **(tags or {})})
+                             {**label_tags(features, centers.k), **(tags or {})}, cmap)
         bar = Progress(len(wins), "segment", progress)
         t0 = time.perf_counter()
         windows = iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth, clipped)
@@ -627,9 +636,13 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
     ``"segment"``, ``fraction`` of the whole run in [0, 1]); returning False cancels the run:
     ``SegmentCancelled`` is raised and no output file is left behind (QGIS, GUIs).
 
-    Before any work the output, and ``other_outputs`` (what -> path: files the caller writes after the
-    run, such as the CLI's --report and --preview), are checked (``check_run_outputs``): none may be an
-    input, and their folders must take them.
+    Beside the labels ``OUT.tif`` go ``OUT.qml`` (QGIS style) and ``OUT.tif.aux.xml`` (attribute table) with
+    the run's class names and colours (``options.legend``, else the centres file's legend, else
+    ``segment 0..K-1``; ``mapseg.legend.run_legend``); the GeoTIFF's colour table has the same colours.
+
+    Before any work the legend is read and checked against K, and the output, its two sidecars and
+    ``other_outputs`` (what -> path: files the caller writes after the run, such as the CLI's --report and
+    --preview) are checked (``check_run_outputs``): none may be an input, and their folders must take them.
     """
     o = options or SegmentOptions()
     k, centers, smooth, seed = o.k, o.centers, o.smooth, o.seed
@@ -637,6 +650,10 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
     t_start = time.perf_counter()
     if smooth < 0:
         raise SegmentError(f"--smooth {smooth}: must be >= 0")
+    legend = load_legend(o.legend)  # read (and refused) before the model is loaded
+    where = f"legend {o.legend}" if isinstance(o.legend, (str, os.PathLike)) else "the legend"
+    if legend is not None and centers is None and k is not None:
+        legend.check_k(k, where)
     features = o.feature_model()
     log(f"model: {features.name}; {features.backend_message}")
     if centers is None and k is None:
@@ -646,7 +663,8 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
     halo = features.halo + smooth * features.stride
     timings = {}
     with io_env(), open_reader(input_path, o.bands, o.nodata, o.region()) as reader:
-        check_run_outputs({"output": output_path, **(other_outputs or {})}, [(input_path, reader.info)], o, log)
+        check_run_outputs({"output": output_path, **sidecar_paths(output_path), **(other_outputs or {})},
+                          [(input_path, reader.info)], o, log)
         area = region_log(reader, log)
         m_per_px = check_resolution(features, reader, log, set())
         t0 = time.perf_counter()
@@ -655,6 +673,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
             fitted = check_centers(load_centers(centers), features, k, centers)
             k = fitted.k
             log(f"centres: {k} from {centers if not isinstance(centers, Centers) else 'the caller'}")
+            classes = run_legend(k, legend, fitted.legend, where)  # before any work: a legend K does not take
             top, how, note = centres_scaling(fitted, reader.info, centers, o.input_max, o.stretch)
             if note:
                 log(note)
@@ -671,11 +690,19 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
                                  {"rasters": [raster], **record_scaling([raster], log)}, input_path)
             log(f"centres: K={k} from {sample.features.shape[0]} sampled cells of {sample.windows} sampling windows")
         timings["fit_s"] = time.perf_counter() - t0
+        if centers is None:
+            classes = run_legend(k, legend, None, where)
         wins = plan_windows(reader.height, reader.width, o.tile, features.stride, halo)
         out, n_clipped, written = write_windows(reader, output_path, features, scaling, fitted, wins, smooth=smooth,
-                                                cog=o.cog, progress=progress, callback=callback, span=(0.1, 1.0))
+                                                cog=o.cog, progress=progress, callback=callback, span=(0.1, 1.0),
+                                                cmap=classes.colormap())
         timings.update(written)
         info = reader.info
+    t1 = time.perf_counter()
+    counts, _ = class_counts(out)
+    sidecars = write_class_files(out, classes, {v: counts.get(v, 0) for v in classes.values})
+    timings["classes_s"] = time.perf_counter() - t1
+    log(f"wrote {', '.join(os.path.basename(f) for f in sidecars)} (class names, colours)")
     if n_clipped:
         log(f"{n_clipped:,} pixels ({100 * n_clipped / (info.width * info.height):.3g} %) are brighter than the "
             f"input maximum {scaling.input_max:g} and were clipped to full brightness; --input-max N or --bits N "
@@ -691,6 +718,10 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         "timings": timings, "scaling": scaling.description, "input_max": scaling.input_max,
         "clipped_pixels": n_clipped, "partial_cells": partial, "nodata": info.has_nodata,
         "region": area, "ground_resolution_m": m_per_px, "centers": fitted.to_json(),
+        # the precision the network ran at (mapseg.backends: --precision, "onnx:int8"); None: no network
+        "precision": getattr(getattr(features, "backend", None), "precision", None),
+        "classes": [{"value": v, "name": classes.names[v]} for v in classes.values],
+        "class_files": sidecars,
     }
     log(f"wrote {out}: {info.width} x {info.height}, K={k}, {len(wins)} windows, {total:.1f} s "
         f"({report['megapixels_per_s']:.2f} MP/s)")

@@ -568,7 +568,8 @@ def test_block_changes_and_reruns_leave_no_stale_outputs(cluster, tmp_path):
     (out / "batch_report.json").write_text(json.dumps(report))
     whole = run(4096)
     assert whole["rasters"][0]["output"] == "scene.tif" and whole["done"] == 1
-    assert names() == ["batch_report.json", "centers.json", "mosaic.vrt", "scene.tif", "scene.tif.mapseg.json"]
+    assert names() == ["batch_report.json", "centers.json", "mosaic.qml", "mosaic.vrt", "scene.qml", "scene.tif",
+                       "scene.tif.aux.xml", "scene.tif.mapseg.json"]
     assert any(line.startswith("warning: the earlier run") and "torch" in line for line in lines)
     kept = run(128)  # a finished whole output holds the labels the blocks would: kept
     assert kept["rasters"][0]["output"] == "scene.tif" and kept["skipped"] == 1
@@ -576,6 +577,7 @@ def test_block_changes_and_reruns_leave_no_stale_outputs(cluster, tmp_path):
     again = run(128)
     assert again["rasters"][0]["output"] == "scene.vrt" and again["done"] == 1
     assert "scene.tif" not in names() and "scene.tif.mapseg.json" not in names() and "scene.vrt" in names()
+    assert "scene.tif.aux.xml" not in names() and "scene.qml" in names()  # the whole output's sidecars went
     # another block grid: the tiles of the old one go
     run(64)
     tiles = [n for n in names() if n.startswith("scene.tiles/") and n.endswith(".tif")]
@@ -612,3 +614,49 @@ def test_an_interrupted_run_cancels_its_tasks_on_the_callers_cluster(cluster, tm
     while client.run_on_scheduler(ours) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert client.run_on_scheduler(ours) == [] and stopped is not None  # the traceback (futures) still held
+
+
+def test_the_centres_legend_reaches_every_output_and_a_new_legend_redoes_them(cluster, tmp_path):
+    """With --centers from mapseg fit --legend, every output (a whole raster, a raster cut into blocks, the
+    mosaic) carries the names and colours; the labels are those without a legend; another legend redoes them."""
+    import rasterio
+
+    from mapseg.batch import segment_batch
+    from mapseg.legend import Legend, read_legend
+    from mapseg.segment import SegmentOptions, fit_raster_centers
+
+    small = _synthetic(tmp_path / "small.tif", seed=5, size=96)  # whole; big (192 px) is cut into 4 blocks
+    big = _synthetic(tmp_path / "big.tif", seed=6, x0=500_192.0)
+    centres = fit_raster_centers([small, big], SegmentOptions(k=3, model="kmeans"))
+    plain_file = tmp_path / "plain.json"
+    centres.save(plain_file)
+    centres.legend = {"classes": [{"value": 0, "name": "water", "color": "#1f78b4"},
+                                  {"value": 2, "name": "roofs", "color": "#e31a1c"}]}
+    named_file = tmp_path / "named.json"
+    centres.save(named_file)
+
+    def run(out, centers, legend=None):
+        return segment_batch([str(small), str(big)], out, SegmentOptions(centers=str(centers), model="kmeans",
+                                                                         tile=64, legend=legend),
+                             block=128, scheduler=cluster["client"], log=lambda m: None)
+
+    run(tmp_path / "plain", plain_file)
+    named = run(tmp_path / "named", named_file)
+    assert named["options"]["legend"]["classes"][1]["name"] == "segment 1"
+    out = tmp_path / "named"
+    want = {0: "water", 1: "segment 1", 2: "roofs"}
+    for stem in ("small", "big"):
+        path = out / (stem + (".tif" if stem == "small" else ".vrt"))
+        assert (out / f"{stem}.qml").is_file()
+        with rasterio.open(path) as ds, rasterio.open(_outputs(tmp_path / "plain", stem)) as ref:
+            assert np.array_equal(ds.read(1), ref.read(1)), stem
+            assert ds.colormap(1)[0][:3] == (0x1F, 0x78, 0xB4), stem
+        if stem == "small":
+            assert read_legend(path).names == want
+    assert "roofs" in (out / "big.vrt").read_text() and "roofs" in (out / "mosaic.qml").read_text()
+    with rasterio.open(out / "big.tiles" / "big_r000_c000.tif") as tile:
+        assert tile.colormap(1)[2][:3] == (0xE3, 0x1A, 0x1C)
+    assert run(out, named_file)["skipped"] == 2
+    again = run(out, named_file, Legend.from_json({"classes": [{"value": 1, "name": "trees"}]}))
+    assert again["done"] == 2 and read_legend(out / "small.tif").names == {0: "segment 0", 1: "trees",
+                                                                                   2: "segment 2"}

@@ -338,3 +338,51 @@ def test_renaming_keeps_the_statistics_in_the_sidecar(tmp_path):
         tags = ds.tags(1)
         assert ds.colormap(1)[2] == (255, 0, 0, 255)
     assert (tags["STATISTICS_MINIMUM"], tags["STATISTICS_MAXIMUM"], tags["STATISTICS_MEAN"]) == ("0", "4", "2")
+
+
+def test_segment_raster_writes_the_legend_for_api_callers_and_keeps_the_labels(tmp_path):
+    """The Python API gets what mapseg segment --legend gives: the colour table, OUT.qml, OUT.tif.aux.xml and the
+    class names in the report; the labels are those of a run without a legend, bit for bit."""
+    from mapseg.api import segment_raster
+
+    src = rgb_raster(tmp_path / "a.tif")
+    quiet = {"progress": False, "log": lambda m: None}
+    plain = segment_raster(src, tmp_path / "plain.tif", k=3, model="kmeans", tile=32, **quiet)
+    assert plain["classes"] == [{"value": v, "name": f"segment {v}"} for v in range(3)]
+    assert plain["precision"] is None  # colour k-means: no network
+    assert read_legend(tmp_path / "plain.tif").names == {0: "segment 0", 1: "segment 1", 2: "segment 2"}
+    named = segment_raster(src, tmp_path / "named.tif", k=3, model="kmeans", tile=64,
+                           legend=Legend.from_json(LEGEND), **quiet)
+    assert [c["name"] for c in named["classes"]] == ["water", "trees & grass", "roofs <red>"]
+    assert sorted(Path(f).name for f in named["class_files"]) == ["named.qml", "named.tif.aux.xml"]
+    with rasterio.open(tmp_path / "plain.tif") as a, rasterio.open(tmp_path / "named.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
+        assert b.colormap(1)[0] == (0x1F, 0x78, 0xB4, 255) and a.colormap(1)[0] == PALETTE[0] + (255,)
+    fields, rows = gdal_rat(tmp_path / "named.tif")
+    assert [str(r[2]) for r in rows] == ["water", "trees & grass", "roofs <red>"]
+
+
+def test_a_legend_beyond_the_centres_k_is_refused_before_any_output(tmp_path):
+    from mapseg.segment import SegmentOptions, fit_raster_centers, segment_raster
+
+    src = rgb_raster(tmp_path / "a.tif")
+    fit_raster_centers([src], SegmentOptions(k=2, model="kmeans")).save(tmp_path / "c.json")
+    legend = tmp_path / "legend.json"
+    legend.write_text(json.dumps(LEGEND))  # names value 2: K=2 has 0 and 1
+    with pytest.raises(SegmentError, match="K=2"):
+        segment_raster(src, tmp_path / "o.tif", SegmentOptions(centers=str(tmp_path / "c.json"), model="kmeans",
+                                                               legend=legend), progress=False, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "c.json", "legend.json"]
+
+
+def test_the_legend_file_and_the_sidecars_are_checked_as_outputs(tmp_path):
+    from mapseg.errors import OutputError
+    from mapseg.segment import SegmentOptions, segment_raster
+
+    src = rgb_raster(tmp_path / "a.tif")
+    legend = tmp_path / "o.qml"   # OUT.qml would overwrite the legend file
+    legend.write_text(json.dumps(LEGEND))
+    with pytest.raises(OutputError, match="legend file"):
+        segment_raster(src, tmp_path / "o.tif", SegmentOptions(k=3, model="kmeans", legend=legend),
+                       progress=False, log=lambda m: None)
+    assert not (tmp_path / "o.tif").exists() and json.loads(legend.read_text()) == LEGEND

@@ -205,3 +205,18 @@ def test_bf16_close_to_float32_and_invariant():
         np.testing.assert_array_equal(bf.embed(image), whole)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", [INT8_MODEL, INT8_SIDECAR])
+def test_an_output_never_overwrites_the_int8_model_files(tmp_path, rasters, name):
+    from mapseg.errors import OutputError
+    from mapseg.segment import SegmentOptions, check_run_outputs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / name).write_bytes(b"int8")
+    info = type("Info", (), {"files": (), "width": 8, "height": 8})()
+    with pytest.raises(OutputError, match=name):
+        check_run_outputs({"output": str(model / name)}, [(str(rasters[0]), info)],
+                          SegmentOptions(k=3, model=str(model)))
+    assert (model / name).read_bytes() == b"int8"

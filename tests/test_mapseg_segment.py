@@ -227,7 +227,7 @@ def test_callback_reports_progress_and_cancels(model, tmp_path):
     with pytest.raises(SegmentCancelled):
         segment_raster(src, tmp_path / "out.tif", SegmentOptions(k=3, model=model, tile=48), progress=False,
                        log=lambda m: None, callback=stop_after_two)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ok.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "ok.qml", "ok.tif", "ok.tif.aux.xml"]
     # the windows in flight were finished and their threads joined before the input was closed
     assert not [t for t in threading.enumerate() if t.name.startswith("mapseg-window")]
 

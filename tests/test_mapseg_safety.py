@@ -252,7 +252,8 @@ def test_a_killed_run_leaves_nothing_the_next_run_does_not_clean(model, tmp_path
         sleeper.wait()
     assert code == 0, err
     assert "removed 2 temporary file(s) that killed runs left" in err and dead[0] in err
-    assert listing(tmp_path) == sorted([live, live_other, other_host, legacy_new, "in.tif", "out.tif"])
+    assert listing(tmp_path) == sorted([live, live_other, other_host, legacy_new, "in.tif", "out.tif", "out.qml",
+                                        "out.tif.aux.xml"])
 
 
 def _dead_pid() -> int:

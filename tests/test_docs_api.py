@@ -59,7 +59,9 @@ def test_api_examples_run(tmp_path, monkeypatch, capsys):
         assert ds.shape == (256, 320) and ds.crs == src.crs and ds.transform.c > src.transform.c
         assert (ds.read(1) < 5).all()
     assert "same labels: 1.0" in out or float(re.search(r"same labels: ([0-9.]+)", out).group(1)) >= 0.999
-    assert sorted(p.name for p in Path("labels").iterdir()) == sorted(p.name for p in Path("rasters").iterdir())
+    # one label raster per input (beside each: its .qml style and .tif.aux.xml attribute table)
+    assert sorted(p.name for p in Path("labels").glob("*.tif")) == sorted(p.name for p in Path("rasters").iterdir())
+    assert all((Path("labels") / p.name).with_suffix(".qml").is_file() for p in Path("rasters").iterdir())
     assert Path("centers.json").is_file()
     assert "output left behind: False" in out and not Path("cancelled.tif").exists()
     assert not any(name.startswith(".") for name in os.listdir("."))  # no temporaries left

@@ -38,11 +38,12 @@ most ``SAMPLE_FEATURES`` x D floats over all rasters) once, through the schedule
 workers read the rasters themselves (a shared file system, or GDAL's /vsicurl/, /vsis3/ for URLs). Dask is
 optional: this module imports it inside the functions that need it, and ``mapseg batch`` without it says what to
 install.
+
+The inputs and their output names: ``mapseg.batch_inputs``; the VRTs (per raster, mosaics): ``mapseg.raster.vrt``.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -52,18 +53,20 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
 from . import __version__
+from .batch_inputs import RESERVED_STEMS, expand_inputs, is_remote, output_stems  # noqa: F401 (RESERVED_STEMS)
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
 from .cluster import Centers, check_k, kmeans_rows
 from .errors import USER_ERRORS, BackendUnavailable, OutputError, RasterError, SegmentError, first_line
 from .features import FeatureModel, load_features
 from .fileio import remove_dead_leftovers, write_text_atomic
-from .legend import Legend, load_legend, qml_text, rat_element, run_legend, style_path
-from .raster import OUTPUT_NODATA, colormap, io_env, open_reader
+from .legend import Legend, load_legend, run_legend, style_path
+from .raster import io_env, open_reader
+from .raster.vrt import MOSAIC_FILE, MOSAIC_NAME, write_mosaics, write_vrt_classes
+from .raster.vrt import write_vrt  # noqa: F401 - importable from here as before
 from .scaling import check_one_scaling
 from .segment import (SegmentOptions, check_run_outputs, fit_samples, sample_raster, scaling_for, segment_raster,
                       write_windows)
@@ -72,102 +75,11 @@ from .windows import plan_windows
 DASK_HINT = 'pip install "map-segmenter[dask]" (or: pip install "dask[distributed]")'
 REPORT_NAME = "batch_report.json"
 CENTERS_NAME = "centers.json"
-MOSAIC_NAME = "mosaic"
 SIDECAR = ".mapseg.json"
-RESERVED_STEMS = {"mosaic", "centers", "batch_report"}  # and every mosaic_* (see _reserved)
-_MOSAIC_FILE = re.compile(r"mosaic(_EPSG-\d+|_\d+)?\.vrt")  # the names write_mosaics gives
 DEFAULT_BLOCK = 8192    # a raster of more than 8192² pixels (67 MP, ~1 min of one core) is cut into block tasks
 TASK_RETRIES = 2        # an unexpected exception in a task (not a user error) is retried this often
 REPORT_FORMAT = "mapseg-batch-report"
 SIDECAR_FORMAT = "mapseg-batch-output"
-_REMOTE = {"http://": "/vsicurl/http://", "https://": "/vsicurl/https://", "s3://": "/vsis3/", "gs://": "/vsigs/"}
-
-
-# --------------------------------------------------------------------------- inputs and names
-
-def _is_remote(path: str) -> bool:
-    return path.startswith("/vsi") or "://" in path
-
-
-def _local_or_remote(item: str, base: Path | None = None) -> str:
-    """A URL as GDAL reads it (``https://`` -> ``/vsicurl/https://``, ``s3://`` -> ``/vsis3/``), a local path
-    made absolute (workers may run elsewhere; relative paths of a list file are relative to the list)."""
-    for scheme, vsi in _REMOTE.items():
-        if item.startswith(scheme):
-            return vsi + item[len(scheme):]
-    if _is_remote(item):
-        return item
-    p = Path(item).expanduser()
-    if not p.is_absolute() and base is not None:
-        p = base / p
-    return os.path.abspath(p)
-
-
-def _list_file(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SegmentError(f"input list {path} cannot be read ({exc})") from exc
-    items = [line.strip() for line in lines]
-    return [_local_or_remote(i, path.parent) for i in items if i and not i.startswith("#")]
-
-
-def expand_inputs(items, log=None) -> list[str]:
-    """The rasters named by ``items``: files, globs (``tiles/**/*.tif``, sorted), text files of paths (``@list.txt``
-    or a ``.txt`` file: one path or URL a line, ``#`` comments; relative paths relative to the list), URLs
-    (``https://``, ``s3://``, ``gs://``, ``/vsi...``). Local paths come back absolute; a path named twice is kept
-    once (and logged). A glob matching nothing or a missing list is an error; a missing file is left to its task
-    (reported as failed, the others go on)."""
-    log = log or (lambda msg: None)
-    out = []
-    for item in [str(i) for i in items]:
-        if item.startswith("@"):
-            out += _list_file(Path(item[1:]))
-        elif item.lower().endswith(".txt") and Path(item).is_file():
-            out += _list_file(Path(item))
-        elif not _is_remote(item) and any(c in item for c in "*?["):
-            found = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            if not found:
-                raise SegmentError(f"no file matches {item}")
-            out += [os.path.abspath(f) for f in found if os.path.isfile(f)]
-        else:
-            out.append(_local_or_remote(item))
-    unique = list(dict.fromkeys(out))
-    if len(unique) < len(out):
-        log(f"{len(out) - len(unique)} input(s) named more than once: each is segmented once")
-    if not unique:
-        raise SegmentError("no input rasters given")
-    return unique
-
-
-def _stem(path: str) -> str:
-    name = path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    stem = re.sub(r"[^A-Za-z0-9._+-]", "_", stem).lstrip(".")
-    return stem or "raster"
-
-
-def _reserved(stem: str) -> bool:
-    """A stem the run's own files may take: mosaic, mosaic_* (mosaic_EPSG-<n>, mosaic_<n>), centers,
-    batch_report (case-insensitive)."""
-    low = stem.lower()
-    return low in RESERVED_STEMS or low.startswith(MOSAIC_NAME + "_")
-
-
-def output_stems(inputs: list[str]) -> list[str]:
-    """One output stem per input: its file name without the extension; a stem already taken (an earlier input of
-    that name, case-insensitive, or a name the run's own files may take: mosaic, mosaic_*, centers,
-    batch_report) gets ``-<8 hex>`` of the input's path. An input's stem depends only on its path and the inputs
-    before it: appending inputs renames no output, but an input inserted before another of the same name (a new
-    file sorting earlier in a glob) takes the plain name, and the other's output moves to ``-<8 hex>``."""
-    taken, stems = set(), []
-    for path in inputs:
-        stem = _stem(path)
-        if stem.lower() in taken or _reserved(stem):
-            stem = f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
-        taken.add(stem.lower())
-        stems.append(stem)
-    return stems
 
 
 # --------------------------------------------------------------------------- digests
@@ -193,16 +105,16 @@ def input_stamp(path: str, bands=None, nodata=None):
     reads (a VRT's sources, ``.aux.xml``, ``.msk``, ``.ovr``: the reader's ``info.files``; only the header is
     read), sorted; a remote file among them by its name alone. None for a remote input (matched by its URL
     alone). A missing input is a RasterError, an unreadable one what opening it raises."""
-    if _is_remote(path):
+    if is_remote(path):
         return None
     if not os.path.exists(path):
         raise RasterError(f"input raster {path} does not exist")
     with io_env(), open_reader(path, bands, nodata) as reader:
         files = reader.info.files
     stamps = []
-    for f in sorted({os.path.abspath(path)} | {f if _is_remote(f) else os.path.abspath(f) for f in files}):
+    for f in sorted({os.path.abspath(path)} | {f if is_remote(f) else os.path.abspath(f) for f in files}):
         try:
-            st = None if _is_remote(f) else os.stat(f)
+            st = None if is_remote(f) else os.stat(f)
         except OSError:
             st = None
         stamps.append([f, st.st_size, st.st_mtime_ns] if st else [f, None, None])
@@ -490,7 +402,7 @@ def _task_error(fut) -> str:
     return f"{name}: {first_line(exc)}"
 
 
-# --------------------------------------------------------------------------- VRTs
+# --------------------------------------------------------------------------- outputs replaced
 
 def _remove_files(out_dir: Path, names: list[str], folder: str | None = None) -> None:
     """Remove these files (and the folder ``folder``) of ``out_dir`` where they are: an earlier run's outputs
@@ -501,125 +413,6 @@ def _remove_files(out_dir: Path, names: list[str], folder: str | None = None) ->
         (out_dir / name).unlink(missing_ok=True)
     if folder is not None and (out_dir / folder).is_dir():
         shutil.rmtree(out_dir / folder, ignore_errors=True)
-
-
-def write_vrt(path, width: int, height: int, sources: list[dict], k: int | dict, *, crs: str | None = None,
-              geotransform=None, gcps=None, gcp_crs: str | None = None, legend: Legend | None = None) -> Path:
-    """A GDAL VRT of one uint8 label band over ``sources`` (dicts: ``file`` relative to the VRT, ``width``,
-    ``height``, ``dst``: (x offset, y offset, x size, y size) in the VRT's pixels), later sources painted over
-    earlier ones except where they hold nodata (255), with the labels' colour table (``k``: K for mapseg's palette,
-    or a colour map value -> (r, g, b, a), ``Legend.colormap``), and ``legend``'s names as the band's raster
-    attribute table. Written atomically."""
-    path = Path(path)
-    out = [f'<VRTDataset rasterXSize="{int(width)}" rasterYSize="{int(height)}">']
-    if crs:
-        # no dataAxisToSRSAxisMapping: GDAL then reads x, y in the traditional GIS order (easting/longitude
-        # first) whatever the CRS's own axis order ("1,2" swapped x and y for EPSG:4326 or northing-first CRSs)
-        out.append(f"  <SRS>{escape(crs)}</SRS>")
-    if geotransform is not None:
-        out.append("  <GeoTransform>" + ", ".join(repr(float(v)) for v in geotransform) + "</GeoTransform>")
-    if gcps:
-        out.append(f"  <GCPList Projection={quoteattr(gcp_crs or '')}>")
-        for i, (row, col, x, y, z) in enumerate(gcps):
-            out.append(f'    <GCP Id="{i + 1}" Pixel="{col!r}" Line="{row!r}" X="{x!r}" Y="{y!r}" Z="{z!r}"/>')
-        out.append("  </GCPList>")
-    out += ['  <VRTRasterBand dataType="Byte" band="1">', f"    <NoDataValue>{OUTPUT_NODATA}</NoDataValue>",
-            "    <ColorInterp>Palette</ColorInterp>", "    <ColorTable>"]
-    cmap = colormap(k)
-    for i in range(256):
-        r, g, b, a = cmap.get(i, (0, 0, 0, 0))
-        out.append(f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>')
-    out.append("    </ColorTable>")
-    if legend is not None:
-        import xml.etree.ElementTree as ET
-
-        rat = rat_element(legend)
-        ET.indent(rat, "  ", level=2)
-        out.append("    " + ET.tostring(rat, encoding="unicode").rstrip())
-    for src in sources:
-        x, y, w, h = src["dst"]
-        out += ["    <ComplexSource>",
-                f'      <SourceFilename relativeToVRT="1">{escape(src["file"])}</SourceFilename>',
-                "      <SourceBand>1</SourceBand>",
-                f'      <SourceProperties RasterXSize="{src["width"]}" RasterYSize="{src["height"]}" DataType="Byte"/>',
-                f'      <SrcRect xOff="0" yOff="0" xSize="{src["width"]}" ySize="{src["height"]}"/>',
-                f'      <DstRect xOff="{x!r}" yOff="{y!r}" xSize="{w!r}" ySize="{h!r}"/>',
-                f"      <NODATA>{OUTPUT_NODATA}</NODATA>",
-                "    </ComplexSource>"]
-    out += ["  </VRTRasterBand>", "</VRTDataset>", ""]
-    write_text_atomic(path, "\n".join(out))
-    return path
-
-
-def _north_up(gt) -> bool:
-    return gt is not None and gt[2] == 0 and gt[4] == 0 and gt[1] > 0 and gt[5] < 0
-
-
-def _epsg(wkt: str) -> str | None:
-    m = re.search(r'(?:AUTHORITY\["EPSG","(\d+)"\]|ID\["EPSG",(\d+)\])\]\s*$', wkt)
-    return (m.group(1) or m.group(2)) if m else None
-
-
-def write_mosaics(out_dir: Path, pieces: list[dict], k: int | Legend) -> tuple[list[dict], list[str]]:
-    """VRT mosaics of ``pieces`` (dicts: ``file`` relative to ``out_dir``, ``geometry``, optionally ``raster``: the
-    output it is part of, named in what is left out): ``mosaic.vrt`` where all
-    share one CRS, else one ``mosaic_EPSG-<code>.vrt`` (or ``mosaic_<n>.vrt``) per CRS, at the finest pixel size
-    of its pieces. Pieces without a CRS and a north-up transform (plain images, GCPs, rotated grids) are left out.
-    ``k``: K (mapseg's palette), or the run's Legend: its colours and names, and a ``.qml`` beside each VRT.
-    Returns ([{"file", "crs", "rasters"}], [files left out, with why])."""
-    groups, left_out = {}, []
-    for p in pieces:
-        g = p["geometry"]
-        if g.get("crs") and _north_up(g.get("geotransform")):
-            groups.setdefault(g["crs"], []).append(p)
-        else:
-            why = "no CRS" if g.get("geotransform") and _north_up(g["geotransform"]) else (
-                "georeferenced by GCPs" if g.get("gcps") else "not a north-up georeferenced grid")
-            left_out.append(f"{p.get('raster', p['file'])} ({why})")
-    left_out = list(dict.fromkeys(left_out))  # a raster cut into blocks is said once
-    mosaics = []
-    for n, (crs, members) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]["file"])):
-        if len(groups) == 1:
-            name = f"{MOSAIC_NAME}.vrt"
-        else:
-            code = _epsg(crs)
-            name = f"{MOSAIC_NAME}_EPSG-{code}.vrt" if code else f"{MOSAIC_NAME}_{n + 1}.vrt"
-        rx = min(m["geometry"]["geotransform"][1] for m in members)
-        ry = min(-m["geometry"]["geotransform"][5] for m in members)
-        x0 = min(m["geometry"]["geotransform"][0] for m in members)
-        y0 = max(m["geometry"]["geotransform"][3] for m in members)
-        x1 = max(m["geometry"]["geotransform"][0] + m["geometry"]["width"] * m["geometry"]["geotransform"][1]
-                 for m in members)
-        y1 = min(m["geometry"]["geotransform"][3] + m["geometry"]["height"] * m["geometry"]["geotransform"][5]
-                 for m in members)
-        width, height = max(1, round((x1 - x0) / rx)), max(1, round((y0 - y1) / ry))
-        sources = []
-        for m in members:
-            g = m["geometry"]
-            gt = g["geotransform"]
-            sources.append({"file": m["file"], "width": g["width"], "height": g["height"],
-                            "dst": (_tidy((gt[0] - x0) / rx), _tidy((y0 - gt[3]) / ry),
-                                    _tidy(g["width"] * gt[1] / rx), _tidy(g["height"] * -gt[5] / ry))})
-        _write_vrt_classes(out_dir / name, width, height, sources, k, crs=crs,
-                           geotransform=(x0, rx, 0.0, y0, 0.0, -ry))
-        mosaics.append({"file": name, "crs": crs, "epsg": _epsg(crs), "rasters": len(members)})
-    return mosaics, left_out
-
-
-def _write_vrt_classes(path: Path, width: int, height: int, sources: list[dict], k: int | Legend, **kw) -> None:
-    """``write_vrt`` with a Legend's colours and names (the attribute table in the VRT), and its QGIS style
-    ``NAME.qml`` beside."""
-    if not isinstance(k, Legend):
-        write_vrt(path, width, height, sources, k, **kw)
-        return
-    write_vrt(path, width, height, sources, k.colormap(), legend=k, **kw)
-    write_text_atomic(style_path(path), qml_text(k))
-
-
-def _tidy(v: float):
-    """An offset or size in pixels: the integer where it is one to within 1e-6 (the usual case), else as is."""
-    r = round(v)
-    return int(r) if abs(v - r) < 1e-6 else v
 
 
 # --------------------------------------------------------------------------- Dask
@@ -706,7 +499,7 @@ def _previous_report(out_dir: Path) -> dict:
 
 
 def _check_outputs_are_not_inputs(out_dir: Path, stems: list[str], inputs: list[str]) -> None:
-    local = {os.path.realpath(p) for p in inputs if not _is_remote(p)}
+    local = {os.path.realpath(p) for p in inputs if not is_remote(p)}
     for stem in stems:
         for name in (f"{stem}.tif", f"{stem}.vrt"):
             if os.path.realpath(out_dir / name) in local:
@@ -830,7 +623,7 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
         pieces += files
     mosaics, left_out = write_mosaics(out_dir, pieces, classes) if pieces else ([], [])
     # an earlier run's mosaics that this one did not write (its CRSs were others) would show stale outputs
-    stale = [f.name for f in out_dir.glob(f"{MOSAIC_NAME}*.vrt") if _MOSAIC_FILE.fullmatch(f.name)
+    stale = [f.name for f in out_dir.glob(f"{MOSAIC_NAME}*.vrt") if MOSAIC_FILE.fullmatch(f.name)
              and f.name not in {m["file"] for m in mosaics}]
     _remove_files(out_dir, stale + [style_path(name).name for name in stale])
     if left_out:
@@ -971,7 +764,7 @@ def _raster_entry(out_dir: Path, stem: str, result: dict, k: int | Legend) -> tu
         r0, r1, c0, c1 = b["block"]
         name = f"{stem}.tiles/{Path(b['output']).name}"
         tiles.append({"file": name, "geometry": b["geometry"], "dst": (c0, r0, c1 - c0, r1 - r0)})
-    _write_vrt_classes(out_dir / f"{stem}.vrt", g["width"], g["height"],
+    write_vrt_classes(out_dir / f"{stem}.vrt", g["width"], g["height"],
                        [{"file": t["file"], "width": t["dst"][2], "height": t["dst"][3], "dst": t["dst"]}
                         for t in tiles], k,
                        crs=g["crs"], geotransform=g["geotransform"] if g["crs"] or not g["gcps"] else None,

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mapseg.batch import expand_inputs, output_stems, write_mosaics, write_vrt
+from mapseg.batch_inputs import expand_inputs, output_stems
 from mapseg.cluster import fit_centers, kmeans_rows
+from mapseg.raster.vrt import write_mosaics, write_vrt
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"

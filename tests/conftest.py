@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +7,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def need_data(rel: str) -> Path:
+    """``SHARED_DATASETS / rel``, or the test is skipped when that file is absent."""
+    path = SHARED_DATASETS / rel
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+_BLOCKER = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            raise ImportError(name + ' is blocked for this test')
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def run_python(code: str, cwd, blocked=()) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter on this checkout, with the top-level packages in ``blocked``
+    unimportable (as on a machine without them: QGIS's Python has numpy and GDAL only)."""
+    script = f"BLOCKED = {sorted(blocked)!r}\n" + _BLOCKER + code
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 # Tiny, fast settings for trainer tests: the architecture and loop are the real ones.
 TINY = [

@@ -3,8 +3,6 @@ settings pass as keywords, a loaded model is reused, bad input is a clear error.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,11 +208,3 @@ def test_fit_centers_errors(crop):
         fit_centers(image, model="kmeans")
     with pytest.raises(SegmentError, match="at least one"):
         fit_centers([], 3, model="kmeans")
-
-
-def test_api_imports_with_numpy_alone():
-    code = ("import sys, mapseg, mapseg.api\n"
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'rasterio', 'osgeo') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 from mapseg.batch_inputs import expand_inputs, output_stems
 from mapseg.cluster import fit_centers, kmeans_rows
@@ -172,19 +172,6 @@ def test_worker_reloads_a_model_reexported_at_its_path(monkeypatch):
         batch._worker_features(dataclasses.replace(s, model_digest="c" * 64))
 
 
-def _run_blocked(code: str, blocked: list, cwd: Path) -> subprocess.CompletedProcess:
-    blocker = textwrap.dedent(f"""
-        import sys
-        class _Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in {blocked!r}:
-                    raise ImportError(name + ' is blocked for this test')
-        sys.meta_path.insert(0, _Block())
-        """)
-    return subprocess.run([sys.executable, "-c", blocker + code], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-
-
 def test_without_dask_mapseg_imports_and_batch_says_what_to_install(tmp_path):
     code = textwrap.dedent(f"""
         import sys
@@ -194,7 +181,7 @@ def test_without_dask_mapseg_imports_and_batch_says_what_to_install(tmp_path):
         from mapseg.cli import main
         sys.exit(main(['batch', {str(tmp_path / 'x.tif')!r}, {str(tmp_path / 'out')!r}, '-k', '3']))
         """)
-    res = _run_blocked(code, ["dask", "distributed"], tmp_path)
+    res = run_python(code, tmp_path, ["dask", "distributed"])
     assert res.returncode == 2, res.stderr
     assert 'pip install "map-segmenter[dask]"' in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()  # nothing made before the check

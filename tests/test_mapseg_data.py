@@ -1,10 +1,11 @@
 """mapseg on the real imagery in ../shared/datasets (skipped when it is absent)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATASETS
+from conftest import need_data as need
 
 rasterio = pytest.importorskip("rasterio")
 torch = pytest.importorskip("torch")
@@ -13,17 +14,10 @@ from mapseg.cli import main  # noqa: E402
 from mapseg.segment import SegmentOptions, segment_raster  # noqa: E402
 from training.export import smoke_export  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DATA = SHARED_DATASETS
 pytestmark = [pytest.mark.data,
               pytest.mark.skipif(not DATA.is_dir(), reason=f"real imagery not found at {DATA}")]
 QUIET = {"progress": False, "log": lambda msg: None}
-
-
-def need(rel: str) -> Path:
-    path = DATA / rel
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
 
 
 @pytest.fixture(scope="module")

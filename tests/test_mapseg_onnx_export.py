@@ -291,11 +291,3 @@ def test_without_the_onnx_package_the_error_says_what_to_install(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "pip install 'map-segmenter[onnx]'" in res.stderr
     assert not (tmp_path / "x.onnx").exists()
-
-
-def test_onnx_export_module_imports_without_onnx():
-    code = ("import sys, mapseg.onnx_export\n"
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'rasterio', 'osgeo') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATASETS
+from conftest import need_data as need
 
 rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402
@@ -28,20 +30,13 @@ from mapseg.raster.polygons import PolygonMask, wkb_polygons  # noqa: E402
 from mapseg.raster.view import metres_per_degree  # noqa: E402
 from mapseg.segment import SegmentOptions, fit_raster_centers, segment_raster  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DATA = SHARED_DATASETS
 pytestmark = [pytest.mark.data,
               pytest.mark.skipif(not DATA.is_dir(), reason=f"real imagery not found at {DATA}")]
 TILE = "geonrw_dev/images/aachen_296_5625.tif"        # 296000..297000 E, 5625000..5626000 N
 OTHER = "geonrw_dev/images/aachen_299_5619.tif"       # 299000..300000 E, 5619000..5620000 N
 X0, Y0 = 296000.0, 5626000.0
 QUIET = {"progress": False, "log": lambda msg: None}
-
-
-def need(rel: str) -> Path:
-    path = DATA / rel
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 rasterio = pytest.importorskip("rasterio")
 
 import mapseg.segment as seg  # noqa: E402
-from mapseg.cli import main  # noqa: E402
 from mapseg.errors import SegmentError  # noqa: E402
 from mapseg.raster import ArrayReader  # noqa: E402
 from mapseg.segment import SegmentOptions, fit_raster_centers, scaling_for, segment_raster  # noqa: E402

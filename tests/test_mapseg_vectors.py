@@ -3,7 +3,6 @@ area without gaps or overlaps whatever the strips, the sieve's minimum area is i
 geographic rasters), simplification keeps shared edges and cuts vertices, formats by extension, clear errors."""
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path

@@ -1,40 +1,185 @@
 """The toolbar dialog: the common case of ``mapseg:segment`` run as a background QgsTask.
 
 The interface stays responsive; progress shows in QGIS's task manager; the result is added to the
-project as a paletted layer in the source CRS when the task finishes.
+project as a paletted layer in the source CRS when the task finishes (with the class names and colours
+of the ``OUT.qml`` mapseg writes beside it), and the dialog states the backend and speed of the run.
+
+An output that is loaded in the project: on Windows a file QGIS holds open cannot be replaced, so
+before the run the dialog releases it (removes the layers reading it, remembering their names and
+places in the layer tree) and puts the new result in the same place after; a failed run puts the old
+layers back. If the replacement still fails (the file is held by another program, or by GDAL's
+connection pool), the dialog runs once more into a new free name beside it (``OUT_1.tif``, ...) and says so.
 """
 import os
+import re
 import tempfile
 
-from qgis.core import (QgsApplication, QgsMapLayerProxyModel, QgsPalettedRasterRenderer, QgsProcessingAlgRunnerTask,
-                       QgsProcessingContext, QgsProcessingFeedback, QgsProject, QgsRasterLayer)
+from qgis.core import (
+    QgsApplication,
+    QgsMapLayerProxyModel,
+    QgsPalettedRasterRenderer,
+    QgsProcessingAlgRunnerTask,
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProject,
+    QgsRasterLayer,
+)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
-from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QFormLayout, QMessageBox, QSpinBox,
-                                 QVBoxLayout)
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QLabel,
+    QMessageBox,
+    QSpinBox,
+    QVBoxLayout,
+)
 
 from .algorithm import MODELS, SegmentRasterAlgorithm
 
+MODEL_DEFAULT, MODEL_FOLDER, MODEL_KMEANS = 0, 1, 2
+# what a failed replacement of an open output looks like in the log (POSIX errno 13, Windows errors 5 and 32)
+REPLACE_FAILED = re.compile(r"PermissionError|Permission denied|Errno 13|WinError (5|32)|used by another process",
+                            re.IGNORECASE)
 
-def add_result_layer(path, source_layer=None, name=None, project=None):
-    """Add the label raster as a paletted layer (classes from its colour table) in the source CRS."""
+TOOLTIPS = {
+    "layer": "The raster to segment: an RGB image (8-bit, or 16-bit with its brightness range) any GDAL format.",
+    "k": "Number of segments (2-16). Not used with a centres file: the file fixes K.",
+    "model": "Shipped default model: a small CNN distilled from an ImageNet teacher (bundled).\n"
+             "Model folder: an exported model (model.npz + meta.json) chosen below.\n"
+             "Colour k-means: plain clustering of colours, no network (fastest, coarsest).",
+    "model_dir": "An exported model folder holding model.npz and meta.json (from 'mapseg export'). "
+                 "Only used with 'Model folder'.",
+    "centers": "Optional cluster centres file from 'mapseg fit' (.json): several rasters get the same labels "
+               "(and the file's class names). Fixes K. Must come from the chosen model.",
+    "smooth": "Majority filter radius in 4-pixel cells, 0 = none: removes speckle.",
+    "output": "Label GeoTIFF to write (labels 0..K-1, 255 = nodata, with OUT.qml and OUT.tif.aux.xml beside). "
+              "Empty: a temporary file. An output already loaded in the project is released first.",
+    "status": "The backend and speed of the last run, and the optional packages QGIS's Python has.",
+}
+
+
+def dependency_text():
+    """One line on the optional packages (onnxruntime etc.) from ``deps.status_text()`` where the plugin has it;
+    empty otherwise. The one place the dialog asks about dependencies."""
+    try:
+        from . import deps
+    except ImportError:
+        return ""
+    status_text = getattr(deps, "status_text", None)
+    if status_text is None:
+        return ""
+    try:
+        return str(status_text())
+    except Exception as exc:  # noqa: BLE001 - a status line must never break the dialog
+        return f"dependencies: unknown ({exc})"
+
+
+def run_summary(results):
+    """'backend numpy, 3.1 MP/s' from the algorithm's results (BACKEND, MEGAPIXELS_PER_S)."""
+    parts = []
+    backend = results.get("BACKEND")
+    if backend:
+        parts.append("colour k-means (no network)" if backend == "none" else f"backend {backend}")
+    speed = results.get("MEGAPIXELS_PER_S")
+    if isinstance(speed, (int, float)):
+        parts.append(f"{speed:.2f} MP/s")
+    return ", ".join(parts)
+
+
+def _file_key(path):
+    return os.path.normcase(os.path.realpath(os.path.abspath(path)))
+
+
+def layers_reading(path, project=None):
+    """The project's layers whose data source is the file ``path`` (sub-layer options after '|' ignored)."""
+    project = project or QgsProject.instance()
+    key = _file_key(path)
+    return [lyr for lyr in project.mapLayers().values()
+            if lyr.source() and _file_key(lyr.source().split("|")[0]) == key]
+
+
+def free_name(path):
+    """``OUT_1.tif``, ``OUT_2.tif``, ...: the first name beside ``path`` with no file and no sidecar."""
+    stem, ext = os.path.splitext(path)
+    i = 1
+    while any(os.path.exists(p) for p in (f"{stem}_{i}{ext}", f"{stem}_{i}.qml", f"{stem}_{i}{ext}.aux.xml")):
+        i += 1
+    return f"{stem}_{i}{ext}"
+
+
+class ReleasedLayers:
+    """Layers removed from the project so their file can be replaced; their names and layer-tree places are kept
+    for the new result (``place``) or for putting the old file back (``restore``)."""
+
+    def __init__(self, path, project=None):
+        self.project = project or QgsProject.instance()
+        self.path = path
+        self.entries = []          # (name, parent group, index in it, source, provider)
+        root = self.project.layerTreeRoot()
+        for lyr in layers_reading(path, self.project):
+            node = root.findLayer(lyr.id())
+            parent = node.parent() if node is not None else root
+            index = parent.children().index(node) if node is not None else 0
+            self.entries.append((lyr.name(), parent, index, lyr.source(), lyr.providerType()))
+            self.project.removeMapLayer(lyr.id())   # the project owns it: deleted, its GDAL handle released
+
+    def __bool__(self):
+        return bool(self.entries)
+
+    def _insert(self, layer, parent, index):
+        self.project.addMapLayer(layer, False)
+        parent.insertLayer(min(index, len(parent.children())), layer)
+
+    def place(self, layer):
+        """Add ``layer`` (the new result) where the first released layer was, under its name."""
+        if not self.entries:
+            self.project.addMapLayer(layer)
+            return layer
+        name, parent, index, _, _ = self.entries[0]
+        layer.setName(name)
+        self._insert(layer, parent, index)
+        self.entries = []
+        return layer
+
+    def restore(self):
+        """Put the released layers back (the old file, its default style), e.g. after a failed run."""
+        for name, parent, index, source, provider in self.entries:
+            layer = QgsRasterLayer(source, name, provider)
+            if layer.isValid():
+                self._insert(layer, parent, index)
+        self.entries = []
+
+
+def add_result_layer(path, source_layer=None, name=None, project=None, place=None):
+    """Add the label raster as a paletted layer in the source CRS: with the class names and colours of the
+    ``OUT.qml`` mapseg writes beside it (QGIS applies it on opening), else from the colour table.
+    ``place``: a ``ReleasedLayers`` whose place (and name) the result takes."""
     project = project or QgsProject.instance()
     layer = QgsRasterLayer(path, name or os.path.splitext(os.path.basename(path))[0], "gdal")
     if not layer.isValid():
         raise RuntimeError(f"QGIS cannot open the result {path}")
     if source_layer is not None and source_layer.crs().isValid():
         layer.setCrs(source_layer.crs())
-    provider = layer.dataProvider()
-    from osgeo import gdal
+    styled = (os.path.isfile(os.path.splitext(path)[0] + ".qml") and layer.renderer() is not None
+              and layer.renderer().type() == "paletted")
+    if not styled:
+        provider = layer.dataProvider()
+        from osgeo import gdal
 
-    ds = gdal.Open(path)
-    k = int(ds.GetMetadataItem("MAPSEG_K") or 16)   # mapseg tags its outputs with K
-    ds = None
-    classes = QgsPalettedRasterRenderer.colorTableToClassData(provider.colorTable(1))
-    classes = [c for c in classes if c.value < k]
-    for c in classes:
-        c.label = f"segment {int(c.value)}"
-    layer.setRenderer(QgsPalettedRasterRenderer(provider, 1, classes))
-    project.addMapLayer(layer)
+        ds = gdal.Open(path)
+        k = int(ds.GetMetadataItem("MAPSEG_K") or 16)   # mapseg tags its outputs with K
+        ds = None
+        classes = QgsPalettedRasterRenderer.colorTableToClassData(provider.colorTable(1))
+        classes = [c for c in classes if c.value < k]
+        for c in classes:
+            c.label = f"segment {int(c.value)}"
+        layer.setRenderer(QgsPalettedRasterRenderer(provider, 1, classes))
+    if place is not None:
+        place.place(layer)
+    else:
+        project.addMapLayer(layer)
     return layer
 
 
@@ -45,6 +190,9 @@ class SegmentDialog(QDialog):
         self.task = None
         self.finished = None        # None while a task runs (or before any); then True / False
         self.result_layer = None
+        self.results = None         # the algorithm's results of the last successful run
+        self.notice = ""            # what the user was told about the output (a new name, a released layer)
+        self.summary = ""           # "Last run: backend ..., ... MP/s"
         self.setWindowTitle("Map Segmenter: segment raster")
         form = QFormLayout()
         self.layer = QgsMapLayerComboBox()
@@ -56,29 +204,74 @@ class SegmentDialog(QDialog):
         self.model.addItems(MODELS)
         self.model_dir = QgsFileWidget()
         self.model_dir.setStorageMode(QgsFileWidget.GetDirectory)
+        self.centers = QgsFileWidget()
+        self.centers.setStorageMode(QgsFileWidget.GetFile)
+        self.centers.setFilter("Centres file (*.json)")
         self.smooth = QSpinBox()
         self.smooth.setRange(0, 8)
         self.output = QgsFileWidget()
         self.output.setStorageMode(QgsFileWidget.SaveFile)
         self.output.setFilter("GeoTIFF (*.tif)")
-        form.addRow("Raster layer", self.layer)
-        form.addRow("Segments (K)", self.k)
-        form.addRow("Model", self.model)
-        form.addRow("Model folder", self.model_dir)
-        form.addRow("Smoothing (cells)", self.smooth)
-        form.addRow("Output GeoTIFF (empty: temporary)", self.output)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.fields = {"layer": self.layer, "k": self.k, "model": self.model, "model_dir": self.model_dir,
+                       "centers": self.centers, "smooth": self.smooth, "output": self.output, "status": self.status}
+        rows = [("Raster layer", "layer"), ("Segments (K)", "k"), ("Model", "model"), ("Model folder", "model_dir"),
+                ("Centres file (optional)", "centers"), ("Smoothing (cells)", "smooth"),
+                ("Output GeoTIFF (empty: temporary)", "output")]
+        for label, key in rows:
+            widget = self.fields[key]
+            widget.setToolTip(TOOLTIPS[key])
+            caption = QLabel(label)
+            caption.setToolTip(TOOLTIPS[key])
+            caption.setBuddy(widget)
+            form.addRow(caption, widget)
+        self.status.setToolTip(TOOLTIPS["status"])
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.button(QDialogButtonBox.Ok).setText("Run")
         buttons.accepted.connect(self.start)
         buttons.rejected.connect(self.reject)
         box = QVBoxLayout(self)
         box.addLayout(form)
+        box.addWidget(self.status)
         box.addWidget(buttons)
+        self.model.currentIndexChanged.connect(self.update_fields)
+        self.centers.fileChanged.connect(self.update_fields)
+        self.update_fields()
+        self.show_status()
+
+    def update_fields(self, *_):
+        """Enable the fields that apply: the model folder only for 'Model folder'; K only without a centres file."""
+        self.model_dir.setEnabled(self.model.currentIndex() == MODEL_FOLDER)
+        self.k.setEnabled(not self.centers.filePath())
+
+    def show_status(self, summary=None):
+        """The last run's backend and speed (kept when ``summary`` is None) and the dependency line, refreshed."""
+        if summary is not None:
+            self.summary = summary
+        lines = [self.summary] if self.summary else []
+        deps_line = dependency_text()
+        if deps_line:
+            lines.append(deps_line)
+        self.status.setText("\n".join(lines))
+        self.status.setVisible(bool(lines))
 
     def parameters(self):
         layer = self.layer.currentLayer()
         out = self.output.filePath() or os.path.join(tempfile.mkdtemp(prefix="mapseg-"), "segments.tif")
-        return {"INPUT": layer, "K": self.k.value(), "MODEL": self.model.currentIndex(),
-                "MODEL_DIR": self.model_dir.filePath() or None, "SMOOTH": self.smooth.value(), "OUTPUT": out}
+        if os.path.splitext(out)[1].lower() not in (".tif", ".tiff"):
+            out = os.path.splitext(out)[0] + ".tif"
+        model = self.model.currentIndex()
+        return {"INPUT": layer, "K": self.k.value(), "MODEL": model,
+                "MODEL_DIR": (self.model_dir.filePath() or None) if model == MODEL_FOLDER else None,
+                "CENTERS": self.centers.filePath() or None, "SMOOTH": self.smooth.value(), "OUTPUT": out}
+
+    def tell(self, text, level="info"):
+        self.notice = text
+        if self.iface is not None:
+            bar = self.iface.messageBar()
+            {"info": bar.pushInfo, "warning": bar.pushWarning, "success": bar.pushSuccess,
+             "critical": bar.pushCritical}[level]("Map Segmenter", text)
 
     def start(self):
         """Run the algorithm as a background task; returns the task (tests wait on it)."""
@@ -86,6 +279,18 @@ class SegmentDialog(QDialog):
         if params["INPUT"] is None:
             QMessageBox.warning(self, "Map Segmenter", "Choose a raster layer first.")
             return None
+        self.finished = None
+        self.result_layer = None
+        self.results = None
+        self.notice = ""
+        released = ReleasedLayers(params["OUTPUT"])
+        if released:
+            self.tell(f"{os.path.basename(params['OUTPUT'])} was loaded in the project: released so it can be "
+                      "replaced; the new result takes its place")
+        self.accept()
+        return self._run(params, released, retried=False)
+
+    def _run(self, params, released, retried):
         self.context = QgsProcessingContext()
         self.context.setProject(QgsProject.instance())
         self.feedback = QgsProcessingFeedback()
@@ -93,19 +298,37 @@ class SegmentDialog(QDialog):
         self.alg.initAlgorithm()
         self.task = QgsProcessingAlgRunnerTask(self.alg, params, self.context, self.feedback)
         source = params["INPUT"]
-
-        self.finished = None
-        self.result_layer = None
+        name = f"{source.name()} segments (K={params['K']})" if not params.get("CENTERS") else f"{source.name()} segments"
 
         def done(ok, results):
             if ok:
-                self.result_layer = add_result_layer(results["OUTPUT"], source,
-                                                     f"{source.name()} segments (K={params['K']})")
-            self.finished = bool(ok)
-            if not ok and self.iface is not None and not self.feedback.isCanceled():
+                try:
+                    self.result_layer = add_result_layer(results["OUTPUT"], source, name, place=released)
+                except RuntimeError as exc:
+                    self.tell(str(exc), "critical")
+                    released.restore()
+                    self.finished = False
+                    return
+                self.results = dict(results)
+                summary = run_summary(results)
+                self.show_status(f"Last run: {summary}" if summary else "")
+                self.finished = True
+                if self.iface is not None and summary:
+                    self.iface.messageBar().pushSuccess("Map Segmenter", f"segmented: {summary}")
+                return
+            log = self.feedback.textLog() if hasattr(self.feedback, "textLog") else ""
+            if not retried and not self.feedback.isCanceled() and REPLACE_FAILED.search(log or ""):
+                new = free_name(params["OUTPUT"])
+                released.restore()      # the old file is untouched: its layers come back
+                self.tell(f"{params['OUTPUT']} could not be replaced (open in QGIS or another program); "
+                          f"writing {new} instead", "warning")
+                self._run({**params, "OUTPUT": new}, ReleasedLayers(new), retried=True)
+                return
+            released.restore()
+            self.finished = False
+            if self.iface is not None and not self.feedback.isCanceled():
                 self.iface.messageBar().pushCritical("Map Segmenter", "segmentation failed: see the log panel")
 
         self.task.executed.connect(done)
         QgsApplication.taskManager().addTask(self.task)
-        self.accept()
         return self.task

@@ -41,5 +41,7 @@ class MapSegmenterPlugin:
 
         if self.dialog is None:
             self.dialog = SegmentDialog(self.iface.mainWindow(), self.iface)
+        else:
+            self.dialog.show_status()   # the dependency line again: onnxruntime may have been installed since
         self.dialog.show()
         self.dialog.raise_()

@@ -268,3 +268,26 @@ def test_dialog_writes_a_new_name_when_the_replacement_fails(dialog_result):
     assert names.get("my segments") == "seg.tif"          # ... and its layer is back
     assert sorted(v for v in names.values()) == ["in.tif", "seg.tif", "seg_1.tif"]
     assert "seg_1.qml" in third["files"] and not [f for f in third["files"] if ".part" in f or f.startswith(".")]
+
+
+@needs_qgis[0]
+@needs_qgis[1]
+def test_screenshots_of_the_dialog_and_of_a_named_result(tmp_path):
+    """screenshot.py's docs images from the example raster: the dialog after a run, and a print layout with the
+    named result (its .qml picked up on loading; the script asserts the names are the centres file's) and legend."""
+    (tmp_path / "home").mkdir()
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "HOME": str(tmp_path / "home")}
+    env.pop("VIRTUAL_ENV", None)
+    raster, centers = ROOT / "examples" / "naip_nd_2020_rgb.tif", ROOT / "examples" / "naip_centers.json"
+    logs = {}
+    for name, args in (("named", ["--named", str(raster), str(centers), str(tmp_path / "named.png")]),
+                       ("dialog", ["--dialog", str(tmp_path / "dialog.png"), str(raster), str(centers)])):
+        r = subprocess.run([QGIS_PY, str(ROOT / "qgis_plugin" / "screenshot.py"), *args], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        logs[name] = r.stdout
+    names = [c["name"] for c in json.loads(centers.read_text())["legend"]["classes"]]
+    assert f"classes: {names}" in logs["named"]
+    for name in ("named.png", "dialog.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 400_000, (name, len(data))

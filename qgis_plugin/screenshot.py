@@ -28,8 +28,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from qgis.core import (QgsApplication, QgsLayoutExporter, QgsLayoutItemLabel, QgsLayoutItemLegend,  # noqa: E402
-                       QgsLayoutItemMap, QgsLayoutPoint, QgsLegendStyle, QgsMapLayerLegendUtils, QgsLayoutSize, QgsPrintLayout, QgsProcessingContext,
-                       QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsUnitTypes)
+                       QgsLayoutItemMap, QgsLayoutPoint, QgsLayoutSize, QgsLegendStyle, QgsMapLayerLegendUtils,
+                       QgsPrintLayout, QgsProcessingContext, QgsProcessingFeedback, QgsProject, QgsRasterLayer,
+                       QgsUnitTypes)
 from qgis.gui import QgsMapCanvas  # noqa: E402
 from qgis.PyQt.QtCore import QEventLoop, QSize, QTimer  # noqa: E402
 from qgis.PyQt.QtGui import QColor, QFont, QImage, QPainter  # noqa: E402

@@ -298,7 +298,7 @@ class SegmentDialog(QDialog):
         self.alg.initAlgorithm()
         self.task = QgsProcessingAlgRunnerTask(self.alg, params, self.context, self.feedback)
         source = params["INPUT"]
-        name = f"{source.name()} segments (K={params['K']})" if not params.get("CENTERS") else f"{source.name()} segments"
+        name = f"{source.name()} segments" + ("" if params.get("CENTERS") else f" (K={params['K']})")
 
         def done(ok, results):
             if ok:

@@ -96,12 +96,17 @@ def test_zip_is_an_installable_plugin(plugin):
     assert g["hasProcessingProvider"] == "yes" and g["icon"] == "icon.png" and g["qgisMinimumVersion"] == "3.22"
 
 
-def test_plugin_loads_and_registers_the_algorithm(plugin):
+def test_plugin_loads_and_registers_the_algorithms(plugin):
     r = subprocess.run([QGIS_PROCESS, "plugins"], env=plugin["env"], capture_output=True, text=True, timeout=180)
     assert "* map_segmenter" in r.stdout, r.stdout
     r = subprocess.run([QGIS_PROCESS, "help", "mapseg:segment"], env=plugin["env"], capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0 and "Number of segments (K)" in r.stdout, r.stdout + r.stderr
+    for name in ("EXTENT", "MASK", "RESOLUTION", "LEGEND", "MIN_AREA", "MEGAPIXELS_PER_S"):
+        assert name in r.stdout, name
+    r = subprocess.run([QGIS_PROCESS, "help", "mapseg:fit"], env=plugin["env"], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0 and "Input rasters" in r.stdout and "Centres file" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.data
@@ -158,6 +163,8 @@ def test_cancel_stops_the_run_and_leaves_no_output(plugin, tmp_path):
     assert res["output_exists"] is False and res["leftovers"] == []
     assert res["last_progress"] < 100
     assert res["imported"] == []       # no torch, no rasterio, no onnxruntime in QGIS's Python here
+    # the algorithm's help: the docs/qgis.md the zip bundles
+    assert res["help_url"] == (plugin["plugins"] / "map_segmenter" / "docs" / "qgis.md").as_uri()
 
 
 def test_dialog_runs_a_background_task_and_adds_a_paletted_layer(plugin, tmp_path):

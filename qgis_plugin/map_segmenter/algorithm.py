@@ -3,22 +3,131 @@ import math
 import os
 import shutil
 
-from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterFile,
+from qgis.core import (QgsCoordinateReferenceSystem, QgsDistanceArea, QgsGeometry, QgsProcessing,
+                       QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingLayerPostProcessorInterface,
+                       QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterDefinition, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
-                       QgsProcessingParameterVectorDestination)
+                       QgsProcessingParameterVectorDestination, QgsProcessingUtils, QgsProject, QgsRectangle,
+                       QgsUnitTypes, QgsVectorFileWriter, QgsVectorLayer)
+from qgis.PyQt.QtCore import QUrl
 
 from . import runtime
 
 MODELS = ["Shipped default model", "Model folder (below)", "Colour k-means (no network)"]
 BACKENDS = ["auto (onnxruntime if installed, else numpy)", "numpy", "onnx"]
+GROUP, GROUP_ID = "Segmentation", "segmentation"
+
+
+def help_url():
+    """A file:// URL of docs/qgis.md: the copy bundled in the plugin folder, else the development checkout's;
+    None when neither exists."""
+    for path in (os.path.join(runtime.HERE, "docs", "qgis.md"), os.path.join(runtime.REPO, "docs", "qgis.md")):
+        if os.path.isfile(path):
+            return QUrl.fromLocalFile(path).toString()
+    return None
+
+
+def advanced(parameter):
+    parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    return parameter
+
+
+def add_model_parameters(alg):
+    """MODEL, MODEL_DIR and BACKEND (advanced), shared by mapseg:segment and mapseg:fit."""
+    alg.addParameter(QgsProcessingParameterEnum("MODEL", "Model", MODELS, defaultValue=0))
+    alg.addParameter(QgsProcessingParameterFile("MODEL_DIR", "Model folder (model.npz + meta.json)",
+                                                behavior=QgsProcessingParameterFile.Folder, optional=True))
+    alg.addParameter(advanced(QgsProcessingParameterEnum("BACKEND", "Backend", BACKENDS, defaultValue=0)))
+
+
+def load_model(alg, parameters, context, feedback):
+    """The feature model MODEL / MODEL_DIR / BACKEND name, loaded (a QgsProcessingException when it cannot be)."""
+    features = runtime.submodule("features")
+    errors = runtime.submodule("errors")
+    choice = alg.parameterAsEnum(parameters, "MODEL", context)
+    if choice == 2:
+        return features.load_features("kmeans", "numpy")
+    if choice == 1:
+        path = alg.parameterAsFile(parameters, "MODEL_DIR", context)
+        if not path:
+            raise QgsProcessingException("Model: 'Model folder' needs a folder holding model.npz and meta.json")
+    else:
+        path = runtime.default_model()
+        if path is None:
+            raise QgsProcessingException("no default model is bundled with this plugin; choose a model folder "
+                                         "or colour k-means")
+    requested = ["auto", "numpy", "onnx"][alg.parameterAsEnum(parameters, "BACKEND", context)]
+    backend = runtime.backend_choice(requested)
+    try:
+        try:
+            return features.load_features(path, backend)
+        except errors.BackendUnavailable as exc:
+            if requested == "onnx":
+                raise
+            feedback.pushInfo(f"onnx backend unavailable ({exc}); using the numpy backend")
+            return features.load_features(path, "numpy")
+    except errors.USER_ERRORS + (ValueError, OSError) as exc:
+        raise QgsProcessingException(str(exc))
+
+
+class _LegendStyle(QgsProcessingLayerPostProcessorInterface):
+    """Applies OUT.qml (the run's class names and colours, written by mapseg) to the layer Processing loads."""
+
+    def __init__(self, qml):
+        super().__init__()
+        self.qml = qml
+
+    def postProcessLayer(self, layer, context, feedback):
+        if os.path.isfile(self.qml):
+            message, ok = layer.loadNamedStyle(self.qml)
+            if not ok:
+                feedback.pushInfo(f"could not apply the class names of {self.qml}: {message}")
+            layer.triggerRepaint()
+
+
+_STYLERS = []  # the post-processors must outlive processAlgorithm (Processing keeps no Python reference)
+
+
+def pixel_area_m2(path):
+    """(ground area of one pixel of the raster at ``path`` in m², how it was measured): the pixels at the
+    raster's middle measured on the CRS's ellipsoid (QgsDistanceArea: right for degrees and Web Mercator
+    alike); None for a raster without a CRS."""
+    from osgeo import gdal
+
+    ds = gdal.Open(path)
+    gt, w, h, wkt = ds.GetGeoTransform(), ds.RasterXSize, ds.RasterYSize, ds.GetProjection()
+    ds = None
+    crs = QgsCoordinateReferenceSystem.fromWkt(wkt) if wkt else QgsCoordinateReferenceSystem()
+    if not crs.isValid():
+        return None, "the raster has no CRS"
+    nx, ny = min(w, 16), min(h, 16)  # a block of pixels at the middle: less rounding than one tiny pixel
+    c0, r0 = (w - nx) // 2, (h - ny) // 2
+    xs = (gt[0] + c0 * gt[1], gt[0] + (c0 + nx) * gt[1])
+    ys = (gt[3] + r0 * gt[5], gt[3] + (r0 + ny) * gt[5])
+    box = QgsRectangle(min(xs), min(ys), max(xs), max(ys))
+    da = QgsDistanceArea()
+    da.setSourceCrs(crs, QgsProject.instance().transformContext())
+    ellipsoid = crs.ellipsoidAcronym()
+    if ellipsoid and ellipsoid.upper() != "NONE" and da.setEllipsoid(ellipsoid) and da.willUseEllipsoid():
+        area = da.convertAreaMeasurement(da.measureArea(QgsGeometry.fromRect(box)), QgsUnitTypes.AreaSquareMeters)
+        how = f"on the ellipsoid of {crs.authid() or crs.description()}"
+    else:
+        factor = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), QgsUnitTypes.DistanceMeters)
+        if crs.mapUnits() == QgsUnitTypes.DistanceDegrees or not math.isfinite(factor):
+            return None, f"{crs.authid() or crs.description()} has no ellipsoid to measure degrees on"
+        area = box.width() * box.height() * factor * factor
+        how = f"planar in {crs.authid() or crs.description()}"
+    return area / (nx * ny), how
 
 
 class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
     INPUT, K, MODEL, MODEL_DIR, BANDS, TILE, SMOOTH, CENTERS, BACKEND = (
         "INPUT", "K", "MODEL", "MODEL_DIR", "BANDS", "TILE", "SMOOTH", "CENTERS", "BACKEND")
     OUTPUT, OUTPUT_POLYGONS, MIN_AREA, COG, INPUT_MAX = "OUTPUT", "OUTPUT_POLYGONS", "MIN_AREA", "COG", "INPUT_MAX"
+    EXTENT, MASK, RESOLUTION, LEGEND = "EXTENT", "MASK", "RESOLUTION", "LEGEND"
 
     def name(self):
         return "segment"
@@ -27,10 +136,13 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         return "Segment raster"
 
     def group(self):
-        return ""
+        return GROUP
 
     def groupId(self):
-        return ""
+        return GROUP_ID
+
+    def helpUrl(self):
+        return help_url() or ""
 
     def shortHelpString(self):
         return ("Cuts an RGB raster into K segments without labels, window by window (any size), with cluster "
@@ -40,9 +152,14 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
                 "3-band RGB (e.g. 1,2,3 for RGBN). Input maximum: the raw value of full brightness (e.g. 4095 "
                 "for 12-bit imagery stored as 16-bit); 0 = 255 for 8-bit, for 16-bit what the file says (NBITS, "
                 "statistics) or a sampled range, as the log states. Smoothing: majority filter radius in 4-pixel cells. "
-                "Centres file: from 'mapseg fit', to give several rasters the same labels. Output: uint8 "
-                "GeoTIFF with the input's CRS and extent, labels 0..K-1, 255 = nodata, and a colour table; "
-                "optionally polygons (GDAL polygonize after removing patches under the minimum area).")
+                "Centres file: from 'Fit cluster centres' (mapseg:fit) or 'mapseg fit', to give several rasters the "
+                "same labels and class names. Extent: segment only this area (any CRS; cut to the raster). Mask: "
+                "polygons; pixels outside them are nodata (without an extent the output covers their bounds). "
+                "Resolution: metres per output pixel, resampled on read (0 = the raster's own). Legend: a "
+                "legend.json naming and colouring labels; the output layer shows the names. Output: uint8 "
+                "GeoTIFF with the input's CRS, labels 0..K-1, 255 = nodata, a colour table, OUT.qml and "
+                "OUT.tif.aux.xml with the class names; optionally polygons (GDAL polygonize after merging patches "
+                "under the minimum area, in m² on the ground, into their neighbours; not simplified).")
 
     def createInstance(self):
         return SegmentRasterAlgorithm()
@@ -51,57 +168,82 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Input raster"))
         self.addParameter(QgsProcessingParameterNumber(self.K, "Number of segments (K)",
                                                        QgsProcessingParameterNumber.Integer, 6, False, 2, 16))
-        self.addParameter(QgsProcessingParameterEnum(self.MODEL, "Model", MODELS, defaultValue=0))
-        self.addParameter(QgsProcessingParameterFile(self.MODEL_DIR, "Model folder (model.npz + meta.json)",
-                                                     behavior=QgsProcessingParameterFile.Folder, optional=True))
+        add_model_parameters(self)
         self.addParameter(QgsProcessingParameterString(self.BANDS, "Bands as R,G,B (e.g. 1,2,3; empty: a 3-band "
                                                                    "raster's bands)", optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.INPUT_MAX, "Input maximum: raw value of full brightness "
-                                                       "(0 = from the file: 255 for 8-bit, NBITS/statistics/"
-                                                       "sampled range for 16-bit)",
-                                                       QgsProcessingParameterNumber.Double, 0.0, True, 0.0))
-        self.addParameter(QgsProcessingParameterNumber(self.TILE, "Window size (pixels, multiple of 4)",
-                                                       QgsProcessingParameterNumber.Integer,
-                                                       runtime.submodule("windows").DEFAULT_TILE, False, 64, 8192))
-        self.addParameter(QgsProcessingParameterNumber(self.SMOOTH, "Smoothing radius (cells, 0 = none)",
-                                                       QgsProcessingParameterNumber.Integer, 0, False, 0, 8))
-        self.addParameter(QgsProcessingParameterFile(self.CENTERS, "Cluster centres file (from mapseg fit)",
+        self.addParameter(QgsProcessingParameterFile(self.CENTERS, "Cluster centres file (from mapseg:fit)",
                                                      extension="json", optional=True))
-        self.addParameter(QgsProcessingParameterEnum(self.BACKEND, "Backend", BACKENDS, defaultValue=0))
-        self.addParameter(QgsProcessingParameterBoolean(self.COG, "Write a Cloud Optimized GeoTIFF", False))
+        self.addParameter(QgsProcessingParameterFile(self.LEGEND, "Legend: class names and colours (legend.json)",
+                                                     extension="json", optional=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (empty: the whole raster)",
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.MASK, "Mask: segment inside these polygons only", [QgsProcessing.TypeVectorPolygon],
+            optional=True))
+        self.addParameter(QgsProcessingParameterNumber(self.RESOLUTION, "Resolution (metres per pixel, 0 = as is)",
+                                                       QgsProcessingParameterNumber.Double, 0.0, True, 0.0))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            self.INPUT_MAX, "Input maximum: raw value of full brightness (0 = from the file: 255 for 8-bit, "
+            "NBITS/statistics/sampled range for 16-bit)", QgsProcessingParameterNumber.Double, 0.0, True, 0.0)))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            self.TILE, "Window size (pixels, multiple of 4)", QgsProcessingParameterNumber.Integer,
+            runtime.submodule("windows").DEFAULT_TILE, False, 64, 8192)))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            self.SMOOTH, "Smoothing radius (cells, 0 = none)", QgsProcessingParameterNumber.Integer, 0, False, 0, 8)))
+        self.addParameter(advanced(QgsProcessingParameterBoolean(self.COG, "Write a Cloud Optimized GeoTIFF",
+                                                                 False)))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Segments"))
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT_POLYGONS, "Segments as polygons", QgsProcessing.TypeVectorPolygon, optional=True,
             createByDefault=False))
-        self.addParameter(QgsProcessingParameterNumber(self.MIN_AREA, "Polygons: minimum area (map units²)",
+        self.addParameter(QgsProcessingParameterNumber(self.MIN_AREA, "Polygons: minimum area (m² on the ground)",
                                                        QgsProcessingParameterNumber.Double, 0.0, True, 0.0))
+        self.addOutput(QgsProcessingOutputNumber("K", "Number of segments"))
+        self.addOutput(QgsProcessingOutputNumber("MEGAPIXELS_PER_S", "Speed (megapixels per second)"))
+        self.addOutput(QgsProcessingOutputString("BACKEND", "Backend used"))
+        self.addOutput(QgsProcessingOutputString("SCALING", "Input scaling"))
 
     # ------------------------------------------------------------------ run
 
-    def _features(self, parameters, context, feedback):
-        features = runtime.submodule("features")
-        backends = runtime.submodule("backends")
-        choice = self.parameterAsEnum(parameters, self.MODEL, context)
-        if choice == 2:
-            return features.load_features("kmeans", "numpy")
-        if choice == 1:
-            path = self.parameterAsFile(parameters, self.MODEL_DIR, context)
-            if not path:
-                raise QgsProcessingException("Model: 'Model folder' needs a folder holding model.npz and meta.json")
-        else:
-            path = runtime.default_model()
-            if path is None:
-                raise QgsProcessingException("no default model is bundled with this plugin; choose a model folder "
-                                             "or colour k-means")
-        requested = ["auto", "numpy", "onnx"][self.parameterAsEnum(parameters, self.BACKEND, context)]
-        backend = runtime.backend_choice(requested)
-        try:
-            return features.load_features(path, backend)
-        except backends.BackendUnavailable as exc:
-            if requested == "onnx":
-                raise QgsProcessingException(str(exc))
-            feedback.pushInfo(f"onnx backend unavailable ({exc}); using the numpy backend")
-            return features.load_features(path, "numpy")
+    def _extent(self, parameters, context, layer):
+        """(xmin, ymin, xmax, ymax) and the CRS they are in (None: the raster's), or (None, None)."""
+        if parameters.get(self.EXTENT) in (None, ""):
+            return None, None
+        crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+        rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+        if rect.isNull() or rect.isEmpty():
+            return None, None
+        box = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
+        if not crs.isValid() or crs == layer.crs():
+            return box, None
+        return box, crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
+
+    def _mask(self, parameters, context, feedback):
+        """The mask's polygons as a one-layer file mapseg reads: the layer's own file when it is one, else a
+        temporary GeoPackage (memory layers, selections, subsets, files of several layers)."""
+        if parameters.get(self.MASK) in (None, ""):
+            return None
+        if self.parameterAsSource(parameters, self.MASK, context) is None:
+            raise QgsProcessingException("Mask: not a vector layer of polygons")
+        path, layer_name = self.parameterAsCompatibleSourceLayerPathAndLayerName(
+            parameters, self.MASK, context, ["gpkg", "shp", "geojson", "json", "fgb"], "gpkg", feedback)
+        if layer_name:
+            from osgeo import ogr
+
+            ds = ogr.Open(path)
+            several = ds is not None and ds.GetLayerCount() > 1
+            ds = None
+            if several:  # mapseg takes a file of one layer: copy that layer out
+                source = QgsVectorLayer(f"{path}|layername={layer_name}", "mask", "ogr")
+                out = QgsProcessingUtils.generateTempFilename("mask.gpkg")
+                options = QgsVectorFileWriter.SaveVectorOptions()
+                options.driverName = "GPKG"
+                err = QgsVectorFileWriter.writeAsVectorFormatV2(source, out, context.transformContext(), options)
+                if err[0] != QgsVectorFileWriter.NoError:
+                    raise QgsProcessingException(f"Mask: copying layer {layer_name} of {path} failed ({err[1]})")
+                path = out
+        feedback.pushInfo(f"mask: {path}")
+        return path
 
     def processAlgorithm(self, parameters, context, feedback):
         segment = runtime.submodule("segment")
@@ -119,15 +261,20 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
             out = os.path.splitext(out)[0] + ".tif"
         k = self.parameterAsInt(parameters, self.K, context)
         centers = self.parameterAsFile(parameters, self.CENTERS, context) or None
+        legend = self.parameterAsFile(parameters, self.LEGEND, context) or None
         input_max = self.parameterAsDouble(parameters, self.INPUT_MAX, context) or None
+        resolution = self.parameterAsDouble(parameters, self.RESOLUTION, context) or None
         polygons = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context)
+        extent, extent_crs = self._extent(parameters, context, layer)
+        mask = self._mask(parameters, context, feedback)
         try:
             bands = raster.parse_bands(self.parameterAsString(parameters, self.BANDS, context).strip() or None)
             options = segment.SegmentOptions(
-                k=None if centers else k, centers=centers, model=self._features(parameters, context, feedback),
+                k=None if centers else k, centers=centers, model=load_model(self, parameters, context, feedback),
                 tile=self.parameterAsInt(parameters, self.TILE, context), bands=bands, input_max=input_max,
                 smooth=self.parameterAsInt(parameters, self.SMOOTH, context),
-                cog=self.parameterAsBool(parameters, self.COG, context))
+                cog=self.parameterAsBool(parameters, self.COG, context), extent=extent, extent_crs=extent_crs,
+                mask=mask, resolution=resolution, legend=legend)
             feedback.pushInfo(f"mapseg from {os.path.dirname(segment.__file__)}; raster I/O: {raster.io_library()}")
             report = segment.segment_raster(
                 source, out, options, progress=False, log=feedback.pushInfo,
@@ -138,35 +285,58 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException("Cancelled: no output was written")
         except errors.USER_ERRORS + (ValueError, OSError) as exc:  # every failure a message, never a traceback
             raise QgsProcessingException(str(exc))
+        qml = str(runtime.submodule("legend").style_path(out))
+        if context.willLoadLayerOnCompletion(out):  # the layer Processing adds shows the class names
+            styler = _LegendStyle(qml)
+            _STYLERS.append(styler)
+            context.layerToLoadOnCompletionDetails(out).setPostProcessor(styler)
         results = {self.OUTPUT: out, "K": report["k"], "BACKEND": report["backend"],
                    "MEGAPIXELS_PER_S": report["megapixels_per_s"], "SCALING": report["scaling"]}
         if polygons:
             min_area = self.parameterAsDouble(parameters, self.MIN_AREA, context)
             try:
-                results[self.OUTPUT_POLYGONS] = polygonize(out, polygons, min_area, feedback)
+                names = {c["value"]: c["name"] for c in report.get("classes", [])}
+                results[self.OUTPUT_POLYGONS] = polygonize(out, polygons, min_area, feedback, names)
             except (RuntimeError, OSError) as exc:  # GDAL/OGR: a message, not a traceback
                 raise QgsProcessingException(f"Segments as polygons: writing {polygons} failed ({exc}); "
                                              f"the label raster {out} is complete")
         return results
 
 
-def polygonize(label_path, out_path, min_area, feedback):
-    """GDAL polygonize of the label raster (nodata excluded) into a vector file with a 'label' field;
-    patches under ``min_area`` map units² are first merged into their neighbours (GDAL sieve)."""
+def sieve_passes(pixels):
+    """GDAL's sieve merges a small region only into a neighbour that is not small itself: thresholds of
+    2, 4, 8, ... up to ``pixels`` merge speckle step by step (as mapseg.vectors does)."""
+    steps, t = [], 2
+    while t < pixels:
+        steps.append(t)
+        t *= 2
+    return steps + [pixels]
+
+
+def polygonize(label_path, out_path, min_area, feedback, names=None):
+    """GDAL polygonize of the label raster (nodata excluded) into a vector file with fields 'label' and (with
+    ``names``, value -> name) 'class'; patches under ``min_area`` m² on the ground are first merged into their
+    neighbours (GDAL sieve). Not simplified: GDAL/OGR have no simplification that keeps shared edges."""
     from osgeo import gdal, ogr, osr
 
     gdal.UseExceptions()
     src = gdal.Open(label_path)
     band = src.GetRasterBand(1)
-    gt = src.GetGeoTransform()
     work, work_band = src, band
     if min_area and min_area > 0:
-        pixels = int(math.ceil(min_area / abs(gt[1] * gt[5])))
+        area, how = pixel_area_m2(label_path)
+        if area is None:
+            gt = src.GetGeoTransform()
+            area, how = abs(gt[1] * gt[5]), f"{how}: the minimum area is taken in pixel units²"
+        pixels = int(math.ceil(min_area / area))
+        feedback.pushInfo(f"a pixel covers {area:.6g} m² ({how}); minimum area {min_area:g} m² = {pixels} pixels")
         if pixels > 1:
             work = gdal.GetDriverByName("MEM").CreateCopy("", src)
             work_band = work.GetRasterBand(1)
-            gdal.SieveFilter(band, band.GetMaskBand(), work_band, pixels, 4)
-            feedback.pushInfo(f"removed patches under {min_area} map units² ({pixels} pixels) before polygonizing")
+            for threshold in sieve_passes(pixels):
+                gdal.SieveFilter(work_band, band.GetMaskBand(), work_band, threshold, 4)
+            feedback.pushInfo(f"merged patches under {min_area:g} m² ({pixels} pixels) into their neighbours "
+                              "before polygonizing")
     ext = os.path.splitext(out_path)[1].lower().lstrip(".") or "gpkg"
     driver_name = {"gpkg": "GPKG", "shp": "ESRI Shapefile", "geojson": "GeoJSON", "fgb": "FlatGeobuf"}.get(ext)
     if driver_name is None:
@@ -187,8 +357,16 @@ def polygonize(label_path, out_path, min_area, feedback):
             srs.ImportFromWkt(src.GetProjection())
         lyr = ds.CreateLayer("segments", srs, ogr.wkbPolygon)
         lyr.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
+        if names:
+            lyr.CreateField(ogr.FieldDefn("class", ogr.OFTString))
         gdal.Polygonize(work_band, work_band.GetMaskBand(), lyr, 0, [],
                         callback=lambda frac, msg, data: 0 if feedback.isCanceled() else 1)
+        if names and not feedback.isCanceled():
+            ds.StartTransaction()
+            for feature in lyr:
+                feature.SetField("class", names.get(feature.GetField("label"), ""))
+                lyr.SetFeature(feature)
+            ds.CommitTransaction()
         n = lyr.GetFeatureCount()
         lyr = ds = None
         if feedback.isCanceled():

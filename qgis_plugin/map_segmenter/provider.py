@@ -1,10 +1,11 @@
-"""The Processing provider: id ``mapseg``, one algorithm ``mapseg:segment``."""
+"""The Processing provider: id ``mapseg``, algorithms ``mapseg:segment`` and ``mapseg:fit``."""
 import os
 
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from .algorithm import SegmentRasterAlgorithm
+from .fit_algorithm import FitCentersAlgorithm
 
 
 class MapSegmenterProvider(QgsProcessingProvider):
@@ -19,6 +20,7 @@ class MapSegmenterProvider(QgsProcessingProvider):
 
     def loadAlgorithms(self):
         self.addAlgorithm(SegmentRasterAlgorithm())
+        self.addAlgorithm(FitCentersAlgorithm())
 
     def supportedOutputRasterLayerExtensions(self):
         return ["tif"]

@@ -4,7 +4,13 @@ Checks (each prints one JSON line):
   cancel  run mapseg:segment with a feedback that cancels at the first progress report past 15 %
   dialog  open the toolbar dialog on a layer, start its background task, wait, inspect the added layer
   cases   RASTER is a JSON list of {"name", "params"}: run mapseg:segment with each, report its log and outcome
-Both report which heavy modules got imported (torch must never be).
+  workflow  RASTER is a JSON spec ({"fit": params, "runs": [{"name", "params", "load", "mask_wkt"}]}): run
+          mapseg:fit, then each mapseg:segment run (the string "@centers" in its params is the fitted file; with
+          "mask_wkt" its MASK is a memory layer of that polygon in the "mask_crs"); with "load" through
+          processing.runAndLoadResults (as the toolbox does): report the layer QGIS added, its renderer and class
+          labels; then each of "errors" ({"name", "alg", "params"}); also both algorithms' groups, help URLs,
+          declared outputs and advanced parameters
+All report which heavy modules got imported (torch must never be).
 """
 import json
 import os
@@ -25,8 +31,8 @@ from map_segmenter.provider import MapSegmenterProvider  # noqa: E402
 provider = MapSegmenterProvider()
 QgsApplication.processingRegistry().addProvider(provider)
 alg = QgsApplication.processingRegistry().createAlgorithmById("mapseg:segment")
-result = {"check": check}
-if check != "cases":
+result = {"check": check, "help_url": alg.helpUrl()}
+if check not in ("cases", "workflow"):
     layer = QgsRasterLayer(raster, "input", "gdal")
     assert layer.isValid(), raster
 
@@ -86,6 +92,68 @@ elif check == "cases":
             "output_exists": os.path.exists(case["params"]["OUTPUT"]),
             "leftovers": sorted(f for f in os.listdir(folder) if f.startswith(".")) if os.path.isdir(folder) else [],
             "results": {k: v for k, v in (res or {}).items() if isinstance(v, (str, int, float))}}
+elif check == "workflow":
+    sys.path.append("/usr/share/qgis/python/plugins")
+    import processing  # noqa: E402
+    from processing.core.Processing import Processing  # noqa: E402
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer  # noqa: E402
+
+    Processing.initialize()
+    with open(raster) as f:
+        spec = json.load(f)
+
+    def run(alg_id, params):
+        feedback = QgsProcessingFeedback()
+        try:
+            res, ok = QgsApplication.processingRegistry().createAlgorithmById(alg_id).run(
+                params, QgsProcessingContext(), feedback)
+            raised = None
+        except Exception as exc:  # noqa: BLE001 - reported, the test decides
+            res, ok, raised = {}, False, f"{type(exc).__name__}: {exc}"
+        return {"ok": bool(ok), "raised": raised, "log": feedback.textLog(),
+                "results": {k: v for k, v in (res or {}).items() if isinstance(v, (str, int, float))}}
+
+    result["algorithms"] = {}
+    for alg_id in ("mapseg:segment", "mapseg:fit"):
+        a = QgsApplication.processingRegistry().algorithmById(alg_id)
+        result["algorithms"][alg_id] = {
+            "group": a.group(), "groupId": a.groupId(), "helpUrl": a.helpUrl(),
+            "outputs": {o.name(): o.type() for o in a.outputDefinitions()},
+            "advanced": sorted(p.name() for p in a.parameterDefinitions()
+                               if p.flags() & p.FlagAdvanced)}
+    result["fit"] = run("mapseg:fit", spec["fit"])
+    centers = result["fit"]["results"].get("OUTPUT")
+    result["runs"] = {}
+    for item in spec["runs"]:
+        params = {k: (centers if v == "@centers" else v) for k, v in item["params"].items()}
+        if "mask_wkt" in item:
+            mask = QgsVectorLayer(f"Polygon?crs={item['mask_crs']}", "mask", "memory")
+            feature = QgsFeature()
+            feature.setGeometry(QgsGeometry.fromWkt(item["mask_wkt"]))
+            mask.dataProvider().addFeatures([feature])
+            QgsProject.instance().addMapLayer(mask)
+            params["MASK"] = mask
+        if item.get("load"):
+            before = set(QgsProject.instance().mapLayers())
+            try:
+                res = processing.runAndLoadResults("mapseg:segment", dict(params))
+                entry = {"ok": True, "raised": None, "results": {k: v for k, v in res.items()
+                                                                 if isinstance(v, (str, int, float))}}
+            except Exception as exc:  # noqa: BLE001
+                entry = {"ok": False, "raised": f"{type(exc).__name__}: {exc}", "results": {}}
+            added = [QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before]
+            entry["loaded"] = [{"source": lyr.source(), "renderer": lyr.renderer().type(),
+                                "classes": {int(c.value): c.label for c in lyr.renderer().classes()}
+                                if lyr.renderer().type() == "paletted" else {}}
+                               for lyr in added if isinstance(lyr, QgsRasterLayer)]
+        else:
+            entry = run("mapseg:segment", params)
+        opened = QgsRasterLayer(item["params"]["OUTPUT"], "opened", "gdal")  # as Layer > Add Raster Layer opens it
+        entry["opened"] = {"renderer": opened.renderer().type() if opened.isValid() else None,
+                           "classes": {int(c.value): c.label for c in opened.renderer().classes()}
+                           if opened.isValid() and opened.renderer().type() == "paletted" else {}}
+        result["runs"][item["name"]] = entry
+    result["errors"] = {item["name"]: run(item["alg"], item["params"]) for item in spec.get("errors", [])}
 result["imported"] = [m for m in ("torch", "rasterio", "onnxruntime") if m in sys.modules]
 print(json.dumps(result), flush=True)
 # QGIS 3.22 may crash while tearing down a headless application: leave without the teardown.

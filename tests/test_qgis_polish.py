@@ -154,8 +154,11 @@ def tree():
     return [(n.name(), os.path.basename(n.layer().source())) for n in project.layerTreeRoot().findLayers()]
 
 
-out = os.path.join(work, "seg.tif")
 dlg.layer.setLayer(layer)
+dlg.output.setFilePath(src)
+res["same"] = {"task": dlg.start() is not None, "notice": dlg.notice, "status": dlg.status.text(),
+               "layers": len(project.mapLayers()), "visible_input": layer.isValid()}
+out = os.path.join(work, "seg.tif")
 dlg.k.setValue(3)
 dlg.model.setCurrentIndex(2)
 dlg.output.setFilePath(out)
@@ -231,6 +234,14 @@ def test_dialog_fields_follow_the_model_choice_and_have_tooltips(dialog_result):
     assert set(tips) == {"layer", "k", "model", "model_dir", "centers", "smooth", "output", "status"}
     assert all(len(t) > 20 for t in tips.values()), tips
     assert "model.npz" in tips["model_dir"] and "k-means" in tips["model"]
+
+
+@needs_qgis[0]
+@needs_qgis[1]
+def test_dialog_refuses_the_input_as_output_before_releasing_anything(dialog_result):
+    same = dialog_result["same"]
+    assert same["task"] is False and "is the input raster" in same["notice"] and "is the input raster" in same["status"]
+    assert same["layers"] == 1 and same["visible_input"]
 
 
 @needs_qgis[0]

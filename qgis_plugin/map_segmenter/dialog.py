@@ -279,6 +279,14 @@ class SegmentDialog(QDialog):
         if params["INPUT"] is None:
             QMessageBox.warning(self, "Map Segmenter", "Choose a raster layer first.")
             return None
+        source = params["INPUT"].source().split("|")[0]
+        if source and _file_key(source) == _file_key(params["OUTPUT"]):
+            # refused here, before any layer is released (the input is one of them): the dialog stays open
+            self.tell(f"The output {params['OUTPUT']} is the input raster: choose another output file.", "warning")
+            self.show_status()
+            self.status.setText(self.notice + ("\n" + self.status.text() if self.status.text() else ""))
+            self.status.setVisible(True)
+            return None
         self.finished = None
         self.result_layer = None
         self.results = None

@@ -146,6 +146,10 @@ def test_limits_errors_and_cancel_leave_no_file(online):
     assert cancel["error"] == "Cancelled while rendering: no output was written" and not cancel["exists"]
     assert len(cancel["progress"]) == 1 and cancel["progress"][0] < 100      # stopped after its first window
     assert "192 window(s)" in cancel["log"]
+    # cancelled while tiles download (a server answering after 3 s, 4 windows): stops at once, not window by window
+    slow = res["cancel_download"]
+    assert slow["error"] == "Cancelled while rendering: no output was written" and not slow["exists"]
+    assert slow["seconds"] < 2.5, slow
 
 
 def test_rendered_colours_are_unpremultiplied_and_transparency_is_the_mask(online):

@@ -13,6 +13,7 @@ URL: no network), and renders it with ``map_segmenter.render.render_layer_to_geo
   cancel    cancelled after the first window: the error, no file left
   http      ``mercator`` from the same tiles served over HTTP by a local server
   unreachable  from a server that is down: the error
+  cancel_download  from a server that answers after 3 s, cancelled 0.3 s in: the error, quickly, no file
   bad_extent   an empty extent: the error
 then converts two small rendered blocks (premultiplied ARGB and plain) to RGB and mask, and segments
 ``mercator`` with mapseg's segment_raster (colour k-means, K=4) through the plugin's runtime.
@@ -35,6 +36,7 @@ from osgeo import gdal  # noqa: E402
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,  # noqa: E402
                        QgsProcessingException, QgsProcessingFeedback, QgsProject, QgsRasterBlock, QgsRasterLayer,
                        QgsRectangle)
+from qgis.PyQt.QtCore import QTimer  # noqa: E402
 from qgis.PyQt.QtGui import qRgba  # noqa: E402
 
 gdal.UseExceptions()
@@ -171,6 +173,24 @@ for name, port in (("http", server.server_address[1]), ("unreachable", 9)):
     layer = QgsRasterLayer(f"type=xyz&url={url}&zmax={ZOOM}&zmin={ZOOM}", name, "wms")
     assert layer.isValid(), layer.error().summary()
     run(name, ext, merc, RES)
+server.shutdown()
+
+# ---- cancelled while the tiles download: a server that answers after 3 s; cancelled 0.3 s into the render
+class Slow(Quiet):
+    def do_GET(self):
+        time.sleep(3)
+        super().do_GET()
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=tiles))
+threading.Thread(target=server.serve_forever, daemon=True).start()
+layer = QgsRasterLayer(f"type=xyz&url=http://127.0.0.1:{server.server_address[1]}/{{z}}/{{x}}/{{y}}.png"
+                       f"&zmax={ZOOM}&zmin={ZOOM}", "slow", "wms")
+slow_feedback = QgsProcessingFeedback()
+QTimer.singleShot(300, slow_feedback.cancel)
+t0 = time.time()
+run("cancel_download", ext, merc, RES, feedback=slow_feedback)
+result["cancel_download"]["seconds"] = time.time() - t0
 server.shutdown()
 
 # ---- a rendered block, premultiplied or not, to RGB and mask

@@ -19,6 +19,7 @@ print layout with the input, the named segments and their legend (QgsLayoutItemL
 to PNG -> docs/img/qgis_named_result.png.
 """
 import os
+import shutil
 import sys
 import tempfile
 
@@ -55,6 +56,15 @@ def segment(src, out, **params):
     return res
 
 
+def scratch_copy(raster, folder=None):
+    """A copy of ``raster`` in a scratch folder: QGIS writes statistics (``.aux.xml``) beside what it renders,
+    and the repository's examples stay as they are."""
+    folder = folder or tempfile.mkdtemp(prefix="mapseg-")
+    dst = os.path.join(folder, os.path.basename(raster))
+    shutil.copyfile(raster, dst)
+    return dst
+
+
 def load(path, name):
     layer = QgsRasterLayer(path, name, "gdal")
     assert layer.isValid(), path
@@ -70,7 +80,7 @@ def save_png(img, out_png, colours=256):
 
 
 def result_screenshot(raster, out_png, k):
-    src = load(raster, os.path.basename(raster))
+    src = load(scratch_copy(raster), os.path.basename(raster))
     res = segment(src, os.path.join(tempfile.mkdtemp(), "segments.tif"), K=k)
     seg = add_result_layer(res["OUTPUT"], src, "segments")
 
@@ -112,7 +122,7 @@ def dialog_screenshot(out_png, raster=EXAMPLE, centers=EXAMPLE_CENTERS):
     os.makedirs(os.path.join(work, "examples"))
     os.makedirs(os.path.join(work, "results"))
     os.chdir(work)
-    src = load(os.path.abspath(raster), os.path.splitext(os.path.basename(raster))[0])
+    src = load(scratch_copy(os.path.abspath(raster), work), os.path.splitext(os.path.basename(raster))[0])
     dlg = SegmentDialog()
     dlg.layer.setLayer(src)
     dlg.k.setValue(5)
@@ -143,7 +153,7 @@ def loop_until(done, timeout_ms=300000):
 def named_screenshot(raster, centers, out_png):
     """A print layout: the input, its named segments (the .qml mapseg wrote, picked up on loading), the legend."""
     project = QgsProject.instance()
-    src = load(raster, "NAIP 2020 (input)")
+    src = load(scratch_copy(raster), "NAIP 2020 (input)")
     out = os.path.join(tempfile.mkdtemp(prefix="mapseg-"), "naip_segments.tif")
     res = segment(src, out, CENTERS=centers)
     assert os.path.isfile(os.path.splitext(out)[0] + ".qml"), "mapseg wrote no .qml beside the labels"

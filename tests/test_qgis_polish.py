@@ -290,6 +290,8 @@ def test_screenshots_of_the_dialog_and_of_a_named_result(tmp_path):
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "HOME": str(tmp_path / "home")}
     env.pop("VIRTUAL_ENV", None)
     raster, centers = ROOT / "examples" / "naip_nd_2020_rgb.tif", ROOT / "examples" / "naip_centers.json"
+    pam = ROOT / "examples" / "naip_nd_2020_rgb.tif.aux.xml"
+    had_pam = pam.exists()
     logs = {}
     for name, args in (("named", ["--named", str(raster), str(centers), str(tmp_path / "named.png")]),
                        ("dialog", ["--dialog", str(tmp_path / "dialog.png"), str(raster), str(centers)])):
@@ -297,6 +299,7 @@ def test_screenshots_of_the_dialog_and_of_a_named_result(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         logs[name] = r.stdout
+    assert pam.exists() == had_pam    # QGIS's statistics went beside a scratch copy, not into examples/
     names = [c["name"] for c in json.loads(centers.read_text())["legend"]["classes"]]
     assert f"classes: {names}" in logs["named"]
     for name in ("named.png", "dialog.png"):

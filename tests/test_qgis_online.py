@@ -1,9 +1,10 @@
 """Online layers (XYZ, WMS, WCS) as plugin inputs: ``map_segmenter.render`` in real, headless QGIS, offline.
 
 ``tests/qgis/online_checks.py`` (QGIS's Python) cuts local Web Mercator XYZ tiles from a real aerial raster,
-adds them as an XYZ layer (file:// URL), renders extents with ``render_layer_to_geotiff`` and segments one
-result with mapseg; here the outputs are checked independently with rasterio: CRS, geotransform, size,
-mask, and pixels against the tiles (exact on their own grid; against a GDAL warp in other CRSs).
+adds them as an XYZ layer (file:// URL; also over HTTP, and as a WMS, from local servers: no network), renders
+extents with ``render_layer_to_geotiff`` and segments one result with mapseg; here the outputs are checked
+independently with rasterio: CRS, geotransform, size, mask, and pixels against the tiles (exact on their own
+grid; against a GDAL warp in other CRSs). WCS is not served here: it goes through the same raster pipe.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def test_which_layers_need_rendering(online):
 def test_on_the_tiles_grid_the_render_is_the_tiles(online):
     res, work = online["res"], online["work"]
     assert res["tiles_written"] > 20 and res["tiles_skipped"] >= 1      # a missing tile is transparent, not an error
-    for name in ("mercator", "faded", "thread", "http"):
+    assert res["wms_valid"]
+    for name in ("mercator", "faded", "thread", "http", "wms"):
         assert res[name]["error"] is None and res[name]["exists"], (name, res[name])
     c0, r0, w, h = res["mercator_window"]
     with rasterio.open(work / "mosaic_3857.tif") as m, rasterio.open(work / "mercator.tif") as o:
@@ -88,8 +90,11 @@ def test_on_the_tiles_grid_the_render_is_the_tiles(online):
     assert not valid[:, -200:].any() and valid.mean() > 0.4
     assert (pixels[:, valid] == ref[:3, valid]).all()                   # pixel for pixel the tiles
     assert (pixels[:, ~valid] == 0).all()
-    # 50 % layer opacity: same pixels, no mask; from a worker thread, and over HTTP: the same
-    for name in ("faded", "thread", "http"):
+    # the WMS got one GetMap per 1024-pixel window, in the requested CRS, at the window's size
+    assert sorted(map(tuple, res["wms_get_maps"])) == sorted(
+        ("EPSG:3857", min(1024, w - c), min(1024, h - r)) for r in range(0, h, 1024) for c in range(0, w, 1024))
+    # 50 % layer opacity: same pixels, no mask; from a worker thread, over HTTP, and from a WMS: the same
+    for name in ("faded", "thread", "http", "wms"):
         with rasterio.open(work / f"{name}.tif") as f:
             assert (f.read() == pixels).all() and ((f.read_masks(1) > 0) == valid).all(), name
 

@@ -13,6 +13,7 @@ URL: no network), and renders it with ``map_segmenter.render.render_layer_to_geo
   cancel    cancelled after the first window: the error, no file left
   http      ``mercator`` from the same tiles served over HTTP by a local server
   unreachable  from a server that is down: the error
+  wms       ``mercator`` from a local WMS 1.3.0 (GetMap answered with GDAL from the tiles' mosaic)
   cancel_download  from a server that answers after 3 s, cancelled 0.3 s in: the error, quickly, no file
   bad_extent   an empty extent: the error
 then converts two small rendered blocks (premultiplied ARGB and plain) to RGB and mask, and segments
@@ -27,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 plugin_parent, source, work = sys.argv[1:4]
@@ -173,6 +175,66 @@ for name, port in (("http", server.server_address[1]), ("unreachable", 9)):
     layer = QgsRasterLayer(f"type=xyz&url={url}&zmax={ZOOM}&zmin={ZOOM}", name, "wms")
     assert layer.isValid(), layer.error().summary()
     run(name, ext, merc, RES)
+server.shutdown()
+
+# ---- a WMS (1.3.0, GetCapabilities and GetMap: the mosaic cut and warped by GDAL to the requested box and size)
+CAPABILITIES = """<?xml version="1.0" encoding="UTF-8"?>
+<WMS_Capabilities version="1.3.0" xmlns="http://www.opengis.net/wms" xmlns:xlink="http://www.w3.org/1999/xlink">
+<Service><Name>WMS</Name><Title>local</Title><OnlineResource xlink:href="{url}"/></Service>
+<Capability><Request>
+<GetCapabilities><Format>text/xml</Format><DCPType><HTTP><Get><OnlineResource xlink:href="{url}?"/></Get></HTTP>
+</DCPType></GetCapabilities>
+<GetMap><Format>image/png</Format><DCPType><HTTP><Get><OnlineResource xlink:href="{url}?"/></Get></HTTP></DCPType>
+</GetMap></Request>
+<Exception><Format>XML</Format></Exception>
+<Layer><Title>root</Title><CRS>EPSG:3857</CRS>
+<Layer queryable="0"><Name>aerial</Name><Title>aerial</Title><CRS>EPSG:3857</CRS>
+<EX_GeographicBoundingBox><westBoundLongitude>{w}</westBoundLongitude><eastBoundLongitude>{e}</eastBoundLongitude>
+<southBoundLatitude>{s}</southBoundLatitude><northBoundLatitude>{n}</northBoundLatitude></EX_GeographicBoundingBox>
+<BoundingBox CRS="EPSG:3857" minx="{b[0]}" miny="{b[1]}" maxx="{b[2]}" maxy="{b[3]}"/>
+</Layer></Layer></Capability></WMS_Capabilities>"""
+geo_box = QgsCoordinateTransform(merc, wgs, QgsProject.instance()).transformBoundingBox(QgsRectangle(*bounds))
+get_maps = []
+
+
+class Wms(Quiet):
+    def do_GET(self):
+        q = {k.upper(): v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query).items()}
+        if q.get("REQUEST", "").lower() == "getcapabilities":
+            body, kind = CAPABILITIES.format(url=f"http://127.0.0.1:{self.server.server_address[1]}/wms",
+                                             w=geo_box.xMinimum(), e=geo_box.xMaximum(), s=geo_box.yMinimum(),
+                                             n=geo_box.yMaximum(), b=bounds).encode(), "text/xml"
+        else:
+            box = [float(v) for v in q["BBOX"].split(",")]
+            width, height = int(q["WIDTH"]), int(q["HEIGHT"])
+            get_maps.append([q.get("CRS"), width, height])
+            name = f"/vsimem/getmap_{threading.get_ident()}"
+            gdal.Warp(name + ".tif", mosaic_path, outputBounds=box, width=width, height=height,
+                      dstSRS=q.get("CRS", "EPSG:3857"), resampleAlg="near")
+            gdal.GetDriverByName("PNG").CreateCopy(name + ".png", gdal.Open(name + ".tif"))
+            f = gdal.VSIFOpenL(name + ".png", "rb")
+            gdal.VSIFSeekL(f, 0, 2)
+            size = gdal.VSIFTellL(f)
+            gdal.VSIFSeekL(f, 0, 0)
+            body, kind = gdal.VSIFReadL(1, size, f), "image/png"
+            gdal.VSIFCloseL(f)
+            gdal.Unlink(name + ".tif")
+            gdal.Unlink(name + ".png")
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Wms)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+layer = QgsRasterLayer(f"crs=EPSG:3857&format=image/png&layers=aerial&styles=&"
+                       f"url=http://127.0.0.1:{server.server_address[1]}/wms", "wms", "wms")
+result["wms_valid"] = layer.isValid()
+if layer.isValid():
+    run("wms", ext, merc, RES)
+result["wms_get_maps"] = get_maps
 server.shutdown()
 
 # ---- cancelled while the tiles download: a server that answers after 3 s; cancelled 0.3 s into the render

@@ -174,11 +174,16 @@ project.layerTreeRoot().insertChildNode(2, clone)
 project.layerTreeRoot().removeChildNode(node)
 before = os.stat(out).st_mtime_ns
 dlg.k.setValue(4)
+legend = os.path.join(work, "legend.json")
+with open(legend, "w") as f:
+    json.dump({"classes": [{"value": i, "name": n} for i, n in enumerate(["water", "trees", "fields", "roofs"])]}, f)
+dlg.legend.setFilePath(legend)
 time.sleep(0.02)
 dlg.start()
 res["second"] = {"ok": wait(), "notice": dlg.notice, "tree": tree(), "valid": dlg.result_layer.isValid(),
                  "renderer": dlg.result_layer.renderer().type(),
                  "classes": [int(c.value) for c in dlg.result_layer.renderer().classes()],
+                 "labels": [c.label for c in dlg.result_layer.renderer().classes()],
                  "rewritten": os.stat(out).st_mtime_ns != before,
                  "layers": len(project.mapLayers())}
 real_replace = os.replace
@@ -231,7 +236,7 @@ def test_dialog_fields_follow_the_model_choice_and_have_tooltips(dialog_result):
     assert all(s["k"] for s in states.values())
     assert dialog_result["k_with_centers"] is False and dialog_result["k_without_centers"] is True
     tips = dialog_result["tooltips"]
-    assert set(tips) == {"layer", "k", "model", "model_dir", "centers", "smooth", "output", "status"}
+    assert set(tips) == {"layer", "k", "model", "model_dir", "centers", "legend", "smooth", "output", "status"}
     assert all(len(t) > 20 for t in tips.values()), tips
     assert "model.npz" in tips["model_dir"] and "k-means" in tips["model"]
 
@@ -265,6 +270,7 @@ def test_dialog_releases_an_output_loaded_in_the_project(dialog_result):
     assert second["tree"] == [["input", "in.tif"], ["my segments", "seg.tif"]]
     assert second["layers"] == 2
     assert second["renderer"] == "paletted" and second["classes"] == [0, 1, 2, 3]
+    assert second["labels"] == ["water", "trees", "fields", "roofs"]     # the legend field, through OUT.qml
 
 
 @needs_qgis[0]

@@ -53,6 +53,8 @@ TOOLTIPS = {
                  "Only used with 'Model folder'.",
     "centers": "Optional cluster centres file from 'mapseg fit' (.json): several rasters get the same labels "
                "(and the file's class names). Fixes K. Must come from the chosen model.",
+    "legend": "Optional legend file (legend.json): class names and colours of the labels 0..K-1, written to "
+              "OUT.qml and shown in the layer. Empty: the centres file's names, else 'segment 0..K-1'.",
     "smooth": "Majority filter radius in 4-pixel cells, 0 = none: removes speckle.",
     "output": "Label GeoTIFF to write (labels 0..K-1, 255 = nodata, with OUT.qml and OUT.tif.aux.xml beside). "
               "Empty: a temporary file. An output already loaded in the project is released first.",
@@ -207,6 +209,9 @@ class SegmentDialog(QDialog):
         self.centers = QgsFileWidget()
         self.centers.setStorageMode(QgsFileWidget.GetFile)
         self.centers.setFilter("Centres file (*.json)")
+        self.legend = QgsFileWidget()
+        self.legend.setStorageMode(QgsFileWidget.GetFile)
+        self.legend.setFilter("Legend (*.json)")
         self.smooth = QSpinBox()
         self.smooth.setRange(0, 8)
         self.output = QgsFileWidget()
@@ -215,10 +220,11 @@ class SegmentDialog(QDialog):
         self.status = QLabel()
         self.status.setWordWrap(True)
         self.fields = {"layer": self.layer, "k": self.k, "model": self.model, "model_dir": self.model_dir,
-                       "centers": self.centers, "smooth": self.smooth, "output": self.output, "status": self.status}
+                       "centers": self.centers, "legend": self.legend, "smooth": self.smooth, "output": self.output,
+                       "status": self.status}
         rows = [("Raster layer", "layer"), ("Segments (K)", "k"), ("Model", "model"), ("Model folder", "model_dir"),
-                ("Centres file (optional)", "centers"), ("Smoothing (cells)", "smooth"),
-                ("Output GeoTIFF (empty: temporary)", "output")]
+                ("Centres file (optional)", "centers"), ("Legend (optional)", "legend"),
+                ("Smoothing (cells)", "smooth"), ("Output GeoTIFF (empty: temporary)", "output")]
         for label, key in rows:
             widget = self.fields[key]
             widget.setToolTip(TOOLTIPS[key])
@@ -264,7 +270,8 @@ class SegmentDialog(QDialog):
         model = self.model.currentIndex()
         return {"INPUT": layer, "K": self.k.value(), "MODEL": model,
                 "MODEL_DIR": (self.model_dir.filePath() or None) if model == MODEL_FOLDER else None,
-                "CENTERS": self.centers.filePath() or None, "SMOOTH": self.smooth.value(), "OUTPUT": out}
+                "CENTERS": self.centers.filePath() or None, "SMOOTH": self.smooth.value(), "OUTPUT": out,
+                **({"LEGEND": self.legend.filePath()} if self.legend.filePath() else {})}
 
     def tell(self, text, level="info"):
         self.notice = text

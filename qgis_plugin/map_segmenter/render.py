@@ -75,11 +75,16 @@ def clone_pipe(layer):
     for i in range(source.size()):
         iface = source.at(i).clone()
         if iface is None or not pipe.set(iface):
-            raise QgsProcessingException(f"Input raster: {layer.name()}: its raster pipe cannot be copied "
+            raise QgsProcessingException(f"Input raster: {_name(layer)}: its raster pipe cannot be copied "
                                          f"(interface {i} of {source.size()})")
     if pipe.projector() is None:
         pipe.set(QgsRasterProjector())
     return pipe
+
+
+def _name(layer):
+    """The layer's name for messages (a layer from a URI on the command line has none)."""
+    return layer.name() or f"the {layer.providerType()} layer"
 
 
 def _remove(path):
@@ -105,24 +110,24 @@ def render_layer_to_geotiff(layer, extent, crs, resolution_m, out_path, feedback
 
     gdal.UseExceptions()
     if layer is None or not layer.isValid():
-        raise QgsProcessingException(f"Input raster: {layer.name() if layer is not None else 'the layer'} is not "
+        raise QgsProcessingException(f"Input raster: {_name(layer) if layer is not None else 'the layer'} is not "
                                      "a valid layer (is the service reachable?)")
     if extent is None or extent.isNull() or extent.isEmpty() or not (extent.width() > 0 and extent.height() > 0):
-        raise QgsProcessingException(f"Extent: an online layer ({layer.name()}) needs an extent to render; "
+        raise QgsProcessingException(f"Extent: an online layer ({_name(layer)}) needs an extent to render; "
                                      "give one with a width and a height")
     crs = crs if crs is not None and crs.isValid() else layer.crs()
     x0, y0, ux, uy, width, height = render_grid(extent, crs, resolution_m)
     if width * height > max_pixels:
         coarser = resolution_m * math.sqrt(width * height / max_pixels) * 1.001
         raise QgsProcessingException(
-            f"Rendering {layer.name()} over this extent at {resolution_m:g} m per pixel needs {width} x {height} = "
+            f"Rendering {_name(layer)} over this extent at {resolution_m:g} m per pixel needs {width} x {height} = "
             f"{width * height / 1e6:.1f} megapixels, more than the limit of {max_pixels / 1e6:g} megapixels: "
             f"choose a coarser resolution (at least {coarser:.3g} m per pixel for this extent) or a smaller extent")
     if transform_context is None:
         transform_context = QgsProject.instance().transformContext()
     pipe = pipe if pipe is not None else clone_pipe(layer)
     if pipe.renderer() is None:
-        raise QgsProcessingException(f"Input raster: {layer.name()} has no renderer to draw it with")
+        raise QgsProcessingException(f"Input raster: {_name(layer)} has no renderer to draw it with")
     pipe.renderer().setOpacity(1.0)             # the layer's opacity must not become transparency (nodata)
     if pipe.projector() is not None:
         pipe.projector().setCrs(layer.crs(), crs, transform_context)
@@ -136,7 +141,7 @@ def render_layer_to_geotiff(layer, extent, crs, resolution_m, out_path, feedback
 
     if feedback is not None:
         units = QgsUnitTypes.toString(crs.mapUnits())
-        feedback.pushInfo(f"rendering {layer.name()} ({layer.providerType()}) into "
+        feedback.pushInfo(f"rendering {_name(layer)} ({layer.providerType()}) into "
                           f"{crs.authid() or crs.description() or 'the CRS'} at {resolution_m:g} m per pixel "
                           f"({ux:.6g} x {uy:.6g} {units}): {width} x {height} pixels, {total} window(s)")
     thread_opt = "GDAL_TIFF_INTERNAL_MASK"
@@ -175,7 +180,7 @@ def render_layer_to_geotiff(layer, extent, crs, resolution_m, out_path, feedback
                     raise QgsProcessingException("Cancelled while rendering: no output was written")
                 errors = list(block_feedback.errors()) if hasattr(block_feedback, "errors") else []
                 if block is None or not block.isValid() or block.width() != w or block.height() != h:
-                    raise QgsProcessingException(f"Rendering {layer.name()} failed at pixels {c0},{r0} ({w} x {h})"
+                    raise QgsProcessingException(f"Rendering {_name(layer)} failed at pixels {c0},{r0} ({w} x {h})"
                                                  + (": " + "; ".join(errors) if errors else ""))
                 if errors and feedback is not None:
                     feedback.reportError("; ".join(errors), False)
@@ -189,7 +194,7 @@ def render_layer_to_geotiff(layer, extent, crs, resolution_m, out_path, feedback
                     feedback.setProgress(lo + (hi - lo) * done / total)
         if not any_valid:
             raise QgsProcessingException(
-                f"Rendering {layer.name()} gave no opaque pixel over the extent: the layer has no data there, or "
+                f"Rendering {_name(layer)} gave no opaque pixel over the extent: the layer has no data there, or "
                 "the service did not answer" + (f" ({'; '.join(errors)})" if errors else ""))
         ds.FlushCache()
         ds = None

@@ -118,6 +118,11 @@ def workflow(tmp_path_factory):
                                                    "OUTPUT": str(tmp / "mask_gpkg.tif"), **common}},
             {"name": "resolution", "params": {"INPUT": str(r0), "K": 4, "RESOLUTION": 10,
                                               "OUTPUT": str(tmp / "res.tif"), **common}},
+            {"name": "staircase", "params": {"INPUT": str(r0), "K": 4, "OUTPUT": str(tmp / "stairs.tif"),
+                                             "OUTPUT_POLYGONS": str(tmp / "stairs.gpkg"), "MIN_AREA": 400, **common}},
+            {"name": "simplified", "params": {"INPUT": str(r0), "K": 4, "OUTPUT": str(tmp / "simple.tif"),
+                                              "OUTPUT_POLYGONS": str(tmp / "simple.gpkg"), "MIN_AREA": 400,
+                                              "SIMPLIFY": 15, **common}},
             {"name": "min_area", "params": {"INPUT": str(geo), "K": 4, "OUTPUT": str(tmp / "geo.tif"),
                                             "OUTPUT_POLYGONS": str(tmp / "geo.gpkg"), "MIN_AREA": 400,
                                             "LEGEND": str(tmp / "legend.json"), **common}}],
@@ -276,3 +281,30 @@ def test_errors_are_messages_not_tracebacks(workflow):
     tmp = workflow["tmp"]
     assert not (tmp / "bad.json").exists() and not (tmp / "bad.tif").exists() and not (tmp / "miss.tif").exists()
     assert json.loads((tmp / "legend.json").read_text()) == LEGEND
+
+
+def _vertices(geoms):
+    return int(sum(shapely.get_num_coordinates(geoms)))
+
+
+def test_simplified_polygons_keep_shared_edges(workflow):
+    """SIMPLIFY (metres): fewer vertices, every polygon valid, no overlaps (the areas add up to their union) and no
+    gaps (the union still covers the labelled pixels, to the simplification along nodata)."""
+    res, tmp = workflow["res"], workflow["tmp"]
+    for name in ("staircase", "simplified"):
+        assert res["runs"][name]["ok"], res["runs"][name]
+    line = [s for s in res["runs"]["simplified"]["log"].splitlines() if s.startswith("simplified the outlines")][0]
+    assert line.startswith("simplified the outlines at 15 m (") and "shared edges kept" in line, line
+    assert abs(float(line.split("(")[1].split()[0]) - 15) < 0.01, line      # 5 m pixels: 15 m = 15 map units
+    labels, t, _, _ = _read(tmp / "simple.tif")
+    assert (labels == _read(tmp / "stairs.tif")[0]).all()
+    stairs = shapely.from_wkb(pyogrio.raw.read(tmp / "stairs.gpkg")[2])
+    simple = shapely.from_wkb(pyogrio.raw.read(tmp / "simple.gpkg")[2])
+    assert shapely.is_valid(simple).all() and len(simple) >= 0.8 * len(stairs)
+    assert _vertices(simple) < 0.5 * _vertices(stairs), (_vertices(simple), _vertices(stairs))
+    union = shapely.union_all(simple).area
+    assert abs(shapely.area(simple).sum() - union) < 1e-6 * union                  # no overlaps
+    covered = (labels != 255).sum() * t.a * -t.e
+    assert abs(union - covered) < 0.01 * covered, (union, covered)                   # no gaps
+    # each simplified polygon lies where its region was: its area is mostly inside the staircase union
+    assert shapely.intersection(shapely.union_all(stairs), shapely.union_all(simple)).area > 0.99 * union

@@ -94,7 +94,8 @@ _STYLERS = []  # the post-processors must outlive processAlgorithm (Processing k
 def pixel_area_m2(path):
     """(ground area of one pixel of the raster at ``path`` in m², how it was measured): the pixels at the
     raster's middle measured on the CRS's ellipsoid (QgsDistanceArea: right for degrees and Web Mercator
-    alike); None for a raster without a CRS."""
+    alike), or their planar area where that is within 0.5 % of it (as mapseg.vectors); None for a raster
+    without a CRS."""
     from osgeo import gdal
 
     ds = gdal.Open(path)
@@ -110,24 +111,30 @@ def pixel_area_m2(path):
     box = QgsRectangle(min(xs), min(ys), max(xs), max(ys))
     da = QgsDistanceArea()
     da.setSourceCrs(crs, QgsProject.instance().transformContext())
+    name = crs.authid() or crs.description()
+    planar = None
+    if not crs.isGeographic() and crs.mapUnits() != QgsUnitTypes.DistanceDegrees:
+        factor = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), QgsUnitTypes.DistanceMeters)
+        if math.isfinite(factor) and factor > 0:
+            planar = box.width() * box.height() * factor * factor
     ellipsoid = crs.ellipsoidAcronym()
     if ellipsoid and ellipsoid.upper() != "NONE" and da.setEllipsoid(ellipsoid) and da.willUseEllipsoid():
         area = da.convertAreaMeasurement(da.measureArea(QgsGeometry.fromRect(box)), QgsUnitTypes.AreaSquareMeters)
-        how = f"on the ellipsoid of {crs.authid() or crs.description()}"
-    else:
-        factor = QgsUnitTypes.fromUnitToUnitFactor(crs.mapUnits(), QgsUnitTypes.DistanceMeters)
-        if crs.mapUnits() == QgsUnitTypes.DistanceDegrees or not math.isfinite(factor):
-            return None, f"{crs.authid() or crs.description()} has no ellipsoid to measure degrees on"
-        area = box.width() * box.height() * factor * factor
-        how = f"planar in {crs.authid() or crs.description()}"
-    return area / (nx * ny), how
+        # as mapseg: a projected CRS whose areas are within 0.5 % of the ground's (UTM, national grids,
+        # equal-area) keeps its own; others (Web Mercator) and degrees are measured on the ellipsoid
+        if planar is not None and area > 0 and abs(planar / area - 1) < 0.005:
+            return planar / (nx * ny), f"planar in {name}, within 0.5 % of the ground's"
+        return area / (nx * ny), f"on the ellipsoid of {name}"
+    if planar is None:
+        return None, f"{name} has no ellipsoid to measure degrees on"
+    return planar / (nx * ny), f"planar in {name}"
 
 
 class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
     INPUT, K, MODEL, MODEL_DIR, BANDS, TILE, SMOOTH, CENTERS, BACKEND = (
         "INPUT", "K", "MODEL", "MODEL_DIR", "BANDS", "TILE", "SMOOTH", "CENTERS", "BACKEND")
     OUTPUT, OUTPUT_POLYGONS, MIN_AREA, COG, INPUT_MAX = "OUTPUT", "OUTPUT_POLYGONS", "MIN_AREA", "COG", "INPUT_MAX"
-    EXTENT, MASK, RESOLUTION, LEGEND = "EXTENT", "MASK", "RESOLUTION", "LEGEND"
+    EXTENT, MASK, RESOLUTION, LEGEND, SIMPLIFY = "EXTENT", "MASK", "RESOLUTION", "LEGEND", "SIMPLIFY"
 
     def name(self):
         return "segment"
@@ -151,7 +158,8 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
                 "folder, or plain colour k-means. Bands: three 1-based band numbers for rasters that are not "
                 "3-band RGB (e.g. 1,2,3 for RGBN). Input maximum: the raw value of full brightness (e.g. 4095 "
                 "for 12-bit imagery stored as 16-bit); 0 = 255 for 8-bit, for 16-bit what the file says (NBITS, "
-                "statistics) or a sampled range, as the log states. Smoothing: majority filter radius in 4-pixel cells. "
+                "statistics) or a sampled range, as the log states. Smoothing: majority filter radius in 4-pixel "
+                "cells. "
                 "Centres file: from 'Fit cluster centres' (mapseg:fit) or 'mapseg fit', to give several rasters the "
                 "same labels and class names. Extent: segment only this area (any CRS; cut to the raster). Mask: "
                 "polygons; pixels outside them are nodata (without an extent the output covers their bounds). "
@@ -159,7 +167,8 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
                 "legend.json naming and colouring labels; the output layer shows the names. Output: uint8 "
                 "GeoTIFF with the input's CRS, labels 0..K-1, 255 = nodata, a colour table, OUT.qml and "
                 "OUT.tif.aux.xml with the class names; optionally polygons (GDAL polygonize after merging patches "
-                "under the minimum area, in m² on the ground, into their neighbours; not simplified).")
+                "under the minimum area, in m² on the ground, into their neighbours; optionally simplified with a "
+                "tolerance in metres, neighbours keeping one common edge: no gaps, no overlaps).")
 
     def createInstance(self):
         return SegmentRasterAlgorithm()
@@ -198,6 +207,9 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
             createByDefault=False))
         self.addParameter(QgsProcessingParameterNumber(self.MIN_AREA, "Polygons: minimum area (m² on the ground)",
                                                        QgsProcessingParameterNumber.Double, 0.0, True, 0.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.SIMPLIFY, "Polygons: simplification tolerance (metres, 0 = none; shared edges kept)",
+            QgsProcessingParameterNumber.Double, 0.0, True, 0.0))
         self.addOutput(QgsProcessingOutputNumber("K", "Number of segments"))
         self.addOutput(QgsProcessingOutputNumber("MEGAPIXELS_PER_S", "Speed (megapixels per second)"))
         self.addOutput(QgsProcessingOutputString("BACKEND", "Backend used"))
@@ -296,7 +308,8 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
             min_area = self.parameterAsDouble(parameters, self.MIN_AREA, context)
             try:
                 names = {c["value"]: c["name"] for c in report.get("classes", [])}
-                results[self.OUTPUT_POLYGONS] = polygonize(out, polygons, min_area, feedback, names)
+                simplify = self.parameterAsDouble(parameters, self.SIMPLIFY, context)
+                results[self.OUTPUT_POLYGONS] = polygonize(out, polygons, min_area, feedback, names, simplify)
             except (RuntimeError, OSError) as exc:  # GDAL/OGR: a message, not a traceback
                 raise QgsProcessingException(f"Segments as polygons: writing {polygons} failed ({exc}); "
                                              f"the label raster {out} is complete")
@@ -313,21 +326,153 @@ def sieve_passes(pixels):
     return steps + [pixels]
 
 
-def polygonize(label_path, out_path, min_area, feedback, names=None):
+def _douglas_peucker(points, tolerance):
+    """Douglas-Peucker of one arc (a list of (x, y)), its end points kept."""
+    keep = [False] * len(points)
+    keep[0] = keep[-1] = True
+    stack = [(0, len(points) - 1)]
+    while stack:
+        a, b = stack.pop()
+        if b <= a + 1:
+            continue
+        (xa, ya), (xb, yb) = points[a], points[b]
+        dx, dy = xb - xa, yb - ya
+        norm = math.hypot(dx, dy)
+        best, where = -1.0, None
+        for i in range(a + 1, b):
+            x, y = points[i]
+            d = abs(dy * (x - xa) - dx * (y - ya)) / norm if norm else math.hypot(x - xa, y - ya)
+            if d > best:
+                best, where = d, i
+        if best > tolerance:
+            keep[where] = True
+            stack += [(a, where), (where, b)]
+    return [p for p, k in zip(points, keep) if k]
+
+
+def _arcs(segments, fixed):
+    """The noded segments (pairs of points) chained into arcs between junctions: points of any degree but 2,
+    and the ``fixed`` points (on the raster's edge)."""
+    from collections import defaultdict
+
+    nbrs = defaultdict(list)
+    for a, b in segments:
+        nbrs[a].append(b)
+        nbrs[b].append(a)
+    node = {p for p, n in nbrs.items() if len(n) != 2 or fixed(p)}
+    seen, arcs = set(), []
+
+    def walk(start, nxt):
+        arc = [start, nxt]
+        seen.add(frozenset((start, nxt)))
+        while arc[-1] not in node and arc[-1] != start:
+            prev, cur = arc[-2], arc[-1]
+            step = nbrs[cur][0] if nbrs[cur][1] == prev else nbrs[cur][1]
+            if frozenset((cur, step)) in seen:
+                break
+            seen.add(frozenset((cur, step)))
+            arc.append(step)
+        return arc
+
+    for p in node:
+        for q in nbrs[p]:
+            if frozenset((p, q)) not in seen:
+                arcs.append(walk(p, q))
+    for p in nbrs:  # rings with no junction (an island's outline): one arc, start and end fixed
+        for q in nbrs[p]:
+            if frozenset((p, q)) not in seen:
+                arcs.append(walk(p, q))
+    return arcs
+
+
+def simplify_coverage(polygons, tolerance, bounds, cancelled=lambda: False):
+    """Simplify a coverage (a list of (label, ogr polygon) sharing edges exactly, as GDAL's polygonize writes
+    them) without gaps or overlaps: the outlines are noded (GEOS, through OGR) and cut into arcs between
+    junctions; each arc, shared by its two polygons, is simplified once (Douglas-Peucker, its end points and
+    any point on the raster's edge ``bounds`` fixed); the arcs are noded and polygonized again and each face
+    goes to the polygon it overlaps most. Returns [(label, ogr multipolygon)], without the polygons that
+    vanished (thinner than the tolerance); None when ``cancelled()`` turned true."""
+    from osgeo import ogr
+
+    lines = ogr.Geometry(ogr.wkbMultiLineString)
+    for _, poly in polygons:
+        for i in range(poly.GetGeometryCount()):
+            ring = poly.GetGeometryRef(i)
+            line = ogr.Geometry(ogr.wkbLineString)
+            for x, y in ring.GetPoints():
+                line.AddPoint_2D(x, y)
+            lines.AddGeometry(line)
+    noded = lines.Union(lines)  # GEOS nodes the linework: one piece per segment between vertices
+    segments = []
+    for i in range(noded.GetGeometryCount()):
+        pts = noded.GetGeometryRef(i).GetPoints()
+        segments += [((a[0], a[1]), (b[0], b[1])) for a, b in zip(pts, pts[1:])]
+    xmin, ymin, xmax, ymax = bounds
+    eps = 1e-9 * max(abs(xmax - xmin), abs(ymax - ymin), 1.0)
+
+    def fixed(p):
+        return (abs(p[0] - xmin) < eps or abs(p[0] - xmax) < eps or abs(p[1] - ymin) < eps
+                or abs(p[1] - ymax) < eps)
+
+    simplified = ogr.Geometry(ogr.wkbMultiLineString)
+    for arc in _arcs(segments, fixed):
+        line = ogr.Geometry(ogr.wkbLineString)
+        for x, y in _douglas_peucker(arc, tolerance):
+            line.AddPoint_2D(x, y)
+        if line.GetPointCount() >= 2 and line.Length() > 0:
+            simplified.AddGeometry(line)
+    faces = simplified.Union(simplified).Polygonize()  # simplified arcs may cross: noded again first
+    # each face to the polygon it overlaps most (an index of the polygons' envelopes in a memory layer)
+    mem = ogr.GetDriverByName("Memory").CreateDataSource("")
+    index = mem.CreateLayer("index", None, ogr.wkbPolygon)
+    for i, (_, poly) in enumerate(polygons):
+        feature = ogr.Feature(index.GetLayerDefn())
+        feature.SetGeometry(poly)
+        feature.SetFID(i)
+        index.CreateFeature(feature)
+    parts = {}
+    for j in range(faces.GetGeometryCount() if faces is not None else 0):
+        if j % 256 == 0 and cancelled():
+            return None
+        face = faces.GetGeometryRef(j)
+        index.SetSpatialFilter(face)
+        best, owner = 0.0, None
+        for feature in index:
+            inter = feature.GetGeometryRef().Intersection(face)
+            surface = inter is not None and ogr.GT_Flatten(inter.GetGeometryType()) in (
+                ogr.wkbPolygon, ogr.wkbMultiPolygon, ogr.wkbGeometryCollection)
+            area = inter.GetArea() if surface else 0.0
+            if area > best:
+                best, owner = area, feature.GetFID()
+        if owner is not None:
+            parts.setdefault(owner, []).append(face.Clone())
+    out = []
+    for i, (label, _) in enumerate(polygons):
+        if i not in parts:
+            continue
+        merged = ogr.Geometry(ogr.wkbMultiPolygon)
+        for face in parts[i]:
+            merged.AddGeometry(face)
+        out.append((label, ogr.ForceToMultiPolygon(merged.UnionCascaded())))
+    return out
+
+
+def polygonize(label_path, out_path, min_area, feedback, names=None, simplify=0.0):
     """GDAL polygonize of the label raster (nodata excluded) into a vector file with fields 'label' and (with
     ``names``, value -> name) 'class'; patches under ``min_area`` m² on the ground are first merged into their
-    neighbours (GDAL sieve). Not simplified: GDAL/OGR have no simplification that keeps shared edges."""
+    neighbours (GDAL sieve); with ``simplify`` (metres) the outlines are simplified keeping shared edges
+    (``simplify_coverage``)."""
     from osgeo import gdal, ogr, osr
 
     gdal.UseExceptions()
     src = gdal.Open(label_path)
     band = src.GetRasterBand(1)
+    gt = src.GetGeoTransform()
     work, work_band = src, band
+    area, how = pixel_area_m2(label_path) if (min_area and min_area > 0) or simplify else (None, "")
+    if area is None:
+        area, how = abs(gt[1] * gt[5]), f"{how}: metres are taken as the raster's map units"
     if min_area and min_area > 0:
-        area, how = pixel_area_m2(label_path)
-        if area is None:
-            gt = src.GetGeoTransform()
-            area, how = abs(gt[1] * gt[5]), f"{how}: the minimum area is taken in pixel units²"
         pixels = int(math.ceil(min_area / area))
         feedback.pushInfo(f"a pixel covers {area:.6g} m² ({how}); minimum area {min_area:g} m² = {pixels} pixels")
         if pixels > 1:
@@ -355,12 +500,36 @@ def polygonize(label_path, out_path, min_area, feedback, names=None):
         if src.GetProjection():
             srs = osr.SpatialReference()
             srs.ImportFromWkt(src.GetProjection())
-        lyr = ds.CreateLayer("segments", srs, ogr.wkbPolygon)
+        lyr = ds.CreateLayer("segments", srs, ogr.wkbMultiPolygon if simplify else ogr.wkbPolygon)
         lyr.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
         if names:
             lyr.CreateField(ogr.FieldDefn("class", ogr.OFTString))
-        gdal.Polygonize(work_band, work_band.GetMaskBand(), lyr, 0, [],
+        target = lyr
+        if simplify:  # polygonized into memory first, simplified, then written
+            mem = ogr.GetDriverByName("Memory").CreateDataSource("")
+            target = mem.CreateLayer("raw", srs, ogr.wkbPolygon)
+            target.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
+        gdal.Polygonize(work_band, work_band.GetMaskBand(), target, 0, [],
                         callback=lambda frac, msg, data: 0 if feedback.isCanceled() else 1)
+        if simplify and not feedback.isCanceled():
+            # metres to map units through the pixel's ground size (at the raster's middle)
+            tolerance = simplify / math.sqrt(area) * math.sqrt(abs(gt[1] * gt[5]))
+            raw = [(f.GetField("label"), f.GetGeometryRef().Clone()) for f in target]
+            bounds = (min(gt[0], gt[0] + src.RasterXSize * gt[1]), min(gt[3], gt[3] + src.RasterYSize * gt[5]),
+                      max(gt[0], gt[0] + src.RasterXSize * gt[1]), max(gt[3], gt[3] + src.RasterYSize * gt[5]))
+            simplified = simplify_coverage(raw, tolerance, bounds, feedback.isCanceled)
+            if simplified is not None:
+                ds.StartTransaction()
+                for label, geom in simplified:
+                    feature = ogr.Feature(lyr.GetLayerDefn())
+                    feature.SetField("label", label)
+                    feature.SetGeometry(geom)
+                    lyr.CreateFeature(feature)
+                ds.CommitTransaction()
+                feedback.pushInfo(f"simplified the outlines at {simplify:g} m ({tolerance:.6g} map units), shared "
+                                  f"edges kept: {len(raw)} polygons, {len(raw) - len(simplified)} vanished "
+                                  "(thinner than the tolerance)")
+            target = mem = None
         if names and not feedback.isCanceled():
             ds.StartTransaction()
             for feature in lyr:

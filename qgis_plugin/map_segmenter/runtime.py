@@ -4,15 +4,20 @@ The plugin zip bundles ``mapseg`` (pure Python + numpy) and the default model in
 a development checkout (the repository's ``qgis_plugin/map_segmenter``) uses the repository's
 ``mapseg`` and ``model/best`` instead. Raster I/O goes through GDAL (``MAPSEG_IO=gdal``): QGIS's
 Python has GDAL's bindings, not rasterio. torch is never imported: the backend is onnxruntime
-when it is importable, else numpy.
+when it is importable, else numpy. The plugin's private packages folder (deps.py: onnxruntime and
+threadpoolctl installed with QGIS's own pip) is appended to ``sys.path`` when this module is first
+imported, i.e. when the plugin loads, before the Processing provider builds its algorithm.
 """
 import importlib
 import importlib.util
 import os
 import sys
 
+from . import deps
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+DEPS_ACTIVE = deps.activate()
 
 
 def mapseg_module():

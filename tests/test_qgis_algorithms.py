@@ -133,6 +133,8 @@ def workflow(tmp_path_factory):
             {"name": "fit_output_is_input", "alg": "mapseg:fit",
              "params": {"INPUTS": [str(r0)], "K": 4, "MODEL": 2, "OUTPUT": str(tmp / "legend.json"),
                         "LEGEND": str(tmp / "legend.json")}},
+            {"name": "fit_cancelled", "alg": "mapseg:fit", "cancel_at": 0,
+             "params": {"INPUTS": [str(r0), str(r1)], "K": 4, "MODEL": 2, "OUTPUT": str(tmp / "cancelled.json")}},
             {"name": "segment_bad_legend", "alg": "mapseg:segment",
              "params": {"INPUT": str(r0), "K": 4, "LEGEND": str(tmp / "bad_legend.json"),
                         "OUTPUT": str(tmp / "bad.tif"), **common}},
@@ -273,12 +275,15 @@ def test_errors_are_messages_not_tracebacks(workflow):
     expect = {"fit_bad_legend": "names value(s) 7 but the run has K=4",
               "fit_output_is_input": "is the legend file",
               "segment_bad_legend": "names value(s) 7 but the run has K=4",
+              "fit_cancelled": "Cancelled: no centres file was written",
               "extent_misses": "nothing to segment"}
     for name, message in expect.items():
         case = errs[name]
         assert not case["ok"] and case["raised"] is None and "Traceback" not in case["log"], (name, case)
         assert message in case["log"], (name, case["log"][-1500:])
     tmp = workflow["tmp"]
+    assert "of " + str(workflow["r1"]) not in errs["fit_cancelled"]["log"]      # stopped after the first raster
+    assert not (tmp / "cancelled.json").exists()
     assert not (tmp / "bad.json").exists() and not (tmp / "bad.tif").exists() and not (tmp / "miss.tif").exists()
     assert json.loads((tmp / "legend.json").read_text()) == LEGEND
 

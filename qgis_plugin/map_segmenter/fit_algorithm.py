@@ -16,6 +16,10 @@ from . import runtime
 from .algorithm import GROUP, GROUP_ID, add_model_parameters, advanced, help_url, load_model
 
 
+class _Cancelled(Exception):
+    pass
+
+
 class FitCentersAlgorithm(QgsProcessingAlgorithm):
     INPUTS, K, BANDS, INPUT_MAX, RESOLUTION, LEGEND, OUTPUT = (
         "INPUTS", "K", "BANDS", "INPUT_MAX", "RESOLUTION", "LEGEND", "OUTPUT")
@@ -94,13 +98,26 @@ class FitCentersAlgorithm(QgsProcessingAlgorithm):
                 input_max=self.parameterAsDouble(parameters, self.INPUT_MAX, context) or None,
                 resolution=self.parameterAsDouble(parameters, self.RESOLUTION, context) or None)
             feedback.pushInfo(f"fitting K={k} centres on {len(paths)} raster(s)")
-            centers = segment.fit_raster_centers(paths, options, log=feedback.pushInfo, output=out)
+            sampled = []
+
+            def log(message):  # mapseg logs each raster's steps: progress by raster, and a cancel point
+                feedback.pushInfo(message)
+                if message.startswith("sampled "):
+                    sampled.append(message)
+                    feedback.setProgress(90.0 * len(sampled) / len(paths))
+                if feedback.isCanceled():
+                    raise _Cancelled()
+
+            centers = segment.fit_raster_centers(paths, options, log=log, output=out)
             if feedback.isCanceled():
-                raise QgsProcessingException("Cancelled: no centres file was written")
+                raise _Cancelled()
             if legend is not None:
                 centers.legend = legend.completed(range(centers.k)).to_json()
             centers.save(out)
+        except _Cancelled:
+            raise QgsProcessingException("Cancelled: no centres file was written")
         except errors.USER_ERRORS + (ValueError, OSError) as exc:  # every failure a message, never a traceback
             raise QgsProcessingException(str(exc))
+        feedback.setProgress(100.0)
         feedback.pushInfo(f"wrote {out}: K={centers.k} centres from {len(paths)} raster(s)")
         return {self.OUTPUT: out, "K": centers.k}

@@ -8,7 +8,8 @@ Checks (each prints one JSON line):
           mapseg:fit, then each mapseg:segment run (the string "@centers" in its params is the fitted file; with
           "mask_wkt" its MASK is a memory layer of that polygon in the "mask_crs"); with "load" through
           processing.runAndLoadResults (as the toolbox does): report the layer QGIS added, its renderer and class
-          labels; then each of "errors" ({"name", "alg", "params"}); also both algorithms' groups, help URLs,
+          labels; then each of "errors" ({"name", "alg", "params", "cancel_at": cancel at the first progress
+          report past this %}); also both algorithms' groups, help URLs,
           declared outputs and advanced parameters
 All report which heavy modules got imported (torch must never be).
 """
@@ -102,8 +103,10 @@ elif check == "workflow":
     with open(raster) as f:
         spec = json.load(f)
 
-    def run(alg_id, params):
+    def run(alg_id, params, cancel_at=None):
         feedback = QgsProcessingFeedback()
+        if cancel_at is not None:  # cancel at the first progress report past cancel_at %
+            feedback.progressChanged.connect(lambda p: feedback.cancel() if p > cancel_at else None)
         try:
             res, ok = QgsApplication.processingRegistry().createAlgorithmById(alg_id).run(
                 params, QgsProcessingContext(), feedback)
@@ -153,7 +156,8 @@ elif check == "workflow":
                            "classes": {int(c.value): c.label for c in opened.renderer().classes()}
                            if opened.isValid() and opened.renderer().type() == "paletted" else {}}
         result["runs"][item["name"]] = entry
-    result["errors"] = {item["name"]: run(item["alg"], item["params"]) for item in spec.get("errors", [])}
+    result["errors"] = {item["name"]: run(item["alg"], item["params"], item.get("cancel_at"))
+                        for item in spec.get("errors", [])}
 result["imported"] = [m for m in ("torch", "rasterio", "onnxruntime") if m in sys.modules]
 print(json.dumps(result), flush=True)
 # QGIS 3.22 may crash while tearing down a headless application: leave without the teardown.

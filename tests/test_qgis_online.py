@@ -173,3 +173,17 @@ def test_mapseg_segments_the_rendered_raster(online):
         labels, valid = lab.read(1), o.read_masks(1) > 0
     assert (labels[~valid] == 255).all() and set(np.unique(labels[valid])) == {0, 1, 2, 3}
     assert res["imported"] == []        # neither torch nor rasterio nor onnxruntime in QGIS's Python
+
+
+def test_the_algorithm_segments_an_xyz_layer_over_an_extent(online):
+    """mapseg:segment with an online (XYZ) layer as INPUT: QGIS draws it over EXTENT at RESOLUTION into a
+    temporary GeoTIFF (removed after), which is segmented; without an extent the run is refused."""
+    alg, work = online["res"]["algorithm"], online["work"]
+    assert alg["ok"] and alg["k"] == 4 and alg["exists"], alg
+    with rasterio.open(work / "algorithm_labels.tif") as lab:
+        assert lab.crs.to_epsg() == 3857
+        assert lab.res == pytest.approx((alg["res"], alg["res"]))
+        assert lab.bounds.left == pytest.approx(alg["extent"][0]) and lab.bounds.top == pytest.approx(alg["extent"][3])
+        assert set(np.unique(lab.read(1))) <= {0, 1, 2, 3, 255}
+    assert alg["temp_left"] == []                     # the rendered temporary is removed
+    assert alg["no_extent_ok"] is False               # an online layer without an extent: refused, no output

@@ -14,7 +14,7 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsDistanceArea, QgsGeometr
                        QgsUnitTypes, QgsVectorFileWriter, QgsVectorLayer)
 from qgis.PyQt.QtCore import QUrl
 
-from . import runtime
+from . import render, runtime
 
 MODELS = ["Shipped default model", "Model folder (below)", "Colour k-means (no network)"]
 BACKENDS = ["auto (onnxruntime if installed, else numpy)", "numpy", "onnx"]
@@ -184,12 +184,13 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
                                                      extension="json", optional=True))
         self.addParameter(QgsProcessingParameterFile(self.LEGEND, "Legend: class names and colours (legend.json)",
                                                      extension="json", optional=True))
-        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (empty: the whole raster)",
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (empty: the whole raster; required for online layers)",
                                                        optional=True))
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.MASK, "Mask: segment inside these polygons only", [QgsProcessing.TypeVectorPolygon],
             optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.RESOLUTION, "Resolution (metres per pixel, 0 = as is)",
+        self.addParameter(QgsProcessingParameterNumber(self.RESOLUTION,
+                                                       "Resolution (metres per pixel, 0 = as is; online layers: 1 m)",
                                                        QgsProcessingParameterNumber.Double, 0.0, True, 0.0))
         self.addParameter(advanced(QgsProcessingParameterNumber(
             self.INPUT_MAX, "Input maximum: raw value of full brightness (0 = from the file: 255 for 8-bit, "
@@ -230,6 +231,24 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
             return box, None
         return box, crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
 
+    def _render_online(self, parameters, context, feedback, layer):
+        """An online layer (XYZ, WMS, WCS, ...) rendered over EXTENT at RESOLUTION into a temporary GeoTIFF."""
+        if parameters.get(self.EXTENT) in (None, ""):
+            raise QgsProcessingException(
+                f"Extent: {layer.name()} is a {layer.providerType()} layer (a service, not a file): give the extent "
+                "to segment; it is rendered at the resolution (metres per pixel) and segmented")
+        crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+        if not crs.isValid():
+            crs = layer.crs()
+        rect = self.parameterAsExtent(parameters, self.EXTENT, context, crs)
+        res = self.parameterAsDouble(parameters, self.RESOLUTION, context)
+        if not res:
+            res = render.DEFAULT_RESOLUTION
+            feedback.pushInfo(f"resolution 0: {layer.name()} is rendered at {res:g} m per pixel")
+        path = QgsProcessingUtils.generateTempFilename("online_layer.tif")
+        return render.render_layer_to_geotiff(layer, rect, crs, res, path, feedback,
+                                              transform_context=context.transformContext(), progress_span=(0.0, 20.0))
+
     def _mask(self, parameters, context, feedback):
         """The mask's polygons as a one-layer file mapseg reads: the layer's own file when it is one, else a
         temporary GeoPackage (memory layers, selections, subsets, files of several layers)."""
@@ -264,10 +283,6 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None:
             raise QgsProcessingException("Input raster: not a raster layer")
-        if layer.providerType() != "gdal":
-            raise QgsProcessingException(f"Input raster: {layer.name()} is a {layer.providerType()} layer; "
-                                         "Map Segmenter reads files GDAL can open")
-        source = layer.source().split("|")[0]
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         if os.path.splitext(out)[1].lower() not in (".tif", ".tiff"):
             out = os.path.splitext(out)[0] + ".tif"
@@ -279,6 +294,12 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
         polygons = self.parameterAsOutputLayer(parameters, self.OUTPUT_POLYGONS, context)
         extent, extent_crs = self._extent(parameters, context, layer)
         mask = self._mask(parameters, context, feedback)
+        # an online layer (XYZ, WMS, WCS, ...) is drawn by QGIS over EXTENT at RESOLUTION into a temporary GeoTIFF
+        rendered = self._render_online(parameters, context, feedback, layer) if render.needs_rendering(layer) else None
+        source = rendered or layer.source().split("|")[0]
+        start = 20.0 if rendered else 0.0
+        if rendered:  # the rendered file is the extent at the resolution already
+            extent, extent_crs, resolution = None, None, None
         try:
             bands = raster.parse_bands(self.parameterAsString(parameters, self.BANDS, context).strip() or None)
             options = segment.SegmentOptions(
@@ -290,13 +311,16 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
             feedback.pushInfo(f"mapseg from {os.path.dirname(segment.__file__)}; raster I/O: {raster.io_library()}")
             report = segment.segment_raster(
                 source, out, options, progress=False, log=feedback.pushInfo,
-                callback=lambda fraction, stage: (feedback.setProgress(100.0 * fraction),
+                callback=lambda fraction, stage: (feedback.setProgress(start + (100.0 - start) * fraction),
                                                   not feedback.isCanceled())[1],
                 other_outputs={"polygons": polygons or None})
         except errors.SegmentCancelled:
             raise QgsProcessingException("Cancelled: no output was written")
         except errors.USER_ERRORS + (ValueError, OSError) as exc:  # every failure a message, never a traceback
             raise QgsProcessingException(str(exc))
+        finally:
+            if rendered and os.path.exists(rendered):
+                os.remove(rendered)
         qml = str(runtime.submodule("legend").style_path(out))
         if context.willLoadLayerOnCompletion(out):  # the layer Processing adds shows the class names
             styler = _LegendStyle(qml)

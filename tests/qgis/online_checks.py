@@ -35,7 +35,7 @@ plugin_parent, source, work = sys.argv[1:4]
 sys.path.insert(0, plugin_parent)
 
 from osgeo import gdal  # noqa: E402
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,  # noqa: E402
+from qgis.core import (Qgis, QgsApplication, QgsProcessingUtils, QgsCoordinateReferenceSystem, QgsCoordinateTransform,  # noqa: E402
                        QgsProcessingException, QgsProcessingFeedback, QgsProject, QgsRasterBlock, QgsRasterLayer,
                        QgsRectangle)
 from qgis.PyQt.QtCore import QTimer  # noqa: E402
@@ -275,6 +275,35 @@ options = segment.SegmentOptions(k=4, model=features.load_features("kmeans", "nu
 report = segment.segment_raster(os.path.join(work, "mercator.tif"), labels, options, progress=False,
                                 log=lambda m: None)
 result["segment"] = {"k": report["k"], "exists": os.path.exists(labels)}
+
+# ---- the whole algorithm (mapseg:segment) with the XYZ layer as its input: rendered over EXTENT at RESOLUTION
+from qgis.core import QgsProcessingContext, QgsProcessingFeedback as Feedback  # noqa: E402
+
+from map_segmenter.algorithm import SegmentRasterAlgorithm  # noqa: E402
+
+xyz = QgsRasterLayer(uri, "xyz input", "wms")
+QgsProject.instance().addMapLayer(xyz)
+alg = SegmentRasterAlgorithm()
+alg.initAlgorithm({})
+context = QgsProcessingContext()
+context.setProject(QgsProject.instance())
+inner = QgsRectangle(bounds[0] + 64 * RES, bounds[1] + 64 * RES, bounds[0] + 320 * RES, bounds[1] + 256 * RES)
+algorithm_out = os.path.join(work, "algorithm_labels.tif")
+params = {"INPUT": xyz.id(), "K": 4, "MODEL": 2, "RESOLUTION": 2 * RES, "OUTPUT": algorithm_out,
+          "EXTENT": f"{inner.xMinimum()},{inner.xMaximum()},{inner.yMinimum()},{inner.yMaximum()} [EPSG:3857]"}
+got, ok = alg.run(params, context, Feedback())
+result["algorithm"] = {"ok": ok, "k": got.get("K") if ok else None, "exists": os.path.exists(algorithm_out),
+                       "extent": [inner.xMinimum(), inner.yMinimum(), inner.xMaximum(), inner.yMaximum()],
+                       "res": 2 * RES, "temp_left": sorted(n for n in os.listdir(os.path.dirname(
+                           QgsProcessingUtils.generateTempFilename("x.tif"))) if n.startswith("online_layer"))}
+params_no_extent = {k: v for k, v in params.items() if k != "EXTENT"}
+try:
+    alg.run(params_no_extent, context, Feedback())[1]
+    result["algorithm"]["no_extent"] = "ran"
+except QgsProcessingException as exc:
+    result["algorithm"]["no_extent"] = str(exc)
+_, ok2 = alg.run(params_no_extent, context, Feedback())
+result["algorithm"]["no_extent_ok"] = ok2
 result["imported"] = [m for m in ("torch", "rasterio", "onnxruntime") if m in sys.modules]
 print(json.dumps(result), flush=True)
 # QGIS 3.22 may crash while tearing down a headless application: leave without the teardown.

@@ -87,15 +87,18 @@ def installed(tmp_path_factory, wheels, qgis_python):
         f"report = deps.install({str(wheels)!r}, log=lines.append)\n"
         "import numpy\n"
         "from map_segmenter import runtime\n"
-        "print(json.dumps({'before': before, 'choice': runtime.backend_choice('auto'), 'text_before': text_before, 'report': report, 'after': deps.missing(),"
+        "print(json.dumps({'before': before, 'choice': runtime.backend_choice('auto'), 'text_before': text_before,"
+        " 'report': report, 'after': deps.missing(),"
         " 'text_after': deps.status_text(), 'log': lines, 'numpy': [numpy.__version__, numpy.__file__]}))")
     res = _last_json(_run_qgis_py(code, {"MAPSEG_QGIS_DEPS": str(target)}))
+    if res["before"] != ["onnxruntime", "threadpoolctl"]:
+        pytest.skip(f"QGIS's Python already has onnxruntime or threadpoolctl (missing: {res['before']}): "
+                    "this test needs neither")
     return {"target": target, **res}
 
 
 def test_install_from_a_wheel_folder_keeps_qgis_numpy(installed, qgis_python):
     target = installed["target"]
-    assert installed["before"] == ["onnxruntime", "threadpoolctl"], "QGIS's Python already has them: nothing to test"
     assert "backend: numpy, one window at a time" in installed["text_before"]
     report = installed["report"]
     assert report["python"].startswith("/usr/bin/python3")
@@ -171,7 +174,8 @@ for i, backend in enumerate(backends):
     res, ok = alg.run({"INPUT": raster, "K": 6, "MODEL": 0, "BACKEND": ["auto", "numpy", "onnx"].index(backend),
                        "OUTPUT": path}, QgsProcessingContext(), fb)
     out["runs"][backend] = {"ok": ok, "backend": res.get("BACKEND"), "mp_s": res.get("MEGAPIXELS_PER_S"),
-                            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "log": fb.textLog(), "path": path}
+                            "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                            "log": fb.textLog(), "path": path}
 import numpy
 from osgeo import gdal
 out["numpy"] = [numpy.__version__, numpy.__file__]

@@ -243,3 +243,45 @@ def test_qgis_process_loads_the_private_folder_at_plugin_start(installed, tmp_pa
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "BACKEND:\tonnx" in r.stdout, r.stdout[-2000:]
     assert str(installed["target"]) in r.stdout or "onnxruntime 1." in r.stdout
+
+
+DIALOG = PRELUDE + """
+import time
+from qgis.core import QgsApplication
+app = QgsApplication([], True)
+app.initQgis()
+from map_segmenter.dialog import SegmentDialog
+dlg = SegmentDialog()
+before = {"visible": not dlg.install_button.isHidden(), "missing": dlg.missing_dependencies()}
+task = dlg.install_dependencies(sys.argv[1], confirm=False)
+t0 = time.time()
+while task is not None and not dlg.install_message and time.time() - t0 < 600:  # set when the task finished
+    app.processEvents()
+    time.sleep(0.05)
+for _ in range(20):
+    app.processEvents()
+print(json.dumps({"before": before, "started": task is not None, "running": dlg.install_task is not None,
+                  "missing": deps.missing(), "visible": not dlg.install_button.isHidden(),
+                  "message": dlg.install_message, "status_text": dlg.status.text(),
+                  "again": dlg.install_dependencies(confirm=False) is None}))
+os._exit(0)
+"""
+
+
+def test_the_dialog_offers_the_install_and_runs_it_in_the_background(wheels, tmp_path):
+    """The toolbar dialog shows an install button while onnxruntime is missing; it runs deps.install as a
+    background task (here offline from the wheel folder), after which the button goes and the status line
+    names the onnx backend."""
+    target = tmp_path / "map_segmenter_deps"
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "MAPSEG_QGIS_DEPS": str(target), "HOME": str(tmp_path)}
+    for name in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
+        env.pop(name, None)
+    r = subprocess.run([QGIS_PY, "-c", DIALOG, str(wheels)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = _last_json(r)
+    if res["before"]["missing"] != ["onnxruntime", "threadpoolctl"]:
+        pytest.skip(f"QGIS's Python already has some of them: {res['before']['missing']}")
+    assert res["before"]["visible"]
+    assert res["started"] and not res["running"], res
+    assert res["missing"] == [] and not res["visible"] and res["again"]
+    assert res["message"].startswith("installed: ") and "backend: onnx" in res["status_text"]

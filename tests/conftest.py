@@ -1,4 +1,6 @@
+import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +9,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+QGIS_PY = "/usr/bin/python3"                        # Debian's QGIS runs on the system Python
+QGIS_PROCESS = shutil.which("qgis_process.bin")      # the wrapper script qgis_process is broken on Debian 3.22
+
+
+@functools.lru_cache(maxsize=None)
+def has_pyqgis() -> bool:
+    """QGIS's Python with qgis.core and qgis.gui, headless."""
+    if not os.path.exists(QGIS_PY):
+        return False
+    return subprocess.run([QGIS_PY, "-c", "import qgis.core, qgis.gui"], capture_output=True,
+                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"}).returncode == 0
+
+
+def needs_qgis(process: bool = True) -> list:
+    """Marks of a test of real, headless QGIS: ``qgis``, and skipped with the reason where QGIS's Python (and,
+    with ``process``, qgis_process.bin) is absent. ``.ci/run`` installs QGIS."""
+    missing = not has_pyqgis() or (process and QGIS_PROCESS is None)
+    return [pytest.mark.qgis, pytest.mark.skipif(
+        missing, reason="QGIS is not installed (apt-get install -y --no-install-recommends qgis python3-qgis)")]
 
 
 def need_data(rel: str) -> Path:

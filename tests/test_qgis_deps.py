@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import QGIS_PROCESS, QGIS_PY, needs_qgis
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_PARENT = ROOT / "qgis_plugin"
 DATA = ROOT.parent / "shared" / "datasets"
-QGIS_PY = "/usr/bin/python3"
-QGIS_PROCESS = shutil.which("qgis_process.bin")
 RASTER = DATA / "swissimage" / "big_img" / "1091-322_00.tif"
 
 
@@ -36,16 +34,7 @@ def _run_qgis_py(code: str, env_extra=None, timeout=300, check=True):
     return r
 
 
-def _has_pyqgis() -> bool:
-    if not os.path.exists(QGIS_PY):
-        return False
-    return subprocess.run([QGIS_PY, "-c", "import qgis.core"], capture_output=True,
-                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"}).returncode == 0
-
-
-pytestmark = [pytest.mark.qgis, pytest.mark.skipif(
-    not _has_pyqgis(), reason="QGIS's Python is not installed (apt-get install -y --no-install-recommends qgis "
-                              "python3-qgis)")]
+pytestmark = needs_qgis(process=False)
 
 PRELUDE = f"import json, os, sys\nsys.path.insert(0, {str(PLUGIN_PARENT)!r})\nfrom map_segmenter import deps\n"
 

@@ -11,29 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import QGIS_PY, needs_qgis
 
 from conftest import need_data
 
 ROOT = Path(__file__).resolve().parents[1]
-QGIS_PY = "/usr/bin/python3"
 
 
-def _has_pyqgis() -> bool:
-    if not os.path.exists(QGIS_PY):
-        return False
-    return subprocess.run([QGIS_PY, "-c", "import qgis.core"], capture_output=True,
-                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"}).returncode == 0
-
-
-pytestmark = [pytest.mark.qgis, pytest.mark.data, pytest.mark.skipif(
-    shutil.which("qgis_process.bin") is None or not _has_pyqgis(),
-    reason="QGIS is not installed (apt-get install -y --no-install-recommends qgis python3-qgis)")]
+pytestmark = needs_qgis() + [pytest.mark.data]
 
 rasterio = pytest.importorskip("rasterio")
 

@@ -19,21 +19,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import QGIS_PY, needs_qgis
+
+QGIS = needs_qgis(process=False)   # the tests that run QGIS (the others check the zip alone)
 
 ROOT = Path(__file__).resolve().parents[1]
-QGIS_PY = "/usr/bin/python3"
-
-
-def _has_pyqgis() -> bool:
-    if not os.path.exists(QGIS_PY):
-        return False
-    return subprocess.run([QGIS_PY, "-c", "import qgis.core, qgis.gui"], capture_output=True,
-                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"}).returncode == 0
-
-
-needs_qgis = [pytest.mark.qgis, pytest.mark.skipif(
-    not _has_pyqgis(), reason="QGIS's Python is not installed (apt-get install -y --no-install-recommends "
-                              "qgis python3-qgis)")]
 
 
 def _build_module():
@@ -228,8 +218,8 @@ def dialog_result(tmp_path_factory):
     return _dialog_run(tmp_path_factory.mktemp("dialog"))
 
 
-@needs_qgis[0]
-@needs_qgis[1]
+@QGIS[0]
+@QGIS[1]
 def test_dialog_fields_follow_the_model_choice_and_have_tooltips(dialog_result):
     states = dialog_result["states"]
     assert [s["model_dir"] for s in states.values()] == [False, True, False]   # default, folder, k-means
@@ -241,16 +231,16 @@ def test_dialog_fields_follow_the_model_choice_and_have_tooltips(dialog_result):
     assert "model.npz" in tips["model_dir"] and "k-means" in tips["model"]
 
 
-@needs_qgis[0]
-@needs_qgis[1]
+@QGIS[0]
+@QGIS[1]
 def test_dialog_refuses_the_input_as_output_before_releasing_anything(dialog_result):
     same = dialog_result["same"]
     assert same["task"] is False and "is the input raster" in same["notice"] and "is the input raster" in same["status"]
     assert same["layers"] == 1 and same["visible_input"]
 
 
-@needs_qgis[0]
-@needs_qgis[1]
+@QGIS[0]
+@QGIS[1]
 def test_dialog_shows_the_backend_and_speed_after_a_run(dialog_result):
     first = dialog_result["first"]
     assert first["ok"] is True
@@ -260,8 +250,8 @@ def test_dialog_shows_the_backend_and_speed_after_a_run(dialog_result):
     assert first["status"].startswith("Last run: ")
 
 
-@needs_qgis[0]
-@needs_qgis[1]
+@QGIS[0]
+@QGIS[1]
 def test_dialog_releases_an_output_loaded_in_the_project(dialog_result):
     second = dialog_result["second"]
     assert second["ok"] is True and second["valid"] and second["rewritten"]
@@ -273,8 +263,8 @@ def test_dialog_releases_an_output_loaded_in_the_project(dialog_result):
     assert second["labels"] == ["water", "trees", "fields", "roofs"]     # the legend field, through OUT.qml
 
 
-@needs_qgis[0]
-@needs_qgis[1]
+@QGIS[0]
+@QGIS[1]
 def test_dialog_writes_a_new_name_when_the_replacement_fails(dialog_result):
     third = dialog_result["third"]
     assert third["failed"], "os.replace onto the output was never attempted"
@@ -287,8 +277,8 @@ def test_dialog_writes_a_new_name_when_the_replacement_fails(dialog_result):
     assert "seg_1.qml" in third["files"] and not [f for f in third["files"] if ".part" in f or f.startswith(".")]
 
 
-@needs_qgis[0]
-@needs_qgis[1]
+@QGIS[0]
+@QGIS[1]
 def test_screenshots_of_the_dialog_and_of_a_named_result(tmp_path):
     """screenshot.py's docs images from the example raster: the dialog after a run, and a print layout with the
     named result (its .qml picked up on loading; the script asserts the names are the centres file's) and legend."""

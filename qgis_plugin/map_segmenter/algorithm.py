@@ -130,7 +130,20 @@ def pixel_area_m2(path):
     return planar / (nx * ny), f"planar in {name}"
 
 
-class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
+class MapSegmenterAlgorithm(QgsProcessingAlgorithm):
+    """What every algorithm of the provider shares: its group and its help page."""
+
+    def group(self):
+        return GROUP
+
+    def groupId(self):
+        return GROUP_ID
+
+    def helpUrl(self):
+        return help_url() or ""
+
+
+class SegmentRasterAlgorithm(MapSegmenterAlgorithm):
     INPUT, K, MODEL, MODEL_DIR, BANDS, TILE, SMOOTH, CENTERS, BACKEND = (
         "INPUT", "K", "MODEL", "MODEL_DIR", "BANDS", "TILE", "SMOOTH", "CENTERS", "BACKEND")
     OUTPUT, OUTPUT_POLYGONS, MIN_AREA, COG, INPUT_MAX = "OUTPUT", "OUTPUT_POLYGONS", "MIN_AREA", "COG", "INPUT_MAX"
@@ -141,15 +154,6 @@ class SegmentRasterAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):
         return "Segment raster"
-
-    def group(self):
-        return GROUP
-
-    def groupId(self):
-        return GROUP_ID
-
-    def helpUrl(self):
-        return help_url() or ""
 
     def shortHelpString(self):
         return ("Cuts an RGB raster into K segments without labels, window by window (any size), with cluster "

@@ -7,20 +7,20 @@ layers with it (the batch interface, or a model).
 """
 import os
 
-from qgis.core import (QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
+from qgis.core import (QgsProcessing, QgsProcessingException,
                        QgsProcessingOutputNumber, QgsProcessingParameterFile,
                        QgsProcessingParameterFileDestination, QgsProcessingParameterMultipleLayers,
                        QgsProcessingParameterNumber, QgsProcessingParameterString)
 
 from . import runtime
-from .algorithm import GROUP, GROUP_ID, add_model_parameters, advanced, help_url, load_model
+from .algorithm import MapSegmenterAlgorithm, add_model_parameters, advanced, load_model
 
 
 class _Cancelled(Exception):
     pass
 
 
-class FitCentersAlgorithm(QgsProcessingAlgorithm):
+class FitCentersAlgorithm(MapSegmenterAlgorithm):
     INPUTS, K, BANDS, INPUT_MAX, RESOLUTION, LEGEND, OUTPUT = (
         "INPUTS", "K", "BANDS", "INPUT_MAX", "RESOLUTION", "LEGEND", "OUTPUT")
 
@@ -29,15 +29,6 @@ class FitCentersAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):
         return "Fit cluster centres (same labels for several rasters)"
-
-    def group(self):
-        return GROUP
-
-    def groupId(self):
-        return GROUP_ID
-
-    def helpUrl(self):
-        return help_url() or ""
 
     def shortHelpString(self):
         return ("Fits K cluster centres on a sample drawn from every input raster and saves them as a centres "

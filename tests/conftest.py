@@ -38,6 +38,23 @@ def need_data(rel: str) -> Path:
     return path
 
 
+def crop_raster(src, dst, window, bands=None) -> Path:
+    """A georeferenced window ``(col, row, width, height)`` of a real raster written to ``dst`` as a plain
+    GeoTIFF (CRS, transform, nodata kept; ``bands``: which, default all)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(src) as ds:
+        win = Window(*window)
+        data = ds.read(bands, window=win)
+        profile = {**ds.profile, "width": win.width, "height": win.height, "transform": ds.window_transform(win),
+                   "driver": "GTiff", "count": data.shape[0], "tiled": False}
+    profile.pop("blockxsize", None), profile.pop("blockysize", None)
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+    return Path(dst)
+
+
 _BLOCKER = """
 import sys
 class _Block:

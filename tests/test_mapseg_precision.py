@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import crop_raster
 
 from mapseg import cli
 from mapseg.artifact import load_artifact
@@ -22,22 +23,11 @@ MODEL = ROOT / "model" / "best"
 HAS_QUANT = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
 
 
-def _crop(src: Path, dst: Path, col: int, row: int, width: int, height: int) -> Path:
-    with rasterio.open(src) as ds:
-        window = rasterio.windows.Window(col, row, width, height)
-        data = ds.read([1, 2, 3], window=window)
-        profile = {**ds.profile, "width": width, "height": height, "transform": ds.window_transform(window),
-                   "tiled": False}
-    profile.pop("blockxsize", None), profile.pop("blockysize", None)
-    with rasterio.open(dst, "w", **profile) as out:
-        out.write(data)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def rasters(tmp_path_factory):
     folder = tmp_path_factory.mktemp("precision")
-    return (_crop(NAIP, folder / "a.tif", 0, 0, 300, 260), _crop(NAIP, folder / "b.tif", 520, 400, 320, 300))
+    return (crop_raster(NAIP, folder / "a.tif", (0, 0, 300, 260), [1, 2, 3]),
+            crop_raster(NAIP, folder / "b.tif", (520, 400, 320, 300), [1, 2, 3]))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QGIS_PY, needs_qgis
+from conftest import QGIS_PY, crop_raster, needs_qgis
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -29,20 +29,6 @@ pyogrio = pytest.importorskip("pyogrio")
 LEGEND = {"classes": [{"value": 0, "name": "water", "color": "#1f78b4"},
                       {"value": 2, "name": "roofs", "color": "#e31a1c"}]}
 NAMES = {"0": "water", "1": "segment 1", "2": "roofs", "3": "segment 3"}
-
-
-def _crop(src: Path, dst: Path, window) -> Path:
-    """A georeferenced window of a real raster (CRS, transform, nodata kept)."""
-    from rasterio.windows import Window
-
-    with rasterio.open(src) as ds:
-        win = Window(*window)
-        profile = ds.profile | {"width": win.width, "height": win.height, "transform": ds.window_transform(win),
-                                "driver": "GTiff"}
-        data = ds.read(window=win)
-    with rasterio.open(dst, "w", **profile) as out:
-        out.write(data)
-    return dst
 
 
 def _to_4326(src: Path, dst: Path) -> Path:
@@ -67,8 +53,8 @@ def workflow(tmp_path_factory):
         if not src.is_file():
             pytest.skip(f"{src} not found (../shared/datasets)")
     tmp = tmp_path_factory.mktemp("qgis_algorithms")
-    r0 = _crop(sources[0], tmp / "r0.tif", (0, 0, 300, 260))      # nodata (0) in the top-left corner
-    r1 = _crop(sources[1], tmp / "r1.tif", (100, 100, 300, 260))
+    r0 = crop_raster(sources[0], tmp / "r0.tif", (0, 0, 300, 260))      # nodata (0) in the top-left corner
+    r1 = crop_raster(sources[1], tmp / "r1.tif", (100, 100, 300, 260))
     geo = _to_4326(r1, tmp / "r1_4326.tif")
     (tmp / "legend.json").write_text(json.dumps(LEGEND))
     (tmp / "bad_legend.json").write_text(json.dumps({"classes": [{"value": 7, "name": "x"}]}))

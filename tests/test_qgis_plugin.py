@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QGIS_PROCESS, QGIS_PY, needs_qgis
+from conftest import QGIS_PROCESS, QGIS_PY, crop_raster, needs_qgis
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -58,20 +58,6 @@ def plugin(tmp_path_factory):
     return {"zip": zips[0], "plugins": plugins, "env": env, "tmp": tmp}
 
 
-def _crop(src: Path, dst: Path, window) -> Path:
-    """A georeferenced window of a real raster (CRS, transform, nodata kept)."""
-    from rasterio.windows import Window
-
-    with rasterio.open(src) as ds:
-        win = Window(*window)
-        profile = ds.profile | {"width": win.width, "height": win.height, "transform": ds.window_transform(win),
-                                "driver": "GTiff"}
-        data = ds.read(window=win)
-    with rasterio.open(dst, "w", **profile) as out:
-        out.write(data)
-    return dst
-
-
 def test_zip_is_an_installable_plugin(plugin):
     with zipfile.ZipFile(plugin["zip"]) as z:
         names = set(z.namelist())
@@ -104,7 +90,7 @@ def test_qgis_process_segments_a_real_raster(plugin, tmp_path, model):
     src = DATA / "ngi_aerial" / "ngi_rgb_byte_1.tif"
     if not src.is_file():
         pytest.skip(f"{src} not found (../shared/datasets)")
-    crop = _crop(src, tmp_path / "crop.tif", (0, 0, 300, 260))     # the top-left corner holds nodata (0)
+    crop = crop_raster(src, tmp_path / "crop.tif", (0, 0, 300, 260))     # the top-left corner holds nodata (0)
     out = tmp_path / "seg.tif"
     r = subprocess.run([QGIS_PROCESS, "run", "mapseg:segment", f"--INPUT={crop}", "--K=4", f"--MODEL={model}",
                         "--TILE=128", f"--OUTPUT={out}", "--OUTPUT_POLYGONS=" + str(tmp_path / "seg.gpkg"),

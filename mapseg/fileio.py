@@ -154,6 +154,35 @@ def remove_dead_leftovers(folder: str | Path) -> list[str]:
     return removed
 
 
+# Waits between tries of a move into place that the system refused (Windows: a file another program holds
+# open, or a virus scanner or indexer reading it for a moment).
+REPLACE_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
+
+
+def _held_open(exc: OSError) -> bool:
+    """Whether a failed move looks like a file held open by another program (or a scanner): worth a retry."""
+    return isinstance(exc, PermissionError) or getattr(exc, "winerror", None) in (5, 32)
+
+
+def replace_output(src: str | Path, dst: str | Path) -> None:
+    """Move the finished temporary ``src`` over the output ``dst`` (``os.replace``). Where the system refuses
+    because ``dst`` is held open (``PermissionError``; Windows errors 5 and 32: QGIS showing the layer, a
+    virus scanner, an indexer) it tries again after ``REPLACE_BACKOFF_S``; if it still fails, ``src`` is
+    removed, ``dst`` is left as it was and an ``OutputError`` says what to do. Other errors pass unchanged."""
+    for wait in (*REPLACE_BACKOFF_S, None):
+        try:
+            os.replace(src, dst)
+            return
+        except OSError as exc:
+            if not _held_open(exc):
+                raise
+            if wait is None:
+                remove_if_present(src)
+                raise OutputError(f"{dst} is open in another program (close it, or choose another output "
+                                  "name); nothing was replaced") from exc
+            time.sleep(wait)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a unique temporary sibling, then rename: never a half-written file. (Killed runs'
     leftovers are removed once per run, by ``check_outputs``, not here on every write.)"""
@@ -161,7 +190,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     tmp = temp_sibling(path)
     try:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        replace_output(tmp, path)
     finally:
         remove_if_present(tmp)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SegmentError
-from .fileio import remove_if_present, temp_sibling, write_text_atomic
+from .fileio import remove_if_present, replace_output, temp_sibling, write_text_atomic
 from .raster.common import (COG_OPTIONS, GTIFF_OPTIONS, OUTPUT_NODATA, colormap, option_list, palette_colour,
                             same_colours, set_gdal_colours)
 
@@ -383,7 +383,7 @@ def set_colour_table(labels_path, cmap: dict) -> bool:
     gdal_path = io_library() == "gdal"
     try:
         done = (_colour_table_gdal if gdal_path else _colour_table_rasterio)(path, tmp, tmp_cog, cmap)
-        os.replace(done, path)
+        replace_output(done, path)
     except (OSError, RuntimeError, ValueError) as exc:  # rasterio's and osgeo's errors derive from these
         raise SegmentError(f"updating the colour table of {path} failed ({exc}); the file is unchanged") from exc
     finally:
@@ -550,7 +550,7 @@ def relabel(labels_path, legend=None, merge: dict | None = None, out_path=None, 
         tmp = temp_sibling(out, "part", ".tif")
         try:
             shutil.copyfile(src, tmp)
-            os.replace(tmp, out)
+            replace_output(tmp, out)
         finally:
             remove_if_present(tmp)
     write_class_files(out, final, merged_counts, fresh=bool(merge) or not in_place)

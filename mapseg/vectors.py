@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutputError, RasterError, SegmentError
-from .fileio import check_outputs, remove_if_present, temp_sibling
+from .fileio import check_outputs, remove_if_present, replace_output, temp_sibling
 from .raster.common import OUTPUT_NODATA
 
 # Strips of about STRIP_PIXELS pixels (block_rows = STRIP_PIXELS / width, within 64..1024 rows): the noding
@@ -754,7 +754,7 @@ class _FeatureWriter:
             if old.name not in made and old.exists():
                 old.unlink()
         for name in sorted(made):
-            os.replace(self.tmp_dir / name, folder / name)
+            replace_output(self.tmp_dir / name, folder / name)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def abort(self) -> None:

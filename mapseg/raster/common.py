@@ -6,7 +6,6 @@ A reader (``ReaderBase``) gives ``info`` (``RasterInfo``), ``read(row0, row1, co
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RasterError, first_line
-from ..fileio import check_parent, remove_if_present, temp_sibling
+from ..fileio import check_parent, remove_if_present, replace_output, temp_sibling
 
 OUTPUT_NODATA = 255
 BLOCK = 256
@@ -293,7 +292,7 @@ class LabelWriterBase:
         """``src`` (the temporary file or its COG copy) becomes the output; the other temporary goes."""
         if src != self.tmp:
             self.tmp.unlink()
-        os.replace(src, self.path)
+        replace_output(src, self.path)
         return self.path
 
     def _remove_temporaries(self) -> None:

@@ -25,7 +25,8 @@
 3. **Resumable.** A finished output gets a sidecar ``<output>.mapseg.json`` (written after the output) holding a
    digest of what made it: input (path; size and mtime of every file it reads, ``input_stamp``), model weights,
    centres, the options that change labels, the legend (a rerun with other names or colours rewrites the outputs),
-   the mapseg version (and for block tiles the backend). A rerun skips an
+   the mapseg version, ``--extent``/``--extent-crs``/``--mask``/``--resolution`` with the size and mtime of the
+   mask's files (and for block tiles the backend). A rerun skips an
    output whose sidecar matches and whose size and mtime are the recorded ones; anything else is redone. A rerun on
    another backend than the previous report's is said in the log. A raster that fails is reported (status, error)
    and the others go on; the run then returns failures (CLI exit status 1); on any error or Ctrl-C the run's
@@ -38,6 +39,12 @@ most ``SAMPLE_FEATURES`` x D floats over all rasters) once, through the schedule
 workers read the rasters themselves (a shared file system, or GDAL's /vsicurl/, /vsis3/ for URLs). Dask is
 optional: this module imports it inside the functions that need it, and ``mapseg batch`` without it says what to
 install.
+
+``--extent`` (``--extent-crs``), ``--mask`` and ``--resolution`` apply to every input: each raster is opened
+through its ``RasterView`` (``mapseg.raster.open_reader`` with ``options.region()``) wherever it is opened (the
+stamps, the sample, the segment and block tasks), so each output covers the extent (or the mask's bounds) cut to
+that raster, at the resolution: the labels of ``mapseg segment --centers`` with the same flags. A raster the area
+misses fails with the view's error; the others finish.
 
 The inputs and their output names: ``mapseg.batch_inputs``; the VRTs (per raster, mosaics): ``mapseg.raster.vrt``.
 """
@@ -60,16 +67,36 @@ from . import __version__
 from .batch_inputs import RESERVED_STEMS, expand_inputs, is_remote, output_stems  # noqa: F401 (RESERVED_STEMS)
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
 from .cluster import Centers, check_k, kmeans_rows
-from .errors import USER_ERRORS, BackendUnavailable, OutputError, RasterError, SegmentError, first_line
+from .errors import (
+    USER_ERRORS,
+    BackendUnavailable,
+    OutputError,
+    RasterError,
+    SegmentError,
+    first_line,
+)
 from .features import FeatureModel, load_features
 from .fileio import remove_dead_leftovers, write_text_atomic
 from .legend import Legend, load_legend, run_legend, style_path
-from .raster import io_env, open_reader
-from .raster.vrt import MOSAIC_FILE, MOSAIC_NAME, write_mosaics, write_vrt_classes
-from .raster.vrt import write_vrt  # noqa: F401 - importable from here as before
+from .raster import Region, io_env, open_reader
+from .raster.polygons import mask_files
+from .raster.vrt import (
+    MOSAIC_FILE,
+    MOSAIC_NAME,
+    write_mosaics,
+    write_vrt,  # noqa: F401 - importable from here as before
+    write_vrt_classes,
+)
 from .scaling import check_one_scaling
-from .segment import (SegmentOptions, check_run_outputs, fit_samples, sample_raster, scaling_for, segment_raster,
-                      write_windows)
+from .segment import (
+    SegmentOptions,
+    check_run_outputs,
+    fit_samples,
+    sample_raster,
+    scaling_for,
+    segment_raster,
+    write_windows,
+)
 from .windows import plan_windows
 
 DASK_HINT = 'pip install "map-segmenter[dask]" (or: pip install "dask[distributed]")'
@@ -100,16 +127,18 @@ def model_digest(features: FeatureModel) -> str:
     return features.model_id.get("weights_sha256", features.model_id.get("kind", "unknown"))
 
 
-def input_stamp(path: str, bands=None, nodata=None):
+def input_stamp(path: str, bands=None, nodata=None, region: Region | None = None):
     """What a rerun compares of a local input: [file, size, mtime_ns] of the input and of every file its reader
     reads (a VRT's sources, ``.aux.xml``, ``.msk``, ``.ovr``: the reader's ``info.files``; only the header is
     read), sorted; a remote file among them by its name alone. None for a remote input (matched by its URL
-    alone). A missing input is a RasterError, an unreadable one what opening it raises."""
+    alone). A missing input is a RasterError, an unreadable one what opening it raises; with a ``region``
+    (``--extent``/``--mask``/``--resolution``) the input is opened through it, so an area that misses the raster
+    is the view's RasterError."""
     if is_remote(path):
         return None
     if not os.path.exists(path):
         raise RasterError(f"input raster {path} does not exist")
-    with io_env(), open_reader(path, bands, nodata) as reader:
+    with io_env(), open_reader(path, bands, nodata, region) as reader:
         files = reader.info.files
     stamps = []
     for f in sorted({os.path.abspath(path)} | {f if is_remote(f) else os.path.abspath(f) for f in files}):
@@ -121,11 +150,11 @@ def input_stamp(path: str, bands=None, nodata=None):
     return stamps
 
 
-def _input_stamp_or_none(path: str, bands=None, nodata=None):
+def _input_stamp_or_none(path: str, bands=None, nodata=None, region: Region | None = None):
     """``input_stamp``, or None where the input cannot be read (its task says why)."""
     try:
-        return input_stamp(path, bands, nodata)
-    except (OSError, *USER_ERRORS):
+        return input_stamp(path, bands, nodata, region)
+    except Exception:  # noqa: BLE001 - an unreadable input, an area that misses it, a CRS PROJ cannot transform
         return None
 
 
@@ -265,7 +294,8 @@ def _job_key(s: TaskSettings, path: str, block) -> str:
     (path, and every file it reads: ``input_stamp``), the block; for a block also the backend, so that the tiles
     of one raster all come from one backend (backends may differ on near-tie pixels)."""
     o = s.options
-    return _digest({"run": s.run_key, "input": path, "files": input_stamp(path, o.bands, o.nodata), "block": block,
+    return _digest({"run": s.run_key, "input": path, "files": input_stamp(path, o.bands, o.nodata, o.region()),
+                    "block": block,
                     **({"backend": s.backend} if block is not None else {})})
 
 
@@ -321,7 +351,7 @@ def segment_task(index: int, path: str, output: str, s: TaskSettings, centers: C
         if done is not None:
             return {**result, "status": "skipped", "geometry": done["geometry"], "megapixels": done.get("megapixels")}
         o = s.options
-        with io_env(), open_reader(path, o.bands, o.nodata) as reader:
+        with io_env(), open_reader(path, o.bands, o.nodata, o.region()) as reader:  # the area's grid
             info = reader.info
         if info.width * info.height > block * block:
             return {**result, "status": "split", "geometry": _geometry(info),
@@ -349,7 +379,7 @@ def segment_block(path: str, output: str, s: TaskSettings, centers: Centers, fea
     o = s.options
     r0, r1, c0, c1 = box
     halo = features.halo + o.smooth * features.stride
-    with io_env(), open_reader(path, o.bands, o.nodata) as reader:
+    with io_env(), open_reader(path, o.bands, o.nodata, o.region()) as reader:  # box and windows on the area's grid
         info = reader.info
         check_run_outputs({"output": output}, [(path, info)], dataclasses.replace(o, model=s.model), log)
         fitted = check_centers(load_centers(centers), features, None, centers)
@@ -498,6 +528,24 @@ def _previous_report(out_dir: Path) -> dict:
         return {}
 
 
+def _region_key(region: Region) -> dict | None:
+    """What a run's ``--extent``/``--extent-crs``/``--mask``/``--resolution`` are, for the digests (None where none
+    is given): the settings, and [file, size, mtime_ns] of every file of the mask (a remote one by its name)."""
+    if not region.given:
+        return None
+    stamps = None
+    if region.mask is not None:
+        stamps = []
+        for f in mask_files(region.mask):
+            try:
+                st = None if is_remote(f) else os.stat(f)
+            except OSError:
+                st = None
+            stamps.append([f, st.st_size, st.st_mtime_ns] if st else [f, None, None])
+    return {"extent": list(region.extent) if region.extent else None, "extent_crs": region.extent_crs,
+            "mask": region.mask, "mask_files": stamps, "resolution": region.resolution}
+
+
 def _check_outputs_are_not_inputs(out_dir: Path, stems: list[str], inputs: list[str]) -> None:
     local = {os.path.realpath(p) for p in inputs if not is_remote(p)}
     for stem in stems:
@@ -513,7 +561,8 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     """Segment every raster of ``inputs`` (``expand_inputs``: files, globs, list files, URLs) into ``out_dir``
     with one set of centres, on Dask (``scheduler``: an address or a Client; else a LocalCluster of
     ``n_workers`` processes). ``options``: as ``mapseg segment`` takes them (``k`` or ``centers``, ``model``,
-    ``backend``, ``tile``, ``bands``, ``nodata``, ``stretch``/``input_max``, ``smooth``, ``seed``, ``cog``;
+    ``backend``, ``tile``, ``bands``, ``nodata``, ``stretch``/``input_max``, ``smooth``, ``seed``, ``cog``,
+    ``extent``/``extent_crs``, ``mask``, ``resolution`` (every input read through that area and grid);
     ``threads`` and ``workers`` per task, default 1 each). ``block``: rasters of more than block² pixels are
     cut into block tasks. Returns the run report (also written to ``out_dir/batch_report.json``); its
     ``failed`` counts the rasters that failed (the others are done or skipped). See the module doc."""
@@ -525,9 +574,12 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
         raise SegmentError("give -k K (number of clusters) or --centers FILE")
     check_one_scaling(o.stretch, o.input_max)
     given_legend = load_legend(o.legend)  # read (and refused) before any work; checked against K with the centres
-    for name in ("extent", "mask", "resolution"):  # the block tasks and the samples read whole rasters
-        if getattr(o, name, None) is not None:
-            raise SegmentError(f"--{name}: mapseg batch does not take it yet; run mapseg segment per raster for it")
+    region = o.region()  # checked before any work; every task opens its raster through it
+    if o.mask is not None and not is_remote(str(o.mask)):
+        if not os.path.exists(o.mask):
+            raise RasterError(f"--mask {o.mask} does not exist")
+        o = dataclasses.replace(o, mask=os.path.abspath(o.mask))  # the workers may run elsewhere
+        region = o.region()
     if o.smooth < 0:
         raise SegmentError(f"--smooth {o.smooth}: must be >= 0")
     if o.tile < 4 or o.tile % 4:
@@ -551,9 +603,10 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     # what changes labels (besides model and centres); the precision of the network is part of the backend spec
     precision = backend.partition(":")[2] or "float32"
     label_options = {"bands": o.bands, "nodata": o.nodata, "stretch": o.stretch, "input_max": o.input_max,
-                     "smooth": o.smooth, "seed": o.seed, "cog": o.cog, "precision": precision}
+                     "smooth": o.smooth, "seed": o.seed, "cog": o.cog, "precision": precision,
+                     "region": _region_key(region)}
     sample_options = {key: label_options[key] for key in ("bands", "nodata", "stretch", "input_max", "seed",
-                                                          "precision")}
+                                                          "precision", "region")}
     previous = _previous_report(out_dir)
     before = (previous.get("model") or {}).get("backend")
     if before and before != backend:
@@ -575,7 +628,8 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
             else:
                 k = check_k(o.k, features.max_k)
                 # what the fit depends on: every input's files (read by the workers, which see the inputs)
-                stamps = client.map(_input_stamp_or_none, paths, bands=o.bands, nodata=o.nodata, pure=False)
+                stamps = client.map(_input_stamp_or_none, paths, bands=o.bands, nodata=o.nodata, region=region,
+                                    pure=False)
                 try:
                     inputs_key = list(zip(paths, client.gather(stamps)))
                 finally:

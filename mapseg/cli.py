@@ -150,10 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--legend", default=None, metavar="JSON",
                    help="class names and colours (legend.json, docs/gis.md) for every output's .qml, .tif.aux.xml "
                         "and colour table (default: the centres file's, else 'segment 0..K-1')")
-    _common(m)
-    for action in m._actions:  # parsed, so that batch refuses them with a message, but not offered
-        if action.dest in ("extent", "extent_crs", "mask", "resolution"):
-            action.help = argparse.SUPPRESS
+    _common(m)  # --extent, --extent-crs, --mask, --resolution: applied to every input
     where = m.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="address of a running Dask scheduler (tcp://host:8786); default: a local cluster")
@@ -302,9 +299,6 @@ def cmd_export_onnx(args) -> int:
 def cmd_batch(args) -> int:
     options = dataclasses.replace(_options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers,
                                            cog=args.cog, legend=args.legend), workers=None)
-    if options.region().given:  # mapseg.batch opens its rasters as they are: refuse rather than ignore the flags
-        raise RasterError(f"mapseg batch does not take {options.region().flags()} yet: segment each raster with "
-                          "mapseg segment (with --centers from mapseg fit for consistent labels)")
     try:
         report = segment_batch(args.inputs, args.out_dir, options, scheduler=args.scheduler, n_workers=args.workers,
                                memory_limit=args.memory_limit, block=args.block, log=_log)

@@ -648,3 +648,49 @@ def test_the_centres_legend_reaches_every_output_and_a_new_legend_redoes_them(cl
     again = run(out, named_file, Legend.from_json({"classes": [{"value": 1, "name": "trees"}]}))
     assert again["done"] == 2 and read_legend(out / "small.tif").names == {0: "segment 0", 1: "trees",
                                                                                    2: "segment 2"}
+
+
+@pytest.mark.data
+@have_data
+def test_mask_and_resolution_apply_to_every_input_and_a_missed_raster_fails(cluster, tmp_path):
+    """batch --mask --resolution: each output is mapseg segment --centers' with the same flags (grid and labels),
+    the block tasks included; a raster the mask misses is reported failed with the view's error, the rest finish."""
+    from mapseg.cli import main
+
+    ngi = [DATA / "ngi_aerial/ngi_rgb_byte_1.tif", DATA / "ngi_aerial/ngi_rgb_byte_2.tif"]
+    import rasterio
+    from rasterio.warp import transform as warp
+
+    swiss = DATA / INPUTS[0]  # in Switzerland: the polygon (in South Africa) misses it
+    with rasterio.open(ngi[0]) as ds:  # a quadrilateral over both NGI tiles, in lon/lat (GeoJSON's CRS)
+        lon, lat = warp(ds.crs, "EPSG:4326", [-58500.0, -54000.0, -54300.0, -58200.0, -58500.0],
+                        [-3729000.0, -3729400.0, -3725000.0, -3725300.0, -3729000.0])
+    ring = [[x, y] for x, y in zip(lon, lat)]
+    mask = tmp_path / "aoi.geojson"
+    mask.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    out = tmp_path / "out"
+    args = ["--mask", str(mask), "--resolution", "10"]
+    batch = ["batch", *map(str, ngi), str(swiss), str(out), "-k", str(K), "--tile", str(TILE), "--block", "256",
+             "--scheduler", cluster["address"], *args]
+    assert main(batch) == 1
+    report = json.loads((out / "batch_report.json").read_text())
+    status = {Path(r["input"]).name: r for r in report["rasters"]}
+    assert status[swiss.name]["status"] == "failed" and "misses" in status[swiss.name]["error"]
+    assert report["done"] == 2 and report["failed"] == 1
+    assert report["options"]["region"]["resolution"] == 10.0 and report["options"]["region"]["mask_files"]
+    for path in ngi:
+        ref = tmp_path / "ref" / f"{path.stem}.tif"
+        ref.parent.mkdir(exist_ok=True)
+        assert main(["segment", str(path), str(ref), "--centers", str(out / "centers.json"), "--tile", str(TILE),
+                     "--backend", report["model"]["backend"], "--no-progress", *args]) == 0
+        labels, crs, transform = _read(ref)
+        got, got_crs, got_transform = _read(_outputs(out, path.stem))
+        assert transform.a == 10.0 and labels.shape[1] < 500  # the 10 m grid of the mask's part of the raster
+        assert got_crs == crs and got_transform == transform and np.array_equal(got, labels), path.stem
+        assert (labels == 255).any() and (labels != 255).any()  # outside the polygon: nodata
+    assert _outputs(out, ngi[0].stem).suffix == ".vrt"  # cut into block tasks, read through the area too
+    # a rerun skips; the mask file touched (its size and mtime are in the digest) redoes
+    assert main(batch) == 1 and json.loads((out / "batch_report.json").read_text())["skipped"] == 2
+    mask.write_text(mask.read_text() + "\n")
+    assert main(batch) == 1 and json.loads((out / "batch_report.json").read_text())["done"] == 2

@@ -67,36 +67,17 @@ from . import __version__
 from .batch_inputs import RESERVED_STEMS, expand_inputs, is_remote, output_stems  # noqa: F401 (RESERVED_STEMS)
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
 from .cluster import Centers, check_k, kmeans_rows
-from .errors import (
-    USER_ERRORS,
-    BackendUnavailable,
-    OutputError,
-    RasterError,
-    SegmentError,
-    first_line,
-)
+from .errors import USER_ERRORS, BackendUnavailable, OutputError, RasterError, SegmentError, first_line
 from .features import FeatureModel, load_features
 from .fileio import remove_dead_leftovers, write_text_atomic
 from .legend import Legend, load_legend, run_legend, style_path
 from .raster import Region, io_env, open_reader
 from .raster.polygons import mask_files
-from .raster.vrt import (
-    MOSAIC_FILE,
-    MOSAIC_NAME,
-    write_mosaics,
-    write_vrt,  # noqa: F401 - importable from here as before
-    write_vrt_classes,
-)
+from .raster.vrt import MOSAIC_FILE, MOSAIC_NAME, write_mosaics, write_vrt_classes
+from .raster.vrt import write_vrt  # noqa: F401 - importable from here as before
 from .scaling import check_one_scaling
-from .segment import (
-    SegmentOptions,
-    check_run_outputs,
-    fit_samples,
-    sample_raster,
-    scaling_for,
-    segment_raster,
-    write_windows,
-)
+from .segment import (SegmentOptions, check_run_outputs, fit_samples, sample_raster, scaling_for, segment_raster,
+                      write_windows)
 from .windows import plan_windows
 
 DASK_HINT = 'pip install "map-segmenter[dask]" (or: pip install "dask[distributed]")'

@@ -42,7 +42,8 @@ from .algorithm import MODELS, SegmentRasterAlgorithm
 
 MODEL_DEFAULT, MODEL_FOLDER, MODEL_KMEANS = 0, 1, 2
 # what a failed replacement of an open output looks like in the log (POSIX errno 13, Windows errors 5 and 32)
-REPLACE_FAILED = re.compile(r"PermissionError|Permission denied|Errno 13|WinError (5|32)|used by another process",
+REPLACE_FAILED = re.compile(r"open in another program|PermissionError|Permission denied|Errno 13|WinError (5|32)|"
+                            r"used by another process",
                             re.IGNORECASE)
 
 TOOLTIPS = {

@@ -85,21 +85,6 @@ def segment_raster(input_path: PathLike, output_path: PathLike, options: Segment
 
 # --------------------------------------------------------------------------- arrays
 
-class _FloatArrayReader(ArrayReader):
-    """``ArrayReader`` over a float (H, W, 3) image (ArrayReader itself takes uint8 and uint16).
-
-    ``ArrayReader.__init__`` runs as for any array (its shape and emptiness checks, and whatever it sets up) on a
-    uint8 stand-in of the image's shape (a broadcast view: no copy); the float image then takes its place."""
-
-    def __init__(self, image: np.ndarray, valid: np.ndarray | None = None, name: str = "<array>"):
-        image = np.asarray(image)
-        if image.dtype.kind != "f" or image.ndim != 3 or image.shape[2] != 3:
-            raise SegmentError(f"{name}: expected an (H, W, 3) float image, got {image.shape} {image.dtype}")
-        super().__init__(np.broadcast_to(np.uint8(0), image.shape), valid, name)
-        self.image = image
-        self.info.dtype = image.dtype.name
-
-
 def _array_reader(image, o: SegmentOptions, valid=None, name: str = "<array>") -> tuple[ArrayReader, float | None, str]:
     """(a reader over ``image``, the input maximum to scale by or None, how it is known) for an (H, W, C) array:
     ``o.bands`` picks three of C channels (1-based); nodata where every band equals ``o.nodata``, where
@@ -141,10 +126,7 @@ def _array_reader(image, o: SegmentOptions, valid=None, name: str = "<array>") -
                 raise SegmentError(f"{name}: a float image is read as [0, 1] but its values span [{lo:g}, {hi:g}]; "
                                    "give input_max=N (the value of full brightness) or stretch=(2, 98)")
             top, how = FLOAT_MAX, "float image in [0, 1]"
-        reader = _FloatArrayReader(image, ok, name)
-    else:
-        reader = ArrayReader(image, ok, name)
-    return reader, top, how
+    return ArrayReader(image, ok, name), top, how
 
 
 # the settings an array honours; any other SegmentOptions field (cog, an extent, ...) concerns raster files and is

@@ -183,21 +183,20 @@ def test_bad_arrays_are_clear_errors(image, settings, message):
         segment_array(image, model="kmeans", **settings)
 
 
-def test_float_reader_runs_the_array_reader_checks():
-    from mapseg.api import _FloatArrayReader
+def test_array_reader_takes_float_images_with_its_checks():
     from mapseg.raster import ArrayReader
 
     image = np.random.default_rng(0).random((6, 5, 3), np.float32)
-    reader = _FloatArrayReader(image, None, "<f>")
-    assert isinstance(reader, ArrayReader) and reader.image is image and reader.info.dtype == "float32"
+    reader = ArrayReader(image, None, "<f>")
+    assert reader.image is image and reader.info.dtype == "float32"
     assert (reader.height, reader.width) == (6, 5)
     data, ok = reader.read(1, 3, 0, 5)
     np.testing.assert_array_equal(data, image[1:3])
     assert ok.shape == (2, 5) and ok.all()
     for bad, message in ((np.zeros((0, 5, 3), np.float32), "is empty"), (np.zeros((6, 5, 4), np.float32), "float"),
-                         (np.zeros((6, 5, 3), np.uint8), "float")):
+                         (np.zeros((6, 5, 3), np.int32), "float")):
         with pytest.raises(SegmentError, match=message):
-            _FloatArrayReader(bad, None, "<f>")
+            ArrayReader(bad, None, "<f>")
 
 
 def test_fit_centers_errors(crop):

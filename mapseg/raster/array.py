@@ -12,12 +12,15 @@ from .common import ReaderBase
 
 class ArrayReader(ReaderBase):
     """The reader interface (``height``, ``width``, ``info.dtype``, ``read``) over an in-memory (H, W, 3)
-    uint8 or uint16 image, with an optional (H, W) validity mask: the pipeline without a raster file."""
+    uint8, uint16 or float image, with an optional (H, W) validity mask: the pipeline without a raster file.
+    A float image has no full brightness of its own: the caller gives the scaling its input maximum
+    (``mapseg.api.segment_array`` takes floats as [0, 1])."""
 
     def __init__(self, image: np.ndarray, valid: np.ndarray | None = None, name: str = "<array>"):
         image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype.name not in DTYPE_MAX:
-            raise SegmentError(f"{name}: expected an (H, W, 3) uint8 or uint16 image, got {image.shape} {image.dtype}")
+        if image.ndim != 3 or image.shape[2] != 3 or (image.dtype.name not in DTYPE_MAX and image.dtype.kind != "f"):
+            raise SegmentError(f"{name}: expected an (H, W, 3) uint8, uint16 or float image, got {image.shape} "
+                               f"{image.dtype}")
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise SegmentError(f"{name} is empty")
         self.image, self.valid, self.path = image, valid, name

@@ -1,4 +1,4 @@
-"""Embedding backends behind one interface: numpy (reference), onnxruntime, torch.
+"""Embedding backends behind one interface: numpy (reference), onnxruntime, torch; torch on CUDA (gpu.py).
 
     backend = make_backend("auto", artifact)      # -> (Backend, "why this one")
     emb = backend.embed(image)                    # (H, W, 3) float32 in [0, 1] -> (H/4, W/4, D)
@@ -29,20 +29,30 @@ Both keep the window- and thread-invariance of the embeddings (integer
 accumulation is exact; oneDNN's bf16 kernels were bit-identical across input
 sizes and thread counts here: tests/test_mapseg_precision.py) but not their
 agreement with float32: bench/bench_precision.py measures it.
+* ``fp16``: cuda only (mapseg/gpu.py): every convolution but the first in half
+  precision, float32 accumulation.
+
+``cuda`` (mapseg/gpu.py) runs the network on a GPU with the windows in flight
+batched (``cuda:fp16,batch=16``: ``batch`` windows per network call at most). It is
+not in ``AUTO_ORDER``: ``auto`` stays the CPU default, whose labels are the same
+bits everywhere, where cuDNN's follow the agreement rule (mapseg/gpu.py).
 """
 from __future__ import annotations
 
 import importlib.util
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import ArtifactError, BackendUnavailable, first_line
+from .gpu import CudaBackend
 from .network import NumpyNetwork, fold_layers
 
 AUTO_ORDER = ("onnx", "torch", "numpy")
-BACKENDS = ("auto",) + AUTO_ORDER
-PRECISIONS = ("float32", "int8", "bf16")
-PRECISION_BACKENDS = {"float32": AUTO_ORDER, "int8": ("onnx",), "bf16": ("torch",)}
+BATCHED = ("cuda",)                   # backends that batch the windows in flight (``,batch=N``)
+BACKENDS = ("auto",) + AUTO_ORDER + BATCHED
+PRECISIONS = ("float32", "int8", "bf16", "fp16")
+PRECISION_BACKENDS = {"float32": AUTO_ORDER + BATCHED, "int8": ("onnx",), "bf16": ("torch",), "fp16": ("cuda",)}
 INT8_MODEL = "model.int8.onnx"       # in the artifact folder, written by mapseg quantize
 INT8_SIDECAR = "model.int8.json"     # how it was made (mapseg/quantize.py)
 ONNX_OPSET = 17
@@ -198,13 +208,41 @@ class OnnxBackend:
         return text + (", precision int8 (first conv float32)" if self.precision == "int8" else "")
 
 
-_CLASSES = {"numpy": NumpyBackend, "onnx": OnnxBackend, "torch": TorchBackend}
+_CLASSES = {"numpy": NumpyBackend, "onnx": OnnxBackend, "torch": TorchBackend, "cuda": CudaBackend}
+
+
+class BackendSpec(NamedTuple):
+    name: str             # auto | numpy | onnx | torch | cuda
+    precision: str        # PRECISIONS
+    batch: int | None     # windows per network call at most (cuda; None: its default)
+
+
+def parse_backend(spec: str, precision: str = "float32") -> BackendSpec:
+    """``NAME[:PRECISION][,batch=N]`` (``onnx:int8``, ``cuda:fp16,batch=16``), the form in which a run's
+    settings (SegmentOptions.backend) carry a precision other than float32 and the batch of a batched
+    backend. ``batch`` goes with a backend in BATCHED only."""
+    head, sep, options = str(spec).partition(",")
+    batch = None
+    if sep:
+        key, eq, value = options.partition("=")
+        if key.strip() != "batch" or not eq:
+            raise ValueError(f"backend {spec!r}: unknown option {options!r} (the one option is batch=N)")
+        try:
+            batch = int(value)
+        except ValueError:
+            batch = 0
+        if batch < 1:
+            raise ValueError(f"backend {spec!r}: batch must be a positive integer")
+    name, precision = split_backend(head, precision)
+    if batch is not None and name not in BATCHED:
+        raise ValueError(f"backend {spec!r}: batch=N batches windows on {' or '.join(BATCHED)} only")
+    return BackendSpec(name, precision, batch)
 
 
 def split_backend(spec: str, precision: str = "float32") -> tuple[str, str]:
-    """(backend, precision) of ``spec``: a backend name, or ``NAME:PRECISION`` (``onnx:int8``, ``auto:bf16``),
-    the form in which a run's settings (SegmentOptions.backend) carry a precision other than float32."""
-    name, sep, given = str(spec).partition(":")
+    """(backend, precision) of ``spec``: a backend name, or ``NAME:PRECISION`` (``onnx:int8``, ``auto:bf16``);
+    a batch (``cuda,batch=16``) is left out: ``parse_backend`` reads it."""
+    name, sep, given = str(spec).partition(",")[0].partition(":")
     if sep:
         if precision != "float32" and given != precision:
             raise ValueError(f"backend {spec!r} and precision {precision!r} disagree")
@@ -220,17 +258,26 @@ def make_backend(name: str, artifact, threads: int | None = None, precision: str
     """(backend, message). ``auto`` tries AUTO_ORDER (those of it that run ``precision``) and reports what it
     skipped and why.
 
-    ``name`` may carry the precision (``split_backend``); a backend that cannot run ``precision``
+    ``name`` may carry the precision and a batch (``parse_backend``); a backend that cannot run ``precision``
     is refused (BackendUnavailable), never run in float32 instead."""
-    name, precision = split_backend(name, precision)
+    name, precision, batch = parse_backend(name, precision)
     if name != "auto":
         if name not in PRECISION_BACKENDS[precision]:
             raise _precision_refused(name, precision)
         cls = _CLASSES[name]
-        backend = cls(artifact) if cls is NumpyBackend else cls(artifact, threads, precision)
+        if cls is NumpyBackend:
+            backend = cls(artifact)
+        elif name in BATCHED:
+            backend = cls(artifact, threads, precision, batch)
+        else:
+            backend = cls(artifact, threads, precision)
         return backend, f"backend {backend.name}: {backend.describe()}"
+    candidates = [c for c in AUTO_ORDER if c in PRECISION_BACKENDS[precision]]
+    if not candidates:
+        raise BackendUnavailable(f"--backend auto picks a CPU backend, and precision {precision} runs on "
+                                 f"--backend {' or '.join(PRECISION_BACKENDS[precision])} only: give that")
     skipped = []
-    for candidate in PRECISION_BACKENDS[precision]:  # AUTO_ORDER, less those that cannot run the precision
+    for candidate in candidates:  # AUTO_ORDER, less those that cannot run the precision
         try:
             backend, _ = make_backend(candidate, artifact, threads, precision)
         except BackendUnavailable as exc:
@@ -256,9 +303,9 @@ def cpu_flags() -> set[str]:
 
 
 def available_backends(artifact) -> dict[str, str | None]:
-    """name -> None if it can run here, else the reason it cannot."""
+    """name -> None if it can run here, else the reason it cannot (cuda included: ``mapseg info`` says why not)."""
     out = {}
-    for name in AUTO_ORDER:
+    for name in AUTO_ORDER + BATCHED:
         try:
             make_backend(name, artifact)
             out[name] = None

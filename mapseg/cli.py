@@ -31,11 +31,13 @@ import numpy as np
 
 from . import __version__
 from .artifact import describe, load_artifact
-from .backends import AUTO_ORDER, PRECISIONS, BackendUnavailable, available_backends, make_backend
+from .backends import (AUTO_ORDER, BACKENDS, BATCHED, PRECISIONS, BackendUnavailable, available_backends,
+                       make_backend, parse_backend)
 from .batch import DEFAULT_BLOCK, segment_batch
 from .errors import USER_ERRORS, RasterError, SegmentError
 from .features import default_model_path
 from .fileio import write_text_atomic
+from .gpu import DEFAULT_BATCH
 from .legend import Legend, load_legend, pam_path, parse_merge, read_legend, relabel, style_path
 from .raster import parse_bands, parse_extent, write_preview
 from .scaling import parse_input_max, parse_stretch
@@ -49,12 +51,16 @@ EPILOG = ("--model takes an artifact folder (default: $MAPSEG_MODEL, else ./mode
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="artifact folder, or 'kmeans' (default: $MAPSEG_MODEL, else ./model/best, else the shipped model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "onnx", "torch"],
-                   help="embedding backend; auto picks the fastest available and says which")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="embedding backend; auto picks the fastest available CPU backend and says which; cuda: "
+                        "torch on a GPU, windows batched (needs a CUDA build of torch, docs/runtime.md)")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="network precision: float32 (default, the reference); int8 (onnx backend, model.int8.onnx "
-                        "from 'mapseg quantize'); bf16 (torch backend). Labels differ from float32's on some "
-                        "pixels: see docs/runtime.md")
+                        "from 'mapseg quantize'); bf16 (torch backend); fp16 (cuda backend). Labels differ from "
+                        "float32's on some pixels: see docs/runtime.md")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help=f"--backend cuda: windows per network call at most (default {DEFAULT_BATCH}); "
+                        "2 x N windows are in flight unless --workers says otherwise")
     p.add_argument("--bands", default=None, help="three 1-based bands as R,G,B (required unless the raster has 3)")
     p.add_argument("--nodata", type=float, default=None, help="input nodata value (default: the raster's own)")
     scale = p.add_mutually_exclusive_group()
@@ -225,8 +231,15 @@ def _log(msg: str) -> None:
 
 def _options(args, **settings) -> SegmentOptions:
     """A run's SegmentOptions: the flags every command shares (``_common``) and this command's ``settings``."""
-    # the precision rides on the backend setting (mapseg.backends.split_backend: "onnx:int8")
+    # the precision and a batch ride on the backend setting (mapseg.backends.parse_backend: "cuda:fp16,batch=16")
     backend = args.backend if args.precision == "float32" else f"{args.backend}:{args.precision}"
+    if args.batch is not None:
+        if args.backend not in BATCHED:
+            raise SegmentError(f"--batch {args.batch} batches windows on the GPU: it goes with --backend "
+                               f"{' or '.join(BATCHED)}")
+        if args.batch < 1:
+            raise SegmentError(f"--batch {args.batch}: must be a positive integer")
+        backend += f",batch={args.batch}"
     return SegmentOptions(model=args.model, backend=backend, threads=args.threads, workers=args.workers,
                           bands=parse_bands(args.bands), nodata=args.nodata, stretch=parse_stretch(args.stretch),
                           input_max=parse_input_max(args.input_max, args.bits), seed=args.seed,
@@ -252,6 +265,8 @@ def cmd_segment(args) -> int:
         report["polygons"] = polygonize_labels(args.output, args.polygons, args.min_area, args.simplify,
                                                args.connectivity, names, log=_log, check=False)
     if args.report:
+        spec = parse_backend(options.backend)  # the batch of a batched backend (cuda), like its precision
+        report.setdefault("batch", (spec.batch or DEFAULT_BATCH) if report["backend"] in BATCHED else None)
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if args.preview:
         png = write_preview(args.input, args.output, args.preview, options.bands, options.nodata,

@@ -34,7 +34,7 @@ class FeatureModel(Protocol):
     fill: np.ndarray      # (3,) float32 [0, 1] colour that stands in for nodata and the padding
     name: str             # for the log and the report
     model_id: dict        # recorded in the centres ({"kind": ..., "weights_sha256": ...}), checked when applied
-    backend_name: str     # "numpy", "onnx", "torch" or "none" (no network), for the report
+    backend_name: str     # "numpy", "onnx", "torch", "cuda" or "none" (no network), for the report
     backend_message: str  # one line for the log: the backend, why it, and the worker plan
     plan: WorkerPlan      # windows in flight and threads each (mapseg.parallel)
 
@@ -46,12 +46,16 @@ class EmbeddingFeatures:
     """The exported student: (h, w, 3) [0, 1] -> (h/4, w/4, D) L2-normalised, cosine metric."""
     kind, metric = "embedding", "cosine"
 
-    def __init__(self, artifact, backend: str = "auto", threads: int | None = None, workers: int | None = None):
+    def __init__(self, artifact, backend="auto", threads: int | None = None, workers: int | None = None):
         self.artifact = artifact
-        # threads per window for a network backend first (onnxruntime takes them when the session is made);
-        # then the plan of the backend actually picked (numpy may have to run one window at a time)
-        self.backend, message = make_backend(backend, artifact, plan_workers("onnx", workers, threads).threads)
-        self.plan = plan_workers(self.backend.name, workers, threads)
+        if isinstance(backend, str):
+            # threads per window for a network backend first (onnxruntime takes them when the session is made);
+            # then the plan of the backend actually picked (numpy may have to run one window at a time)
+            self.backend, message = make_backend(backend, artifact, plan_workers("onnx", workers, threads).threads)
+        else:  # a backend made already (mapseg.gpu.CudaBackend on torch's CPU device, in tests and dry runs)
+            self.backend, message = backend, f"backend {backend.name}: {backend.describe()}"
+        # a batched backend (cuda) plans its windows around its batch
+        self.plan = plan_workers(self.backend.name, workers, threads, batch=getattr(self.backend, "batch", None))
         self.backend_message = f"{message}; {self.plan.note}"
         self.stride = artifact.stride
         self.halo = max(artifact.halo, required_halo(artifact.layers))
@@ -102,6 +106,7 @@ def load_features(model: str | os.PathLike | None, backend: str = "auto", thread
                   workers: int | None = None) -> FeatureModel:
     """``kmeans`` -> ColourFeatures; anything else is an artifact folder (default: ``default_model_path()``).
 
+    ``backend``: a spec (mapseg.backends.parse_backend: ``onnx``, ``torch:bf16``, ``cuda:fp16,batch=16``).
     ``workers`` windows run at once with ``threads`` threads each (default: see mapseg.parallel).
     """
     try:

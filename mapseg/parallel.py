@@ -40,6 +40,10 @@ there; with ``--workers 1 --threads 2`` onnxruntime's spinning pool had cost
 windows at one thread each (windows 5.9 against 3.5 s) in OpenBLAS's own
 threads, which spin between products and which no library call can stop:
 the default plan avoids it.
+
+On the cuda backend (mapseg/gpu.py) the network runs on the GPU in batches of the windows in flight:
+there ``workers`` is 2 x the batch by default (one batch on the GPU while the next is read and staged),
+and ``threads`` is only the BLAS's per window, for the assignment.
 """
 from __future__ import annotations
 
@@ -70,8 +74,9 @@ class WorkerPlan:
     workers: int             # windows in flight
     threads: int | None      # threads per window for the backend (None: the backend's default)
     note: str                # one line for the log and the run report
-    backend: str = "none"    # numpy | onnx | torch | none
+    backend: str = "none"    # numpy | onnx | torch | cuda | none
     blas_limit: bool = False  # hold the BLAS pool at ``threads`` while windows run (threadpoolctl is installed)
+    batch: int | None = None  # windows per network call at most (a batched backend: cuda), else None
 
     @contextlib.contextmanager
     def context(self):
@@ -91,14 +96,28 @@ class WorkerPlan:
 
 
 def plan_workers(backend: str, workers: int | None = None, threads: int | None = None,
-                 cpus: int | None = None) -> WorkerPlan:
+                 cpus: int | None = None, batch: int | None = None) -> WorkerPlan:
     """How many windows run at once and with how many threads each, for backend ``backend``
-    (``numpy``, ``onnx``, ``torch``, or ``none`` for colour k-means, which runs no network)."""
+    (``numpy``, ``onnx``, ``torch``, ``cuda``, or ``none`` for colour k-means, which runs no network).
+
+    ``batch``: the backend batches the windows in flight, up to ``batch`` per network call (cuda,
+    mapseg/gpu.py). Then ``workers`` defaults to 2 x ``batch`` whatever the CPUs: while one batch is on the
+    GPU the other half of the windows are read, scaled, staged and assigned, and threads that wait on the
+    GPU take no core. ``threads`` is then the BLAS's per window, for the assignment."""
     cpus = cpus or available_cpus()
-    for name, value in (("--workers", workers), ("--threads", threads)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+    for name, value in (("--workers", workers), ("--threads", threads), ("--batch", batch)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise WorkerError(f"{name} {value}: must be a positive integer")
     asked = workers is not None
+    if batch is not None:
+        workers = workers or 2 * batch
+        threads = threads or max(1, cpus // workers)
+        note = (f"{workers} window{'s' if workers > 1 else ''} at a time, batches of up to {batch} on the device, "
+                f"{threads} BLAS thread{'s' if threads > 1 else ''} each for the assignment ({cpus} CPUs)")
+        held = importlib.util.find_spec("threadpoolctl") is not None
+        if not held:
+            note += "; the BLAS is not held per window (threadpoolctl is not installed: pip install threadpoolctl)"
+        return WorkerPlan(workers, threads, note, backend, held, batch)
     if workers is None:
         workers = min(AUTO_WORKERS, cpus)
     held = importlib.util.find_spec("threadpoolctl") is not None

@@ -53,8 +53,8 @@ LINGER_S = 0.005         # how long a group of waiting windows waits for more be
 IDLE_EXIT_S = 2.0        # the runner thread ends after this long without work (started again on demand)
 RUNNER_THREAD = "mapseg-batch"
 PRECISIONS = ("float32", "fp16")
-INSTALL = ("install a CUDA build of torch, e.g. pip install torch==2.13.0 --index-url "
-           "https://download.pytorch.org/whl/cu126 (docs/runtime.md, 'GPU')")
+INSTALL = ("install a CUDA build of torch (on Linux x86_64 PyPI's is one; else PyTorch's index for your CUDA: "
+           "pip install torch --index-url https://download.pytorch.org/whl/cuXXX; docs/runtime.md, 'GPU')")
 
 
 # --------------------------------------------------------------------------- is there a GPU?

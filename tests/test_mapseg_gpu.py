@@ -278,3 +278,31 @@ def test_the_cli_runs_and_reports_a_batched_backend(artifact, raster, tmp_path, 
     r = json.loads(report.read_text())
     assert (r["backend"], r["precision"], r["batch"], r["workers"]) == ("cuda", "fp16", 3, 6)
     assert not [t for t in threading.enumerate() if t.name == RUNNER_THREAD and not t.daemon]
+
+
+# --------------------------------------------------------------------------- bench/bench_gpu.py
+
+def _bench(args, tmp_path):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="a CUDA device is visible")
+def test_the_gpu_bench_without_cuda_measures_nothing_and_says_so(tmp_path):
+    res = _bench([], tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stdout.startswith("no CUDA device: nothing measured (") and "MP/s" not in res.stdout
+
+
+def test_the_gpu_bench_dry_runs_on_the_cpu_labelled_as_such(raster, tmp_path):
+    """Every part of the script on torch's CPU device (small sizes): it runs, and says it is no GPU figure."""
+    res = _bench(["--device", "cpu", "--precisions", "float32", "--side", "320", "--tile", "128", "--batches", "2",
+                  "--repeat", "1", "--rasters", str(raster), "--source", str(raster), "--no-eval"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "CPU DRY RUN on torch's CPU device: no figure below is a GPU figure" in out
+    assert "bound by" in out and "write (main thread, serial)" in out and "batched-cpu float32 vs CPU" in out
+    assert all(line.startswith("CPU DRY RUN, not a GPU figure: ") for line in out.splitlines() if "target >=" in line)

@@ -12,7 +12,7 @@ Settings are ``mapseg.segment.SegmentOptions`` fields, given as keyword argument
 replacing its fields; a name that is no field is an error listing them. ``segment_raster``, and
 ``fit_centers`` over raster paths alone, accept every field (a fit uses those ``mapseg fit`` uses). Arrays
 (``segment_array``, ``fit_centers`` with an array among its inputs) take only ``ARRAY_SETTINGS`` (k, centers,
-model, backend, threads, workers, tile, bands, nodata, stretch, input_max, smooth, seed): any other field
+model, backend, threads, workers, tile, bands, nodata, stretch, input_max, smooth, upsample, seed): any other field
 (``cog``, an extent, a mask, ...) concerns raster files and, set to other than its default, is refused rather
 than ignored.
 
@@ -132,7 +132,7 @@ def _array_reader(image, o: SegmentOptions, valid=None, name: str = "<array>") -
 # the settings an array honours; any other SegmentOptions field (cog, an extent, ...) concerns raster files and is
 # refused when set, rather than ignored
 ARRAY_SETTINGS = frozenset({"k", "centers", "model", "backend", "threads", "workers", "tile", "bands", "nodata",
-                            "stretch", "input_max", "smooth", "seed"})
+                            "stretch", "input_max", "smooth", "upsample", "seed"})
 
 
 def _check_array_options(o: SegmentOptions) -> None:
@@ -158,7 +158,7 @@ def segment_array(image: np.ndarray, k: int | None = None, *, centers: PathLike 
     applied; ``model``: an artifact folder, ``"kmeans"``, None (the default model) or ``load_model()``'s result
     (faster when reused). Nodata: pixels whose bands all equal ``nodata``, where ``valid`` (H, W) is False, and
     float pixels with a NaN band. Further settings by name, those of ``ARRAY_SETTINGS`` (``seed``, ``tile``,
-    ``smooth``, ``input_max``, ``stretch``, ``backend``, ...; see ``SegmentOptions``): the other fields are raster
+    ``smooth``, ``upsample``, ``input_max``, ``stretch``, ``backend``, ...; see ``SegmentOptions``): the other fields are raster
     settings, refused when set. ``log(message)``: notes on scaling (default: none).
     """
     given = {key: value for key, value in (("k", k), ("centers", centers), ("model", model), ("nodata", nodata))
@@ -182,7 +182,7 @@ def segment_array(image: np.ndarray, k: int | None = None, *, centers: PathLike 
         scaling = scaling_for(reader, features, o.stretch, o.seed, top, how=how)
         fitted = _fit_samples([(reader, scaling)], k, features, o.seed, log)
     log(f"scaling: {scaling.description}")
-    return label_reader(reader, features, scaling, fitted, o.tile, o.smooth)
+    return label_reader(reader, features, scaling, fitted, o.tile, o.smooth, o.upsampling(features))
 
 
 # --------------------------------------------------------------------------- centres

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import ArtifactError
 from .network import required_halo
+from .upsample import Upsample
 
 ARTIFACT_FORMAT_VERSION = 1  # the meta.json format this runtime reads (and training.export writes)
 ARTIFACT_KIND = "mapseg-artifact"
@@ -95,6 +96,11 @@ class Artifact:
         if not res or (res.get("m_per_px") is None and res.get("range_m_per_px") is None):
             return None
         return res
+
+    @property
+    def upsample(self) -> Upsample:
+        """How this model's cell scores become pixel labels (``meta.json["upsample"]``; absent: nearest)."""
+        return Upsample.from_json(self.meta.get("upsample"))
 
 
 def _read_json(path: Path) -> dict:
@@ -206,6 +212,7 @@ def validate(meta: dict, arrays: dict[str, np.ndarray], where: str = "artifact")
         raise ArtifactError(f"{where}: model.npz does not match meta.json (weights_sha256 differs): "
                             "the files come from different exports")
     _check_resolution(meta.get("resolution"), where)
+    Upsample.from_json(meta.get("upsample"), where)
     need = required_halo(layers)
     if int(arch.get("halo", -1)) < need:
         raise ArtifactError(f"{where}: architecture.halo={arch.get('halo')} is below the {need} pixels "
@@ -295,6 +302,7 @@ def describe(artifact: Artifact) -> str:
         f"max_k           {m['max_k']}   (default K {m['cluster_defaults'].get('k', '?')})",
         f"temperature     {m['temperature']}",
         f"resolution      {resolution_text(m.get('resolution'))}",
+        f"upsample        {Upsample.from_json(m.get('upsample')).describe()}",
         f"input           RGB in [0,1] then (x - {m['input']['mean']}) / {m['input']['std']}",
         f"flops / MP      {arch.get('flops_per_megapixel', float('nan')) / 1e9:.1f} GFLOP",
         f"onnx            {'model.onnx' if artifact.onnx_path else 'not exported'}",

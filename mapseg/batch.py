@@ -77,7 +77,7 @@ from .raster.vrt import MOSAIC_FILE, MOSAIC_NAME, write_mosaics, write_vrt_class
 from .raster.vrt import write_vrt  # noqa: F401 - importable from here as before
 from .scaling import check_one_scaling
 from .segment import (SegmentOptions, check_run_outputs, fit_samples, sample_raster, scaling_for, segment_raster,
-                      write_windows)
+                      window_halo, write_windows)
 from .windows import plan_windows
 
 DASK_HINT = 'pip install "map-segmenter[dask]" (or: pip install "dask[distributed]")'
@@ -359,7 +359,8 @@ def segment_block(path: str, output: str, s: TaskSettings, centers: Centers, fea
     the ``tile`` grid), scaled as ``segment_raster`` scales with these centres: the whole raster's labels there."""
     o = s.options
     r0, r1, c0, c1 = box
-    halo = features.halo + o.smooth * features.stride
+    up = o.upsampling(features)
+    halo = window_halo(features, o.smooth, up)
     with io_env(), open_reader(path, o.bands, o.nodata, o.region()) as reader:  # box and windows on the area's grid
         info = reader.info
         check_run_outputs({"output": output}, [(path, info)], dataclasses.replace(o, model=s.model), log)
@@ -373,7 +374,7 @@ def segment_block(path: str, output: str, s: TaskSettings, centers: Centers, fea
         classes = run_legend(fitted.k, o.legend, fitted.legend)
         _, clipped, _ = write_windows(reader, output, features, scaling, fitted, wins, smooth=o.smooth, cog=o.cog,
                                       box=box, tags={"MAPSEG_BLOCK": f"{r0},{r1},{c0},{c1}"},
-                                      cmap=classes.colormap())
+                                      cmap=classes.colormap(), up=up)
     return {"geometry": _geometry(info, r0, c0, r1 - r0, c1 - c0), "clipped_pixels": clipped, "k": fitted.k,
             "scaling": scaling.description}
 
@@ -542,7 +543,7 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     """Segment every raster of ``inputs`` (``expand_inputs``: files, globs, list files, URLs) into ``out_dir``
     with one set of centres, on Dask (``scheduler``: an address or a Client; else a LocalCluster of
     ``n_workers`` processes). ``options``: as ``mapseg segment`` takes them (``k`` or ``centers``, ``model``,
-    ``backend``, ``tile``, ``bands``, ``nodata``, ``stretch``/``input_max``, ``smooth``, ``seed``, ``cog``,
+    ``backend``, ``tile``, ``bands``, ``nodata``, ``stretch``/``input_max``, ``smooth``, ``upsample``, ``seed``, ``cog``,
     ``extent``/``extent_crs``, ``mask``, ``resolution`` (every input read through that area and grid);
     ``threads`` and ``workers`` per task, default 1 each). ``block``: rasters of more than block² pixels are
     cut into block tasks. Returns the run report (also written to ``out_dir/batch_report.json``); its
@@ -584,7 +585,8 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     # what changes labels (besides model and centres); the precision of the network is part of the backend spec
     precision = backend.partition(":")[2] or "float32"
     label_options = {"bands": o.bands, "nodata": o.nodata, "stretch": o.stretch, "input_max": o.input_max,
-                     "smooth": o.smooth, "seed": o.seed, "cog": o.cog, "precision": precision,
+                     "smooth": o.smooth, "upsample": o.upsampling(features).to_json(), "seed": o.seed,
+                     "cog": o.cog, "precision": precision,
                      "region": _region_key(region)}
     sample_options = {key: label_options[key] for key in ("bands", "nodata", "stretch", "input_max", "seed",
                                                           "precision", "region")}

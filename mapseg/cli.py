@@ -42,6 +42,7 @@ from .legend import Legend, load_legend, pam_path, parse_merge, read_legend, rel
 from .raster import parse_bands, parse_extent, write_preview
 from .scaling import parse_input_max, parse_stretch
 from .segment import SegmentOptions, fit_raster_centers, segment_raster
+from .upsample import METHODS as UPSAMPLE_METHODS
 from .vectors import polygonize_labels, vector_driver
 from .windows import DEFAULT_TILE
 
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "labels do not depend on it, memory does")
     s.add_argument("--smooth", type=int, default=0, metavar="N",
                    help="majority filter of radius N label cells (stride-4 cells; pixels for kmeans)")
+    s.add_argument("--upsample", choices=UPSAMPLE_METHODS, default=None,
+                   help="how the stride-4 cell scores become pixel labels: guided (edges follow the image, "
+                        "cells smoothed with their surroundings) or nearest (4 x 4 blocks, faster); default: the "
+                        "model's own (mapseg info --model M says which)")
     s.add_argument("--centers", default=None, help="apply centres from 'mapseg fit' instead of fitting")
     s.add_argument("--cog", action="store_true", help="write a Cloud Optimized GeoTIFF")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--centers", default=None, help="apply centres from 'mapseg fit' instead of fitting")
     m.add_argument("--tile", type=int, default=DEFAULT_TILE, help="window core size in pixels (a multiple of 4)")
     m.add_argument("--smooth", type=int, default=0, metavar="N", help="majority filter of radius N label cells")
+    m.add_argument("--upsample", choices=UPSAMPLE_METHODS, default=None,
+                   help="how the stride-4 cell scores become pixel labels: guided (edges follow the image, "
+                        "cells smoothed with their surroundings) or nearest (4 x 4 blocks, faster); default: the "
+                        "model's own (mapseg info --model M says which)")
     m.add_argument("--cog", action="store_true", help="write Cloud Optimized GeoTIFFs")
     m.add_argument("--block", type=int, default=DEFAULT_BLOCK, metavar="PIXELS",
                    help="a raster of more than PIXELS^2 pixels is cut into blocks of PIXELS x PIXELS, one task each "
@@ -252,7 +261,7 @@ def cmd_segment(args) -> int:
         raise RasterError(f"--preview {args.preview}: give a .png name")
     # the legend: read and checked against K by segment_raster before any work, written beside the labels after
     options = _options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers, cog=args.cog,
-                       legend=args.legend)
+                       legend=args.legend, upsample=args.upsample)
     if args.polygons:
         vector_driver(args.polygons)  # before the run, as the polygons' format and libraries
     elif args.min_area or args.simplify or args.connectivity != 4:
@@ -313,7 +322,7 @@ def cmd_export_onnx(args) -> int:
 
 def cmd_batch(args) -> int:
     options = dataclasses.replace(_options(args, k=args.k, tile=args.tile, smooth=args.smooth, centers=args.centers,
-                                           cog=args.cog, legend=args.legend), workers=None)
+                                           cog=args.cog, legend=args.legend, upsample=args.upsample), workers=None)
     try:
         report = segment_batch(args.inputs, args.out_dir, options, scheduler=args.scheduler, n_workers=args.workers,
                                memory_limit=args.memory_limit, block=args.block, log=_log)

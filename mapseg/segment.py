@@ -47,6 +47,7 @@ from .progress import Progress, SampleProgress, tell
 from .raster import OUTPUT_NODATA, RasterView, Region, ground_resolution, io_env, open_reader, open_writer
 from .raster.polygons import mask_files
 from .scaling import SampledRange, Scaling, check_one_scaling, input_range, make_scaling
+from .upsample import NEAREST, Upsample, cell_scores, guided_labels, resolve
 from .windows import DEFAULT_TILE, Window, plan_windows, sample_window_order
 
 MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)
@@ -75,6 +76,7 @@ class SegmentOptions:
     stretch: tuple[float, float] | None = None  # percentile stretch into [0, 1] (default: x / input_max)
     input_max: float | None = None         # raw value of full brightness (default: what the file says, see scaling)
     smooth: int = 0                        # majority filter radius in label cells
+    upsample: str | None = None            # nearest | guided: cell scores -> pixel labels (default: the model's)
     seed: int = 0                          # sampling and k-means
     cog: bool = False                      # write a Cloud Optimized GeoTIFF
     extent: tuple[float, float, float, float] | None = None  # xmin, ymin, xmax, ymax: the area to segment
@@ -96,6 +98,11 @@ class SegmentOptions:
             raise SegmentError("backend, threads and workers say how a model folder is loaded; "
                                f"{self.model.name} is loaded already")
         return self.model
+
+    def upsampling(self, features: FeatureModel) -> Upsample:
+        """``upsample`` for ``features``: the method asked, else the model's own (``meta.json["upsample"]``;
+        nearest for colour k-means, which labels pixels already, and for artifacts that do not say)."""
+        return run_upsample(features, self.upsample)
 
 
 # --------------------------------------------------------------------------- reading a window
@@ -170,30 +177,64 @@ def cell_all(mask: np.ndarray, s: int) -> np.ndarray:
 
 
 def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, win: Window, scorer, k: int,
-                  smooth: int) -> np.ndarray:
-    """uint8 labels (the core's shape) of a window's core, full resolution, 255 at nodata."""
+                  smooth: int, up: Upsample = NEAREST) -> np.ndarray:
+    """uint8 labels (the core's shape) of a window's core, full resolution, 255 at nodata. ``up``: how cell
+    scores become pixel labels (mapseg.upsample); the window's halo must hold ``window_halo``'s cells."""
     s = features.stride
     feats = features(image)
-    # Labels are needed on the core plus `smooth` cells around it (available: the halo covers them).
-    kept = win.core.grown(smooth * s, win.read)
-    # every cell of the window is assigned (a contiguous block: no copy of the kept part; a cell's label
-    # does not depend on which cells share its product, see assign_labels), then the kept part is cut
-    labels = assign_labels(feats, scorer)[kept.within(win.read, s)]
-    if smooth:
-        voters = cell_any(valid[kept.within(win.read)], s)
-        labels = majority_filter(labels, voters, k, smooth)
-    core = labels[win.core.within(kept, s)]
-    if s > 1:
-        h, w = core.shape
-        core = np.broadcast_to(core[:, None, :, None], (h, s, w, s)).reshape(h * s, w * s)
+    if up.method == "nearest" or s == 1:
+        # Labels are needed on the core plus `smooth` cells around it (available: the halo covers them).
+        kept = win.core.grown(smooth * s, win.read)
+        # every cell of the window is assigned (a contiguous block: no copy of the kept part; a cell's label
+        # does not depend on which cells share its product, see assign_labels), then the kept part is cut
+        labels = assign_labels(feats, scorer)[kept.within(win.read, s)]
+        if smooth:
+            voters = cell_any(valid[kept.within(win.read)], s)
+            labels = majority_filter(labels, voters, k, smooth)
+        core = labels[win.core.within(kept, s)]
+        if s > 1:
+            h, w = core.shape
+            core = np.broadcast_to(core[:, None, :, None], (h, s, w, s)).reshape(h * s, w * s)
+        else:
+            core = np.array(core)
     else:
-        core = np.array(core)
+        # pixel labels on the core plus `smooth` cells (the majority filter's reach), from scores on
+        # `margin_cells` more around them (the guided filter's reach)
+        drawn = win.core.grown(smooth * s, win.read)
+        scored = drawn.grown(up.margin_cells * s, win.read)
+        scores = cell_scores(feats[scored.within(win.read, s)], scorer)
+        inside = scored.within(win.read)
+        labels = guided_labels(scores, image[inside], valid[inside], s, up, (scored.row0 // s, scored.col0 // s),
+                               drawn.bounds)
+        if smooth:  # the same reach in pixels: a box of (2 smooth s + 1)^2 pixels
+            labels = majority_filter(labels, valid[drawn.within(win.read)], k, smooth * s)
+        core = np.array(labels[win.core.within(drawn)])
     core[~valid[win.core_in_read]] = OUTPUT_NODATA
     return core
 
 
+def model_upsample(features: FeatureModel) -> Upsample:
+    """The model's own upsampling (``meta.json["upsample"]``); nearest where there is no artifact."""
+    artifact = getattr(features, "artifact", None)
+    return NEAREST if artifact is None or features.stride == 1 else artifact.upsample
+
+
+def run_upsample(features: FeatureModel, asked: str | None) -> Upsample:
+    """The upsampling a run uses: ``asked`` (a method name) or the model's own; refused for colour k-means."""
+    if asked is not None and asked != "nearest" and features.stride == 1:
+        raise SegmentError(f"--upsample {asked}: {features.name} labels every pixel itself (no cells to upsample)")
+    return resolve(asked, model_upsample(features))
+
+
+def window_halo(features: FeatureModel, smooth: int, up: Upsample) -> int:
+    """The halo in pixels a run's windows are read with: the network's, plus the cells the majority filter
+    (``smooth``) and the upsampling (``up.margin_cells``) reach, so labels do not depend on the window."""
+    extra = smooth if features.stride == 1 or up.method == "nearest" else smooth + up.margin_cells
+    return features.halo + extra * features.stride
+
+
 def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int, wins: list[Window],
-                smooth: int = 0, clipped: list | None = None):
+                smooth: int = 0, clipped: list | None = None, up: Upsample = NEAREST):
     """(window, uint8 labels of its core clipped to the raster) for every window, in order.
 
     ``features.plan`` (mapseg.parallel) says how many windows are in flight at once: each worker
@@ -205,7 +246,7 @@ def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int
     brightness (``read_window``).
     """
     def one(win: Window, image: np.ndarray, valid: np.ndarray):
-        labels = window_labels(features, image, valid, win, scorer, k, smooth)
+        labels = window_labels(features, image, valid, win, scorer, k, smooth, up)
         h, w = win.core.in_raster(reader.height, reader.width).shape
         return win, np.ascontiguousarray(labels[:h, :w])
 
@@ -234,12 +275,14 @@ def map_windows(reader, features: FeatureModel, scaling: Scaling, wins: list[Win
 
 
 def label_reader(reader, features: FeatureModel, scaling: Scaling, centers: Centers, tile: int = DEFAULT_TILE,
-                 smooth: int = 0) -> np.ndarray:
+                 smooth: int = 0, up: Upsample | None = None) -> np.ndarray:
     """The whole (H, W) uint8 label map of a reader in memory (``segment_raster`` without the file):
-    for evaluation and small images. 255 (OUTPUT_NODATA) where the input is nodata."""
-    wins = plan_windows(reader.height, reader.width, tile, features.stride, features.halo + smooth * features.stride)
+    for evaluation and small images. 255 (OUTPUT_NODATA) where the input is nodata. ``up``: the upsampling
+    (default: the model's own, ``model_upsample``)."""
+    up = model_upsample(features) if up is None else up
+    wins = plan_windows(reader.height, reader.width, tile, features.stride, window_halo(features, smooth, up))
     out = np.empty((reader.height, reader.width), np.uint8)
-    windows = iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth)
+    windows = iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth, up=up)
     try:
         for win, labels in windows:
             h, w = labels.shape
@@ -586,14 +629,15 @@ def shift_transform(transform, row0: int, col0: int):
 
 def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling, centers: Centers,
                   wins: list[Window], *, smooth: int = 0, cog: bool = False, box=None, tags: dict | None = None,
-                  progress: bool = False, callback=None, span=(0.0, 1.0), cmap: dict | None = None
-                  ) -> tuple[str, int, dict]:
+                  progress: bool = False, callback=None, span=(0.0, 1.0), cmap: dict | None = None,
+                  up: Upsample = NEAREST) -> tuple[str, int, dict]:
     """Write the labels of the windows ``wins`` (planned for the whole raster, ``plan_windows``) of an open
     reader to the label GeoTIFF ``output_path``: the whole raster, or the pixel box ``box`` = (row0, row1, col0,
     col1) of it (a GeoTIFF of that box, georeferenced there; ``wins`` are then those whose cores lie in it).
     ``tags`` are added to ``label_tags``; ``cmap`` (value -> (r, g, b, a), ``Legend.colormap``): the colour
     table (default: mapseg's palette). Written to a temporary name, renamed when complete; on an error or a
-    cancel nothing is left. ``progress``: a bar on stderr; ``callback(fraction, "segment")`` after each window,
+    cancel nothing is left. ``up``: the upsampling (the windows' halo must hold its cells: ``window_halo``).
+    ``progress``: a bar on stderr; ``callback(fraction, "segment")`` after each window,
     the fraction running over ``span``. Returns (the output's path, pixels clipped to full brightness,
     {"windows_s", "finish_s"})."""
     info, r0, c0 = reader.info, 0, 0
@@ -607,7 +651,7 @@ def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling,
                              {**label_tags(features, centers.k), **(tags or {})}, cmap)
         bar = Progress(len(wins), "segment", progress)
         t0 = time.perf_counter()
-        windows = iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth, clipped)
+        windows = iter_labels(reader, features, scaling, centers.scorer(), centers.k, wins, smooth, clipped, up)
         try:
             for i, (win, labels) in enumerate(windows):
                 writer.write(labels, win.core.row0 - r0, win.core.col0 - c0)
@@ -660,7 +704,9 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         raise SegmentError("give -k K (number of clusters) or --centers FILE")
     if centers is None:
         k = check_k(k, features.max_k)
-    halo = features.halo + smooth * features.stride
+    up = o.upsampling(features)
+    log(f"upsampling: {up.describe()}")
+    halo = window_halo(features, smooth, up)
     timings = {}
     with io_env(), open_reader(input_path, o.bands, o.nodata, o.region()) as reader:
         check_run_outputs({"output": output_path, **sidecar_paths(output_path), **(other_outputs or {})},
@@ -695,7 +741,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         wins = plan_windows(reader.height, reader.width, o.tile, features.stride, halo)
         out, n_clipped, written = write_windows(reader, output_path, features, scaling, fitted, wins, smooth=smooth,
                                                 cog=o.cog, progress=progress, callback=callback, span=(0.1, 1.0),
-                                                cmap=classes.colormap())
+                                                cmap=classes.colormap(), up=up)
         timings.update(written)
         info = reader.info
     t1 = time.perf_counter()
@@ -713,7 +759,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         "input": str(input_path), "output": str(out), "k": k, "model": features.name, "io": reader.library,
         "features": features.kind, "backend": features.backend_name,
         "workers": features.plan.workers, "threads_per_worker": features.plan.threads,
-        "tile": o.tile, "halo": halo, "windows": len(wins), "width": info.width, "height": info.height,
+        "tile": o.tile, "halo": halo, "upsample": up.to_json(), "windows": len(wins), "width": info.width, "height": info.height,
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
         "timings": timings, "scaling": scaling.description, "input_max": scaling.input_max,
         "clipped_pixels": n_clipped, "partial_cells": partial, "nodata": info.has_nodata,

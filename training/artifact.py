@@ -35,6 +35,7 @@ from mapseg import ARTIFACT_FORMAT_VERSION
 from mapseg.artifact import ARTIFACT_KIND, load_artifact, weights_digest
 from mapseg.backends import BackendUnavailable, OnnxBackend, build_onnx_model
 from mapseg.network import NumpyNetwork, edge_contamination, flops_per_megapixel, receptive_field, required_halo
+from mapseg.upsample import Upsample
 
 from .config import Config, merge_dict
 from .data.resolution import training_resolution
@@ -125,6 +126,8 @@ def build_meta(student: StudentEmbeddingNet, cfg: Config, layers: list[dict], ar
         },
         "provenance": prov,
         "resolution": training_resolution(cfg),
+        # how the runtime draws cell scores at full resolution (mapseg/upsample.py: chosen on both dev sets)
+        "upsample": Upsample("guided").to_json(),
         "arrays": {name: list(a.shape) for name, a in arrays.items()},
         "weights_sha256": weights_digest(arrays),
     }

@@ -44,7 +44,8 @@ from mapseg.fileio import write_text_atomic
 from mapseg.parallel import SERIAL
 from mapseg.raster import OUTPUT_NODATA, PALETTE, ArrayReader, write_png
 from mapseg.scaling import make_scaling
-from mapseg.segment import fit_reader_centers, label_reader
+from mapseg.segment import fit_reader_centers, label_reader, run_upsample
+from mapseg.upsample import METHODS as UPSAMPLE_METHODS
 from mapseg.windows import DEFAULT_TILE, padded_size
 
 from .artifact import ExportError, export_artifact
@@ -237,8 +238,10 @@ def _geo_inverse(labels: np.ndarray) -> np.ndarray:
 
 
 def label_set(features: FeatureModel, evalset: EvalSet, k: int, seed: int = 0, smooth: int = 0, views: bool = True,
-              log=None) -> tuple[list[np.ndarray], list[np.ndarray] | None, object, float]:
-    """(labels per image, second-view labels mapped back or None, centres, seconds): the mapseg pipeline."""
+              log=None, upsample: str | None = None) -> tuple[list[np.ndarray], list[np.ndarray] | None, object, float]:
+    """(labels per image, second-view labels mapped back or None, centres, seconds): the mapseg pipeline.
+    ``upsample``: as ``mapseg segment --upsample`` (default: the model's own; pixel methods ignore it)."""
+    up = run_upsample(features, upsample if features.stride > 1 else None)
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     readers = [ArrayReader(im, name=i) for im, i in zip(evalset.images, evalset.ids)]
@@ -251,10 +254,10 @@ def label_set(features: FeatureModel, evalset: EvalSet, k: int, seed: int = 0, s
 
     labels, second = [], [] if views else None
     for n, reader in enumerate(readers):
-        labels.append(label_reader(reader, features, scaling, centers, tile_for(reader), smooth))
+        labels.append(label_reader(reader, features, scaling, centers, tile_for(reader), smooth, up))
         if views:
             r2 = ArrayReader(_geo(reader.image), name=reader.path)
-            second.append(_geo_inverse(label_reader(r2, features, scaling, centers, tile_for(r2), smooth)))
+            second.append(_geo_inverse(label_reader(r2, features, scaling, centers, tile_for(r2), smooth, up)))
         log(f"  {n + 1}/{len(readers)}")
     return labels, second, centers, time.perf_counter() - t0
 
@@ -288,16 +291,17 @@ def proxy_scores(labels: list[np.ndarray], second: list[np.ndarray] | None, k: i
 
 
 def evaluate_method(name: str, features: FeatureModel, evalset: EvalSet, k: int, k_over: int | None, seed: int = 0,
-                    smooth: int = 0, views: bool = True, log=None) -> dict:
+                    smooth: int = 0, views: bool = True, log=None, upsample: str | None = None) -> dict:
     log = log or (lambda msg: None)
     k = check_k(k, features.max_k)
     log(f"{name}: K={k} over {len(evalset.images)} images ({evalset.megapixels:.1f} MP)")
-    labels, second, centers, secs = label_set(features, evalset, k, seed, smooth, views)
-    res = {"method": name, "model": features.name, "k": k, **score_labels(evalset, labels, k),
+    labels, second, centers, secs = label_set(features, evalset, k, seed, smooth, views, upsample=upsample)
+    up = run_upsample(features, upsample if features.stride > 1 else None)
+    res = {"method": name, "model": features.name, "k": k, "upsample": up.to_json(), **score_labels(evalset, labels, k),
            "proxies": proxy_scores(labels, second, k), "seconds": secs, "centers_sample": centers.sample}
     if k_over and k_over != k:
         ko = min(k_over, features.max_k)
-        over_labels, _, _, _ = label_set(features, evalset, ko, seed, smooth, views=False)
+        over_labels, _, _, _ = label_set(features, evalset, ko, seed, smooth, views=False, upsample=upsample)
         cols = evalset.classes
         conf = np.sum([confusion_matrix(np.where(lab == OUTPUT_NODATA, -1, lab.astype(np.int64)), ref, ko,
                                         evalset.n_target, evalset.ignore_leq)[:, cols]
@@ -423,7 +427,7 @@ def run(args, log=None) -> dict:
         results = []
         for name, feats in methods:
             results.append(evaluate_method(name, feats, evalset, k, k_over, args.seed, args.smooth,
-                                           views=not args.no_views, log=log))
+                                           views=not args.no_views, log=log, upsample=args.upsample))
     if args.figure:
         write_figure(args.figure, evalset, results, args.figure_image, args.mask_colors)
         log(f"wrote {args.figure}")
@@ -433,7 +437,8 @@ def run(args, log=None) -> dict:
     return {"evaluation_set": {"name": evalset.name, "images": len(evalset.images),
                                "megapixels": evalset.megapixels, "classes": evalset.class_names,
                                "ignore_leq": evalset.ignore_leq},
-            "k": k, "seed": args.seed, "smooth": args.smooth, "model": prov, "results": results, "table": table}
+            "k": k, "seed": args.seed, "smooth": args.smooth, "upsample": args.upsample, "model": prov,
+            "results": results, "table": table}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-overcluster", action="store_true")
     m.add_argument("--no-views", action="store_true", help="skip the two-view consistency pass")
     m.add_argument("--smooth", type=int, default=0, help="majority filter radius in cells, as mapseg --smooth")
+    m.add_argument("--upsample", choices=UPSAMPLE_METHODS, default=None,
+                   help="cell scores -> pixel labels, as mapseg --upsample (default: each model's own)")
     m.add_argument("--backend", default="auto", help="mapseg backend for the model (auto|numpy|onnx|torch)")
     m.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling / k-means seed; --synthetic: the run's train.seed")

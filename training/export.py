@@ -100,7 +100,8 @@ def dev_eval_summary(path: str | os.PathLike) -> dict:
     try:
         return {"evaluation_set": rep["evaluation_set"], "k": rep["k"], "smooth": rep.get("smooth", 0),
                 "command": "python -m training.eval", "results": [
-                    {"method": r["method"], "accuracy": r["dataset"]["accuracy"], "miou": r["dataset"]["miou"],
+                    {"method": r["method"], "upsample": r.get("upsample"), "accuracy": r["dataset"]["accuracy"],
+                     "miou": r["dataset"]["miou"],
                      "per_class_iou": r["dataset"]["per_class_iou"],
                      "overcluster": {k: r["overcluster"][k] for k in ("k", "accuracy", "miou")}
                      if r.get("overcluster") else None} for r in rep["results"]]}

@@ -405,7 +405,9 @@ class _Marks:
         if self.stream is None:
             self.points.append(time.perf_counter())
             return
-        event = self.torch.cuda.Event(enable_timing=True)
+        # blocking: a thread waiting on it sleeps (cudaEventBlockingSync); by default it would spin on a core,
+        # and up to 2 x batch threads wait at once while others need the cores to read and assign
+        event = self.torch.cuda.Event(enable_timing=True, blocking=True)
         event.record(self.stream)
         self.points.append(event)
 

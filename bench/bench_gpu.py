@@ -261,9 +261,10 @@ class _TimedWriter:
 @contextlib.contextmanager
 def instrumented(stages: Stages):
     """mapseg.segment's window steps timed (its module names swapped for the run, restored after)."""
-    names = ("read_window", "window_labels", "assign_labels", "open_writer")
-    saved = {n: getattr(seg, n) for n in names if hasattr(seg, n)}
-    if len(saved) < len(names):  # mapseg.segment changed: measure what is still there, and say what is not
+    names = ("read_window", "window_labels", "open_writer")
+    stage_of = {"assign_labels": "assign", "cell_scores": "assign", "guided_labels": "upsample"}  # the upsampling's
+    saved = {n: getattr(seg, n) for n in names + tuple(stage_of) if hasattr(seg, n)}
+    if any(n not in saved for n in names):  # mapseg.segment changed: measure what is still there, say what is not
         say(f"  (not timed: mapseg.segment has no {', '.join(n for n in names if n not in saved)})")
 
     def read_window(reader, *a, **kw):
@@ -273,12 +274,13 @@ def instrumented(stages: Stages):
         finally:
             stages.add("read_window", time.perf_counter() - t)
 
-    swap = {"read_window": read_window,
-            "window_labels": lambda: stages.timed("window", saved["window_labels"]),
-            "assign_labels": lambda: stages.timed("assign", saved["assign_labels"]),
-            "open_writer": lambda: lambda *a, **kw: _TimedWriter(saved["open_writer"](*a, **kw), stages)}
-    for n in saved:
-        setattr(seg, n, read_window if n == "read_window" else swap[n]())
+    for n, fn in saved.items():
+        if n == "read_window":
+            setattr(seg, n, read_window)
+        elif n == "open_writer":
+            setattr(seg, n, lambda *a, **kw: _TimedWriter(saved["open_writer"](*a, **kw), stages))
+        else:
+            setattr(seg, n, stages.timed("window" if n == "window_labels" else stage_of[n], fn))
     try:
         yield stages
     finally:
@@ -313,8 +315,8 @@ def time_lines(r: dict, plan) -> list[str]:
     wall = t["windows_s"]
     mp = r["megapixels"]
     read, locked, write = s.get("read", 0.0), s.get("read_window", 0.0), s.get("write", 0.0)
-    window, assign = s.get("window", 0.0), s.get("assign", 0.0)
-    rest = max(0.0, window - g["wait_s"] - g["stage_s"] - assign)
+    window, assign, upsample = s.get("window", 0.0), s.get("assign", 0.0), s.get("upsample", 0.0)
+    rest = max(0.0, window - g["wait_s"] - g["stage_s"] - assign - upsample)
     sizes = g["sizes"]
     mean = g["windows"] / g["batches"] if g["batches"] else 0.0
     lines = [
@@ -332,8 +334,9 @@ def time_lines(r: dict, plan) -> list[str]:
         ("network (device, per batch)", g["network_s"]),
         ("device -> host copies (device, per batch)", g["d2h_s"]),
         ("waiting for the GPU's result (caller threads)", g["wait_s"]),
-        ("assign labels (caller threads)", assign),
-        ("rest of the window: cut, upsample, nodata (callers)", rest),
+        ("assign: scores x . A + b (caller threads)", assign),
+        ("guided upsampling of the scores (caller threads)", upsample),
+        ("rest of the window: cut, smooth, nearest, nodata (callers)", rest),
         ("write (main thread, serial)", write),
         ("main thread waiting for the next window", max(0.0, wall - write)))]
     gpu = g["h2d_s"] + g["network_s"] + g["d2h_s"]
@@ -523,7 +526,7 @@ def main(argv=None) -> int:
             from bench_runtime import mosaic_vrt
 
             vrt = mosaic_vrt(source, side, work / f"mosaic_{side}.vrt")
-            say(f"\nend to end: segment_raster on a {side} x {side} VRT mosaic ({mp:,.0f} MP) of {source.name}, "
+            say(f"\nend to end: segment_raster on a {side} x {side} VRT mosaic ({mp:,.1f} MP) of {source.name}, "
                 f"K={args.k}, tile {tile}, batch {args.batch}: read, decode, scale, sample, fit, embed, assign, write "
                 "(DEFLATE GeoTIFF), class counts")
             for prec in precisions:
@@ -589,7 +592,7 @@ def main(argv=None) -> int:
         if e2e:
             best = max(e2e.items(), key=lambda kv: kv[1]["megapixels_per_s"])
             text = (f"target >= {TARGET_MPS:.0f} MP/s end to end on >= 1 GP: best {best[1]['megapixels_per_s']:.1f} "
-                    f"MP/s ({best[0]}) on {mp:,.0f} MP -> " + ("not decided (smaller than 1 GP)"
+                    f"MP/s ({best[0]}) on {mp:,.1f} MP -> " + ("not decided (smaller than 1 GP)"
                                                               if side * side < TARGET_PIXELS else
                                                               "met" if best[1]["megapixels_per_s"] >= TARGET_MPS
                                                               else "not met"))

@@ -156,7 +156,7 @@ def default_artifact(work: Path, model: str | None) -> Path:
     return out
 
 
-def run_segment(src: Path, out: Path, model: str, backend: str, k: int, tile: int) -> dict:
+def run_segment(src: Path, out: Path, model: str, backend: str, k: int, tile: int, upsample: str | None = None) -> dict:
     """segment_raster's report, with ``cpu_s`` (the run's CPU seconds) and ``fit_cpu_s`` / ``windows_cpu_s`` (up to
     the log line of the fitted centres, and after it)."""
     marks = {}
@@ -166,8 +166,8 @@ def run_segment(src: Path, out: Path, model: str, backend: str, k: int, tile: in
             marks["fitted"] = cpu_seconds()
 
     c0 = cpu_seconds()
-    r = segment_raster(src, out, SegmentOptions(k=k, model=model, tile=tile, backend=backend), progress=False,
-                       log=log)
+    r = segment_raster(src, out, SegmentOptions(k=k, model=model, tile=tile, backend=backend, upsample=upsample),
+                       progress=False, log=log)
     c1 = cpu_seconds()
     r["cpu_s"] = c1 - c0
     r["fit_cpu_s"] = marks.get("fitted", c0) - c0
@@ -207,7 +207,8 @@ def main() -> int:
     p.add_argument("--rss-sizes", default="1000,5000,20000", help="sides of the peak-RSS rasters ('' = skip)")
     p.add_argument("--rss-backend", default="numpy", help="backend of the peak-RSS runs")
     p.add_argument("--backends", default="numpy,onnx,torch",
-                   help="throughput runs ('' = none); backend specs, a precision too: onnx:int8,torch:bf16")
+                   help="throughput runs ('' = none); backend specs, a precision too: onnx:int8,torch:bf16; "
+                        "/METHOD for an upsampling other than the model's: onnx/nearest")
     p.add_argument("--no-kmeans", action="store_true", help="skip the colour k-means throughput run")
     p.add_argument("-k", type=int, default=8)
     p.add_argument("--tile", type=int, default=DEFAULT_TILE)
@@ -257,8 +258,10 @@ def main() -> int:
                 now = max(matmul_rate(lib, repeat=3) for lib in rates)
                 core_now = core_rate(rates)
                 load = os.getloadavg()[0]
+                spec, _, upsample = backend.partition("/")
                 try:
-                    r = run_segment(src, work / f"out_{backend}.tif", model, backend, args.k, args.tile)
+                    r = run_segment(src, work / f"out_{backend.replace('/', '_')}.tif", model, spec, args.k,
+                                    args.tile, upsample or None)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
                     print(f"{backend:<14} unavailable: {exc}")
                     runs[backend] = []

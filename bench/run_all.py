@@ -39,7 +39,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     py = sys.executable
     model = args.model or (str(ROOT / "model" / "best") if (ROOT / "model" / "best" / "meta.json").is_file() else None)
-    runtime = [py, "bench/bench_runtime.py"] + (["--model", model] if model else [])
+    # the model's upsampling (guided for model/best) and nearest beside it: what the guided filter costs
+    runtime = [py, "bench/bench_runtime.py", "--backends", "numpy,onnx,onnx/nearest,torch"] + (
+        ["--model", model] if model else [])
     if args.quick:
         runtime += ["--size", "2048", "--rss-sizes", "1000,5000"]
     jobs = [("Runtime: throughput per backend and peak RSS", runtime),

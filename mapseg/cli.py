@@ -32,7 +32,7 @@ import numpy as np
 from . import __version__
 from .artifact import describe, load_artifact
 from .backends import (AUTO_ORDER, BACKENDS, BATCHED, PRECISIONS, BackendUnavailable, available_backends,
-                       make_backend, parse_backend)
+                       make_backend)
 from .batch import DEFAULT_BLOCK, segment_batch
 from .errors import USER_ERRORS, RasterError, SegmentError
 from .features import default_model_path
@@ -274,8 +274,6 @@ def cmd_segment(args) -> int:
         report["polygons"] = polygonize_labels(args.output, args.polygons, args.min_area, args.simplify,
                                                args.connectivity, names, log=_log, check=False)
     if args.report:
-        spec = parse_backend(options.backend)  # the batch of a batched backend (cuda), like its precision
-        report.setdefault("batch", (spec.batch or DEFAULT_BATCH) if report["backend"] in BATCHED else None)
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if args.preview:
         png = write_preview(args.input, args.output, args.preview, options.bands, options.nodata,

@@ -8,7 +8,7 @@ Input ``input``: (1, 3, T, T) float32, RGB, standardised: ``(x / 255 - mean) / s
 which is how the QGIS plugin Deepness feeds a model (``preprocessing_utils.normalize_values_to_01`` then
 ``standardize_values``, NHWC -> NCHW). Output ``scores``: (1, K, T, T) float32, per pixel the softmax over the K
 centres of ``(embedding . centre + bias) / temperature`` (``bias``: ``Centers.scorer()``'s, 0 for cosine centres,
--|centre|^2 / 2 for euclidean ones; the artifact's temperature); its argmax is ``mapseg segment --centers``' label
+-|centre|^2 / 2 for euclidean ones; the artifact's temperature); its argmax is ``mapseg segment --centers --upsample nearest``' label
 (the assignment, at stride 4, repeated over each 4 x 4 cell by a nearest resize).
 
 The metadata follow Deepness' "Adding metadata to ONNX model" (docs/source/creators/

@@ -81,7 +81,7 @@ def calibration_windows(paths, features, bands=None, windows: int = WINDOWS_PER_
                 order, _ = sample_window_order(reader.height, reader.width, features.stride, features.halo, seed)
                 taken = 0
                 for win in order:
-                    image, valid, _ = read_window(reader, win, scaling, features.fill)
+                    image, valid, _, _ = read_window(reader, win, scaling, features.fill)
                     if not valid[win.core_in_read].any():
                         continue
                     images.append(image)

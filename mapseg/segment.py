@@ -107,9 +107,12 @@ class SegmentOptions:
 
 # --------------------------------------------------------------------------- reading a window
 
-def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """(image (rh, rw, 3) float32 in [0, 1], valid (rh, rw), valid pixels of the core clipped to full
-    brightness: above the scaling's ``input_max``) of a window's read region.
+def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(image (rh, rw, 3) float32 in [0, 1], valid (rh, rw): the pixels to label, seen (rh, rw): the pixels that
+    hold data, valid pixels of the core clipped to full brightness: above the scaling's ``input_max``) of a window's
+    read region. ``seen`` is ``valid`` but where a ``--mask`` hides pixels: the network and the guided upsampling
+    still see them, so labels inside a mask are those of the same area without it.
 
     Rows/cols past the raster (stride padding) and nodata pixels hold ``fill``.
     """
@@ -123,13 +126,17 @@ def read_window(reader, win: Window, scaling: Scaling, fill: np.ndarray) -> tupl
     aoi = reader.inside(*inside.bounds)  # --mask: outside it nodata, but the network still sees the pixels
     kept = ok if aoi is None else ok & aoi
     valid[:dh, :dw] = kept
+    seen = valid
+    if aoi is not None:
+        seen = np.zeros((rh, rw), bool)
+        seen[:dh, :dw] = ok
     if dh < rh:
         image[dh:] = fill
     if dw < rw:
         image[:dh, dw:] = fill
     if not ok.all():
         image[:dh, :dw][~ok] = fill
-    return image, valid, scaling.clipped(data[win.core_in_read], kept[win.core_in_read])
+    return image, valid, seen, scaling.clipped(data[win.core_in_read], kept[win.core_in_read])
 
 
 # --------------------------------------------------------------------------- labels
@@ -177,9 +184,10 @@ def cell_all(mask: np.ndarray, s: int) -> np.ndarray:
 
 
 def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, win: Window, scorer, k: int,
-                  smooth: int, up: Upsample = NEAREST) -> np.ndarray:
-    """uint8 labels (the core's shape) of a window's core, full resolution, 255 at nodata. ``up``: how cell
-    scores become pixel labels (mapseg.upsample); the window's halo must hold ``window_halo``'s cells."""
+                  smooth: int, up: Upsample = NEAREST, seen: np.ndarray | None = None) -> np.ndarray:
+    """uint8 labels (the core's shape) of a window's core, full resolution, 255 where not ``valid``. ``up``: how
+    cell scores become pixel labels (mapseg.upsample; it weighs the pixels that are ``seen``, default ``valid``,
+    see ``read_window``); the window's halo must hold ``window_halo``'s cells."""
     s = features.stride
     feats = features(image)
     if up.method == "nearest" or s == 1:
@@ -204,7 +212,8 @@ def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, 
         scored = drawn.grown(up.margin_cells * s, win.read)
         scores = cell_scores(feats[scored.within(win.read, s)], scorer)
         inside = scored.within(win.read)
-        labels = guided_labels(scores, image[inside], valid[inside], s, up, (scored.row0 // s, scored.col0 // s),
+        data = valid if seen is None else seen
+        labels = guided_labels(scores, image[inside], data[inside], s, up, (scored.row0 // s, scored.col0 // s),
                                drawn.bounds)
         if smooth:  # the same reach in pixels: a box of (2 smooth s + 1)^2 pixels
             labels = majority_filter(labels, valid[drawn.within(win.read)], k, smooth * s)
@@ -245,8 +254,8 @@ def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int
     ``reader`` after that. ``clipped`` (a list) is given each window's count of pixels clipped to full
     brightness (``read_window``).
     """
-    def one(win: Window, image: np.ndarray, valid: np.ndarray):
-        labels = window_labels(features, image, valid, win, scorer, k, smooth, up)
+    def one(win: Window, image: np.ndarray, valid: np.ndarray, seen: np.ndarray):
+        labels = window_labels(features, image, valid, win, scorer, k, smooth, up, seen)
         h, w = win.core.in_raster(reader.height, reader.width).shape
         return win, np.ascontiguousarray(labels[:h, :w])
 
@@ -255,8 +264,8 @@ def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int
 
 def map_windows(reader, features: FeatureModel, scaling: Scaling, wins: list[Window], work,
                 clipped: list | None = None):
-    """``work(win, image, valid)`` of every window, in window order, as ``features.plan`` says: each of
-    its worker threads reads a window (one read at a time, under a lock, unless the reader serialises its
+    """``work(win, image, valid, seen)`` (``read_window``) of every window, in window order, as ``features.plan``
+    says: each of its worker threads reads a window (one read at a time, under a lock, unless the reader serialises its
     file reads itself: ``locks_its_reads``, a resampling RasterView, whose resampling then runs in parallel),
     then works on it. Closing the generator lets the windows in flight finish first
     (mapseg.parallel.ordered_map). ``clipped``: a list given each window's count of pixels clipped to full
@@ -265,10 +274,10 @@ def map_windows(reader, features: FeatureModel, scaling: Scaling, wins: list[Win
 
     def one(win: Window):
         with lock:
-            image, valid, above = read_window(reader, win, scaling, features.fill)
+            image, valid, seen, above = read_window(reader, win, scaling, features.fill)
             if clipped is not None and above:
                 clipped.append(above)
-        return work(win, image, valid)
+        return work(win, image, valid, seen)
 
     with features.plan.context():
         yield from ordered_map(one, wins, features.plan.workers)
@@ -351,7 +360,7 @@ def collect_sample(reader, features: FeatureModel, scaling: Scaling, seed: int,
     keep = -(-2 * (SAMPLE_COLOURS if features.dim <= 4 else SAMPLE_FEATURES) // n)
     partial_done = threading.Event()  # set (in window order, by the caller's loop) once partial cells are not wanted
 
-    def one(win: Window, image: np.ndarray, valid: np.ndarray):
+    def one(win: Window, image: np.ndarray, valid: np.ndarray, seen: np.ndarray):
         core_valid = valid[win.core_in_read]
         core_ok, whole = cell_all(core_valid, s), True
         if not core_ok.any():
@@ -759,6 +768,7 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         "input": str(input_path), "output": str(out), "k": k, "model": features.name, "io": reader.library,
         "features": features.kind, "backend": features.backend_name,
         "workers": features.plan.workers, "threads_per_worker": features.plan.threads,
+        "batch": getattr(features.plan, "batch", None),  # windows per network call on a batched backend (cuda)
         "tile": o.tile, "halo": halo, "upsample": up.to_json(), "windows": len(wins), "width": info.width, "height": info.height,
         "megapixels": mp, "seconds": total, "megapixels_per_s": mp / total if total > 0 else float("inf"),
         "timings": timings, "scaling": scaling.description, "input_max": scaling.input_max,

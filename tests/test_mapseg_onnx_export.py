@@ -1,7 +1,8 @@
 """mapseg export-onnx: the artifact's network with centres baked in, run the way the QGIS plugin Deepness runs a
 segmentation model (metadata read with onnxruntime, tiles of `tiles_size` overlapping by `tiles_overlap` percent,
 x / 255 then standardised as the metadata say, NCHW, argmax of the scores, each tile's centre part kept), gives
-the labels of `mapseg segment --centers`."""
+the labels of `mapseg segment --centers --upsample nearest` (the graph draws each cell's label 4 x 4: it has no
+guided upsampling)."""
 from __future__ import annotations
 
 import json
@@ -75,7 +76,8 @@ def deepness_labels(onnx_path, image: np.ndarray) -> np.ndarray:
 
 def mapseg_labels(raster, centres, tmp_path) -> np.ndarray:
     out = tmp_path / "mapseg.tif"
-    assert main(["segment", str(raster), str(out), "--centers", str(centres), "--no-progress"]) == 0
+    assert main(["segment", str(raster), str(out), "--centers", str(centres), "--upsample", "nearest",
+                 "--no-progress"]) == 0
     with rasterio.open(out) as ds:
         return ds.read(1)
 
@@ -118,14 +120,14 @@ def test_exported_model_on_the_shipped_example(tmp_path):
     assert main(["fit", str(NAIP), "-k", "5", "-o", str(centres), "--no-progress"]) == 0
     assert main(["export-onnx", "--centers", str(centres), str(onnx_path), "--tile", "256"]) == 0
     image = read_rgb(NAIP)
-    ours = segment_array(image, centers=centres)
+    ours = segment_array(image, centers=centres, upsample="nearest")
     theirs = deepness_labels(onnx_path, image)
     # Deepness pads (216 - (723 - 256) % 216) = 181 rows north, and 181 = 1 (mod 4): its stride-4 cells start
     # one row above the raster's. The network is not invariant to a shift smaller than its stride, so segment
     # edges move (86 % of the pixels agree); mapseg on the same grid (one row added on top) agrees exactly.
     plain = agreement(theirs, ours, HALO)
     shifted_input = np.concatenate([np.zeros((1,) + image.shape[1:], np.uint8), image])
-    shifted = segment_array(shifted_input, centers=centres)[1:]
+    shifted = segment_array(shifted_input, centers=centres, upsample="nearest")[1:]
     same_grid = agreement(theirs, shifted, HALO)
     print(f"NAIP: {100 * plain:.2f} % agree with mapseg's grid, {100 * same_grid:.4f} % with mapseg on Deepness' "
           f"grid (beyond {HALO} px of the border)")
@@ -273,7 +275,7 @@ def test_artifact_without_model_onnx_and_centres_of_another_model(export_tiny_st
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     theirs = sess.run(None, {"input": x.transpose(2, 0, 1)[None]})[0][0].argmax(axis=0)
     # one tile, the whole image: its border is the image's, the conv's zero padding is mapseg's fill
-    assert agreement(theirs, segment_array(image, centers=centres, model=str(tiny))) >= 0.999
+    assert agreement(theirs, segment_array(image, centers=centres, model=str(tiny), upsample="nearest")) >= 0.999
     # centres of the default model do not apply to this one
     other = tmp_path / "other.json"
     assert main(["fit", str(NAIP), "-k", "3", "-o", str(other), "--no-progress"]) == 0

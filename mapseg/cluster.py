@@ -12,8 +12,9 @@ b = 0; Euclidean: A = C^T, b = -|c_k|^2 / 2), computed with the same
 operations for every pixel (``assign_labels``) so that a pixel's label does
 not depend on the window it was computed in.
 
-Label order: k-means is seeded (k-means++ then Lloyd, ``n_init`` restarts,
-best objective kept), then centres are sorted by the mean luma
+Label order: k-means is seeded (k-means++ then Lloyd, ``n_init`` restarts on
+subsets of the sample, the best kept and taken on by Lloyd over the whole
+sample: ``_fit``), then centres are sorted by the mean luma
 (0.299 R + 0.587 G + 0.114 B, RGB in [0, 1]) of the sampled pixels assigned
 to them, darkest first; ties (practically never) by the centre's
 coordinates. So label 0 is the darkest cluster, K-1 the brightest, for any
@@ -21,6 +22,7 @@ seed that finds the same clusters.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -42,6 +44,11 @@ ELEMENTWISE_MAX_DIM = 4  # colour features: scores by elementwise arithmetic ins
 SAMPLE_FEATURES = 30_000  # features the k-means sees at most (embeddings) ...
 SAMPLE_COLOURS = 10_000   # ... and for colours (3 dimensions need fewer)
 LLOYD_ITERS = 30          # Lloyd iterations at most
+N_INIT = 4                # k-means++ restarts, the best kept
+SUBSET_ROWS = 2048        # rows of the sample the k-means++ restarts run on, then Lloyd on ...
+SUBSET_GROWTH = 4         # ... 4 times as many (while at most half the sample), and on all of it
+NEAREST_ROWS = 8192       # rows per product of an assignment (its scores stay in cache)
+GRID_CHUNK = 2048         # rows per step of the grid sample's elementwise passes
 ORDER_RULE = ("ascending mean luma (0.299 R + 0.587 G + 0.114 B, RGB in [0, 1]) of the sampled pixels "
               "assigned to each centre; ties by centre coordinates")
 
@@ -96,37 +103,95 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return _on_grid(x / np.maximum(norm, 1e-12)[:, None])
 
 
-def _grid_sample(x: np.ndarray, metric: str) -> tuple[np.ndarray, int]:
-    """(the sample as k-means sees it: rows on the grid inside (-1, 1), cosine: unit rows;
-    the power-of-two exponent that brought it there, by which euclidean centres are scaled back).
+def _grid_sample(x: np.ndarray, metric: str, order: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """(the sample as k-means sees it: rows on the grid inside (-1, 1), cosine: unit rows, a column-major
+    (N, D) array; the power-of-two exponent that brought it there, by which euclidean centres are scaled back).
 
     Cosine: a row is divided by the norm of its coarse-grid copy (an exact sum), which makes it
     unit to ~1e-6, then put on the grid and made unit there. Euclidean (colours): the partial
-    sums stay exact up to ELEMENTWISE_MAX_DIM dimensions (|x - c|^2 < 16)."""
-    x = np.asarray(x, np.float64)
+    sums stay exact up to ELEMENTWISE_MAX_DIM dimensions (|x - c|^2 < 16). Every step is per row
+    or per element, so it runs GRID_CHUNK rows at a time, in cache (a third of the CPU time of
+    whole-sample passes). ``order``: the rows in this order (a permutation)."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
     if x.ndim != 2 or not np.isfinite(x).all():
         raise ClusterError("k-means needs a finite (N, D) sample")
     most = EXACT_MAX_DIM if metric == "cosine" else ELEMENTWISE_MAX_DIM
     if x.shape[1] > most or x.shape[0] > EXACT_MAX_ROWS:
         raise ClusterError(f"{metric} k-means sums exactly up to {most} dimensions and {EXACT_MAX_ROWS} samples; "
                            f"got {x.shape[1]} and {x.shape[0]}")
-    top = float(np.abs(x).max(initial=0.0))
+    top = float(np.abs(x).max(initial=0.0))  # exact in float32 too
     exponent = int(np.frexp(top)[1]) if top > 0 else 0
-    x = np.ldexp(x, -exponent)  # times 2**-exponent: exact, |x| < 1
-    if metric == "euclidean":
-        return _on_grid(x), exponent
-    coarse = _on_grid(x, NORM_BITS)
-    x = x / np.maximum(np.sqrt((coarse * coarse).sum(1)), 1e-12)[:, None]
-    return _unit_rows(_on_grid(x)), exponent
+    grid = np.empty(x.shape[::-1], np.float64).T  # column-major: see _dot
+    rows = np.empty((min(GRID_CHUNK, x.shape[0]), x.shape[1]), np.float64)
+    for s in range(0, x.shape[0], GRID_CHUNK):
+        part = rows[:min(GRID_CHUNK, x.shape[0] - s)]
+        _grid_rows(x[s:s + GRID_CHUNK] if order is None else x[order[s:s + GRID_CHUNK]], exponent, metric, part)
+        grid[s:s + GRID_CHUNK] = part
+    return grid, exponent
+
+
+_BLAS = {"controller": None, "held": 0}  # threadpoolctl's controller (False without it); k-means calls holding it
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Numpy's BLAS held at one thread (threadpoolctl) while k-means runs; ``_dot`` and ``_cluster_sums`` use
+    it only then. The products are exact on a BLAS as anywhere (see above): one thread is for the cost, as
+    products this small gain nothing from more (the fit took 3-4 times the CPU time on 2 OpenBLAS threads,
+    and ten times the wall time on a busy 2-core machine), so no BLAS thread is woken to spin. Without
+    threadpoolctl they keep off the BLAS (einsum's own loops, 2-3 times as slow; the same bits)."""
+    if _BLAS["controller"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS["controller"] = ThreadpoolController()  # made once: it looks through the loaded libraries
+        except ImportError:
+            _BLAS["controller"] = False
+    if not _BLAS["controller"]:
+        yield
+        return
+    with _BLAS["controller"].limit(limits=1, user_api="blas"):
+        _BLAS["held"] += 1
+        try:
+            yield
+        finally:
+            _BLAS["held"] -= 1
+
+
+def _blas_held() -> bool:
+    return _BLAS["held"] > 0
+
+
+def _grid_rows(x: np.ndarray, exponent: int, metric: str, out: np.ndarray) -> None:
+    """Rows of the grid sample into ``out`` (float64), as ``_on_grid`` and ``_unit_rows`` would make them but
+    in place: (r / m) * 2**b is computed as r / (m * 2**-b) and a square root as 2**b times that of an
+    integer sum, the same bits (scaling by a power of two commutes with correct rounding)."""
+    if -1000 < exponent < 1000:  # times 2**-exponent: exact, |x| < 1
+        np.multiply(x, 2.0 ** -exponent, out=out, dtype=np.float64)
+    else:
+        np.ldexp(x.astype(np.float64), -exponent, out=out)
+    fine = float(2 ** GRID_BITS)
+    if metric == "cosine":
+        coarse = np.rint(out * float(2 ** NORM_BITS))   # integers: their squares' sum (< 2**52) is exact
+        norm = np.sqrt(np.einsum("ij,ij->i", coarse, coarse)) * float(2 ** -NORM_BITS)
+        out /= (np.maximum(norm, 1e-12) * (1 / fine))[:, None]
+        np.rint(out, out=out)                            # the row on the grid, times 2**GRID_BITS
+        norm = np.sqrt(np.einsum("ij,ij->i", out, out)) * (1 / fine)   # squares' sum about 2**48: exact
+        out /= np.maximum(norm, 1e-12)[:, None]          # made unit on the grid ...
+    else:
+        out *= fine
+    np.rint(out, out=out)                                # ... and back on it
+    out *= 1 / fine
 
 
 def _dot(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """(K, N) c @ x.T, centre-major, without the BLAS: its threads cost more than they save on products
-    this small (the fit took 3-4 times the CPU time on 2 OpenBLAS threads, and ten times the wall time on
-    a busy 2-core machine), and einsum's own loops run 1.4 times as long as one BLAS thread. A few
+    """(K, N) c @ x.T, centre-major: a BLAS product while k-means holds it at one thread (``_one_blas_thread``),
+    else einsum's own loops, the same bits (every partial sum is exact). x column-major (``_grid_sample``)
+    makes x.T a row-major (D, N) operand, on which OpenBLAS runs this product in 0.55 times the time. A few
     dimensions go elementwise."""
     if x.shape[1] > ELEMENTWISE_MAX_DIM:
-        return np.einsum("kd,nd->kn", c, x)
+        return c @ x.T if _blas_held() else np.einsum("kd,nd->kn", c, x)
     s = c[:, 0:1] * x[:, 0]
     for j in range(1, x.shape[1]):
         s += c[:, j:j + 1] * x[:, j]
@@ -136,7 +201,10 @@ def _dot(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def _nearest(x: np.ndarray, c: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(best centre of every row, first on ties; its score: cosine similarity, or x.c - |c|^2 / 2).
     A running maximum over the K centre-major rows: a few passes, where argmax(axis=1) of a narrow
-    (N, K) array costs as much as the product."""
+    (N, K) array costs as much as the product; NEAREST_ROWS rows at a time, in cache."""
+    if x.shape[0] > NEAREST_ROWS:
+        parts = [_nearest(x[i:i + NEAREST_ROWS], c, metric) for i in range(0, x.shape[0], NEAREST_ROWS)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     s = _dot(x, c)
     if metric == "euclidean":
         s -= 0.5 * (c * c).sum(1)[:, None]
@@ -147,12 +215,12 @@ def _nearest(x: np.ndarray, c: np.ndarray, metric: str) -> tuple[np.ndarray, np.
     return arg, best
 
 
-def _objective(x: np.ndarray, c: np.ndarray, metric: str) -> float:
-    """Higher is better: summed cosine similarity, or minus the inertia (math.fsum: correctly rounded)."""
-    best = _nearest(x, c, metric)[1]
+def _objective(x: np.ndarray, served: np.ndarray, metric: str) -> float:
+    """Higher is better, from the rows' best scores (``_nearest``): summed cosine similarity, or minus the
+    inertia (math.fsum: correctly rounded)."""
     if metric == "cosine":
-        return math.fsum(best)
-    return -math.fsum(np.maximum((x * x).sum(1) - 2 * best, 0))  # |x - c|^2 = |x|^2 - 2 (x.c - |c|^2 / 2)
+        return math.fsum(served)
+    return -math.fsum(np.maximum((x * x).sum(1) - 2 * served, 0))  # |x - c|^2 = |x|^2 - 2 (x.c - |c|^2 / 2)
 
 
 def _plusplus(x: np.ndarray, k: int, metric: str, rng: np.random.Generator) -> np.ndarray:
@@ -185,29 +253,43 @@ def _weighted_draw(weights: np.ndarray, rng: np.random.Generator) -> int:
 
 def _dist2(x: np.ndarray, c: np.ndarray, metric: str) -> np.ndarray:
     if metric == "cosine":
-        return np.maximum(2 - 2 * np.einsum("nd,d->n", x, c), 0)  # exact on the grid, like _dot
+        return np.maximum(2 - 2 * _dot(x, c[None])[0], 0)  # exact on the grid
     diff = x - c
     return (diff * diff).sum(1)
 
 
 def _cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
-    """(k, D) float64 sums of the rows of x per cluster (grid rows: exact in any order)."""
+    """(k, D) float64 sums of the rows of x per cluster (grid rows: exact in any order, so through a BLAS
+    product with a (k, N) one-hot matrix)."""
     if x.shape[1] <= ELEMENTWISE_MAX_DIM:
         return np.stack([np.bincount(assign, weights=x[:, j], minlength=k) for j in range(x.shape[1])], axis=1)
-    return np.stack([x[assign == j].sum(0) for j in range(k)])
+    if not _blas_held():
+        return np.stack([x[assign == j].sum(0) for j in range(k)])
+    onehot = np.zeros((k, x.shape[0]))
+    onehot[assign, np.arange(x.shape[0])] = 1.0
+    return onehot @ x
 
 
-def _lloyd(x: np.ndarray, c: np.ndarray, metric: str, iters: int) -> np.ndarray:
-    """Lloyd iterations on the grid until at most 0.5 % of the samples change cluster (or ``iters``)."""
+def _lloyd(x: np.ndarray, c: np.ndarray, metric: str, iters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lloyd iterations on the grid until at most 0.5 % of the samples change cluster (or ``iters``).
+    Returns (centres, ``_nearest`` of the rows under them: best centre, its score). The cluster sums are
+    kept up to date with the rows that moved (exact on the grid: the same bits as summing every cluster
+    again), so an iteration near convergence costs little more than its assignment."""
     k = c.shape[0]
-    previous = None
+    previous = sums = counts = None
     for _ in range(iters):
         assign, served = _nearest(x, c, metric)
-        if previous is not None and np.count_nonzero(assign != previous) <= 5e-3 * len(assign):
-            break
+        if previous is None:
+            counts = np.bincount(assign, minlength=k)
+            sums = _cluster_sums(x, assign, k)
+        else:
+            moved = np.flatnonzero(assign != previous)
+            if moved.size <= 5e-3 * len(assign):
+                return c, assign, served
+            rows, into, out_of = x[moved], assign[moved], previous[moved]
+            counts = counts + np.bincount(into, minlength=k) - np.bincount(out_of, minlength=k)
+            sums = sums + _cluster_sums(rows, into, k) - _cluster_sums(rows, out_of, k)
         previous = assign
-        counts = np.bincount(assign, minlength=k)
-        sums = _cluster_sums(x, assign, k)
         new = c.copy()
         filled = counts > 0
         new[filled] = sums[filled] / counts[filled, None]
@@ -218,28 +300,87 @@ def _lloyd(x: np.ndarray, c: np.ndarray, metric: str, iters: int) -> np.ndarray:
             for j, idx in zip(np.flatnonzero(~filled), worst):
                 new[j] = x[idx]
         c = _unit_rows(_on_grid(new)) if metric == "cosine" else _on_grid(new)
-    return c
+    return (c, *_nearest(x, c, metric))
 
 
-def kmeans(x: np.ndarray, k: int, metric: str, seed: int = 0, n_init: int = 3, iters: int = LLOYD_ITERS) -> np.ndarray:
-    """Seeded k-means (k-means++ then Lloyd, best of ``n_init``) on the grid. Returns (k, D) float64,
-    the same bits for the same sample in every build and at any thread count (see above)."""
-    grid, exponent = _grid_sample(x, metric)
-    return _unscale(_kmeans_on_grid(grid, k, metric, seed, n_init, iters), exponent, metric)
+def kmeans(x: np.ndarray, k: int, metric: str, seed: int = 0, n_init: int = N_INIT,
+           iters: int = LLOYD_ITERS) -> np.ndarray:
+    """Seeded k-means on the grid (``_fit``). Returns (k, D) float64, the same bits for the same sample in every
+    build and at any thread count (see above)."""
+    centers, _, exponent = _fit(x, k, metric, seed, n_init, iters)
+    return _unscale(centers, exponent, metric)
 
 
-def _kmeans_on_grid(grid: np.ndarray, k: int, metric: str, seed: int, n_init: int = 3,
-                    iters: int = LLOYD_ITERS) -> np.ndarray:
+def _subsets(n: int, subset: int | None) -> list[int]:
+    """Sizes of the nested subsets k-means runs on before the whole sample of n rows: ``subset`` and
+    SUBSET_GROWTH times as many, and so on, each at most half the sample (none: the sample is small)."""
+    sizes = []
+    while subset is not None and subset <= n // 2:
+        sizes.append(subset)
+        subset *= SUBSET_GROWTH
+    return sizes
+
+
+def _fit(x: np.ndarray, k: int, metric: str, seed: int, n_init: int = N_INIT, iters: int = LLOYD_ITERS,
+         subset: int | None = SUBSET_ROWS) -> tuple[np.ndarray, np.ndarray, int]:
+    """(centres on the grid, the nearest of them to every row of x, the grid's exponent: ``_grid_sample``).
+
+    Seeding and Lloyd iterations cost in proportion to the rows they pass over: 3 restarts over all of a
+    30,000-row sample passed over it some 65 times (1.3-1.8 CPU-s at K = 8). So the sample is put on the
+    grid in a seeded random order, which makes its first m rows a random subset of m rows, and
+
+    * the ``n_init`` restarts (k-means++ seeding, Lloyd to the stopping rule) run each on its own block of
+      ``subset`` rows among the first SUBSET_GROWTH * ``subset``; the best by the objective on all of those
+      rows (most of them unseen by the restart, so it favours no block) is kept;
+    * Lloyd takes it on over those rows, then over SUBSET_GROWTH times as many, and so on while at most half
+      the sample, and last over the whole sample; each stage starts near its own convergence (a few
+      iterations).
+
+    The result is a Lloyd fixed point of the whole sample within the stopping rule, as before, fitted for
+    about a twentieth of the work; its objective is that of the whole-sample fit within the seed's own
+    spread (docs/runtime.md). Samples under 2 * ``subset`` rows, or ``subset`` None, are fitted whole, every
+    restart on every row."""
+    rng = np.random.default_rng(seed)
+    n = np.shape(x)[0]
+    sizes = _subsets(n, subset)
+    order = rng.permutation(n) if sizes else None
+    grid, exponent = _grid_sample(x, metric, order)
+    centers, assign = _kmeans_on_grid(grid, k, metric, rng, n_init, iters, sizes)
+    if order is not None:  # back to the sample's order
+        grid_assign, assign = assign, np.empty_like(assign)
+        assign[order] = grid_assign
+    return centers, assign, exponent
+
+
+def _kmeans_on_grid(grid: np.ndarray, k: int, metric: str, rng: np.random.Generator, n_init: int = N_INIT,
+                    iters: int = LLOYD_ITERS, sizes: list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(centres, the nearest centre of every row) of k-means on the grid sample, its rows in a random order:
+    restarts on blocks of ``sizes[0]`` rows, Lloyd on its first ``sizes[1]`` rows (or all), ... (``_fit``); no
+    ``sizes``: every restart on all of it, the best kept."""
     if metric not in METRICS:
         raise ClusterError(f"unknown metric {metric!r}")
-    rng = np.random.default_rng(seed)
-    best, best_obj = None, -np.inf
-    for _ in range(n_init):
-        c = _lloyd(grid, _plusplus(grid, k, metric, rng), metric, iters)
-        obj = _objective(grid, c, metric)
-        if obj > best_obj:
-            best, best_obj = c, obj
-    return best
+    stages = [grid[:size] for size in sizes[1:]] + [grid]
+    block = sizes[0] if sizes else grid.shape[0]
+    blocks = stages[0].shape[0] // block  # 1: no subsets
+    with _one_blas_thread():
+        best, best_obj, best_assign = None, -np.inf, None
+        for r in range(n_init):
+            rows = stages[0][r % blocks * block:][:block]
+            try:
+                seeds = _plusplus(rows, k, metric, rng)
+            except ClusterError:  # fewer than K distinct rows in this block
+                if blocks == 1:
+                    raise
+                return _kmeans_on_grid(grid, k, metric, rng, n_init, iters)  # all the rows (raises if too few)
+            c, assign, served = _lloyd(rows, seeds, metric, iters)
+            if blocks > 1:
+                assign, served = _nearest(stages[0], c, metric)
+            obj = _objective(stages[0], served, metric)
+            if obj > best_obj:
+                best, best_obj, best_assign = c, obj, assign
+        for rows in stages if blocks > 1 else ():
+            best, best_assign, _ = _lloyd(rows, best, metric, iters)
+        return best, best_assign
 
 
 def _unscale(centers: np.ndarray, exponent: int, metric: str) -> np.ndarray:
@@ -378,9 +519,7 @@ def fit_centers(features: np.ndarray, colours: np.ndarray, k: int, metric: str, 
     pick = kmeans_rows(features.shape[0], features.shape[1], seed)
     if pick is not None:
         features, colours = features[pick], colours[pick]
-    grid, exponent = _grid_sample(features, metric)
-    raw = _kmeans_on_grid(grid, k, metric, seed)
-    assign = _nearest(grid, raw, metric)[0]   # exact, like every score of the fit
+    raw, assign, exponent = _fit(features, k, metric, seed)   # assign: exact, like every score of the fit
     order = order_by_luma(assign, colours, raw)
     centers = _unscale(raw[order], exponent, metric)
     assign = np.argsort(order)[assign]               # members in label order

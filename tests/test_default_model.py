@@ -68,10 +68,18 @@ def test_default_model_beats_colour_kmeans_on_real_labels(tmp_path):
     pytest.importorskip("torch")
     from training import eval as ev
 
-    out = tmp_path / "r.json"
-    assert ev.main(["--images", str(DUBAI / "tile_2" / "images"), "--masks", str(DUBAI / "tile_2" / "masks"),
-                    "--mask-colors", str(ROOT / "training" / "datasets" / "colors" / "dubai_dev.json"),
-                    "--model", str(MODEL), "--no-views", "--no-overcluster", "--out", str(out)]) == 0
-    res = {r["method"]: r["dataset"] for r in json.loads(out.read_text())["results"]}
+    # Averaged over three k-means seeds: each seed's centres are one local optimum, and on these 9 tiles the
+    # model's mIoU moves by up to 0.03 between optima (seeds 0-5: 0.346-0.377 with the fit of before
+    # subsets, 0.348-0.376 with it), colour k-means' by 0.02.
+    scores = []
+    for seed in (0, 1, 2):
+        out = tmp_path / f"r{seed}.json"
+        assert ev.main(["--images", str(DUBAI / "tile_2" / "images"), "--masks", str(DUBAI / "tile_2" / "masks"),
+                        "--mask-colors", str(ROOT / "training" / "datasets" / "colors" / "dubai_dev.json"),
+                        "--model", str(MODEL), "--no-views", "--no-overcluster", "--seed", str(seed),
+                        "--out", str(out)]) == 0
+        scores.append({r["method"]: r["dataset"] for r in json.loads(out.read_text())["results"]})
+    res = {method: {key: np.mean([s[method][key] for s in scores]) for key in ("miou", "accuracy")}
+           for method in ("student (best)", "colour k-means")}
     assert res["student (best)"]["miou"] > res["colour k-means"]["miou"] + 0.05
     assert res["student (best)"]["accuracy"] > res["colour k-means"]["accuracy"]

@@ -355,6 +355,7 @@ def agreement(paths, ref, var, ks, seed: int = 0) -> list[dict]:
     once on the raster's ``ref`` sample and applied to both (as mapseg.quantize.label_agreement, on feature
     models already loaded)."""
     from mapseg.segment import fit_reader_centers, label_reader, scaling_for
+    from mapseg.upsample import NEAREST
 
     rows = []
     with io_env():
@@ -364,8 +365,10 @@ def agreement(paths, ref, var, ks, seed: int = 0) -> list[dict]:
                 row = {"path": Path(path).name}
                 for k in ks:
                     centers = fit_reader_centers([reader], k, ref, seed)
-                    a = label_reader(reader, ref, scaling, centers)
-                    b = label_reader(reader, var, scaling, centers)
+                    # nearest: each cell's own label, the stricter measure (the guided upsampling averages the scores of
+                    # 7 x 7 cells, which hides disagreements of single cells)
+                    a = label_reader(reader, ref, scaling, centers, up=NEAREST)
+                    b = label_reader(reader, var, scaling, centers, up=NEAREST)
                     valid = a != OUTPUT_NODATA
                     row[k] = float((a[valid] == b[valid]).mean())
                 rows.append(row)

@@ -580,12 +580,14 @@ def segment_batch(inputs, out_dir, options: SegmentOptions | None = None, *, sch
     _check_outputs_are_not_inputs(out_dir, stems, paths)
     model, backend, features = _resolved_model(o)
     log(f"model: {features.name}; backend {backend}; {len(paths)} input raster(s)")
-    per_task = dataclasses.replace(o, model=None, centers=None, backend="auto",
+    # the upsampling resolved here, once: every worker draws what the report and the resume digests say, whatever
+    # its own copy of meta.json says (the digest checked on the workers covers the weights only)
+    per_task = dataclasses.replace(o, model=None, centers=None, backend="auto", upsample=o.upsampling(features),
                                    threads=o.threads or 1, workers=o.workers or 1)
     # what changes labels (besides model and centres); the precision of the network is part of the backend spec
     precision = backend.partition(":")[2] or "float32"
     label_options = {"bands": o.bands, "nodata": o.nodata, "stretch": o.stretch, "input_max": o.input_max,
-                     "smooth": o.smooth, "upsample": o.upsampling(features).to_json(), "seed": o.seed,
+                     "smooth": o.smooth, "upsample": per_task.upsample.to_json(), "seed": o.seed,
                      "cog": o.cog, "precision": precision,
                      "region": _region_key(region)}
     sample_options = {key: label_options[key] for key in ("bands", "nodata", "stretch", "input_max", "seed",

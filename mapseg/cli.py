@@ -1,7 +1,7 @@
 """mapseg: segment rasters with an exported student (or colour k-means).
 
     mapseg segment IN.tif OUT.tif -k 6 [--model model/best] [--tile 1024] [--backend auto]
-                   [--bands 1,2,3] [--nodata V] [--smooth N] [--centers centers.json] [--cog]
+                   [--bands 1,2,3] [--nodata V] [--smooth N] [--upsample M] [--centers centers.json] [--cog]
                    [--stretch 2,98] [--seed 0] [--extent X0,Y0,X1,Y1 [--extent-crs CRS]] [--mask AOI.gpkg]
                    [--resolution METRES]
     mapseg fit A.tif B.tif ... -k 6 -o centers.json [--model DIR]
@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int, default=DEFAULT_TILE, help="window core size in pixels (a multiple of 4); "
                    "labels do not depend on it, memory does")
     s.add_argument("--smooth", type=int, default=0, metavar="N",
-                   help="majority filter of radius N label cells (stride-4 cells; pixels for kmeans)")
+                   help="majority filter of radius N label cells (stride-4 cells; with guided upsampling over "
+                        "the pixels of 4N around each pixel; pixels for kmeans)")
     s.add_argument("--upsample", choices=UPSAMPLE_METHODS, default=None,
                    help="how the stride-4 cell scores become pixel labels: guided (edges follow the image, "
                         "cells smoothed with their surroundings) or nearest (4 x 4 blocks, faster); default: the "

@@ -50,6 +50,7 @@ from .features import load_features
 from .fileio import remove_if_present, write_bytes_atomic, write_text_atomic
 from .raster import OUTPUT_NODATA, io_env, open_reader
 from .segment import fit_reader_centers, label_reader, read_window, scaling_for
+from .upsample import NEAREST
 from .windows import sample_window_order
 
 SIDECAR_FORMAT = "mapseg-int8"
@@ -155,7 +156,8 @@ def label_agreement(paths, model_dir, bands=None, seed: int = 0, ks=AGREEMENT_K,
                     reference: str = "onnx", variant: str = "onnx:int8") -> list[dict]:
     """Per raster, the share of valid pixels whose label under ``variant`` (a backend spec, mapseg.backends.
     split_backend) equals the label under ``reference``, with K centres fitted on the raster's ``reference``
-    sample and applied to both, for each K in ``ks``. Each raster's labels are held in memory whole."""
+    sample and applied to both, for each K in ``ks``; labels drawn ``nearest`` (each cell's own), whatever the
+    model's upsampling. Each raster's labels are held in memory whole."""
     ref = load_features(model_dir, reference)
     var = load_features(model_dir, variant)
     rows = []
@@ -166,8 +168,10 @@ def label_agreement(paths, model_dir, bands=None, seed: int = 0, ks=AGREEMENT_K,
                 row = {"path": str(path)}
                 for k in ks:
                     centers = fit_reader_centers([reader], k, ref, seed)
-                    a = label_reader(reader, ref, scaling, centers)
-                    b = label_reader(reader, var, scaling, centers)
+                    # nearest: each cell's own label, the stricter measure (the guided upsampling averages the scores of
+                    # 7 x 7 cells, which hides disagreements of single cells)
+                    a = label_reader(reader, ref, scaling, centers, up=NEAREST)
+                    b = label_reader(reader, var, scaling, centers, up=NEAREST)
                     valid = a != OUTPUT_NODATA
                     row[f"k{k}"] = round(float((a[valid] == b[valid]).mean()), 5)
                 rows.append(row)

@@ -76,7 +76,7 @@ class SegmentOptions:
     stretch: tuple[float, float] | None = None  # percentile stretch into [0, 1] (default: x / input_max)
     input_max: float | None = None         # raw value of full brightness (default: what the file says, see scaling)
     smooth: int = 0                        # majority filter radius in label cells
-    upsample: str | None = None            # nearest | guided: cell scores -> pixel labels (default: the model's)
+    upsample: str | Upsample | None = None  # nearest | guided: cell scores -> pixel labels (default: the model's)
     seed: int = 0                          # sampling and k-means
     cog: bool = False                      # write a Cloud Optimized GeoTIFF
     extent: tuple[float, float, float, float] | None = None  # xmin, ymin, xmax, ymax: the area to segment
@@ -196,13 +196,16 @@ def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, 
         # every cell of the window is assigned (a contiguous block: no copy of the kept part; a cell's label
         # does not depend on which cells share its product, see assign_labels), then the kept part is cut
         labels = assign_labels(feats, scorer)[kept.within(win.read, s)]
+        data = valid if seen is None else seen  # what votes: pixels that hold data (a --mask hides, not erases)
         if smooth:
-            voters = cell_any(valid[kept.within(win.read)], s)
+            voters = cell_any(data[kept.within(win.read)], s)
             labels = majority_filter(labels, voters, k, smooth)
         core = labels[win.core.within(kept, s)]
-        if s > 1:
+        if s > 1:  # each cell's label over its s x s pixels, written once (also for a one-cell core)
             h, w = core.shape
-            core = np.broadcast_to(core[:, None, :, None], (h, s, w, s)).reshape(h * s, w * s)
+            cells = core
+            core = np.empty((h * s, w * s), np.uint8)
+            core.reshape(h, s, w, s)[...] = cells[:, None, :, None]
         else:
             core = np.array(core)
     else:
@@ -212,11 +215,11 @@ def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, 
         scored = drawn.grown(up.margin_cells * s, win.read)
         scores = cell_scores(feats[scored.within(win.read, s)], scorer)
         inside = scored.within(win.read)
-        data = valid if seen is None else seen
+        data = valid if seen is None else seen  # what counts: pixels that hold data (a --mask hides, not erases)
         labels = guided_labels(scores, image[inside], data[inside], s, up, (scored.row0 // s, scored.col0 // s),
                                drawn.bounds)
         if smooth:  # the same reach in pixels: a box of (2 smooth s + 1)^2 pixels
-            labels = majority_filter(labels, valid[drawn.within(win.read)], k, smooth * s)
+            labels = majority_filter(labels, data[drawn.within(win.read)], k, smooth * s)
         core = np.array(labels[win.core.within(drawn)])
     core[~valid[win.core_in_read]] = OUTPUT_NODATA
     return core
@@ -228,10 +231,12 @@ def model_upsample(features: FeatureModel) -> Upsample:
     return NEAREST if artifact is None or features.stride == 1 else artifact.upsample
 
 
-def run_upsample(features: FeatureModel, asked: str | None) -> Upsample:
-    """The upsampling a run uses: ``asked`` (a method name) or the model's own; refused for colour k-means."""
-    if asked is not None and asked != "nearest" and features.stride == 1:
-        raise SegmentError(f"--upsample {asked}: {features.name} labels every pixel itself (no cells to upsample)")
+def run_upsample(features: FeatureModel, asked: str | Upsample | None) -> Upsample:
+    """The upsampling a run uses: ``asked`` (a method name or an ``Upsample``) or the model's own; refused for
+    colour k-means."""
+    method = asked.method if isinstance(asked, Upsample) else asked
+    if method is not None and method != "nearest" and features.stride == 1:
+        raise SegmentError(f"--upsample {method}: {features.name} labels every pixel itself (no cells to upsample)")
     return resolve(asked, model_upsample(features))
 
 

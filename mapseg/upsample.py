@@ -62,7 +62,7 @@ class Upsample:
         if isinstance(self.coef_radius, bool) or not isinstance(self.coef_radius, int) or not 0 <= self.coef_radius <= 8:
             raise SegmentError(f"guided upsampling coefficient radius {self.coef_radius!r}: must be an integer from "
                                "0 to 8 cells")
-        if not (isinstance(self.eps, (int, float)) and 0 < float(self.eps) < 10):
+        if isinstance(self.eps, bool) or not (isinstance(self.eps, (int, float)) and 0 < float(self.eps) < 10):
             raise SegmentError(f"guided upsampling eps {self.eps!r}: must be a number in (0, 10)")
 
     @property
@@ -92,6 +92,12 @@ class Upsample:
         if not isinstance(data, dict) or data.get("method") not in METHODS:
             raise ArtifactError(f"{where}: 'upsample' must be an object with method one of {', '.join(METHODS)}, "
                                 f"not {data!r}")
+        known = {"method"} if data["method"] == "nearest" else {"method", "radius_cells", "coef_radius_cells",
+                                                                  "eps", "guide"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError(f"{where}: upsample {data['method']} has no setting {', '.join(unknown)} "
+                                f"(known: {', '.join(sorted(known))})")
         if data["method"] == "nearest":
             return cls("nearest")
         if data.get("guide", "luma") != "luma":
@@ -106,9 +112,12 @@ class Upsample:
 NEAREST = Upsample("nearest")
 
 
-def resolve(asked: str | None, model_default: Upsample) -> Upsample:
-    """The run's upsampling: ``asked`` (``--upsample``: a method name, or None for the model's own).
-    ``guided`` asked of a model that does not name it takes the default radius and eps."""
+def resolve(asked: str | Upsample | None, model_default: Upsample) -> Upsample:
+    """The run's upsampling: ``asked`` (``--upsample``: a method name; an ``Upsample`` already resolved, as
+    ``mapseg batch`` sends its workers; or None for the model's own). ``guided`` asked of a model that does not
+    name it takes the default radius and eps."""
+    if isinstance(asked, Upsample):
+        return asked
     if asked is None:
         return model_default
     if asked not in METHODS:
@@ -137,14 +146,14 @@ def box_sum(x: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def cell_mean(x: np.ndarray, s: int) -> np.ndarray:
-    """Means of s x s cells of a (h*s, w*s) array: its s*s pixels added in one order, then divided."""
+def cell_sum(x: np.ndarray, s: int) -> np.ndarray:
+    """Sums over s x s cells of a (h*s, w*s) array: its s*s pixels added in one order."""
     acc = x[0::s, 0::s].astype(np.float32, copy=True)
     for dy in range(s):
         for dx in range(s):
             if dy or dx:
                 acc += x[dy::s, dx::s]
-    return acc / np.float32(s * s)
+    return acc
 
 
 def luma(image: np.ndarray) -> np.ndarray:
@@ -228,9 +237,15 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
     r, eps = up.radius, np.float32(up.eps)
     hc, wc, k = scores.shape
     grey = luma(image)
-    weight = cell_mean(valid.astype(np.float32), s)            # a cell's share of valid pixels
-    g1 = cell_mean(grey, s)
-    g2 = cell_mean(grey * grey, s)
+    # per cell, over its pixels that hold data: their count, mean luma and mean squared luma (0 where none)
+    data = valid.astype(np.float32)
+    count = cell_sum(data, s)
+    per = np.zeros_like(count)
+    np.divide(np.float32(1), count, out=per, where=count > 0)
+    seen = grey * data                                          # nodata pixels add nothing
+    g1 = cell_sum(seen, s) * per
+    g2 = cell_sum(seen * grey, s) * per
+    weight = count / np.float32(s * s)                          # a cell's share of pixels that hold data
     mean, den = _box_means(weight, r)
     m_i, m_ii = mean(g1), mean(g2)
     m_p = mean(scores)

@@ -59,8 +59,12 @@ def reference_guided(scores, image, valid, up: Upsample):
     s = 4
     hc, wc, k = scores.shape
     g = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    cell = lambda x: x.reshape(hc, s, wc, s).mean(axis=(1, 3))  # noqa: E731
-    wgt, g1, g2 = cell(valid.astype(np.float64)), cell(g), cell(g * g)
+    cell = lambda x: x.reshape(hc, s, wc, s).sum(axis=(1, 3))  # noqa: E731
+    count = cell(valid.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):  # means over the pixels that hold data
+        g1 = np.nan_to_num(cell(g * valid) / count)
+        g2 = np.nan_to_num(cell(g * g * valid) / count)
+    wgt = count / s ** 2
 
     def box(x, r):
         c = np.zeros((hc + 1, wc + 1) + x.shape[2:])
@@ -169,6 +173,59 @@ def test_bad_settings_are_refused(model, tmp_path):
     with pytest.raises(SegmentError, match="choose from"):
         segment_raster(src, tmp_path / "o.tif", SegmentOptions(k=3, model=model, upsample="cubic"),
                        progress=False, log=lambda m: None)
+
+
+def test_nodata_pixels_do_not_shape_the_labels_of_valid_ones():
+    """Whatever a nodata pixel holds (the fill colour, garbage), the valid pixels' labels stay the same."""
+    rng = np.random.default_rng(3)
+    h, w, k = 16, 24, 4
+    image = rng.random((h, w, 3), dtype=np.float32)
+    valid = np.ones((h, w), bool)
+    valid[:, 9:14] = False
+    valid[3:6, :] = False
+    scores = rng.random((h // 4, w // 4, k), dtype=np.float32)
+    up = Upsample("guided", radius=1)
+    first = guided_labels(scores, image, valid, 4, up, (0, 0), (0, h, 0, w))
+    other = image.copy()
+    other[~valid] = rng.random((int((~valid).sum()), 3), dtype=np.float32)
+    second = guided_labels(scores, other, valid, 4, up, (0, 0), (0, h, 0, w))
+    np.testing.assert_array_equal(first[valid], second[valid])
+
+
+@pytest.mark.parametrize("method", ["nearest", "guided"])
+def test_one_cell_windows(model, method):
+    """Windows whose core is a single 4 x 4 cell (a raster one cell larger than the tile, --tile 4) work and
+    give the labels of one big window."""
+    img = scene(11, 20, 20).transpose(1, 2, 0)
+    features = SegmentOptions(model=model, backend="numpy").feature_model()
+    reader = ArrayReader(img, None, "scene")
+    centers = fit_reader_centers([reader], 3, features, 0)
+    scaling = scaling_for(reader, features, None, 0)
+    up = Upsample(method)
+    ref = label_reader(reader, features, scaling, centers, 4096, 0, up)
+    for tile in (4, 16):
+        np.testing.assert_array_equal(label_reader(reader, features, scaling, centers, tile, 0, up), ref)
+
+
+def test_batch_workers_draw_what_the_client_resolved(model, tmp_path):
+    """mapseg batch resolves the upsampling once: a block task draws the client's method even where the
+    worker's copy of the model (same weights) says another."""
+    from mapseg.batch import TaskSettings, model_digest, segment_block
+    from mapseg.cluster import Centers
+
+    src = write(tmp_path / "in.tif", scene(12, 96, 96))
+    guided = with_upsample(model, tmp_path / "guided", Upsample("guided").to_json())
+    stale = with_upsample(model, tmp_path / "stale", None)  # the worker's copy: nearest
+    report = segment_raster(src, tmp_path / "ref.tif", SegmentOptions(k=3, model=guided, backend="numpy"),
+                            progress=False, log=lambda m: None)
+    centers = Centers.from_json(report["centers"])
+    client = SegmentOptions(model=guided, backend="numpy").feature_model()
+    options = SegmentOptions(backend="auto", threads=1, workers=1, upsample=client.artifact.upsample)
+    settings = TaskSettings(stale, "numpy", model_digest(client), options, "", str(tmp_path))
+    worker = SegmentOptions(model=stale, backend="numpy").feature_model()
+    assert worker.artifact.upsample.method == "nearest"
+    segment_block(src, str(tmp_path / "block.tif"), settings, centers, worker, (0, 96, 0, 96), lambda m: None)
+    np.testing.assert_array_equal(labels_of(tmp_path / "block.tif"), labels_of(tmp_path / "ref.tif"))
 
 
 def test_the_shipped_model_draws_guided():

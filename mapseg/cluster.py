@@ -115,13 +115,14 @@ def _grid_sample(x: np.ndarray, metric: str, order: np.ndarray | None = None) ->
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
-    if x.ndim != 2 or not np.isfinite(x).all():
+    # the largest magnitude, exact in float32 too; a NaN or an infinity anywhere makes it one (no temporaries)
+    top = max(float(x.max(initial=0.0)), -float(x.min(initial=0.0))) if x.ndim == 2 else math.nan
+    if not math.isfinite(top):
         raise ClusterError("k-means needs a finite (N, D) sample")
     most = EXACT_MAX_DIM if metric == "cosine" else ELEMENTWISE_MAX_DIM
     if x.shape[1] > most or x.shape[0] > EXACT_MAX_ROWS:
         raise ClusterError(f"{metric} k-means sums exactly up to {most} dimensions and {EXACT_MAX_ROWS} samples; "
                            f"got {x.shape[1]} and {x.shape[0]}")
-    top = float(np.abs(x).max(initial=0.0))  # exact in float32 too
     exponent = int(np.frexp(top)[1]) if top > 0 else 0
     grid = np.empty(x.shape[::-1], np.float64).T  # column-major: see _dot
     rows = np.empty((min(GRID_CHUNK, x.shape[0]), x.shape[1]), np.float64)

@@ -327,7 +327,7 @@ def _fit(x: np.ndarray, k: int, metric: str, seed: int, n_init: int = N_INIT, it
     """(centres on the grid, the nearest of them to every row of x, the grid's exponent: ``_grid_sample``).
 
     Seeding and Lloyd iterations cost in proportion to the rows they pass over: 3 restarts over all of a
-    30,000-row sample passed over it some 65 times (1.3-1.8 CPU-s at K = 8). So the sample is put on the
+    30,000-row sample passed over it some 65 times (1.2-1.8 CPU-s at K = 8). So the sample is put on the
     grid in a seeded random order, which makes its first m rows a random subset of m rows, and
 
     * the ``n_init`` restarts (k-means++ seeding, Lloyd to the stopping rule) run each on its own block of
@@ -337,9 +337,9 @@ def _fit(x: np.ndarray, k: int, metric: str, seed: int, n_init: int = N_INIT, it
       the sample, and last over the whole sample; each stage starts near its own convergence (a few
       iterations).
 
-    The result is a Lloyd fixed point of the whole sample within the stopping rule, as before, fitted for
-    about a twentieth of the work; its objective is that of the whole-sample fit within the seed's own
-    spread (docs/runtime.md). Samples under 2 * ``subset`` rows, or ``subset`` None, are fitted whole, every
+    The result is a Lloyd fixed point of the whole sample within the stopping rule, as before, for a tenth
+    of the CPU time or less; its objective is that of the whole-sample fit within the seed's own spread
+    (docs/runtime.md, "The k-means fit"). Samples under 2 * ``subset`` rows, or ``subset`` None, are fitted whole, every
     restart on every row."""
     rng = np.random.default_rng(seed)
     n = np.shape(x)[0]

@@ -113,7 +113,7 @@ def test_the_fit_on_subsets_is_a_lloyd_fixed_point_of_the_whole_sample():
 def test_the_fit_on_subsets_ends_where_the_fit_on_the_whole_sample_does(monkeypatch):
     """Where the whole sample's k-means has one optimum (6 directions, K = 6) the fit on subsets finds the
     same centres, bit for bit, for every seed, scoring fewer than a third as many rows as restarts on the
-    whole sample (the point of it: 0.05 instead of 1.3 CPU-seconds on 30,000 x 96 at K = 8)."""
+    whole sample (the point of it: about 0.06 instead of 1.3 CPU-seconds on 30,000 x 96 at K = 8)."""
     x, _ = _embeddings(k=6)
     scored = [0]
     dot = cluster._dot

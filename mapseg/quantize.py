@@ -169,7 +169,7 @@ def label_agreement(paths, model_dir, bands=None, seed: int = 0, ks=AGREEMENT_K,
                 for k in ks:
                     centers = fit_reader_centers([reader], k, ref, seed)
                     # nearest: each cell's own label, the stricter measure (the guided upsampling averages the scores of
-                    # 7 x 7 cells, which hides disagreements of single cells)
+                    # 5 x 5 cells, which hides disagreements of single cells)
                     a = label_reader(reader, ref, scaling, centers, up=NEAREST)
                     b = label_reader(reader, var, scaling, centers, up=NEAREST)
                     valid = a != OUTPUT_NODATA

@@ -5,16 +5,18 @@ The network gives one embedding per cell of 4 x 4 pixels, and every cell a score
 
 * ``nearest``: every pixel takes its cell's label. Every edge is a 4-pixel staircase.
 * ``guided``: a fast guided filter (He & Sun, "Fast Guided Filter", 2015, arXiv:1505.00996) of the
-  K score maps with the image's luma as the guide. At cell resolution, over boxes of
-  (2r + 1) x (2r + 1) cells: each score map is fitted as a linear function of the luma,
+  K score maps with the image's luma as the guide. From per-cell means of the luma and of its square
+  (over the pixels that hold data), over boxes of (2r + 1) x (2r + 1) cells, each score map is fitted
+  as a linear function of the luma,
   ``score ~ a * luma + b`` (a ridge fit, ``eps`` on the luma's variance); the coefficients (box-averaged
   once more where ``coef_radius`` > 0) are drawn bilinearly to full resolution and applied to each
   pixel's own luma; the label is the first best score. Edges follow the image's brightness edges
   inside the cells, and cells that disagree with their surroundings but not with the image are
   smoothed over. Measured with the default model (``python -m training.eval``, K = 5, centres fitted
-  once, seed 0; r = 3 cells, no second average, eps 0.01): dubai_dev 0.388 -> 0.407 mIoU and
-  0.565 -> 0.580 accuracy, geonrw_dev (5 groups) 0.246 -> 0.263 and 0.500 -> 0.531. A majority filter
-  of the same reach (``--smooth 2``) gained about half as much; a colour (RGB) guide no more than luma.
+  once, seed 0; r = 2 cells, no second average, eps 0.01): dubai_dev 0.392 -> 0.409 mIoU and
+  0.570 -> 0.585 accuracy, geonrw_dev (5 groups) 0.245 -> 0.258 and 0.499 -> 0.522. A majority filter
+  of the same reach gained about half as much; a colour (RGB) guide no more than luma; radius 3
+  a little more on both sets but merges more thin structures (docs/runtime.md, "Upsampling").
 
 Which one a model uses is part of the model (``meta.json["upsample"]``, written by the exporter; an
 artifact without it draws ``nearest``), recorded in every run's report, and ``--upsample`` overrides it.
@@ -40,7 +42,7 @@ ASSIGN_ROWS = 8192  # rows per score product, as mapseg.cluster.assign_labels
 
 METHODS = ("nearest", "guided")
 LUMA = (0.299, 0.587, 0.114)   # the guide: Rec. 601 luma of the scaled RGB in [0, 1]
-GUIDED_RADIUS = 3              # box radius in cells of the fit (7 x 7 cells = 28 x 28 pixels at stride 4)
+GUIDED_RADIUS = 2              # box radius in cells of the fit (5 x 5 cells = 20 x 20 pixels at stride 4)
 COEF_RADIUS = 0                # box radius in cells of the coefficients' average (0: none; bilinear only)
 GUIDED_EPS = 0.01              # ridge on the luma's variance (luma in [0, 1])
 BLOCK_PIXELS = 1 << 17         # pixels per block of the full-resolution pass (its arrays stay in cache)

@@ -541,13 +541,22 @@ def assign_labels(features: np.ndarray, scorer: tuple[np.ndarray, np.ndarray]) -
     a, b = scorer
     shape = features.shape[:-1]
     d = features.shape[-1]
-    flat = np.ascontiguousarray(features, dtype=np.float32).reshape(-1, d)
     if d <= ELEMENTWISE_MAX_DIM:
+        flat = np.ascontiguousarray(features, dtype=np.float32).reshape(-1, d)
         return _assign_elementwise(flat, a, b).reshape(shape)
+    return cell_scores(features, scorer).argmax(-1).astype(np.uint8)
+
+
+def cell_scores(features: np.ndarray, scorer: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(..., K) float32 scores x . A[:, k] + b[k] of (..., D) embeddings, the assignment's products
+    (network.matmul_rows: a row's scores do not depend on the rows beside it); what ``assign_labels`` takes
+    the first best of, and what mapseg.upsample's guided filter draws at full resolution."""
+    a, b = scorer
+    flat = np.ascontiguousarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
     scores = matmul_rows(flat, a, ASSIGN_ROWS)
     if b.any():
         scores += b
-    return scores.argmax(1).astype(np.uint8).reshape(shape)
+    return scores.reshape(*features.shape[:-1], -1)
 
 
 ELEMENTWISE_CHUNK = 1 << 16

@@ -37,7 +37,8 @@ import numpy as np
 from .artifact import ARTIFACT_FILES, resolution_text
 from .backends import INT8_MODEL, INT8_SIDECAR
 from .centres import centres_scaling, check_centers, load_centers, record_scaling
-from .cluster import SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, check_k, fit_centers
+from .cluster import (SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, assign_labels, cell_scores, check_k,
+                      fit_centers)
 from .errors import SegmentCancelled, SegmentError  # noqa: F401 - SegmentCancelled: re-exported for callers
 from .features import FeatureModel, default_model_path, load_features
 from .fileio import check_outputs
@@ -47,7 +48,7 @@ from .progress import Progress, SampleProgress, tell
 from .raster import OUTPUT_NODATA, RasterView, Region, ground_resolution, io_env, open_reader, open_writer
 from .raster.polygons import mask_files
 from .scaling import SampledRange, Scaling, check_one_scaling, input_range, make_scaling
-from .upsample import NEAREST, Upsample, cell_scores, guided_labels, resolve
+from .upsample import NEAREST, Upsample, guided_labels, resolve
 from .windows import DEFAULT_TILE, Window, plan_windows, sample_window_order
 
 MIN_SAMPLE_CELLS = 1000      # keep drawing windows until this many valid cells (or none left)

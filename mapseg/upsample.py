@@ -1,7 +1,7 @@
 """Full-resolution labels from the network's stride-4 cell scores: how a pixel gets its label.
 
 The network gives one embedding per cell of 4 x 4 pixels, and every cell a score per centre
-(``x . A[:, k] + b[k]``, mapseg.cluster). Two ways to draw them at full resolution (``METHODS``):
+(``x . A[:, k] + b[k]``, ``mapseg.cluster.cell_scores``). Two ways to draw them at full resolution (``METHODS``):
 
 * ``nearest``: every pixel takes its cell's label. Every edge is a 4-pixel staircase.
 * ``guided``: a fast guided filter (He & Sun, "Fast Guided Filter", 2015, arXiv:1505.00996) of the
@@ -36,9 +36,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ArtifactError, SegmentError
-from .network import matmul_rows
-
-ASSIGN_ROWS = 8192  # rows per score product, as mapseg.cluster.assign_labels
 
 METHODS = ("nearest", "guided")
 LUMA = (0.299, 0.587, 0.114)   # the guide: Rec. 601 luma of the scaled RGB in [0, 1]
@@ -216,18 +213,6 @@ def _bilinear(x: np.ndarray, first: int, cells: int, s: int, axis: int, out: np.
 
 
 # --------------------------------------------------------------------------- labels
-
-def cell_scores(features: np.ndarray, scorer: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """(h, w, K) float32 scores x . A + b of (h, w, D) cell embeddings: the products of
-    ``mapseg.cluster.assign_labels`` (network.matmul_rows: the same bits wherever a cell sits)."""
-    a, b = scorer
-    h, w, d = features.shape
-    flat = np.ascontiguousarray(features, dtype=np.float32).reshape(-1, d)
-    scores = matmul_rows(flat, a, ASSIGN_ROWS)
-    if b.any():
-        scores += b
-    return scores.reshape(h, w, -1)
-
 
 def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: int, up: Upsample,
                   cells_at: tuple[int, int], out_box: tuple[int, int, int, int]) -> np.ndarray:

@@ -16,7 +16,8 @@ from mapseg.errors import ArtifactError  # noqa: E402
 from mapseg.raster import ArrayReader  # noqa: E402
 from mapseg.segment import (SegmentError, SegmentOptions, fit_reader_centers, label_reader,  # noqa: E402
                             scaling_for, segment_raster)
-from mapseg.upsample import NEAREST, Upsample, cell_scores, guided_labels, luma  # noqa: E402
+from mapseg.cluster import cell_scores  # noqa: E402
+from mapseg.upsample import NEAREST, Upsample, guided_labels, luma  # noqa: E402
 
 from test_mapseg_segment import labels_of, scene, write  # noqa: E402
 

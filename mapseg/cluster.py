@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +134,10 @@ def _grid_sample(x: np.ndarray, metric: str, order: np.ndarray | None = None) ->
     return grid, exponent
 
 
-_BLAS = {"controller": None, "held": 0}  # threadpoolctl's controller (False without it); k-means calls holding it
+# threadpoolctl's controller (False without it or without a BLAS it knows), the k-means calls holding the BLAS
+# at one thread now, and the limiter that restores it when the last of them ends
+_BLAS = {"controller": None, "held": 0, "limiter": None}
+_BLAS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -143,21 +147,36 @@ def _one_blas_thread():
     products this small gain nothing from more (the fit took 3-4 times the CPU time on 2 OpenBLAS threads,
     and ten times the wall time on a busy 2-core machine), so no BLAS thread is woken to spin. Without
     threadpoolctl they keep off the BLAS (einsum's own loops, 2-3 times as slow; the same bits)."""
-    if _BLAS["controller"] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-            _BLAS["controller"] = ThreadpoolController()  # made once: it looks through the loaded libraries
-        except ImportError:
-            _BLAS["controller"] = False
-    if not _BLAS["controller"]:
+    with _BLAS_LOCK:
+        if _BLAS["controller"] is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                controller = ThreadpoolController()  # made once: it looks through the loaded libraries
+                # no BLAS found (a build threadpoolctl does not know): nothing to hold, so stay off the BLAS
+                _BLAS["controller"] = controller if controller.select(user_api="blas").lib_controllers else False
+            except ImportError:
+                _BLAS["controller"] = False
+        if not _BLAS["controller"]:
+            controller = None
+        else:
+            # one hold for every fit running at once (threads of the caller's): the first sets one thread, the
+            # last to finish restores what was there before; nested or overlapping threadpoolctl limits would
+            # otherwise restore each other's values and could leave the process at one thread
+            if _BLAS["held"] == 0:
+                _BLAS["limiter"] = _BLAS["controller"].limit(limits=1, user_api="blas")
+            _BLAS["held"] += 1
+            controller = _BLAS["controller"]
+    if controller is None:
         yield
         return
-    with _BLAS["controller"].limit(limits=1, user_api="blas"):
-        _BLAS["held"] += 1
-        try:
-            yield
-        finally:
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
             _BLAS["held"] -= 1
+            if _BLAS["held"] == 0:
+                _BLAS["limiter"].restore_original_limits()
+                _BLAS["limiter"] = None
 
 
 def _blas_held() -> bool:
@@ -363,7 +382,9 @@ def _kmeans_on_grid(grid: np.ndarray, k: int, metric: str, rng: np.random.Genera
     stages = [grid[:size] for size in sizes[1:]] + [grid]
     block = sizes[0] if sizes else grid.shape[0]
     blocks = stages[0].shape[0] // block  # 1: no subsets
-    with _one_blas_thread():
+    # colours (a few dimensions) never call the BLAS: no hold, which would slow other threads' products
+    hold = _one_blas_thread() if grid.shape[1] > ELEMENTWISE_MAX_DIM else contextlib.nullcontext()
+    with hold:
         best, best_obj, best_assign = None, -np.inf, None
         for r in range(n_init):
             rows = stages[0][r % blocks * block:][:block]

@@ -24,10 +24,13 @@ for more workers is then an error rather than a quiet slowdown. The onnx and
 torch backends still run their windows in parallel (their networks have
 their own pools), and the note says the BLAS is not held.
 
-Every stage runs under this hold or uses no pool: the sampling windows go
-through the same plan (``map_windows``), the k-means fit calls no BLAS
-(mapseg/cluster.py: einsum's loops, one thread), and the assignment runs
-inside the windows. onnxruntime sessions take their thread count when they
+Every stage runs under this hold or a hold of its own: the sampling windows go
+through the same plan (``map_windows``), the k-means fit holds the BLAS at one
+thread while it runs (mapseg/cluster.py ``_one_blas_thread``: one hold shared by
+fits running at once; einsum's loops without threadpoolctl), and the assignment
+runs inside the windows. (``WorkerPlan.context`` itself is a plain threadpoolctl
+limit: runs started at once from the caller's threads can restore each other's
+thread counts.) onnxruntime sessions take their thread count when they
 are made, and their idle pool threads sleep instead of spinning
 (``session.intra_op.allow_spinning`` 0, mapseg/backends.py). Measured on a
 2048^2 run on 2 CPUs (CPU seconds of the process, medians of 3, fresh

@@ -168,3 +168,27 @@ def test_bad_samples_are_refused():
         kmeans(np.ones((50, 8)), 3, "cosine")
     with pytest.raises(ClusterError, match="distinct values"):  # too few on the subsets and on the whole
         kmeans(np.repeat(np.eye(8)[:2], 5000, axis=0), 3, "cosine")
+
+
+def test_fits_at_once_in_threads_leave_the_blas_as_it_was():
+    """k-means holds the BLAS at one thread while it runs; fits overlapping in the caller's threads share one
+    hold, so the last to finish restores the thread count the process had (not another fit's one)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threading
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    x = np.random.default_rng(0).standard_normal((12000, 96)).astype(np.float32)
+    ref = kmeans(x, 6, "cosine", 0)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        got = {}
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, kmeans(x, 6, "cosine", 0)))
+                   for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert blas_threads() == before
+    assert len(got) == 6 and all(np.array_equal(c, ref) for c in got.values())

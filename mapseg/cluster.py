@@ -356,7 +356,8 @@ def _fit(x: np.ndarray, k: int, metric: str, seed: int, n_init: int = N_INIT, it
       the sample, and last over the whole sample; each stage starts near its own convergence (a few
       iterations).
 
-    The result is a Lloyd fixed point of the whole sample within the stopping rule, as before, for a tenth
+    The result is a Lloyd fixed point of the whole sample within the stopping rule (unless LLOYD_ITERS stops it
+    first), as before, for a tenth
     of the CPU time or less; its objective is that of the whole-sample fit within the seed's own spread
     (docs/runtime.md, "The k-means fit"). Samples under 2 * ``subset`` rows, or ``subset`` None, are fitted whole, every
     restart on every row."""

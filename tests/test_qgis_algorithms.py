@@ -99,6 +99,10 @@ def workflow(tmp_path_factory):
             {"name": "simplified", "params": {"INPUT": str(r0), "K": 4, "OUTPUT": str(tmp / "simple.tif"),
                                               "OUTPUT_POLYGONS": str(tmp / "simple.gpkg"), "MIN_AREA": 400,
                                               "SIMPLIFY": 15, **common}},
+            {"name": "up_model", "params": {"INPUT": str(r0), "K": 4, "MODEL": 0, "TILE": 128,
+                                            "OUTPUT": str(tmp / "up_model.tif")}},
+            {"name": "up_nearest", "params": {"INPUT": str(r0), "K": 4, "MODEL": 0, "TILE": 128, "UPSAMPLE": 2,
+                                              "OUTPUT": str(tmp / "up_nearest.tif")}},
             {"name": "min_area", "params": {"INPUT": str(geo), "K": 4, "OUTPUT": str(tmp / "geo.tif"),
                                             "OUTPUT_POLYGONS": str(tmp / "geo.gpkg"), "MIN_AREA": 400,
                                             "LEGEND": str(tmp / "legend.json"), **common}}],
@@ -144,12 +148,28 @@ def test_algorithms_are_grouped_documented_and_declare_their_outputs(workflow):
     assert seg["outputs"] == {"OUTPUT": "outputRaster", "OUTPUT_POLYGONS": "outputVector", "K": "outputNumber",
                               "MEGAPIXELS_PER_S": "outputNumber", "BACKEND": "outputString",
                               "SCALING": "outputString"}
-    assert seg["advanced"] == ["BACKEND", "COG", "INPUT_MAX", "SMOOTH", "TILE"]
+    assert seg["advanced"] == ["BACKEND", "COG", "INPUT_MAX", "SMOOTH", "TILE", "UPSAMPLE"]
     assert algs["mapseg:fit"]["outputs"] == {"OUTPUT": "outputFile", "K": "outputNumber"}
     a = workflow["res"]["runs"]["a"]["results"]
     assert a["K"] == 4 and a["BACKEND"] == "none" and a["SCALING"] == "x / 255 (uint8)"
     assert a["MEGAPIXELS_PER_S"] > 0
     assert workflow["res"]["imported"] == []
+
+
+def test_upsampling_is_the_models_own_unless_chosen(workflow):
+    """UPSAMPLE: the model's own (the shipped model's guided upsampling) or nearest, whose labels are whole
+    4 x 4 cells; the same centres-free run otherwise, so the two differ only along edges."""
+    res, tmp = workflow["res"], workflow["tmp"]
+    for name in ("up_model", "up_nearest"):
+        assert res["runs"][name]["ok"], res["runs"][name]
+    assert "upsampling: guided" in res["runs"]["up_model"]["log"]
+    assert "upsampling: nearest" in res["runs"]["up_nearest"]["log"]
+    model, nearest = _read(tmp / "up_model.tif")[0], _read(tmp / "up_nearest.tif")[0]
+    h, w = (d // 4 * 4 for d in nearest.shape)
+    cells = nearest[:h, :w].reshape(h // 4, 4, w // 4, 4).transpose(0, 2, 1, 3).reshape(-1, 16)
+    valid = cells != 255
+    assert all(len(set(c[v])) <= 1 for c, v in zip(cells, valid))
+    assert ((model != nearest) & (model != 255)).mean() > 0.01
 
 
 def test_fit_then_segment_gives_two_rasters_the_same_labels_and_names(workflow):

@@ -156,27 +156,23 @@ def _one_blas_thread():
                 _BLAS["controller"] = controller if controller.select(user_api="blas").lib_controllers else False
             except ImportError:
                 _BLAS["controller"] = False
-        if not _BLAS["controller"]:
-            controller = None
-        else:
+        holding = bool(_BLAS["controller"])
+        if holding:
             # one hold for every fit running at once (threads of the caller's): the first sets one thread, the
             # last to finish restores what was there before; nested or overlapping threadpoolctl limits would
             # otherwise restore each other's values and could leave the process at one thread
             if _BLAS["held"] == 0:
                 _BLAS["limiter"] = _BLAS["controller"].limit(limits=1, user_api="blas")
             _BLAS["held"] += 1
-            controller = _BLAS["controller"]
-    if controller is None:
-        yield
-        return
     try:
         yield
     finally:
-        with _BLAS_LOCK:
-            _BLAS["held"] -= 1
-            if _BLAS["held"] == 0:
-                _BLAS["limiter"].restore_original_limits()
-                _BLAS["limiter"] = None
+        if holding:
+            with _BLAS_LOCK:
+                _BLAS["held"] -= 1
+                if _BLAS["held"] == 0:
+                    _BLAS["limiter"].restore_original_limits()
+                    _BLAS["limiter"] = None
 
 
 def _blas_held() -> bool:

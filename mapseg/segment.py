@@ -191,13 +191,13 @@ def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, 
     see ``read_window``); the window's halo must hold ``window_halo``'s cells."""
     s = features.stride
     feats = features(image)
+    data = valid if seen is None else seen  # what counts and votes: pixels that hold data (a --mask hides them)
     if up.method == "nearest" or s == 1:
         # Labels are needed on the core plus `smooth` cells around it (available: the halo covers them).
         kept = win.core.grown(smooth * s, win.read)
         # every cell of the window is assigned (a contiguous block: no copy of the kept part; a cell's label
         # does not depend on which cells share its product, see assign_labels), then the kept part is cut
         labels = assign_labels(feats, scorer)[kept.within(win.read, s)]
-        data = valid if seen is None else seen  # what votes: pixels that hold data (a --mask hides, not erases)
         if smooth:
             voters = cell_any(data[kept.within(win.read)], s)
             labels = majority_filter(labels, voters, k, smooth)
@@ -214,9 +214,9 @@ def window_labels(features: FeatureModel, image: np.ndarray, valid: np.ndarray, 
         # `margin_cells` more around them (the guided filter's reach)
         drawn = win.core.grown(smooth * s, win.read)
         scored = drawn.grown(up.margin_cells * s, win.read)
-        scores = cell_scores(feats[scored.within(win.read, s)], scorer)
+        # every cell scored (a contiguous block, no copy of the embeddings), then the scored part cut
+        scores = cell_scores(feats, scorer)[scored.within(win.read, s)]
         inside = scored.within(win.read)
-        data = valid if seen is None else seen  # what counts: pixels that hold data (a --mask hides, not erases)
         labels = guided_labels(scores, image[inside], data[inside], s, up, (scored.row0 // s, scored.col0 // s),
                                drawn.bounds)
         if smooth:  # the same reach in pixels: a box of (2 smooth s + 1)^2 pixels
@@ -244,8 +244,8 @@ def run_upsample(features: FeatureModel, asked: str | Upsample | None) -> Upsamp
 def window_halo(features: FeatureModel, smooth: int, up: Upsample) -> int:
     """The halo in pixels a run's windows are read with: the network's, plus the cells the majority filter
     (``smooth``) and the upsampling (``up.margin_cells``) reach, so labels do not depend on the window."""
-    extra = smooth if features.stride == 1 or up.method == "nearest" else smooth + up.margin_cells
-    return features.halo + extra * features.stride
+    margin = 0 if features.stride == 1 else up.margin_cells  # nearest: 0; colour k-means labels pixels
+    return features.halo + (smooth + margin) * features.stride
 
 
 def iter_labels(reader, features: FeatureModel, scaling: Scaling, scorer, k: int, wins: list[Window],

@@ -104,7 +104,8 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return _on_grid(x / np.maximum(norm, 1e-12)[:, None])
 
 
-def _grid_sample(x: np.ndarray, metric: str, order: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def _grid_sample(x: np.ndarray, metric: str, order: np.ndarray | None = None,
+                 rows: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """(the sample as k-means sees it: rows on the grid inside (-1, 1), cosine: unit rows, a column-major
     (N, D) array; the power-of-two exponent that brought it there, by which euclidean centres are scaled back).
 
@@ -112,25 +113,43 @@ def _grid_sample(x: np.ndarray, metric: str, order: np.ndarray | None = None) ->
     unit to ~1e-6, then put on the grid and made unit there. Euclidean (colours): the partial
     sums stay exact up to ELEMENTWISE_MAX_DIM dimensions (|x - c|^2 < 16). Every step is per row
     or per element, so it runs GRID_CHUNK rows at a time, in cache (a third of the CPU time of
-    whole-sample passes). ``order``: the rows in this order (a permutation)."""
+    whole-sample passes). ``order``: the rows in this order (a permutation). ``rows``: the sample is these rows of
+    x (indices; ``order`` then orders them), gathered a chunk at a time: the same grid as that of ``x[rows]``
+    without the copy."""
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
-    # the largest magnitude, exact in float32 too; a NaN or an infinity anywhere makes it one (no temporaries)
-    top = max(float(x.max(initial=0.0)), -float(x.min(initial=0.0))) if x.ndim == 2 else math.nan
+    if x.ndim != 2:
+        top = math.nan
+    elif rows is None:  # the largest magnitude, exact in float32 too; a NaN or an infinity anywhere makes it one
+        top = max(float(x.max(initial=0.0)), -float(x.min(initial=0.0)))
+    else:  # ... of the rows taken: per-row extremes (N values), not a gathered copy of the sample
+        top = max(float(x.max(axis=1, initial=0.0)[rows].max(initial=0.0)),
+                  -float(x.min(axis=1, initial=0.0)[rows].min(initial=0.0)))
     if not math.isfinite(top):
         raise ClusterError("k-means needs a finite (N, D) sample")
+    n = x.shape[0] if rows is None else len(rows)
     most = EXACT_MAX_DIM if metric == "cosine" else ELEMENTWISE_MAX_DIM
-    if x.shape[1] > most or x.shape[0] > EXACT_MAX_ROWS:
+    if x.shape[1] > most or n > EXACT_MAX_ROWS:
         raise ClusterError(f"{metric} k-means sums exactly up to {most} dimensions and {EXACT_MAX_ROWS} samples; "
-                           f"got {x.shape[1]} and {x.shape[0]}")
+                           f"got {x.shape[1]} and {n}")
     exponent = int(np.frexp(top)[1]) if top > 0 else 0
-    grid = np.empty(x.shape[::-1], np.float64).T  # column-major: see _dot
-    rows = np.empty((min(GRID_CHUNK, x.shape[0]), x.shape[1]), np.float64)
-    for s in range(0, x.shape[0], GRID_CHUNK):
-        part = rows[:min(GRID_CHUNK, x.shape[0] - s)]
-        _grid_rows(x[s:s + GRID_CHUNK] if order is None else x[order[s:s + GRID_CHUNK]], exponent, metric, part)
-        grid[s:s + GRID_CHUNK] = part
+    take = order if rows is None else rows if order is None else rows[order]  # x's row of every grid row
+    grid = np.empty((x.shape[1], n), np.float64).T  # column-major: see _dot
+    # buffers for one chunk, made once: a chunk's temporaries were fresh memory every time (about 1.5 MB each, as
+    # large as the allocator's threshold for giving memory back), which cost a third of the fit's page faults
+    m = min(GRID_CHUNK, n)
+    chunk, scratch = np.empty((m, x.shape[1]), np.float64), np.empty((m, x.shape[1]), np.float64)
+    gathered = None if take is None else np.empty((m, x.shape[1]), x.dtype)
+    for s in range(0, n, GRID_CHUNK):
+        e = min(GRID_CHUNK, n - s)
+        part = chunk[:e]
+        if take is None:
+            rows_in = x[s:s + e]
+        else:
+            rows_in = np.take(x, take[s:s + e], axis=0, out=gathered[:e])
+        _grid_rows(rows_in, exponent, metric, part, scratch[:e])
+        grid[s:s + e] = part
     return grid, exponent
 
 
@@ -179,17 +198,19 @@ def _blas_held() -> bool:
     return _BLAS["held"] > 0
 
 
-def _grid_rows(x: np.ndarray, exponent: int, metric: str, out: np.ndarray) -> None:
+def _grid_rows(x: np.ndarray, exponent: int, metric: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
     """Rows of the grid sample into ``out`` (float64), as ``_on_grid`` and ``_unit_rows`` would make them but
     in place: (r / m) * 2**b is computed as r / (m * 2**-b) and a square root as 2**b times that of an
-    integer sum, the same bits (scaling by a power of two commutes with correct rounding)."""
+    integer sum, the same bits (scaling by a power of two commutes with correct rounding). ``scratch``: an
+    array like ``out`` for the coarse copy (default: a new one)."""
     if -1000 < exponent < 1000:  # times 2**-exponent: exact, |x| < 1
         np.multiply(x, 2.0 ** -exponent, out=out, dtype=np.float64)
     else:
         np.ldexp(x.astype(np.float64), -exponent, out=out)
     fine = float(2 ** GRID_BITS)
     if metric == "cosine":
-        coarse = np.rint(out * float(2 ** NORM_BITS))   # integers: their squares' sum (< 2**52) is exact
+        coarse = np.multiply(out, float(2 ** NORM_BITS), out=scratch)
+        np.rint(coarse, out=coarse)                      # integers: their squares' sum (< 2**52) is exact
         norm = np.sqrt(np.einsum("ij,ij->i", coarse, coarse)) * float(2 ** -NORM_BITS)
         out /= (np.maximum(norm, 1e-12) * (1 / fine))[:, None]
         np.rint(out, out=out)                            # the row on the grid, times 2**GRID_BITS
@@ -338,8 +359,9 @@ def _subsets(n: int, subset: int | None) -> list[int]:
 
 
 def _fit(x: np.ndarray, k: int, metric: str, seed: int, n_init: int = N_INIT, iters: int = LLOYD_ITERS,
-         subset: int | None = SUBSET_ROWS) -> tuple[np.ndarray, np.ndarray, int]:
-    """(centres on the grid, the nearest of them to every row of x, the grid's exponent: ``_grid_sample``).
+         subset: int | None = SUBSET_ROWS, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(centres on the grid, the nearest of them to every row of the sample, the grid's exponent: ``_grid_sample``).
+    The sample is x, or its rows ``rows`` (indices: the same fit as on ``x[rows]``, without that copy).
 
     Seeding and Lloyd iterations cost in proportion to the rows they pass over: 3 restarts over all of a
     30,000-row sample passed over it some 65 times (1.2-1.8 CPU-s at K = 8). So the sample is put on the
@@ -358,10 +380,10 @@ def _fit(x: np.ndarray, k: int, metric: str, seed: int, n_init: int = N_INIT, it
     (docs/runtime.md, "The k-means fit"). Samples under 2 * ``subset`` rows, or ``subset`` None, are fitted whole, every
     restart on every row."""
     rng = np.random.default_rng(seed)
-    n = np.shape(x)[0]
+    n = np.shape(x)[0] if rows is None else len(rows)
     sizes = _subsets(n, subset)
     order = rng.permutation(n) if sizes else None
-    grid, exponent = _grid_sample(x, metric, order)
+    grid, exponent = _grid_sample(x, metric, order, rows)
     centers, assign = _kmeans_on_grid(grid, k, metric, rng, n_init, iters, sizes)
     if order is not None:  # back to the sample's order
         grid_assign, assign = assign, np.empty_like(assign)
@@ -536,9 +558,9 @@ def fit_centers(features: np.ndarray, colours: np.ndarray, k: int, metric: str, 
                 seed: int = 0, sample_info: dict | None = None) -> Centers:
     """k-means on sampled features (at most SAMPLE_FEATURES / SAMPLE_COLOURS, drawn with the seed), in label order."""
     pick = kmeans_rows(features.shape[0], features.shape[1], seed)
-    if pick is not None:
-        features, colours = features[pick], colours[pick]
-    raw, assign, exponent = _fit(features, k, metric, seed)   # assign: exact, like every score of the fit
+    if pick is not None:  # the features' rows are gathered onto the grid by k-means itself (no copy here)
+        colours = colours[pick]
+    raw, assign, exponent = _fit(features, k, metric, seed, rows=pick)  # assign: exact, like every score of the fit
     order = order_by_luma(assign, colours, raw)
     centers = _unscale(raw[order], exponent, metric)
     assign = np.argsort(order)[assign]               # members in label order

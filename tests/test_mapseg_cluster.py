@@ -95,6 +95,30 @@ def test_grid_sample_rows_do_not_depend_on_their_order():
         assert exponent == same_exponent and np.array_equal(shuffled, whole[order])
 
 
+def test_a_fit_on_rows_of_the_sample_is_the_fit_on_their_copy():
+    """fit_centers hands k-means the rows it draws (kmeans_rows) instead of a copy of them: the same grid, the
+    same exponent (the largest magnitude among those rows only) and the same centres, bit for bit."""
+    x, colours = _embeddings(36_000, 96)
+    rows = cluster.kmeans_rows(x.shape[0], x.shape[1], 0)
+    left_out = np.setdiff1d(np.arange(x.shape[0]), rows)[0]
+    x[left_out] *= 8                     # the largest magnitude sits in a row that is not drawn: the exponent
+    colours[left_out] *= 8               # is that of the drawn rows
+    for sample, metric, k in ((x, "cosine", 8), (colours * 255, "euclidean", 5)):
+        order = np.random.default_rng(1).permutation(rows.size)
+        for how in (None, order):
+            copied, exponent = _grid_sample(sample[rows], metric, how)
+            taken, same_exponent = _grid_sample(sample, metric, how, rows)
+            assert exponent == same_exponent and copied.tobytes() == taken.tobytes()
+            assert _grid_sample(sample, metric)[1] > exponent
+            assert copied.flags.f_contiguous and taken.flags.f_contiguous
+        a, b = _fit(sample[rows], k, metric, 0), _fit(sample, k, metric, 0, rows=rows)
+        assert all(np.asarray(u).tobytes() == np.asarray(v).tobytes() for u, v in zip(a, b))
+    whole = fit_centers(x, colours, 8, "cosine", "embedding", {}, 0)
+    copied = fit_centers(x[rows], colours[rows], 8, "cosine", "embedding", {}, 0)
+    assert whole.centers.tobytes() == copied.centers.tobytes()
+    assert np.array_equal(whole.counts, copied.counts) and np.array_equal(whole.mean_colours, copied.mean_colours)
+
+
 def test_the_fit_on_subsets_is_a_lloyd_fixed_point_of_the_whole_sample():
     """Restarts on 2048-row blocks, Lloyd on 8192 rows and then on all 30,000: the result is what Lloyd on
     the whole sample stops at (its stopping rule: at most 0.5 % of the rows change centre in one more

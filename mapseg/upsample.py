@@ -127,31 +127,61 @@ def resolve(asked: str | Upsample | None, model_default: Upsample) -> Upsample:
 
 
 # --------------------------------------------------------------------------- exact building blocks
+#
+# The pixel arrays are held as phase planes: ``x[py, px, i, j]`` is the pixel (i * s + py, j * s + px) of cell
+# (i, j), and a plane's rows are ``wc + 2`` long (two spare columns at the end, the width of the padded
+# coefficients). A plane of pixels, a row of coefficients drawn along it and the plane of their scores then
+# line up as flat runs, so every full-resolution step is one pass over long contiguous runs (a run crosses
+# from a row to the next through values that are never read back). The layout changes no value: each output is
+# the same float32 operations on the same operands, in the same order, as when the arrays were held row-major.
 
-def box_sum(x: np.ndarray, r: int) -> np.ndarray:
-    """Sums over (2r + 1) x (2r + 1) boxes of the first two axes; outside the array counts as zero.
-    Each output is the same sequence of additions wherever the array was cut (module doc)."""
-    h, w = x.shape[:2]
-    pad = np.zeros((h + 2 * r,) + x.shape[1:], np.float32)
-    pad[r:r + h] = x
-    rows = pad[0:h].copy()
+def _phase_planes(x: np.ndarray, s: int) -> np.ndarray:
+    """The (h*s, w*s, ...) array ``x`` as a view (s, s, h, w, ...): its pixels by phase (no copy)."""
+    h, w = x.shape[0] // s, x.shape[1] // s
+    return x.reshape((h, s, w, s) + x.shape[2:]).transpose((1, 3, 0, 2) + tuple(range(4, x.ndim + 2)))
+
+
+def _line_sum(x: np.ndarray, r: int, axis: int) -> np.ndarray:
+    """Sums over 2r + 1 neighbours along ``axis``, outside the array counting as zero: output i adds the terms
+    x[i - r], ..., x[i + r] in that order, a term outside being 0 (added, like any other term)."""
+    n = x.shape[axis]
+
+    def cut(start: int, stop: int):
+        return (slice(None),) * axis + (slice(start, stop),)
+
+    out = np.empty(x.shape, np.float32)
+    lo = min(r, n)
+    out[cut(0, lo)] = 0
+    out[cut(lo, n)] = x[cut(0, n - lo)]
     for d in range(1, 2 * r + 1):
-        rows += pad[d:d + h]
-    pad = np.zeros((h, w + 2 * r) + x.shape[2:], np.float32)
-    pad[:, r:r + w] = rows
-    out = pad[:, 0:w].copy()
-    for d in range(1, 2 * r + 1):
-        out += pad[:, d:d + w]
+        shift = d - r                              # out[i] += x[i + shift] where that exists, else 0
+        i0, i1 = min(n, max(0, -shift)), max(0, min(n, n - shift))
+        if i1 > i0:
+            out[cut(i0, i1)] += x[cut(i0 + shift, i1 + shift)]
+        else:
+            i0 = i1 = n
+        if i0:
+            out[cut(0, i0)] += np.float32(0)
+        if i1 < n:
+            out[cut(i1, n)] += np.float32(0)
     return out
 
 
-def cell_sum(x: np.ndarray, s: int) -> np.ndarray:
-    """Sums over s x s cells of a (h*s, w*s) array: its s*s pixels added in one order."""
-    acc = x[0::s, 0::s].astype(np.float32, copy=True)
+def box_sum(x: np.ndarray, r: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Sums over (2r + 1) x (2r + 1) boxes of two axes (by default the first two), the first one summed first;
+    outside the array counts as zero. Each output is the same sequence of additions wherever the array was cut
+    (module doc)."""
+    return _line_sum(_line_sum(x, r, axes[0]), r, axes[1])
+
+
+def cell_sum(x: np.ndarray) -> np.ndarray:
+    """Sums over the cells of phase planes (s, s, h, w): a cell's s*s pixels added row by row."""
+    s = x.shape[0]
+    acc = x[0, 0].astype(np.float32, copy=True)
     for dy in range(s):
         for dx in range(s):
             if dy or dx:
-                acc += x[dy::s, dx::s]
+                acc += x[dy, dx]
     return acc
 
 
@@ -163,19 +193,42 @@ def luma(image: np.ndarray) -> np.ndarray:
     return out
 
 
+def _luma_planes(image: np.ndarray, s: int) -> np.ndarray:
+    """``luma(image)`` (the same sum per pixel) as phase planes (s, s, hc, wc + 2), the spare columns 0; drawn in
+    blocks of rows that stay in cache (each channel's product in one contiguous pass, then their sum)."""
+    h, w = image.shape[:2]
+    hc, wc = h // s, w // s
+    out = np.empty((s, s, hc, wc + 2), np.float32)
+    out[..., wc:] = 0
+    weights = np.tile(np.array(LUMA, np.float32), w)           # the three channels' weights along a row
+    rows = max(1, BLOCK_PIXELS // (s * w))                      # cell rows per block
+    products = np.empty((min(rows, hc) * s, w * 3), np.float32)
+    grey = np.empty((min(rows, hc) * s, w), np.float32)
+    for i0 in range(0, hc, rows):
+        i1 = min(hc, i0 + rows)
+        n = (i1 - i0) * s
+        p, g = products[:n], grey[:n]
+        np.multiply(image[i0 * s:i1 * s].reshape(n, w * 3), weights, out=p)
+        p = p.reshape(n, w, 3)
+        np.add(p[..., 0], p[..., 1], out=g)
+        g += p[..., 2]
+        out[:, :, i0:i1, :wc] = _phase_planes(g, s)
+    return out
+
+
 def _box_means(weight: np.ndarray, r: int):
-    """A function giving box means of (h, w[, K]) arrays weighted by ``weight`` (h, w), and the box sums of the
-    weights. Where no weight falls in a box the mean is 0. Weights of 1 everywhere (no nodata, the common case)
-    skip the product, which changes no bit (x * 1 = x)."""
+    """A function giving box means of (h, w) and (K, h, w) arrays weighted by ``weight`` (h, w), and the box sums
+    of the weights. Where no weight falls in a box the mean is 0. Weights of 1 everywhere (no nodata, the common
+    case) skip the product, which changes no bit (x * 1 = x)."""
     den = box_sum(weight, r)
     inverse = np.zeros_like(den)
     np.divide(np.float32(1), den, out=inverse, where=den > 0)
     ones = bool((weight == 1).all())
 
     def mean(values: np.ndarray) -> np.ndarray:
-        wide = values.ndim == 3
-        num = box_sum(values if ones else values * (weight[..., None] if wide else weight), r)
-        num *= inverse[..., None] if wide else inverse
+        axes = (values.ndim - 2, values.ndim - 1)
+        num = box_sum(values if ones else values * weight, r, axes)
+        num *= inverse
         return num
 
     return mean, den
@@ -193,23 +246,18 @@ def _phases(s: int) -> list[tuple[int, int, np.float32, np.float32]]:
     return out
 
 
-def _bilinear(x: np.ndarray, first: int, cells: int, s: int, axis: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Bilinear values along ``axis`` (0 or 1) of the 2-d array ``x`` padded by one cell on that axis, at the
-    pixels of cells first .. first + cells - 1: cells * s values per phase-strided slice, one fixed sum each."""
-    shape = list(x.shape)
-    shape[axis] = cells * s
-    if out is None:
-        out = np.empty(shape, np.float32)
+def _phase_groups(s: int) -> list[tuple[slice, int, int, np.ndarray, np.ndarray]]:
+    """The phases that share their two cells (``_phases``) as runs (phases, offset 0, offset 1, weights 0,
+    weights 1), so that one broadcast pass draws them all."""
+    groups: list = []
     for phase, (o0, o1, w0, w1) in enumerate(_phases(s)):
-        lo = slice(first + o0, first + o0 + cells)
-        hi = slice(first + o1, first + o1 + cells)
-        if axis == 0:
-            seg, x0, x1 = out[phase::s], x[lo], x[hi]
+        if groups and groups[-1][1:3] == [o0, o1]:
+            groups[-1][3].append(w0)
+            groups[-1][4].append(w1)
         else:
-            seg, x0, x1 = out[:, phase::s], x[:, lo], x[:, hi]
-        np.multiply(x0, w0, out=seg)
-        seg += x1 * w1
-    return out
+            groups.append([phase, o0, o1, [w0], [w1]])
+    return [(slice(p, p + len(w0)), o0, o1, np.array(w0, np.float32), np.array(w1, np.float32))
+            for p, o0, o1, w0, w1 in groups]
 
 
 # --------------------------------------------------------------------------- labels
@@ -223,65 +271,116 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
     (the pipeline's windows do: their reads are clipped only there)."""
     r, eps = up.radius, np.float32(up.eps)
     hc, wc, k = scores.shape
-    grey = luma(image)
-    # per cell, over its pixels that hold data: their count, mean luma and mean squared luma (0 where none)
-    data = valid.astype(np.float32)
-    count = cell_sum(data, s)
-    per = np.zeros_like(count)
-    np.divide(np.float32(1), count, out=per, where=count > 0)
-    seen = grey * data                                          # nodata pixels add nothing
-    g1 = cell_sum(seen, s) * per
-    g2 = cell_sum(seen * grey, s) * per
-    weight = count / np.float32(s * s)                          # a cell's share of pixels that hold data
-    mean, den = _box_means(weight, r)
-    m_i, m_ii = mean(g1), mean(g2)
-    m_p = mean(scores)
-    m_ip = mean(g1[..., None] * scores)
-    var = np.maximum(m_ii - m_i * m_i, np.float32(0))
-    a = m_ip - m_i[..., None] * m_p
-    a /= (var + eps)[..., None]
-    b = m_p - a * m_i[..., None]
-    if up.coef_radius:  # the coefficients averaged over boxes of cells with some valid pixel in theirs
-        mean, _ = _box_means((den > 0).astype(np.float32), up.coef_radius)
-        a, b = mean(a), mean(b)
-
     row0, row1, col0, col1 = out_box
     py0, px0 = row0 - cells_at[0] * s, col0 - cells_at[1] * s
     ny, nx = row1 - row0, col1 - col0
     if py0 % s or px0 % s or ny % s or nx % s:
         raise ValueError(f"guided upsampling draws whole cells: {out_box} is not on the {s}-pixel grid")
-    g = grey[py0:py0 + ny, px0:px0 + nx]
-    # one more cell on every side (copies of the edge cells: past the raster's edge a pixel takes its edge
-    # cell's coefficients), centre-major for the per-centre passes below
-    pad = ((0, 0), (1, 1), (1, 1))
-    a = np.pad(np.ascontiguousarray(a.transpose(2, 0, 1)), pad, mode="edge")
-    b = np.pad(np.ascontiguousarray(b.transpose(2, 0, 1)), pad, mode="edge")
-    labels = np.zeros((ny, nx), np.uint8)
-    rows = max(1, BLOCK_PIXELS // max(nx, 1) // s) * s   # whole cells of rows whose arrays stay in cache
-    buffers = [np.empty((rows, nx), np.float32) for _ in range(3)] + [np.empty((rows, nx), bool),
-                                                                       np.empty((rows, nx), np.uint8)]
-    for y0 in range(0, ny, rows):
-        y1 = min(ny, y0 + rows)
-        _block_labels(a, b, g[y0:y1], (py0 + y0) // s, px0 // s, s, labels[y0:y1],
-                      [buf[:y1 - y0] for buf in buffers])
+    grey = _luma_planes(image, s)                               # (s, s, hc, wc + 2)
+    # per cell, over its pixels that hold data: their count, mean luma and mean squared luma (0 where none)
+    if valid.all():  # the common case: the sums of ones and products by one below change no bit when skipped
+        count = np.full((hc, wc), np.float32(s * s))
+        seen = grey
+    else:
+        data = np.zeros(grey.shape, np.float32)
+        data[..., :wc] = _phase_planes(valid, s)
+        count = cell_sum(data)[:, :wc]
+        seen = grey * data                                      # nodata pixels add nothing
+    per = np.zeros_like(count)
+    np.divide(np.float32(1), count, out=per, where=count > 0)
+    g1 = cell_sum(seen)[:, :wc] * per
+    g2 = cell_sum(seen * grey)[:, :wc] * per
+    del seen
+    weight = count / np.float32(s * s)                          # a cell's share of pixels that hold data
+    mean, den = _box_means(weight, r)
+    m_i, m_ii = mean(g1), mean(g2)
+    var = np.maximum(m_ii - m_i * m_i, np.float32(0))
+    var += eps
+    if up.coef_radius:  # the coefficients averaged over boxes of cells with some valid pixel in theirs
+        coef_mean, _ = _box_means((den > 0).astype(np.float32), up.coef_radius)
+    # each centre's coefficients (one centre at a time: its maps stay in cache), with one more cell on every
+    # side (copies of the edge cells: past the raster's edge a pixel takes its edge cell's coefficients), and
+    # each centre's rows flat: (K, (hc + 2) * (wc + 2))
+    a = np.empty((k, hc + 2, wc + 2), np.float32)
+    b = np.empty((k, hc + 2, wc + 2), np.float32)
+    part = np.empty((hc, wc), np.float32)
+    for j in range(k):
+        m_p = mean(scores[:, :, j])
+        m_ip = mean(np.multiply(g1, scores[:, :, j], out=part))
+        a_j, b_j = a[j, 1:-1, 1:-1], b[j, 1:-1, 1:-1]
+        np.multiply(m_i, m_p, out=part)
+        np.subtract(m_ip, part, out=a_j)
+        a_j /= var
+        np.multiply(a_j, m_i, out=part)
+        np.subtract(m_p, part, out=b_j)
+        if up.coef_radius:
+            a_j[...], b_j[...] = coef_mean(a_j), coef_mean(b_j)
+        for c in (a[j], b[j]):
+            c[1:-1, 0], c[1:-1, -1] = c[1:-1, 1], c[1:-1, -2]
+            c[0], c[-1] = c[1], c[-2]
+    a, b = a.reshape(k, -1), b.reshape(k, -1)
+
+    cy, cx, nr, nc = py0 // s, px0 // s, ny // s, nx // s
+    width = wc + 2
+    grey = grey.reshape(s, s, hc * width)
+    labels = np.empty((ny, nx), np.uint8)
+    rows = max(1, BLOCK_PIXELS // (s * s * width))              # cell rows per block: its arrays stay in cache
+    block = _Block(s, min(rows, nr) * width)
+    for i0 in range(0, nr, rows):
+        i1 = min(nr, i0 + rows)
+        start, run = (cy + i0) * width + cx, (i1 - i0 - 1) * width + nc  # the block's cells in a flat plane
+        _block_labels(a, b, grey[:, :, start:start + run], start, width, block)
+        drawn = block.labels[:, :, :(i1 - i0) * width].reshape(s, s, i1 - i0, width)[..., :nc]
+        _phase_planes(labels[i0 * s:i1 * s], s)[...] = drawn
     return labels
 
 
-def _block_labels(a: np.ndarray, b: np.ndarray, g: np.ndarray, cy: int, cx: int, s: int, labels: np.ndarray,
-                  buffers: list) -> None:
-    """Labels of a block of whole cell rows (``g``: its luma; first cell row ``cy``, column ``cx`` of the
-    unpadded cells) from the padded, centre-major coefficients: each centre's full-resolution score
-    a * luma + b, a running first-best argmax (module doc)."""
-    ny, nx = g.shape
-    best, q, other, better, step = buffers
+class _Block:
+    """The work arrays of a block of pixels as flat phase planes (s, s, size), allocated once."""
+
+    def __init__(self, s: int, size: int):
+        full = (s, s, size)
+        self.best, self.q, self.other, self.part = (np.empty(full, np.float32) for _ in range(4))
+        self.better, self.step = np.empty(full, bool), np.empty(full, np.uint8)
+        self.labels = np.zeros(full, np.uint8)
+        self.rows, self.rows_part = np.empty((s, size + 2), np.float32), np.empty((s, size + 2), np.float32)
+        self.groups = _phase_groups(s)
+
+
+def _bilinear(coef: np.ndarray, start: int, width: int, run: int, block: _Block, out: np.ndarray) -> np.ndarray:
+    """Bilinear values of one centre's padded coefficients (``coef``: its rows flat, ``width`` long) at the pixels
+    of a block (``start``: its first cell, row * width + column; ``run`` values per phase plane) into ``out``
+    (s, s, run): along the rows first (per row phase: w0 * one cell + w1 * the next, ``_phases``), then along
+    the columns the same way; one fixed sum per value."""
+    rows, part = block.rows[:, :run + 2], block.rows_part[:, :run + 2]
+    # the padded rows of the cells above (offset 0), the cells themselves (1), below (2): start + o * width
+    # (a padded cell is one row and one column on: cell (i, j) + offsets (o, 0) sits at (i + o) * width + j)
+    for phases, o0, o1, w0, w1 in block.groups:
+        np.multiply(coef[None, start + o0 * width:start + o0 * width + run + 2], w0[:, None], out=rows[phases])
+        np.multiply(coef[None, start + o1 * width:start + o1 * width + run + 2], w1[:, None], out=part[phases])
+    rows += part
+    part = block.part[:, :, :run]
+    for phases, o0, o1, w0, w1 in block.groups:
+        np.multiply(rows[:, None, o0:o0 + run], w0[None, :, None], out=out[:, phases])
+        np.multiply(rows[:, None, o1:o1 + run], w1[None, :, None], out=part[:, phases])
+    out += part
+    return out
+
+
+def _block_labels(a: np.ndarray, b: np.ndarray, g: np.ndarray, start: int, width: int, block: _Block) -> None:
+    """Labels (``block.labels``) of a block of pixels (``g``: its luma as flat phase planes; ``start``,
+    ``width``: ``_bilinear``) from the padded, centre-major coefficients (K, flat rows): each centre's
+    full-resolution score a * luma + b, a running first-best argmax (module doc)."""
+    run = g.shape[2]
+    best, q, other = block.best[:, :, :run], block.q[:, :, :run], block.other[:, :, :run]
+    better, step, labels = block.better[:, :, :run], block.step[:, :, :run], block.labels[:, :, :run]
     for j in range(a.shape[0]):
-        _bilinear(_bilinear(a[j], cy, ny // s, s, 0), cx, nx // s, s, 1, out=q)
-        q *= g
-        _bilinear(_bilinear(b[j], cy, ny // s, s, 0), cx, nx // s, s, 1, out=other)
-        q += other
+        score = best if j == 0 else q
+        _bilinear(a[j], start, width, run, block, score)
+        score *= g
+        score += _bilinear(b[j], start, width, run, block, other)
         if j == 0:
-            best, q = q, best
-            labels[:] = 0
+            labels[...] = 0
             continue
         np.greater(q, best, out=better)
         np.maximum(best, q, out=best)

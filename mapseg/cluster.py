@@ -35,6 +35,7 @@ from .errors import ClusterError
 from .fileio import write_text_atomic
 from .legend import Legend
 from .network import matmul_rows
+from .parallel import blas_threads
 
 CENTERS_FORMAT = "mapseg-centers"
 CENTERS_VERSION = 1
@@ -153,45 +154,29 @@ def _grid_sample(x: np.ndarray, metric: str, order: np.ndarray | None = None,
     return grid, exponent
 
 
-# threadpoolctl's controller (False without it or without a BLAS it knows), the k-means calls holding the BLAS
-# at one thread now, and the limiter that restores it when the last of them ends
-_BLAS = {"controller": None, "held": 0, "limiter": None}
+# the k-means fits running on the BLAS now (held at one thread: ``_one_blas_thread``)
+_BLAS = {"held": 0}
 _BLAS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _one_blas_thread():
-    """Numpy's BLAS held at one thread (threadpoolctl) while k-means runs; ``_dot`` and ``_cluster_sums`` use
-    it only then. The products are exact on a BLAS as anywhere (see above): one thread is for the cost, as
-    products this small gain nothing from more (the fit took 3-4 times the CPU time on 2 OpenBLAS threads,
-    and ten times the wall time on a busy 2-core machine), so no BLAS thread is woken to spin. Without
-    threadpoolctl they keep off the BLAS (einsum's own loops, 2-3 times as slow; the same bits)."""
-    with _BLAS_LOCK:
-        if _BLAS["controller"] is None:
-            try:
-                from threadpoolctl import ThreadpoolController
-                controller = ThreadpoolController()  # made once: it looks through the loaded libraries
-                # no BLAS found (a build threadpoolctl does not know): nothing to hold, so stay off the BLAS
-                _BLAS["controller"] = controller if controller.select(user_api="blas").lib_controllers else False
-            except ImportError:
-                _BLAS["controller"] = False
-        holding = bool(_BLAS["controller"])
-        if holding:
-            # one hold for every fit running at once (threads of the caller's): the first sets one thread, the
-            # last to finish restores what was there before; nested or overlapping threadpoolctl limits would
-            # otherwise restore each other's values and could leave the process at one thread
-            if _BLAS["held"] == 0:
-                _BLAS["limiter"] = _BLAS["controller"].limit(limits=1, user_api="blas")
-            _BLAS["held"] += 1
-    try:
-        yield
-    finally:
+    """Numpy's BLAS held at one thread while k-means runs (mapseg.parallel.blas_threads: the process's shared,
+    counted hold, which fits and runs started at once share); ``_dot`` and ``_cluster_sums`` use it only then.
+    The products are exact on a BLAS as anywhere (see above): one thread is for the cost, as products this small
+    gain nothing from more (the fit took 3-4 times the CPU time on 2 OpenBLAS threads, and ten times the wall
+    time on a busy 2-core machine), so no BLAS thread is woken to spin. Without threadpoolctl, or where it finds
+    no BLAS, they keep off the BLAS (einsum's own loops, 2-3 times as slow; the same bits)."""
+    with blas_threads(1) as holding:
         if holding:
             with _BLAS_LOCK:
-                _BLAS["held"] -= 1
-                if _BLAS["held"] == 0:
-                    _BLAS["limiter"].restore_original_limits()
-                    _BLAS["limiter"] = None
+                _BLAS["held"] += 1
+        try:
+            yield
+        finally:
+            if holding:
+                with _BLAS_LOCK:
+                    _BLAS["held"] -= 1
 
 
 def _blas_held() -> bool:

@@ -26,11 +26,13 @@ their own pools), and the note says the BLAS is not held.
 
 Every stage runs under this hold or a hold of its own: the sampling windows go
 through the same plan (``map_windows``), the k-means fit holds the BLAS at one
-thread while it runs (mapseg/cluster.py ``_one_blas_thread``: one hold shared by
-fits running at once; einsum's loops without threadpoolctl), and the assignment
-runs inside the windows. (``WorkerPlan.context`` itself is a plain threadpoolctl
-limit: runs started at once from the caller's threads can restore each other's
-thread counts.) onnxruntime sessions take their thread count when they
+thread while it runs (mapseg/cluster.py ``_one_blas_thread``; einsum's loops
+without threadpoolctl), and the assignment runs inside the windows. Both holds
+are one shared, counted hold of the process (``blas_threads``): holds that
+overlap (runs and fits started at once from the caller's threads) keep the BLAS
+at the smallest of their limits, and the last to end restores the thread count
+the process had; separate threadpoolctl limits would restore each other's
+counts and could leave it at one thread. onnxruntime sessions take their thread count when they
 are made, and their idle pool threads sleep instead of spinning
 (``session.intra_op.allow_spinning`` 0, mapseg/backends.py). Measured on a
 2048^2 run on 2 CPUs (CPU seconds of the process, medians of 3, fresh
@@ -54,7 +56,8 @@ import contextlib
 import importlib.util
 import itertools
 import os
-from collections import deque
+import threading
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,6 +65,65 @@ from .errors import WorkerError
 
 AUTO_WORKERS = 2            # windows in flight by default (when there are at least 2 CPUs)
 THREAD_PREFIX = "mapseg-window"
+
+# the process's one hold on the BLAS pool (``blas_threads``): the limits of the holds now open (a count of each), the
+# threadpoolctl controller and the limiter that restores the process's own thread count, the limit set now
+_BLAS = {"holds": Counter(), "controller": None, "restore": None, "now": None}
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def blas_threads(limit: int):
+    """Hold numpy's BLAS pool at ``limit`` threads at most while the block runs (threadpoolctl); yields whether
+    it is held (False: threadpoolctl is not installed or finds no BLAS it knows).
+
+    One shared, counted hold for the process: holds open at once (windows of runs, k-means fits, started from
+    the caller's threads) keep the pool at the smallest of their limits, and the last to end restores the
+    thread count the process had. Nested or overlapping threadpoolctl limits each restore the count they found,
+    which can be another one's limit: they could leave the process at one thread. The controller (a look
+    through the loaded libraries) is made when the first hold opens."""
+    with _BLAS_LOCK:
+        if not _BLAS["holds"]:
+            _BLAS["controller"] = _blas_controller()
+        held = bool(_BLAS["controller"])
+        if held:
+            _BLAS["holds"][limit] += 1
+            _set_blas_limit()
+    try:
+        yield held
+    finally:
+        if held:
+            with _BLAS_LOCK:
+                _BLAS["holds"][limit] -= 1
+                if not _BLAS["holds"][limit]:
+                    del _BLAS["holds"][limit]
+                if _BLAS["holds"]:
+                    _set_blas_limit()
+                else:  # the last hold: the process's own count back
+                    _BLAS["restore"].restore_original_limits()
+                    _BLAS["restore"] = _BLAS["now"] = None
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries; False without threadpoolctl or a BLAS it knows."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return False
+    controller = ThreadpoolController()
+    return controller if controller.select(user_api="blas").lib_controllers else False
+
+
+def _set_blas_limit() -> None:
+    """The pool at the smallest limit of the holds open (under _BLAS_LOCK); the first limit set keeps the
+    process's own count, which the last hold restores."""
+    limit = min(_BLAS["holds"])
+    if limit == _BLAS["now"]:
+        return
+    limiter = _BLAS["controller"].limit(limits=limit, user_api="blas")
+    if _BLAS["restore"] is None:
+        _BLAS["restore"] = limiter
+    _BLAS["now"] = limit
 
 
 def available_cpus() -> int:
@@ -87,9 +149,8 @@ class WorkerPlan:
         torch's own for the torch backend) at ``threads`` per window and restores them after.
         onnxruntime sessions take their thread count when they are made."""
         with contextlib.ExitStack() as stack:
-            if self.blas_limit:
-                from threadpoolctl import threadpool_limits
-                stack.enter_context(threadpool_limits(limits=self.threads, user_api="blas"))
+            if self.blas_limit:  # the process's shared hold (``blas_threads``)
+                stack.enter_context(blas_threads(self.threads))
             if self.backend == "torch" and self.threads:
                 import torch
                 before = torch.get_num_threads()

@@ -125,6 +125,39 @@ def test_every_plan_holds_the_blas_pool_and_restores_it(backend):
     assert blas_threads() == before
 
 
+@pytest.mark.skipif(importlib.util.find_spec("threadpoolctl") is None, reason="threadpoolctl not installed")
+@pytest.mark.parametrize("first_closed", ["first opened", "last opened"])
+def test_overlapping_blas_holds_keep_the_smallest_limit_and_restore_the_process_count(first_closed):
+    """A run's windows hold the BLAS at their threads, a k-means fit at one: holds open at once (runs and fits
+    from the caller's threads) share one hold at the smallest limit, in whatever order they end, and the last
+    to end restores the count the process had (separate threadpoolctl limits each restore the count they found,
+    another's limit: here they left the process at one thread, or at two while a fit held one)."""
+    import contextlib
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from mapseg.cluster import _blas_held, _one_blas_thread
+
+    def blas_threads():
+        return {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+
+    plan = plan_workers("onnx", workers=1, threads=2, cpus=2)
+    for original in (1, 2):
+        with threadpool_limits(limits=original, user_api="blas"):
+            before = blas_threads()
+            windows, fit = contextlib.ExitStack(), contextlib.ExitStack()
+            windows.enter_context(plan.context())
+            at_two = blas_threads()
+            assert at_two <= {2}  # (a BLAS built for fewer threads keeps its own count)
+            fit.enter_context(_one_blas_thread())
+            assert blas_threads() == {1} and _blas_held()
+            first, last = (windows, fit) if first_closed == "first opened" else (fit, windows)
+            first.close()
+            assert blas_threads() == ({1} if first is windows else at_two)   # the holds still open
+            last.close()
+            assert blas_threads() == before and not _blas_held()
+
+
 def test_torch_plan_sets_and_restores_torch_threads():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()

@@ -99,9 +99,9 @@ def core_rate(libs) -> float:
 
 
 def cpu_seconds() -> float:
-    """This process's CPU time (user + system, all its threads)."""
-    t = os.times()
-    return t.user + t.system
+    """This process's CPU time (user + system, all its threads; to the microsecond, where os.times counts clock
+    ticks of 10 ms)."""
+    return time.process_time()
 
 
 def _timed(fn, clock=time.perf_counter) -> float:
@@ -248,8 +248,10 @@ def main() -> int:
         print(f"\nthroughput raster: {args.size} x {args.size} ({mp:.1f} MP) tiled from {source.name}; K={args.k}, "
               f"tile {args.tile}; end to end (read, embed, fit, assign, write)")
         print(f"{'mode':<14}{'MP/s':>8}{'s':>8}{'GFLOP/s':>9}{'of matmul':>11}{'matmul now':>12}"
-              f"{'CPU s':>8}{'MP/CPU-s':>10}{'of core':>9}{'core now':>10}{'load':>6}  fit s / windows s (CPU s)")
-        runs = {}  # backend -> [(MP/s, fraction of matmul, MP per CPU-second, fraction of the per-core peak)]
+              f"{'CPU s':>8}{'MP/CPU-s':>10}{'of core':>9}{'core now':>10}{'load':>6}  fit s / windows s (CPU s), "
+              "fit share of the CPU")
+        # backend -> [(MP/s, fraction of matmul, MP per CPU-second, fraction of the per-core peak, fit share of the CPU)]
+        runs = {}
         for round_ in range(max(1, args.repeat)):
             for backend in backends:
                 if backend in runs and not runs[backend]:
@@ -269,23 +271,26 @@ def main() -> int:
                 gf = r["megapixels_per_s"] * flops / 1e9
                 per_cpu = mp / r["cpu_s"]
                 of_core = per_cpu * flops / 1e9 / core_now
-                runs.setdefault(backend, []).append((r["megapixels_per_s"], gf / now, per_cpu, of_core))
+                runs.setdefault(backend, []).append((r["megapixels_per_s"], gf / now, per_cpu, of_core,
+                                                     r["fit_cpu_s"] / r["cpu_s"]))
                 print(f"{backend:<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{gf:9.1f}{gf / now:10.0%}"
                       f"{now:12.0f}{r['cpu_s']:8.1f}{per_cpu:10.2f}{of_core:8.0%}{core_now:10.0f}{load:6.1f}  "
-                      f"{r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f} "
-                      f"({r['fit_cpu_s']:.1f} / {r['windows_cpu_s']:.1f})")
+                      f"{r['timings']['fit_s']:.2f} / {r['timings']['windows_s']:.1f} "
+                      f"({r['fit_cpu_s']:.2f} / {r['windows_cpu_s']:.1f}), {r['fit_cpu_s'] / r['cpu_s']:.1%}")
             if not args.no_kmeans:
                 r = run_segment(src, work / "out_kmeans.tif", "kmeans", "auto", args.k, args.tile)
-                runs.setdefault("colour kmeans", []).append((r["megapixels_per_s"], None, mp / r["cpu_s"], None))
+                runs.setdefault("colour kmeans", []).append((r["megapixels_per_s"], None, mp / r["cpu_s"], None,
+                                                             r["fit_cpu_s"] / r["cpu_s"]))
                 print(f"{'colour kmeans':<14}{r['megapixels_per_s']:8.2f}{r['seconds']:8.1f}{'-':>9}{'-':>11}"
                       f"{'-':>12}{r['cpu_s']:8.1f}{mp / r['cpu_s']:10.2f}{'-':>9}{'-':>10}{os.getloadavg()[0]:6.1f}  "
-                      f"{r['timings']['fit_s']:.1f} / {r['timings']['windows_s']:.1f} "
-                      f"({r['fit_cpu_s']:.1f} / {r['windows_cpu_s']:.1f})")
+                      f"{r['timings']['fit_s']:.2f} / {r['timings']['windows_s']:.1f} "
+                      f"({r['fit_cpu_s']:.2f} / {r['windows_cpu_s']:.1f}), {r['fit_cpu_s'] / r['cpu_s']:.1%}")
         print(f"(of matmul = effective GFLOP/s / the float32 matmul rate (best of 3) measured just before the "
               f"run; at the start: {yardstick:.0f} GFLOP/s. CPU s = the process's user + system seconds over the "
               f"run; of core = effective GFLOP per CPU-second / the per-core float32 peak (one-thread 2048^3 "
               f"product, best of 3, GFLOP per CPU-second of its thread) measured just before; at the start: "
-              f"{core:.0f})")
+              f"{core:.0f}. fit share = the fit stage's CPU seconds (from the start of the run to the log line of "
+              f"the fitted centres: sampling windows through the network, k-means) / the run's)")
         if args.repeat > 1:
             print(f"\nmedians over {args.repeat} rounds")
             for name, got in runs.items():
@@ -296,7 +301,8 @@ def main() -> int:
                         v = [g[i] for g in got]
                         return f"{format(float(np.median(v)), fmt)} ({format(min(v), fmt)}-{format(max(v), fmt)})"
                     print(f"{name:<14}{spread(0, '.2f')} MP/s, of matmul {spread(1, '.0%')}; "
-                          f"{spread(2, '.2f')} MP per CPU-second, of the per-core peak {spread(3, '.0%')}")
+                          f"{spread(2, '.2f')} MP per CPU-second, of the per-core peak {spread(3, '.0%')}; "
+                          f"fit share of the CPU {spread(4, '.1%')}")
 
     sizes = [int(s) for s in args.rss_sizes.split(",") if s]
     if sizes:

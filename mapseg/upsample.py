@@ -42,7 +42,7 @@ LUMA = (0.299, 0.587, 0.114)   # the guide: Rec. 601 luma of the scaled RGB in [
 GUIDED_RADIUS = 2              # box radius in cells of the fit (5 x 5 cells = 20 x 20 pixels at stride 4)
 COEF_RADIUS = 0                # box radius in cells of the coefficients' average (0: none; bilinear only)
 GUIDED_EPS = 0.01              # ridge on the luma's variance (luma in [0, 1])
-BLOCK_PIXELS = 1 << 17         # pixels per block of the full-resolution pass (its arrays stay in cache)
+BLOCK_PIXELS = 1 << 16         # pixels per block of the full-resolution pass (its arrays stay in cache)
 
 
 @dataclass(frozen=True)
@@ -246,18 +246,49 @@ def _phases(s: int) -> list[tuple[int, int, np.float32, np.float32]]:
     return out
 
 
-def _phase_groups(s: int) -> list[tuple[slice, int, int, np.ndarray, np.ndarray]]:
-    """The phases that share their two cells (``_phases``) as runs (phases, offset 0, offset 1, weights 0,
-    weights 1), so that one broadcast pass draws them all."""
-    groups: list = []
-    for phase, (o0, o1, w0, w1) in enumerate(_phases(s)):
-        if groups and groups[-1][1:3] == [o0, o1]:
-            groups[-1][3].append(w0)
-            groups[-1][4].append(w1)
+def _weight_table(s: int) -> tuple[np.ndarray, list[tuple[slice, int, int, slice, slice]]]:
+    """The bilinear step's weights (``_phases``) once each, and per run of phases that share their two cells:
+    (phases, offset 0, offset 1, their weights 0 and weights 1 as slices of the table). A value times a weight
+    is then computed once and read by every phase that needs it (the same product, so the same bits). Where the
+    weights do not fall into slices (an odd stride), every (phase, side) gets its own entry."""
+    phases = _phases(s)
+    runs: list = []
+    for phase, (o0, o1, _, _) in enumerate(phases):
+        if runs and runs[-1][1:] == [o0, o1]:
+            runs[-1][0].append(phase)
         else:
-            groups.append([phase, o0, o1, [w0], [w1]])
-    return [(slice(p, p + len(w0)), o0, o1, np.array(w0, np.float32), np.array(w1, np.float32))
-            for p, o0, o1, w0, w1 in groups]
+            runs.append([[phase], o0, o1])
+
+    def as_slice(index: list[int]) -> slice | None:
+        if len(index) == 1:
+            return slice(index[0], index[0] + 1)
+        step = index[1] - index[0]
+        if step == 0 or any(b - a != step for a, b in zip(index, index[1:])):
+            return None
+        stop = index[-1] + step
+        return slice(index[0], None if stop < 0 else stop, step)
+
+    table: list = []
+    for p in phases:
+        for w in p[2:]:
+            if not any(w == t for t in table):
+                table.append(w)
+    out = []
+    for run, o0, o1 in runs:
+        sides = [as_slice([next(i for i, t in enumerate(table) if t == phases[p][2 + side]) for p in run])
+                 for side in (0, 1)]
+        if None in sides:
+            break
+        out.append((slice(run[0], run[-1] + 1), o0, o1, sides[0], sides[1]))
+    else:
+        return np.array(table, np.float32), out
+    # no sharing: each run's weights 0, then its weights 1
+    table, out = [], []
+    for run, o0, o1 in runs:
+        n = len(table)
+        table += [phases[p][2] for p in run] + [phases[p][3] for p in run]
+        out.append((slice(run[0], run[-1] + 1), o0, o1, slice(n, n + len(run)), slice(n + len(run), n + 2 * len(run))))
+    return np.array(table, np.float32), out
 
 
 # --------------------------------------------------------------------------- labels
@@ -298,16 +329,15 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
     var += eps
     if up.coef_radius:  # the coefficients averaged over boxes of cells with some valid pixel in theirs
         coef_mean, _ = _box_means((den > 0).astype(np.float32), up.coef_radius)
-    # each centre's coefficients (one centre at a time: its maps stay in cache), with one more cell on every
-    # side (copies of the edge cells: past the raster's edge a pixel takes its edge cell's coefficients), and
-    # each centre's rows flat: (K, (hc + 2) * (wc + 2))
-    a = np.empty((k, hc + 2, wc + 2), np.float32)
-    b = np.empty((k, hc + 2, wc + 2), np.float32)
+    # each centre's coefficients a and b (one centre at a time: its maps stay in cache), with one more cell on
+    # every side (copies of the edge cells: past the raster's edge a pixel takes its edge cell's coefficients)
+    coef = np.empty((k, 2, hc + 2, wc + 2), np.float32)
+    centres = np.ascontiguousarray(scores.transpose(2, 0, 1))   # centre-major (K, hc, wc)
     part = np.empty((hc, wc), np.float32)
     for j in range(k):
-        m_p = mean(scores[:, :, j])
-        m_ip = mean(np.multiply(g1, scores[:, :, j], out=part))
-        a_j, b_j = a[j, 1:-1, 1:-1], b[j, 1:-1, 1:-1]
+        m_p = mean(centres[j])
+        m_ip = mean(np.multiply(g1, centres[j], out=part))
+        a_j, b_j = coef[j, 0, 1:-1, 1:-1], coef[j, 1, 1:-1, 1:-1]
         np.multiply(m_i, m_p, out=part)
         np.subtract(m_ip, part, out=a_j)
         a_j /= var
@@ -315,75 +345,84 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
         np.subtract(m_p, part, out=b_j)
         if up.coef_radius:
             a_j[...], b_j[...] = coef_mean(a_j), coef_mean(b_j)
-        for c in (a[j], b[j]):
-            c[1:-1, 0], c[1:-1, -1] = c[1:-1, 1], c[1:-1, -2]
-            c[0], c[-1] = c[1], c[-2]
-    a, b = a.reshape(k, -1), b.reshape(k, -1)
+        c = coef[j]
+        c[:, 1:-1, 0], c[:, 1:-1, -1] = c[:, 1:-1, 1], c[:, 1:-1, -2]
+        c[:, 0], c[:, -1] = c[:, 1], c[:, -2]
+    del centres
+    coef = coef.reshape(k, 2, -1)                               # each centre's padded rows flat
 
     cy, cx, nr, nc = py0 // s, px0 // s, ny // s, nx // s
     width = wc + 2
     grey = grey.reshape(s, s, hc * width)
     labels = np.empty((ny, nx), np.uint8)
     rows = max(1, BLOCK_PIXELS // (s * s * width))              # cell rows per block: its arrays stay in cache
-    block = _Block(s, min(rows, nr) * width)
+    block = _Block(s, min(rows, nr) * width, width)
     for i0 in range(0, nr, rows):
         i1 = min(nr, i0 + rows)
         start, run = (cy + i0) * width + cx, (i1 - i0 - 1) * width + nc  # the block's cells in a flat plane
-        _block_labels(a, b, grey[:, :, start:start + run], start, width, block)
+        _block_labels(coef, grey[:, :, start:start + run], start, width, block)
         drawn = block.labels[:, :, :(i1 - i0) * width].reshape(s, s, i1 - i0, width)[..., :nc]
         _phase_planes(labels[i0 * s:i1 * s], s)[...] = drawn
     return labels
 
 
 class _Block:
-    """The work arrays of a block of pixels as flat phase planes (s, s, size), allocated once."""
+    """The work arrays of a block of pixels as flat phase planes (s, s, size), allocated once; the pairs hold a
+    centre's a and b side by side."""
 
-    def __init__(self, s: int, size: int):
-        full = (s, s, size)
-        self.best, self.q, self.other, self.part = (np.empty(full, np.float32) for _ in range(4))
-        self.better, self.step = np.empty(full, bool), np.empty(full, np.uint8)
-        self.labels = np.zeros(full, np.uint8)
-        self.rows, self.rows_part = np.empty((s, size + 2), np.float32), np.empty((s, size + 2), np.float32)
-        self.groups = _phase_groups(s)
+    def __init__(self, s: int, size: int, width: int):
+        self.weights, self.runs = _weight_table(s)
+        n = len(self.weights)
+        self.pair = np.empty((2, s, s, size), np.float32)
+        self.products = np.empty((2, s, n, size + 2), np.float32)
+        self.rows = np.empty((2, s, size + 2), np.float32)
+        self.cell_products = np.empty((2, n, size + 2 * width + 2), np.float32)
+        self.best = np.empty((s, s, size), np.float32)
+        self.better, self.step = np.empty((s, s, size), bool), np.empty((s, s, size), np.uint8)
+        self.labels = np.zeros((s, s, size), np.uint8)
 
 
-def _bilinear(coef: np.ndarray, start: int, width: int, run: int, block: _Block, out: np.ndarray) -> np.ndarray:
-    """Bilinear values of one centre's padded coefficients (``coef``: its rows flat, ``width`` long) at the pixels
-    of a block (``start``: its first cell, row * width + column; ``run`` values per phase plane) into ``out``
-    (s, s, run): along the rows first (per row phase: w0 * one cell + w1 * the next, ``_phases``), then along
-    the columns the same way; one fixed sum per value."""
-    rows, part = block.rows[:, :run + 2], block.rows_part[:, :run + 2]
+def _bilinear(coef: np.ndarray, start: int, width: int, run: int, block: _Block) -> np.ndarray:
+    """Bilinear values of one centre's padded coefficients a and b (``coef``: (2, their rows flat), rows
+    ``width`` long) at the pixels of a block (``start``: its first cell, row * width + column; ``run`` values per
+    phase plane): (2, s, s, run), along the rows first (per row phase: w0 * one cell + w1 * the next,
+    ``_phases``), then along the columns the same way; one fixed sum per value, each product taken once
+    (``_weight_table``)."""
+    weights = block.weights
     # the padded rows of the cells above (offset 0), the cells themselves (1), below (2): start + o * width
     # (a padded cell is one row and one column on: cell (i, j) + offsets (o, 0) sits at (i + o) * width + j)
-    for phases, o0, o1, w0, w1 in block.groups:
-        np.multiply(coef[None, start + o0 * width:start + o0 * width + run + 2], w0[:, None], out=rows[phases])
-        np.multiply(coef[None, start + o1 * width:start + o1 * width + run + 2], w1[:, None], out=part[phases])
-    rows += part
-    part = block.part[:, :, :run]
-    for phases, o0, o1, w0, w1 in block.groups:
-        np.multiply(rows[:, None, o0:o0 + run], w0[None, :, None], out=out[:, phases])
-        np.multiply(rows[:, None, o1:o1 + run], w1[None, :, None], out=part[:, phases])
-    out += part
+    cells = block.cell_products[:, :, :run + 2 * width + 2]
+    np.multiply(coef[:, None, start:start + run + 2 * width + 2], weights[:, None], out=cells)
+    rows = block.rows[:, :, :run + 2]
+    for phases, o0, o1, w0, w1 in block.runs:
+        np.add(cells[:, w0, o0 * width:o0 * width + run + 2], cells[:, w1, o1 * width:o1 * width + run + 2],
+               out=rows[:, phases])
+    products = block.products[..., :run + 2]
+    np.multiply(rows[:, :, None], weights[:, None], out=products)
+    out = block.pair[..., :run]
+    for phases, o0, o1, w0, w1 in block.runs:
+        np.add(products[:, :, w0, o0:o0 + run], products[:, :, w1, o1:o1 + run], out=out[:, :, phases])
     return out
 
 
-def _block_labels(a: np.ndarray, b: np.ndarray, g: np.ndarray, start: int, width: int, block: _Block) -> None:
+def _block_labels(coef: np.ndarray, g: np.ndarray, start: int, width: int, block: _Block) -> None:
     """Labels (``block.labels``) of a block of pixels (``g``: its luma as flat phase planes; ``start``,
-    ``width``: ``_bilinear``) from the padded, centre-major coefficients (K, flat rows): each centre's
+    ``width``: ``_bilinear``) from the padded, centre-major coefficients (K, 2, flat rows): each centre's
     full-resolution score a * luma + b, a running first-best argmax (module doc)."""
     run = g.shape[2]
-    best, q, other = block.best[:, :, :run], block.q[:, :, :run], block.other[:, :, :run]
-    better, step, labels = block.better[:, :, :run], block.step[:, :, :run], block.labels[:, :, :run]
-    for j in range(a.shape[0]):
-        score = best if j == 0 else q
-        _bilinear(a[j], start, width, run, block, score)
-        score *= g
-        score += _bilinear(b[j], start, width, run, block, other)
+    best, better, step, labels = (block.best[..., :run], block.better[..., :run], block.step[..., :run],
+                                  block.labels[..., :run])
+    for j in range(coef.shape[0]):
+        a, b = _bilinear(coef[j], start, width, run, block)
         if j == 0:
+            np.multiply(a, g, out=best)
+            best += b
             labels[...] = 0
             continue
-        np.greater(q, best, out=better)
-        np.maximum(best, q, out=best)
+        a *= g
+        a += b
+        np.greater(a, best, out=better)
+        np.maximum(best, a, out=best)
         # labels so far are < j, so "j where better" is a maximum (cheaper than a masked store)
         np.multiply(better.view(np.uint8), j, out=step)
         np.maximum(labels, step, out=labels)

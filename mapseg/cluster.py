@@ -223,18 +223,24 @@ def _dot(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def _nearest(x: np.ndarray, c: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(best centre of every row, first on ties; its score: cosine similarity, or x.c - |c|^2 / 2).
     A running maximum over the K centre-major rows: a few passes, where argmax(axis=1) of a narrow
-    (N, K) array costs as much as the product; NEAREST_ROWS rows at a time, in cache."""
+    (N, K) array costs as much as the product; NEAREST_ROWS rows at a time, in cache. The best centre so far
+    is below j, so "j where centre j scores higher" is a maximum (a quarter of the time of a masked store
+    at 8192 rows), as in ``_assign_elementwise``."""
     if x.shape[0] > NEAREST_ROWS:
         parts = [_nearest(x[i:i + NEAREST_ROWS], c, metric) for i in range(0, x.shape[0], NEAREST_ROWS)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     s = _dot(x, c)
     if metric == "euclidean":
         s -= 0.5 * (c * c).sum(1)[:, None]
-    best, arg = s[0].copy(), np.zeros(s.shape[1], np.intp)
+    n, kind = s.shape[1], np.uint8 if s.shape[0] <= 256 else np.intp
+    best, arg = s[0].copy(), np.zeros(n, kind)
+    better, step = np.empty(n, bool), np.empty(n, kind)
     for j in range(1, s.shape[0]):
-        arg[s[j] > best] = j
+        np.greater(s[j], best, out=better)
         np.maximum(best, s[j], out=best)
-    return arg, best
+        np.multiply(better, kind(j), out=step)
+        np.maximum(arg, step, out=arg)
+    return arg.astype(np.intp), best
 
 
 def _objective(x: np.ndarray, served: np.ndarray, metric: str) -> float:

@@ -42,7 +42,9 @@ LUMA = (0.299, 0.587, 0.114)   # the guide: Rec. 601 luma of the scaled RGB in [
 GUIDED_RADIUS = 2              # box radius in cells of the fit (5 x 5 cells = 20 x 20 pixels at stride 4)
 COEF_RADIUS = 0                # box radius in cells of the coefficients' average (0: none; bilinear only)
 GUIDED_EPS = 0.01              # ridge on the luma's variance (luma in [0, 1])
-BLOCK_PIXELS = 1 << 16         # pixels per block of the full-resolution pass (its arrays stay in cache)
+BLOCK_PIXELS = 1 << 16         # pixels per block of rows of the luma pass (its arrays stay in cache)
+BLOCK_RUN = 4096               # values per phase plane in a block of the label pass: its arrays stay in cache,
+                               # and runs much shorter (under ~2000) ran at half the speed or worse
 
 
 @dataclass(frozen=True)
@@ -355,74 +357,77 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
     width = wc + 2
     grey = grey.reshape(s, s, hc * width)
     labels = np.empty((ny, nx), np.uint8)
-    rows = max(1, BLOCK_PIXELS // (s * s * width))              # cell rows per block: its arrays stay in cache
+    rows = max(1, -(-BLOCK_RUN // width))                       # cell rows per block (BLOCK_RUN)
     block = _Block(s, min(rows, nr) * width, width)
     for i0 in range(0, nr, rows):
         i1 = min(nr, i0 + rows)
         start, run = (cy + i0) * width + cx, (i1 - i0 - 1) * width + nc  # the block's cells in a flat plane
-        _block_labels(coef, grey[:, :, start:start + run], start, width, block)
-        drawn = block.labels[:, :, :(i1 - i0) * width].reshape(s, s, i1 - i0, width)[..., :nc]
-        _phase_planes(labels[i0 * s:i1 * s], s)[...] = drawn
+        drawn = block.labels_of(coef, grey[:, :, start:start + run], start)
+        _phase_planes(labels[i0 * s:i1 * s], s)[...] = drawn[:, :, :(i1 - i0) * width].reshape(
+            s, s, i1 - i0, width)[..., :nc]
     return labels
 
 
 class _Block:
-    """The work arrays of a block of pixels as flat phase planes (s, s, size), allocated once; the pairs hold a
-    centre's a and b side by side."""
+    """The full-resolution work of a block of pixels held as flat phase planes (s, s, run): its arrays, allocated
+    once, and the views that one centre's steps read and write (the same for every centre)."""
 
     def __init__(self, s: int, size: int, width: int):
+        self.s, self.width = s, width
         self.weights, self.runs = _weight_table(s)
         n = len(self.weights)
-        self.pair = np.empty((2, s, s, size), np.float32)
+        self.pair = np.empty((2, s, s, size), np.float32)       # a centre's a and b at the block's pixels
         self.products = np.empty((2, s, n, size + 2), np.float32)
         self.rows = np.empty((2, s, size + 2), np.float32)
         self.cell_products = np.empty((2, n, size + 2 * width + 2), np.float32)
         self.best = np.empty((s, s, size), np.float32)
         self.better, self.step = np.empty((s, s, size), bool), np.empty((s, s, size), np.uint8)
         self.labels = np.zeros((s, s, size), np.uint8)
+        self._views: dict = {}
 
+    def views(self, run: int) -> tuple:
+        """The steps' views for ``run`` values per phase plane (``labels_of``)."""
+        if run not in self._views:
+            width, span = self.width, run + 2 * self.width + 2
+            cells, rows = self.cell_products[:, :, :span], self.rows[:, :, :run + 2]
+            products, pair = self.products[..., :run + 2], self.pair[..., :run]
+            # the padded rows of the cells above (offset 0), the cells themselves (1), below (2) are o * width on
+            # (a padded cell is one row and one column on: cell (i, j) + offsets (o, 0) sits at (i + o) * width + j)
+            along_rows = [(cells[:, w0, o0 * width:o0 * width + run + 2], cells[:, w1, o1 * width:o1 * width + run + 2],
+                           rows[:, phases]) for phases, o0, o1, w0, w1 in self.runs]
+            along_cols = [(products[:, :, w0, o0:o0 + run], products[:, :, w1, o1:o1 + run], pair[:, :, phases])
+                          for phases, o0, o1, w0, w1 in self.runs]
+            self._views[run] = (span, cells, along_rows, rows[:, :, None], products, along_cols, pair[0], pair[1],
+                                self.best[..., :run], self.better[..., :run], self.better[..., :run].view(np.uint8),
+                                self.step[..., :run], self.labels[..., :run])
+        return self._views[run]
 
-def _bilinear(coef: np.ndarray, start: int, width: int, run: int, block: _Block) -> np.ndarray:
-    """Bilinear values of one centre's padded coefficients a and b (``coef``: (2, their rows flat), rows
-    ``width`` long) at the pixels of a block (``start``: its first cell, row * width + column; ``run`` values per
-    phase plane): (2, s, s, run), along the rows first (per row phase: w0 * one cell + w1 * the next,
-    ``_phases``), then along the columns the same way; one fixed sum per value, each product taken once
-    (``_weight_table``)."""
-    weights = block.weights
-    # the padded rows of the cells above (offset 0), the cells themselves (1), below (2): start + o * width
-    # (a padded cell is one row and one column on: cell (i, j) + offsets (o, 0) sits at (i + o) * width + j)
-    cells = block.cell_products[:, :, :run + 2 * width + 2]
-    np.multiply(coef[:, None, start:start + run + 2 * width + 2], weights[:, None], out=cells)
-    rows = block.rows[:, :, :run + 2]
-    for phases, o0, o1, w0, w1 in block.runs:
-        np.add(cells[:, w0, o0 * width:o0 * width + run + 2], cells[:, w1, o1 * width:o1 * width + run + 2],
-               out=rows[:, phases])
-    products = block.products[..., :run + 2]
-    np.multiply(rows[:, :, None], weights[:, None], out=products)
-    out = block.pair[..., :run]
-    for phases, o0, o1, w0, w1 in block.runs:
-        np.add(products[:, :, w0, o0:o0 + run], products[:, :, w1, o1:o1 + run], out=out[:, :, phases])
-    return out
-
-
-def _block_labels(coef: np.ndarray, g: np.ndarray, start: int, width: int, block: _Block) -> None:
-    """Labels (``block.labels``) of a block of pixels (``g``: its luma as flat phase planes; ``start``,
-    ``width``: ``_bilinear``) from the padded, centre-major coefficients (K, 2, flat rows): each centre's
-    full-resolution score a * luma + b, a running first-best argmax (module doc)."""
-    run = g.shape[2]
-    best, better, step, labels = (block.best[..., :run], block.better[..., :run], block.step[..., :run],
-                                  block.labels[..., :run])
-    for j in range(coef.shape[0]):
-        a, b = _bilinear(coef[j], start, width, run, block)
-        if j == 0:
-            np.multiply(a, g, out=best)
-            best += b
-            labels[...] = 0
-            continue
-        a *= g
-        a += b
-        np.greater(a, best, out=better)
-        np.maximum(best, a, out=best)
-        # labels so far are < j, so "j where better" is a maximum (cheaper than a masked store)
-        np.multiply(better.view(np.uint8), j, out=step)
-        np.maximum(labels, step, out=labels)
+    def labels_of(self, coef: np.ndarray, g: np.ndarray, start: int) -> np.ndarray:
+        """Labels (s, s, run) of the block's pixels (``g``: their luma as flat phase planes; ``start``: the first
+        cell, row * width + column) from the padded, centre-major coefficients (K, 2: a and b, their rows flat):
+        each centre's full-resolution score a * luma + b, a running first-best argmax (module doc). a and b are
+        drawn bilinearly, along the rows first (per row phase: w0 * one cell + w1 * the next, ``_phases``), then
+        along the columns the same way: one fixed sum per value, each product taken once (``_weight_table``)."""
+        (span, cells, along_rows, rows, products, along_cols, a, b, best, better, better_u8, step,
+         labels) = self.views(g.shape[2])
+        weights = self.weights[:, None]
+        for j in range(coef.shape[0]):
+            np.multiply(coef[j, :, None, start:start + span], weights, out=cells)
+            for x0, x1, out in along_rows:
+                np.add(x0, x1, out=out)
+            np.multiply(rows, weights, out=products)
+            for x0, x1, out in along_cols:
+                np.add(x0, x1, out=out)
+            if j == 0:
+                np.multiply(a, g, out=best)
+                best += b
+                labels[...] = 0
+                continue
+            a *= g
+            a += b
+            np.greater(a, best, out=better)
+            np.maximum(best, a, out=best)
+            # labels so far are < j, so "j where better" is a maximum (cheaper than a masked store)
+            np.multiply(better_u8, j, out=step)
+            np.maximum(labels, step, out=labels)
+        return self.labels

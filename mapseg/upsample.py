@@ -130,12 +130,22 @@ def resolve(asked: str | Upsample | None, model_default: Upsample) -> Upsample:
 
 # --------------------------------------------------------------------------- exact building blocks
 #
-# The pixel arrays are held as phase planes: ``x[py, px, i, j]`` is the pixel (i * s + py, j * s + px) of cell
-# (i, j), and a plane's rows are ``wc + 2`` long (two spare columns at the end, the width of the padded
-# coefficients). A plane of pixels, a row of coefficients drawn along it and the plane of their scores then
-# line up as flat runs, so every full-resolution step is one pass over long contiguous runs (a run crosses
-# from a row to the next through values that are never read back). The layout changes no value: each output is
-# the same float32 operations on the same operands, in the same order, as when the arrays were held row-major.
+# Maps are held flat, with rows ``width`` long (``_layout``): the K score maps and the other cell maps with zeros
+# around their values, the pixels as phase planes (``x[py, px, i, j]`` is the pixel (i * s + py, j * s + px) of
+# cell (i, j)). A shift by whole rows or columns is then a shift of one flat run, so every step (a box sum, the
+# bilinear step, a score) is one pass over long contiguous runs, never a strided one; the runs cross from a row
+# to the next through values that are zeros where they are read or are never read back. The layout changes no
+# value: each output is the same float32 operations on the same operands, in the same order, as when the arrays
+# were held compact and row-major (terms outside the array are zeros added, as before).
+
+
+def _layout(hc: int, wc: int, up: Upsample) -> tuple[int, int]:
+    """(pad, width): cell maps for the box sums are (hc + 2 pad, width), their values at rows pad .., columns
+    0 .. wc - 1 and zeros elsewhere (at least 2 pad zeros between a row's values and the next's); the padded
+    coefficients and the phase planes of pixels have rows ``width`` long too (wc + 2 columns used)."""
+    pad = max(up.radius, up.coef_radius)
+    return pad, wc + 2 * pad + 2
+
 
 def _phase_planes(x: np.ndarray, s: int) -> np.ndarray:
     """The (h*s, w*s, ...) array ``x`` as a view (s, s, h, w, ...): its pixels by phase (no copy)."""
@@ -143,48 +153,37 @@ def _phase_planes(x: np.ndarray, s: int) -> np.ndarray:
     return x.reshape((h, s, w, s) + x.shape[2:]).transpose((1, 3, 0, 2) + tuple(range(4, x.ndim + 2)))
 
 
-def _line_sum(x: np.ndarray, r: int, axis: int) -> np.ndarray:
-    """Sums over 2r + 1 neighbours along ``axis``, outside the array counting as zero: output i adds the terms
-    x[i - r], ..., x[i + r] in that order, a term outside being 0 (added, like any other term)."""
-    n = x.shape[axis]
-
-    def cut(start: int, stop: int):
-        return (slice(None),) * axis + (slice(start, stop),)
-
-    out = np.empty(x.shape, np.float32)
-    lo = min(r, n)
-    out[cut(0, lo)] = 0
-    out[cut(lo, n)] = x[cut(0, n - lo)]
+def _box_sum(x: np.ndarray, r: int, pad: int, out: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """Sums over (2r + 1) x (2r + 1) boxes of cells (r <= pad; outside the values counts as zero) of the map held
+    in ``x`` (``_layout``), into ``out`` (hc, width): the box of cell (i, j) at out[i, j] (other columns: not
+    sums of any box). Along the rows first, then along the columns; each sum adds the terms from the first row
+    (column) to the last, in that order, whatever the window (module doc). ``work``: like ``x``."""
+    hc, width = out.shape
+    n, base = hc * width, pad * width
+    xf, yf, of = x.reshape(-1), work.reshape(-1), out.reshape(-1)
+    y = yf[base:base + n]
+    np.copyto(y, xf[base - r * width:base - r * width + n])
     for d in range(1, 2 * r + 1):
-        shift = d - r                              # out[i] += x[i + shift] where that exists, else 0
-        i0, i1 = min(n, max(0, -shift)), max(0, min(n, n - shift))
-        if i1 > i0:
-            out[cut(i0, i1)] += x[cut(i0 + shift, i1 + shift)]
-        else:
-            i0 = i1 = n
-        if i0:
-            out[cut(0, i0)] += np.float32(0)
-        if i1 < n:
-            out[cut(i1, n)] += np.float32(0)
+        y += xf[base + (d - r) * width:base + (d - r) * width + n]
+    yf[base - r:base] = 0                                       # the zeros before the first value, after the last
+    yf[base + n:base + n + r] = 0
+    np.copyto(of, yf[base - r:base - r + n])
+    for d in range(1, 2 * r + 1):
+        of += yf[base - r + d:base - r + d + n]
     return out
 
 
-def box_sum(x: np.ndarray, r: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """Sums over (2r + 1) x (2r + 1) boxes of two axes (by default the first two), the first one summed first;
-    outside the array counts as zero. Each output is the same sequence of additions wherever the array was cut
-    (module doc)."""
-    return _line_sum(_line_sum(x, r, axes[0]), r, axes[1])
-
-
-def cell_sum(x: np.ndarray) -> np.ndarray:
+def cell_sum(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Sums over the cells of phase planes (s, s, h, w): a cell's s*s pixels added row by row."""
     s = x.shape[0]
-    acc = x[0, 0].astype(np.float32, copy=True)
+    if out is None:
+        out = np.empty(x.shape[2:], np.float32)
+    np.copyto(out, x[0, 0])
     for dy in range(s):
         for dx in range(s):
             if dy or dx:
-                acc += x[dy, dx]
-    return acc
+                out += x[dy, dx]
+    return out
 
 
 def luma(image: np.ndarray) -> np.ndarray:
@@ -195,12 +194,12 @@ def luma(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _luma_planes(image: np.ndarray, s: int) -> np.ndarray:
-    """``luma(image)`` (the same sum per pixel) as phase planes (s, s, hc, wc + 2), the spare columns 0; drawn in
+def _luma_planes(image: np.ndarray, s: int, width: int) -> np.ndarray:
+    """``luma(image)`` (the same sum per pixel) as phase planes (s, s, hc, width), the spare columns 0; drawn in
     blocks of rows that stay in cache (each channel's product in one contiguous pass, then their sum)."""
     h, w = image.shape[:2]
     hc, wc = h // s, w // s
-    out = np.empty((s, s, hc, wc + 2), np.float32)
+    out = np.empty((s, s, hc, width), np.float32)
     out[..., wc:] = 0
     weights = np.tile(np.array(LUMA, np.float32), w)           # the three channels' weights along a row
     rows = max(1, BLOCK_PIXELS // (s * w))                      # cell rows per block
@@ -218,20 +217,20 @@ def _luma_planes(image: np.ndarray, s: int) -> np.ndarray:
     return out
 
 
-def _box_means(weight: np.ndarray, r: int):
-    """A function giving box means of (h, w) and (K, h, w) arrays weighted by ``weight`` (h, w), and the box sums
-    of the weights. Where no weight falls in a box the mean is 0. Weights of 1 everywhere (no nodata, the common
-    case) skip the product, which changes no bit (x * 1 = x)."""
-    den = box_sum(weight, r)
+def _box_means(weight: np.ndarray, r: int, pad: int, hc: int, ones: bool, work: np.ndarray):
+    """A function giving box means (into ``out``, (hc, width)) of maps held like ``weight`` (``_layout``), weighted
+    by ``weight``, and the box sums of the weights. Where no weight falls in a box the mean is 0. Weights of 1
+    on every value (``ones``: no nodata, the common case) skip the product, which changes no bit (x * 1 = x)."""
+    den = _box_sum(weight, r, pad, np.empty((hc, weight.shape[1]), np.float32), work)
     inverse = np.zeros_like(den)
     np.divide(np.float32(1), den, out=inverse, where=den > 0)
-    ones = bool((weight == 1).all())
 
-    def mean(values: np.ndarray) -> np.ndarray:
-        axes = (values.ndim - 2, values.ndim - 1)
-        num = box_sum(values if ones else values * weight, r, axes)
-        num *= inverse
-        return num
+    def mean(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty_like(den)
+        _box_sum(values if ones else values * weight, r, pad, out, work)
+        out *= inverse
+        return out
 
     return mean, den
 
@@ -309,52 +308,70 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
     ny, nx = row1 - row0, col1 - col0
     if py0 % s or px0 % s or ny % s or nx % s:
         raise ValueError(f"guided upsampling draws whole cells: {out_box} is not on the {s}-pixel grid")
-    grey = _luma_planes(image, s)                               # (s, s, hc, wc + 2)
+    pad, width = _layout(hc, wc, up)
+    grey = _luma_planes(image, s, width)                        # (s, s, hc, width)
+    core = slice(pad, pad + hc)                                 # the rows of the values in a cell map
+
+    def cell_map() -> np.ndarray:
+        return np.zeros((hc + 2 * pad, width), np.float32)
+
     # per cell, over its pixels that hold data: their count, mean luma and mean squared luma (0 where none)
-    if valid.all():  # the common case: the sums of ones and products by one below change no bit when skipped
-        count = np.full((hc, wc), np.float32(s * s))
+    ones = bool(valid.all())
+    if ones:  # the common case: the sums of ones and products by one below change no bit when skipped
+        count = np.zeros((hc, width), np.float32)
+        count[:, :wc] = s * s
         seen = grey
     else:
         data = np.zeros(grey.shape, np.float32)
         data[..., :wc] = _phase_planes(valid, s)
-        count = cell_sum(data)[:, :wc]
+        count = cell_sum(data)
         seen = grey * data                                      # nodata pixels add nothing
     per = np.zeros_like(count)
     np.divide(np.float32(1), count, out=per, where=count > 0)
-    g1 = cell_sum(seen)[:, :wc] * per
-    g2 = cell_sum(seen * grey)[:, :wc] * per
+    g1, g2, weight = cell_map(), cell_map(), cell_map()
+    np.multiply(cell_sum(seen), per, out=g1[core])
+    np.multiply(cell_sum(seen * grey), per, out=g2[core])
     del seen
-    weight = count / np.float32(s * s)                          # a cell's share of pixels that hold data
-    mean, den = _box_means(weight, r)
+    np.divide(count, np.float32(s * s), out=weight[core])      # a cell's share of pixels that hold data
+    work = np.empty_like(weight)
+    mean, den = _box_means(weight, r, pad, hc, ones, work)
     m_i, m_ii = mean(g1), mean(g2)
     var = np.maximum(m_ii - m_i * m_i, np.float32(0))
     var += eps
     if up.coef_radius:  # the coefficients averaged over boxes of cells with some valid pixel in theirs
-        coef_mean, _ = _box_means((den > 0).astype(np.float32), up.coef_radius)
+        somewhere = den[:, :wc] > 0
+        some = cell_map()
+        some[core, :wc] = somewhere
+        coef_mean, _ = _box_means(some, up.coef_radius, pad, hc, bool(somewhere.all()), work)
     # each centre's coefficients a and b (one centre at a time: its maps stay in cache), with one more cell on
     # every side (copies of the edge cells: past the raster's edge a pixel takes its edge cell's coefficients)
-    coef = np.empty((k, 2, hc + 2, wc + 2), np.float32)
-    centres = np.ascontiguousarray(scores.transpose(2, 0, 1))   # centre-major (K, hc, wc)
-    part = np.empty((hc, wc), np.float32)
+    centres = np.zeros((k, hc + 2 * pad, width), np.float32)
+    centres[:, core, :wc] = scores.transpose(2, 0, 1)
+    coef = np.empty((k, 2, hc + 2, width), np.float32)
+    inner = slice(width + 1, width + 1 + hc * width)            # cell (i, j) at padded (i + 1, j + 1), flat
+    product, m_p, m_ip, part = cell_map(), np.empty_like(den), np.empty_like(den), np.empty_like(den)
     for j in range(k):
-        m_p = mean(centres[j])
-        m_ip = mean(np.multiply(g1, centres[j], out=part))
-        a_j, b_j = coef[j, 0, 1:-1, 1:-1], coef[j, 1, 1:-1, 1:-1]
+        mean(centres[j], out=m_p)
+        mean(np.multiply(g1, centres[j], out=product), out=m_ip)
+        a_j, b_j = (coef[j, c].reshape(-1)[inner].reshape(hc, width) for c in (0, 1))
         np.multiply(m_i, m_p, out=part)
         np.subtract(m_ip, part, out=a_j)
         a_j /= var
         np.multiply(a_j, m_i, out=part)
         np.subtract(m_p, part, out=b_j)
         if up.coef_radius:
-            a_j[...], b_j[...] = coef_mean(a_j), coef_mean(b_j)
+            for c in (a_j, b_j):
+                product[core, :wc] = c[:, :wc]
+                coef_mean(product, out=part)
+                c[...] = part
+            product[...] = 0
         c = coef[j]
-        c[:, 1:-1, 0], c[:, 1:-1, -1] = c[:, 1:-1, 1], c[:, 1:-1, -2]
+        c[:, 1:-1, 0], c[:, 1:-1, wc + 1] = c[:, 1:-1, 1], c[:, 1:-1, wc]
         c[:, 0], c[:, -1] = c[:, 1], c[:, -2]
     del centres
     coef = coef.reshape(k, 2, -1)                               # each centre's padded rows flat
 
     cy, cx, nr, nc = py0 // s, px0 // s, ny // s, nx // s
-    width = wc + 2
     grey = grey.reshape(s, s, hc * width)
     labels = np.empty((ny, nx), np.uint8)
     rows = max(1, -(-BLOCK_RUN // width))                       # cell rows per block (BLOCK_RUN)

@@ -139,7 +139,7 @@ def resolve(asked: str | Upsample | None, model_default: Upsample) -> Upsample:
 # were held compact and row-major (terms outside the array are zeros added, as before).
 
 
-def _layout(hc: int, wc: int, up: Upsample) -> tuple[int, int]:
+def _layout(wc: int, up: Upsample) -> tuple[int, int]:
     """(pad, width): cell maps for the box sums are (hc + 2 pad, width), their values at rows pad .., columns
     0 .. wc - 1 and zeros elsewhere (at least 2 pad zeros between a row's values and the next's); the padded
     coefficients and the phase planes of pixels have rows ``width`` long too (wc + 2 columns used)."""
@@ -158,6 +158,8 @@ def _box_sum(x: np.ndarray, r: int, pad: int, out: np.ndarray, work: np.ndarray)
     in ``x`` (``_layout``), into ``out`` (hc, width): the box of cell (i, j) at out[i, j] (other columns: not
     sums of any box). Along the rows first, then along the columns; each sum adds the terms from the first row
     (column) to the last, in that order, whatever the window (module doc). ``work``: like ``x``."""
+    if not (x.flags.c_contiguous and out.flags.c_contiguous and work.flags.c_contiguous):
+        raise ValueError("box sums run over contiguous arrays")
     hc, width = out.shape
     n, base = hc * width, pad * width
     xf, yf, of = x.reshape(-1), work.reshape(-1), out.reshape(-1)
@@ -308,7 +310,7 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
     ny, nx = row1 - row0, col1 - col0
     if py0 % s or px0 % s or ny % s or nx % s:
         raise ValueError(f"guided upsampling draws whole cells: {out_box} is not on the {s}-pixel grid")
-    pad, width = _layout(hc, wc, up)
+    pad, width = _layout(wc, up)
     grey = _luma_planes(image, s, width)                        # (s, s, hc, width)
     core = slice(pad, pad + hc)                                 # the rows of the values in a cell map
 

@@ -42,7 +42,7 @@ from .cluster import (SAMPLE_COLOURS, SAMPLE_FEATURES, Centers, ClusterError, as
 from .errors import SegmentCancelled, SegmentError  # noqa: F401 - SegmentCancelled: re-exported for callers
 from .features import FeatureModel, default_model_path, load_features
 from .fileio import check_outputs
-from .legend import Legend, class_counts, load_legend, run_legend, sidecar_paths, write_class_files
+from .legend import Legend, load_legend, run_legend, sidecar_paths, write_class_files
 from .parallel import ordered_map
 from .progress import Progress, SampleProgress, tell
 from .raster import OUTPUT_NODATA, RasterView, Region, ground_resolution, io_env, open_reader, open_writer
@@ -654,7 +654,7 @@ def shift_transform(transform, row0: int, col0: int):
 def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling, centers: Centers,
                   wins: list[Window], *, smooth: int = 0, cog: bool = False, box=None, tags: dict | None = None,
                   progress: bool = False, callback=None, span=(0.0, 1.0), cmap: dict | None = None,
-                  up: Upsample = NEAREST) -> tuple[str, int, dict]:
+                  up: Upsample = NEAREST, counts: np.ndarray | None = None) -> tuple[str, int, dict]:
     """Write the labels of the windows ``wins`` (planned for the whole raster, ``plan_windows``) of an open
     reader to the label GeoTIFF ``output_path``: the whole raster, or the pixel box ``box`` = (row0, row1, col0,
     col1) of it (a GeoTIFF of that box, georeferenced there; ``wins`` are then those whose cores lie in it).
@@ -662,8 +662,9 @@ def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling,
     table (default: mapseg's palette). Written to a temporary name, renamed when complete; on an error or a
     cancel nothing is left. ``up``: the upsampling (the windows' halo must hold its cells: ``window_halo``).
     ``progress``: a bar on stderr; ``callback(fraction, "segment")`` after each window,
-    the fraction running over ``span``. Returns (the output's path, pixels clipped to full brightness,
-    {"windows_s", "finish_s"})."""
+    the fraction running over ``span``. ``counts``: an int64 array of 256 to which the pixels written of each
+    value are added (the attribute table's counts, without reading the output back). Returns (the output's
+    path, pixels clipped to full brightness, {"windows_s", "finish_s"})."""
     info, r0, c0 = reader.info, 0, 0
     if box is not None:
         r0, r1, c0, c1 = box
@@ -679,6 +680,8 @@ def write_windows(reader, output_path, features: FeatureModel, scaling: Scaling,
         try:
             for i, (win, labels) in enumerate(windows):
                 writer.write(labels, win.core.row0 - r0, win.core.col0 - c0)
+                if counts is not None:
+                    counts += np.bincount(labels.ravel(), minlength=256)
                 bar.update(1, labels.size)
                 if callback is not None:
                     tell(callback, span[0] + (span[1] - span[0]) * (i + 1) / len(wins), "segment")
@@ -763,14 +766,14 @@ def segment_raster(input_path, output_path, options: SegmentOptions | None = Non
         if centers is None:
             classes = run_legend(k, legend, None, where)
         wins = plan_windows(reader.height, reader.width, o.tile, features.stride, halo)
+        counts = np.zeros(256, np.int64)
         out, n_clipped, written = write_windows(reader, output_path, features, scaling, fitted, wins, smooth=smooth,
                                                 cog=o.cog, progress=progress, callback=callback, span=(0.1, 1.0),
-                                                cmap=classes.colormap(), up=up)
+                                                cmap=classes.colormap(), up=up, counts=counts)
         timings.update(written)
         info = reader.info
     t1 = time.perf_counter()
-    counts, _ = class_counts(out)
-    sidecars = write_class_files(out, classes, {v: counts.get(v, 0) for v in classes.values})
+    sidecars = write_class_files(out, classes, {v: int(counts[v]) for v in classes.values})
     timings["classes_s"] = time.perf_counter() - t1
     log(f"wrote {', '.join(os.path.basename(f) for f in sidecars)} (class names, colours)")
     if n_clipped:

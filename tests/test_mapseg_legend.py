@@ -386,3 +386,23 @@ def test_the_legend_file_and_the_sidecars_are_checked_as_outputs(tmp_path):
         segment_raster(src, tmp_path / "o.tif", SegmentOptions(k=3, model="kmeans", legend=legend),
                        progress=False, log=lambda m: None)
     assert not (tmp_path / "o.tif").exists() and json.loads(legend.read_text()) == LEGEND
+
+
+def test_attribute_table_counts_the_pixels_written_over_many_windows_and_nodata(tmp_path):
+    """The counts are taken while the windows are written (the output is not read back): they must equal the
+    pixels of each value in the output, with several windows and nodata pixels (which count for no class)."""
+    src = rgb_raster(tmp_path / "a.tif")
+    with rasterio.open(src) as ds:
+        img, profile = ds.read(), ds.profile
+    img[:, 10:40, 20:70] = 0   # a nodata block across window edges
+    profile.update(nodata=0)
+    with rasterio.open(tmp_path / "nd.tif", "w", **profile) as ds:
+        ds.write(img)
+    out = tmp_path / "labels.tif"
+    assert main(["segment", str(tmp_path / "nd.tif"), str(out), "-k", "4", "--model", "kmeans", "--tile", "32",
+                 "--no-progress"]) == 0
+    with rasterio.open(out) as ds:
+        labels, nodata = ds.read(1), ds.nodata
+    assert nodata == 255 and (labels == 255).sum() == 30 * 50
+    _, rows = gdal_rat(out)
+    assert [int(r[1]) for r in rows] == [int((labels == v).sum()) for v in range(4)]

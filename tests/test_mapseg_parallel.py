@@ -183,3 +183,26 @@ def test_scaling_table_is_the_arithmetic_to_the_bit(dtype, stretch):
     assert np.array_equal(fast, slow)
     if stretch:
         assert fast.min() == 0 and fast.max() == 1    # the stretch clips
+
+
+@pytest.mark.parametrize("dtype, top, stretch", [("uint8", None, None), ("uint16", None, None),
+                                                 ("uint16", 4095.0, None), ("uint16", 1000.0, None),
+                                                 ("uint8", None, (2, 98)), ("uint16", None, (1, 99))])
+def test_scaling_every_possible_value_is_the_arithmetic_to_the_bit(dtype, top, stretch):
+    """Every value a uint8 / uint16 band can hold, in every band, scales to exactly what the per-band
+    subtract-multiply-clip gives (the whole-array fast path for the same scaling in every band, the table
+    for a per-band stretch): the labels of any raster stay those of the arithmetic."""
+    values = np.arange(np.iinfo(dtype).max + 1, dtype=dtype)
+    data = np.stack([values, values[::-1], np.roll(values, 7)], axis=-1)[None]        # (1, n, 3)
+    rng = np.random.default_rng(1)
+    raw = rng.integers(10, 200 if dtype == "uint8" else 3000, (5000, 3)).astype(np.float64)
+    scaling = make_scaling(dtype, stretch, raw, input_max=top)
+    out = np.full(data.shape, np.nan, np.float32)
+    assert scaling.apply(data, out) is out
+    slow = scaling._arithmetic(data, np.empty(data.shape, np.float32))
+    assert np.array_equal(out.view(np.uint32), slow.view(np.uint32))
+    # a view into a larger image, as the pipeline writes a window's pixels
+    image = np.zeros((3, data.shape[1] + 5, 3), np.float32)
+    scaling.apply(data[0][None], image[1:2, 2:2 + data.shape[1]])
+    assert np.array_equal(image[1:2, 2:2 + data.shape[1]].view(np.uint32), slow.view(np.uint32))
+    assert not image[0].any() and not image[2].any() and not image[1, :2].any() and not image[1, -3:].any()

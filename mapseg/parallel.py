@@ -67,8 +67,9 @@ AUTO_WORKERS = 2            # windows in flight by default (when there are at le
 THREAD_PREFIX = "mapseg-window"
 
 # the process's one hold on the BLAS pool (``blas_threads``): the limits of the holds now open (a count of each), the
-# threadpoolctl controller and the limiter that restores the process's own thread count, the limit set now
-_BLAS = {"holds": Counter(), "controller": None, "restore": None, "now": None}
+# threadpoolctl controller, the limiter that restores the process's own thread counts (kept while a restore is
+# pending) and those counts, the limit set now
+_BLAS = {"holds": Counter(), "controller": None, "restore": None, "original": None, "now": None}
 _BLAS_LOCK = threading.Lock()
 
 
@@ -81,27 +82,53 @@ def blas_threads(limit: int):
     the caller's threads) keep the pool at the smallest of their limits, and the last to end restores the
     thread count the process had. Nested or overlapping threadpoolctl limits each restore the count they found,
     which can be another one's limit: they could leave the process at one thread. The controller (a look
-    through the loaded libraries) is made when the first hold opens."""
+    through the loaded libraries) is made when the first hold opens.
+
+    OpenBLAS (0.3.31 measured) ignores ``openblas_set_num_threads`` from any thread but the main one once the
+    main thread has called it. A hold opened there then leaves the count as it is (the values do not depend on
+    it: the backends' and the k-means products give the same bits at any thread count), and a restore there is
+    kept pending: the process's own count is put back by the next hold that ends where it can be (the main
+    thread), not replaced by the count left over. A failure while setting a limit closes the hold again."""
     with _BLAS_LOCK:
         if not _BLAS["holds"]:
             _BLAS["controller"] = _blas_controller()
         held = bool(_BLAS["controller"])
         if held:
             _BLAS["holds"][limit] += 1
-            _set_blas_limit()
+            try:
+                _set_blas_limit()
+            except BaseException:
+                _release(limit)
+                raise
     try:
         yield held
     finally:
         if held:
             with _BLAS_LOCK:
-                _BLAS["holds"][limit] -= 1
-                if not _BLAS["holds"][limit]:
-                    del _BLAS["holds"][limit]
-                if _BLAS["holds"]:
-                    _set_blas_limit()
-                else:  # the last hold: the process's own count back
-                    _BLAS["restore"].restore_original_limits()
-                    _BLAS["restore"] = _BLAS["now"] = None
+                _release(limit)
+
+
+def _release(limit: int) -> None:
+    """One hold at ``limit`` ends (under _BLAS_LOCK): the pool at the smallest limit still open, or, after the last,
+    the process's own count back (kept pending where this thread cannot set it, see ``blas_threads``)."""
+    _BLAS["holds"][limit] -= 1
+    if not _BLAS["holds"][limit]:
+        del _BLAS["holds"][limit]
+    if _BLAS["holds"]:
+        _set_blas_limit()
+        return
+    restore = _BLAS["restore"]
+    _BLAS["now"] = None
+    if restore is None:
+        return
+    restore.restore_original_limits()
+    if _blas_counts() == _BLAS["original"]:
+        _BLAS["restore"] = None   # else pending: the next hold keeps this limiter, the process's own count
+
+
+def _blas_counts() -> list[int]:
+    """The thread count of each BLAS library the controller holds, read now (under _BLAS_LOCK)."""
+    return [lib.num_threads for lib in _BLAS["controller"].select(user_api="blas").lib_controllers]
 
 
 def _blas_controller():
@@ -116,10 +143,12 @@ def _blas_controller():
 
 def _set_blas_limit() -> None:
     """The pool at the smallest limit of the holds open (under _BLAS_LOCK); the first limit set keeps the
-    process's own count, which the last hold restores."""
+    process's own count, which the last hold restores (a restore still pending keeps the one it has)."""
     limit = min(_BLAS["holds"])
     if limit == _BLAS["now"]:
         return
+    if _BLAS["restore"] is None:
+        _BLAS["original"] = _blas_counts()
     limiter = _BLAS["controller"].limit(limits=limit, user_api="blas")
     if _BLAS["restore"] is None:
         _BLAS["restore"] = limiter

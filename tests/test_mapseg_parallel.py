@@ -158,6 +158,72 @@ def test_overlapping_blas_holds_keep_the_smallest_limit_and_restore_the_process_
             assert blas_threads() == before and not _blas_held()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("threadpoolctl") is None, reason="threadpoolctl not installed")
+def test_a_hold_that_ends_on_another_thread_never_leaves_the_process_count_behind():
+    """A hold on the main thread overlapping one on another thread (a fit in a GUI task, a batch worker), the
+    other ending last: OpenBLAS ignores thread counts set from other threads once the main thread has set one,
+    so that restore may not take; it stays pending and the next hold to end on the main thread puts the
+    process's own count back (it must never become the count left over)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from mapseg.parallel import _BLAS, blas_threads
+
+    def counts():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = counts()
+        main_hold = blas_threads(1)
+        main_hold.__enter__()
+        opened, close = threading.Event(), threading.Event()
+
+        def other():
+            with blas_threads(1):
+                opened.set()
+                close.wait(10)
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert opened.wait(10)
+        main_hold.__exit__(None, None, None)
+        close.set()
+        t.join()
+        with blas_threads(1):      # the next hold, on the main thread
+            assert set(counts()) == {1}
+        assert counts() == before and not _BLAS["holds"] and _BLAS["restore"] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("threadpoolctl") is None, reason="threadpoolctl not installed")
+def test_a_hold_whose_limit_fails_to_set_is_closed_again(monkeypatch):
+    """threadpoolctl raising while a hold sets its limit: the hold is not left open (every later hold would
+    otherwise keep the pool at its limit and the process's count would never come back)."""
+    from threadpoolctl import ThreadpoolController, threadpool_info
+
+    from mapseg.parallel import _BLAS, blas_threads
+
+    def counts():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    before = counts()
+    real = ThreadpoolController.limit
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("simulated failure in threadpoolctl")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThreadpoolController, "limit", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with blas_threads(1):
+            pass
+    assert not _BLAS["holds"] and counts() == before
+    with blas_threads(1):
+        assert set(counts()) == {1}
+    assert counts() == before and not _BLAS["holds"]
+
+
 def test_torch_plan_sets_and_restores_torch_threads():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()

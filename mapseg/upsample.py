@@ -188,16 +188,8 @@ def cell_sum(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def luma(image: np.ndarray) -> np.ndarray:
-    """(h, w) float32 luma of an (h, w, 3) float32 image: one fixed sum per pixel."""
-    out = image[..., 0] * np.float32(LUMA[0])
-    out += image[..., 1] * np.float32(LUMA[1])
-    out += image[..., 2] * np.float32(LUMA[2])
-    return out
-
-
 def _luma_planes(image: np.ndarray, s: int, width: int) -> np.ndarray:
-    """``luma(image)`` (the same sum per pixel) as phase planes (s, s, hc, width), the spare columns 0; drawn in
+    """The luma (Rec. 601 weights ``LUMA``, one fixed sum per pixel: R, then G, then B) as phase planes (s, s, hc, width), the spare columns 0; drawn in
     blocks of rows that stay in cache (each channel's product in one contiguous pass, then their sum)."""
     h, w = image.shape[:2]
     hc, wc = h // s, w // s
@@ -302,7 +294,10 @@ def guided_labels(scores: np.ndarray, image: np.ndarray, valid: np.ndarray, s: i
     (hc, wc, K) of the cells starting at absolute cell ``cells_at`` = (row, col), ``image`` (hc*s, wc*s, 3)
     and ``valid`` (hc*s, wc*s) of the same pixels. The boxes and the bilinear step stop at the given cells'
     edges: ``out_box`` must lie ``margin_cells`` inside them except where they are the padded raster's edge
-    (the pipeline's windows do: their reads are clipped only there)."""
+    (the pipeline's windows do: their reads are clipped only there). The arithmetic is float32's: scores and
+    image of another type are taken as float32, ``valid`` as bool (what the pipeline passes)."""
+    scores, image = np.asarray(scores, np.float32), np.asarray(image, np.float32)
+    valid = np.asarray(valid, bool)
     r, eps = up.radius, np.float32(up.eps)
     hc, wc, k = scores.shape
     row0, row1, col0, col1 = out_box

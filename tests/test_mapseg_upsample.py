@@ -17,11 +17,19 @@ from mapseg.raster import ArrayReader  # noqa: E402
 from mapseg.segment import (SegmentError, SegmentOptions, fit_reader_centers, label_reader,  # noqa: E402
                             scaling_for, segment_raster)
 from mapseg.cluster import cell_scores  # noqa: E402
-from mapseg.upsample import NEAREST, Upsample, guided_labels, luma  # noqa: E402
+from mapseg.upsample import LUMA, NEAREST, Upsample, guided_labels  # noqa: E402
 
 from test_mapseg_segment import labels_of, scene, write  # noqa: E402
 
 pytest.importorskip("torch")
+
+
+def luma(image: np.ndarray) -> np.ndarray:
+    """The guide: (h, w) float32 luma of an (h, w, 3) float32 image: one fixed sum per pixel."""
+    out = image[..., 0] * np.float32(LUMA[0])
+    out += image[..., 1] * np.float32(LUMA[1])
+    out += image[..., 2] * np.float32(LUMA[2])
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -214,7 +214,14 @@ def main() -> int:
                 mious = miou_ab(args.model, reference, variant, args.eval_k, args.seed)
             # the speed target's yardstick is float32 on onnx (the fastest float32 CPU backend), whatever the
             # variant's backend: a variant on another backend is timed against both float32s
-            specs = ([] if reference == YARDSTICK else [YARDSTICK]) + [reference, variant]
+            specs = [reference, variant]
+            if reference != YARDSTICK:
+                try:
+                    make_backend(YARDSTICK, art)
+                    specs.insert(0, YARDSTICK)
+                except BackendUnavailable as exc:
+                    print(f"{YARDSTICK} float32 (the speed target's yardstick) unavailable: {exc}")
+            yardstick = specs[0]
             print(f"network alone, 1 thread, real 1024 x 1024 image, interleaved ({args.repeat} rounds, medians)")
             net = network_ab(art, specs, args.repeat)
             for spec, v in net.items():
@@ -228,10 +235,11 @@ def main() -> int:
                     print(f"  {spec:<12} median {v['mp_per_s']:6.2f} MP/s, {v['cpu_s']:6.1f} CPU s, "
                           f"{v['mp_per_cpu_s']:5.2f} MP per CPU-second")
                 print(f"  ratio per CPU-second {ratios(e2e, specs, variant)}; wall "
-                      f"{e2e[variant]['mp_per_s'] / e2e[YARDSTICK]['mp_per_s']:.2f}x {YARDSTICK} float32")
-                gain = e2e[variant]["mp_per_cpu_s"] / e2e[YARDSTICK]["mp_per_cpu_s"]
-                speed = (f"; end to end {gain:.2f}x the MP per CPU-second of {YARDSTICK} float32 "
-                         f"(target >= {SPEED_TARGET})")
+                      f"{e2e[variant]['mp_per_s'] / e2e[yardstick]['mp_per_s']:.2f}x {yardstick} float32")
+                gain = e2e[variant]["mp_per_cpu_s"] / e2e[yardstick]["mp_per_cpu_s"]
+                speed = (f"; end to end {gain:.2f}x the MP per CPU-second of {yardstick} float32"
+                         + (f" (target >= {SPEED_TARGET} against {YARDSTICK})" if yardstick == YARDSTICK else
+                            f" ({YARDSTICK}, the target's yardstick, unavailable)"))
             diffs = [abs(m["variant"] - m["float32"]) for m in mious.values()]
             ok = worst >= AGREEMENT_MIN and (not diffs or max(diffs) <= MIOU_MAX_DIFF)
             verdicts.append(f"{variant}: lowest agreement {100 * worst:.2f} % (needs >= {100 * AGREEMENT_MIN:.1f}), "

@@ -189,8 +189,9 @@ def cell_sum(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def _luma_planes(image: np.ndarray, s: int, width: int) -> np.ndarray:
-    """The luma (Rec. 601 weights ``LUMA``, one fixed sum per pixel: R, then G, then B) as phase planes (s, s, hc, width), the spare columns 0; drawn in
-    blocks of rows that stay in cache (each channel's product in one contiguous pass, then their sum)."""
+    """The luma (Rec. 601 weights ``LUMA``, one fixed sum per pixel: R, then G, then B) as phase planes
+    (s, s, hc, width), the spare columns 0; drawn in blocks of rows that stay in cache (each channel's
+    product in one contiguous pass, then their sum)."""
     h, w = image.shape[:2]
     hc, wc = h // s, w // s
     out = np.empty((s, s, hc, width), np.float32)

@@ -81,3 +81,35 @@ def test_onnx_sessions_do_not_spin(artifact):
     pytest.importorskip("onnxruntime")
     backend, _ = make_backend("onnx", artifact, threads=2)
     assert backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_torch_fused_conv_relu_gives_the_two_steps_bits(artifact, precision):
+    """The torch backend runs each convolution with its ReLU fused (oneDNN's post-op): the embeddings must be
+    the bits of the convolution followed by a ReLU pass, at one thread and at two, so labels stay those of
+    every thread count and window size."""
+    from mapseg.backends import TorchBackend
+
+    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    backend = TorchBackend(artifact, precision=precision)
+    if backend.fused is None:
+        pytest.skip("this torch build has no fused oneDNN convolution")
+    image = np.random.default_rng(8).random((157, 203, 3), dtype=np.float32)
+    before = torch.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fused = backend.embed(image)
+            backend.fused, kept = None, backend.fused
+            try:
+                plain = backend.embed(image)
+            finally:
+                backend.fused = kept
+            got[threads] = (fused, plain)
+    finally:
+        torch.set_num_threads(before)
+    for fused, plain in got.values():
+        assert np.array_equal(fused.view(np.uint32), plain.view(np.uint32))
+    assert np.array_equal(got[1][0].view(np.uint32), got[2][0].view(np.uint32))

@@ -3,6 +3,7 @@ when one is present.
 
     python bench/bench_train.py [--sizes 256,512] [--steps 6] [--devices cpu,cuda] [--json out.json]
     python bench/bench_train.py --shards processed/dubai --sizes 256     # the teacher live vs cached (teacher.cache)
+    python bench/bench_train.py --sizes 256 --amp                        # float32 and bfloat16 autocast (--amp)
 
 Runs the real trainer (``python -m training.train``) on the synthetic maps for a few steps
 per patch size, with and without the EfficientNet-Lite0 teacher (distillation recipe of the
@@ -32,9 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(size: int, steps: int, batch: int, device: str, teacher: str, work: Path, shards: str | None = None) -> dict:
-    """``teacher``: none | live | cached."""
-    run_dir = work / f"{device}_{size}_{teacher}"
+def run(size: int, steps: int, batch: int, device: str, teacher: str, work: Path, shards: str | None = None,
+        amp: bool = False) -> dict:
+    """``teacher``: none | live | cached; ``amp``: the trainer's --amp (bfloat16 autocast on the CPU)."""
+    run_dir = work / f"{device}_{size}_{teacher}{'_amp' if amp else ''}"
     source = ["--synthetic"] if shards is None else ["--data-source", "shards", "--processed-root",
                                                      str(Path(shards).parent), "--dataset-id", Path(shards).name]
     cmd = [sys.executable, "-m", "training.train", *source, "--steps", str(steps), "--patch-sizes", str(size),
@@ -43,6 +45,8 @@ def run(size: int, steps: int, batch: int, device: str, teacher: str, work: Path
            "--set", "train.eval_every=0", "--set", "train.image_every=0", "--set", f"train.checkpoint_every={steps}"]
     if teacher != "none":
         cmd += ["--teacher", "efficientnet_lite0", "--set", f"teacher.cache={teacher == 'cached'}"]
+    if amp:
+        cmd += ["--amp"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -51,7 +55,7 @@ def run(size: int, steps: int, batch: int, device: str, teacher: str, work: Path
     recs = [r for r in recs if "throughput/images_per_s" in r][1:]
     ips = sum(r["throughput/images_per_s"] for r in recs) / len(recs)
     mps = sum(r["throughput/megapixels_per_s"] for r in recs) / len(recs)
-    return {"device": device, "size": size, "teacher": teacher, "batch": batch, "steps_timed": len(recs),
+    return {"device": device, "size": size, "teacher": teacher, "amp": amp, "batch": batch, "steps_timed": len(recs),
             "images_per_s": ips, "megapixels_per_s": mps, "seconds_per_step": batch / ips,
             "cpu_seconds_per_step": cpu / steps}
 
@@ -78,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--devices", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--shards", metavar="ROOT/ID", help="train on these shards, teacher live vs cached")
+    p.add_argument("--amp", action="store_true", help="each CPU run also with the trainer's --amp (bfloat16 "
+                                                        "autocast), interleaved with float32")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import torch
@@ -92,18 +98,21 @@ def main(argv=None) -> int:
     if args.shards is not None:
         print(f"teacher cache of {args.shards}: built in {build_cache(args.shards, devices[0]):.1f} s "
               "(0 when it was there already)")
-    print(f"{'device':<7}{'patch':>6}{'teacher':>28}{'images/s':>10}{'MP/s':>7}{'s/step':>8}{'CPU s/step':>11}")
+    print(f"{'device':<7}{'patch':>6}{'teacher':>28}{'precision':>10}{'images/s':>10}{'MP/s':>7}{'s/step':>8}"
+          f"{'CPU s/step':>11}")
     work = Path(tempfile.mkdtemp(prefix="mapseg-bench-train-"))
     out = []
     try:
         for device in devices:
             for size in (int(s) for s in args.sizes.split(",")):
                 for teacher in teachers:
-                    r = run(size, args.steps, args.batch, device, teacher, work, args.shards)
-                    out.append(r)
-                    name = "none" if teacher == "none" else f"efficientnet_lite0 ({teacher})"
-                    print(f"{device:<7}{size:>6}{name:>28}{r['images_per_s']:10.2f}{r['megapixels_per_s']:7.3f}"
-                          f"{r['seconds_per_step']:8.2f}{r['cpu_seconds_per_step']:11.2f}", flush=True)
+                    for amp in (False, True) if args.amp and device == "cpu" else (False,):
+                        r = run(size, args.steps, args.batch, device, teacher, work, args.shards, amp)
+                        out.append(r)
+                        name = "none" if teacher == "none" else f"efficientnet_lite0 ({teacher})"
+                        print(f"{device:<7}{size:>6}{name:>28}{'bf16 amp' if amp else 'float32':>10}"
+                              f"{r['images_per_s']:10.2f}{r['megapixels_per_s']:7.3f}{r['seconds_per_step']:8.2f}"
+                              f"{r['cpu_seconds_per_step']:11.2f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -145,6 +145,30 @@ def test_lite0_missing_package_says_how_to_install(monkeypatch):
         EfficientNetLiteTeacher()
 
 
+def test_lite0_input_scales_concatenate_each_scales_features_on_the_first_grid():
+    """teacher.scales=1.0,0.5: the image's features, then those of the image at half size (twice the context per
+    cell), each normalised and resized onto the first grid; described (and so cached) apart from one scale."""
+    torch.manual_seed(0)
+    one = EfficientNetLiteTeacher(patch_mode="match", pretrained=False)
+    two = EfficientNetLiteTeacher(patch_mode="match", pretrained=False, scales=(1.0, 0.5))
+    two.net.load_state_dict(one.net.state_dict())
+    x = torch.rand(2, 3, 64, 96)
+    f1, f2 = one(x), two(x)
+    c = one.feature_dim
+    assert two.feature_dim == 2 * c and f2.features.shape == (2, 2 * c, 16, 24) and f2.stride == f1.stride == 4
+    assert torch.equal(f2.features[:, :c], f1.features)                  # the first scale is the one-scale teacher
+    half = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        feats = one.net.stage_features((half - one.in_shift) * one.in_scale, one.stages)
+    expected = torch.cat([F.interpolate(F.normalize(feats[s], dim=1, eps=1e-6), size=(16, 24), mode="bilinear",
+                                        align_corners=False) for s in one.stages], dim=1)
+    assert torch.allclose(f2.features[:, c:], expected, atol=1e-6)
+    assert "input_scales" not in one.describe() and two.describe()["input_scales"] == [1.0, 0.5]
+    for bad in ((0.5, 1.0), (1.0, 1.0), (1.0, 8.0), ()):
+        with pytest.raises(ValueError, match="teacher.scales"):
+            EfficientNetLiteTeacher(pretrained=False, scales=bad)
+
+
 # --------------------------------------------------------------------------- fake + build_teacher
 
 def test_fake_teacher_is_deterministic_and_only_by_name():

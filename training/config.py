@@ -146,6 +146,9 @@ class TeacherConfig:
     variant: str = "small"        # dinov2 size: small | base | large | giant
     dim: int = 64                 # fake teacher's feature size
     stages: Tuple[int, ...] = ()  # efficientnet_lite0: stage strides to concatenate (empty: from patch_mode)
+    # efficientnet_lite0: input scales the teacher also sees the image at (1.0: as given; 0.5: at half size, twice
+    # the context per feature), each scale's features normalised, resized to the finest grid and concatenated
+    scales: Tuple[float, ...] = (1.0,)
     # Compute the teacher once per shard item (whole tile) and keep it beside the shards, instead of on every
     # crop at every step (training.data.teacher_cache): faster on a CPU; the targets see the whole tile.
     cache: bool = False

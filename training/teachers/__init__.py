@@ -26,8 +26,8 @@ def build_teacher(teacher_cfg, device: torch.device | str = "cpu") -> Teacher:
     """The frozen, eval-mode teacher described by ``teacher_cfg`` (a ``TeacherConfig``), on ``device``.
 
     Reads ``name``, ``weights``, ``patch_mode``, ``variant`` and, when present,
-    ``dim`` (fake teacher's feature size) and ``stages`` (EfficientNet stage
-    strides overriding the patch mode's set). Raises ``TeacherLoadError`` when
+    ``dim`` (fake teacher's feature size), ``stages`` (EfficientNet stage
+    strides overriding the patch mode's set) and ``scales`` (EfficientNet input scales). Raises ``TeacherLoadError`` when
     the teacher cannot be loaded, with what to do about it.
     """
     name = teacher_cfg.name
@@ -37,7 +37,8 @@ def build_teacher(teacher_cfg, device: torch.device | str = "cpu") -> Teacher:
         teacher = FakeTeacher(dim=int(getattr(teacher_cfg, "dim", 64) or 64), patch_mode=patch_mode)
     elif name == "efficientnet_lite0":
         stages = getattr(teacher_cfg, "stages", None) or None
-        teacher = EfficientNetLiteTeacher(weights=weights, patch_mode=patch_mode, stages=stages)
+        teacher = EfficientNetLiteTeacher(weights=weights, patch_mode=patch_mode, stages=stages,
+                                          scales=tuple(getattr(teacher_cfg, "scales", (1.0,)) or (1.0,)))
     elif name == "dinov2":
         teacher = Dinov2Teacher(weights=weights, variant=getattr(teacher_cfg, "variant", "small"),
                                 patch_mode=patch_mode)

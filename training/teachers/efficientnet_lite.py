@@ -185,11 +185,18 @@ class EfficientNetLiteTeacher(Teacher):
                      "formula": "(255 * x - 127) / 128", "resize": "none (any side; TF SAME padding)"}
 
     def __init__(self, weights: str = "", patch_mode: str = "match", stages: Optional[Iterable[int]] = None,
-                 pretrained: bool = True):
+                 pretrained: bool = True, scales: Iterable[float] = (1.0,)):
         """``weights``: a local state-dict file ('' = the packaged one). ``stages`` overrides the stage set of
-        ``patch_mode``. ``pretrained=False`` keeps random weights (tests only; recorded in ``describe``)."""
+        ``patch_mode``. ``scales``: the input scales the features are taken at (1.0 first: its grid is the
+        output's; the others' features are resized onto it and concatenated after it). ``pretrained=False``
+        keeps random weights (tests only; recorded in ``describe``)."""
         super().__init__()
         check_patch_mode(patch_mode)
+        self.scales = tuple(float(s) for s in scales)
+        if not self.scales or self.scales[0] != 1.0 or len(set(self.scales)) != len(self.scales) \
+                or not all(0.125 <= s <= 4 for s in self.scales):
+            raise ValueError(f"teacher.scales {list(scales)}: distinct input scales from 0.125 to 4, the first 1.0 "
+                             "(e.g. 1.0,0.5)")
         self.patch_mode = patch_mode
         self.stages = tuple(sorted(set(stages))) if stages is not None else STAGE_SETS[patch_mode]
         for s in self.stages:
@@ -210,7 +217,7 @@ class EfficientNetLiteTeacher(Teacher):
             load_lite0_state_dict(self.net, path)
         else:
             self._source = {"kind": "random_init", "note": "untrained network (tests only)"}
-        self.feature_dim = sum(STAGE_TAPS[s][1] for s in self.stages)
+        self.feature_dim = sum(STAGE_TAPS[s][1] for s in self.stages) * len(self.scales)
         self.nominal_stride = min(self.stages)
         self.register_buffer("in_shift", torch.tensor(127.0 / 255.0), persistent=False)
         self.register_buffer("in_scale", torch.tensor(255.0 / 128.0), persistent=False)
@@ -220,20 +227,25 @@ class EfficientNetLiteTeacher(Teacher):
         return dict(self._source)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.net.stage_features((x - self.in_shift) * self.in_scale, self.stages)
-        finest = feats[min(self.stages)]
-        size = finest.shape[-2:]
-        parts = []
-        for s in self.stages:
-            f = F.normalize(feats[s].float(), dim=1, eps=1e-6)
-            if f.shape[-2:] != size:
-                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-            parts.append(f)
+        size, parts = None, []
+        for scale in self.scales:
+            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
+                                                      antialias=scale < 1)
+            feats = self.net.stage_features((xs - self.in_shift) * self.in_scale, self.stages)
+            if size is None:
+                size = feats[min(self.stages)].shape[-2:]
+            for s in self.stages:
+                f = F.normalize(feats[s].float(), dim=1, eps=1e-6)
+                if f.shape[-2:] != size:
+                    f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                parts.append(f)
         return torch.cat(parts, dim=1)
 
     def describe(self) -> dict:
         d = super().describe()
         d["stages"] = list(self.stages)
+        if self.scales != (1.0,):  # (absent: one scale, as every teacher described before; cache digests unchanged)
+            d["input_scales"] = list(self.scales)
         return d
 
 

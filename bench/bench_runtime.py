@@ -26,9 +26,11 @@ What it does, printing figures as it goes:
    float32 peak that this work is (effective GFLOP per CPU-second / the
    per-core matmul rate measured just before), and the CPU seconds of the
    run's setup (loading the model: the backend's session, and its library the
-   first time), of the fit stage (from opening the raster to the log line of
-   the fitted centres: scaling, sampling windows through the network,
-   k-means; where the wall-clock "fit s" starts too) and of the label pass,
+   first time), of the fit stage (from the log line of the run's upsampling,
+   just before the raster is opened and its outputs checked, to the log line
+   of the fitted centres: scaling, sampling windows through the network,
+   k-means; the wall-clock "fit s" starts a little later, after those
+   checks) and of the label pass,
    with the fit's share of the run's CPU. ``--repeat N``
    (default 3) runs the backends in turn N times and ends with each one's
    median MP/s and median fraction: one run on a shared host can land on a

@@ -175,12 +175,10 @@ def _box_sum(x: np.ndarray, r: int, pad: int, out: np.ndarray, work: np.ndarray)
     return out
 
 
-def cell_sum(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def cell_sum(x: np.ndarray) -> np.ndarray:
     """Sums over the cells of phase planes (s, s, h, w): a cell's s*s pixels added row by row."""
     s = x.shape[0]
-    if out is None:
-        out = np.empty(x.shape[2:], np.float32)
-    np.copyto(out, x[0, 0])
+    out = np.array(x[0, 0], np.float32)
     for dy in range(s):
         for dx in range(s):
             if dy or dx:

@@ -115,3 +115,18 @@ def pytest_configure(config):
     os.environ.setdefault("PYTHONHASHSEED", "0")
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def at_torch_threads(fn, counts=(1, 2)) -> dict:
+    """``{n: fn()}`` with torch's process-wide thread count at each ``n`` in turn, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        got = {}
+        for n in counts:
+            torch.set_num_threads(n)
+            got[n] = fn()
+        return got
+    finally:
+        torch.set_num_threads(before)

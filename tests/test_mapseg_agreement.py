@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import at_torch_threads
+
 from mapseg.artifact import load_artifact
 from mapseg.segment import SegmentOptions, segment_raster
 
@@ -30,19 +32,12 @@ def test_torch_embeddings_do_not_depend_on_threads_or_window_size(request, model
     """F.conv2d ran the tiny student's 1x1 projection elsewhere than oneDNN on one thread (all 2320 cells of
     this window differed in the last bit from 2 threads), and the shipped model's small windows elsewhere at
     any thread count; the backend now runs every convolution on oneDNN."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from mapseg.backends import TorchBackend
 
     backend = TorchBackend(load_artifact(request.getfixturevalue("tiny") if model == "tiny" else SHIPPED))
     image = np.random.default_rng(0).random((160, 232, 3), dtype=np.float32)
-    before = torch.get_num_threads()
-    try:
-        runs = {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            runs[threads] = [backend.embed(image), backend.embed(image[:48, :64])]
-    finally:
-        torch.set_num_threads(before)
+    runs = at_torch_threads(lambda: [backend.embed(image), backend.embed(image[:48, :64])])
     assert np.array_equal(runs[1][0], runs[2][0])
     assert np.array_equal(runs[1][1], runs[2][1])
     # a crop's cells away from its cut edges (the halo: 16 pixels, 4 cells) are the whole window's

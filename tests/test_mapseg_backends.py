@@ -6,6 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import at_torch_threads
+
 from mapseg.artifact import load_artifact
 from mapseg.backends import AUTO_ORDER, BackendUnavailable, NumpyBackend, make_backend
 
@@ -96,20 +98,16 @@ def test_torch_fused_conv_relu_gives_the_two_steps_bits(artifact, precision):
     if backend.fused is None:
         pytest.skip("this torch build has no fused oneDNN convolution")
     image = np.random.default_rng(8).random((157, 203, 3), dtype=np.float32)
-    before = torch.get_num_threads()
-    try:
-        got = {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            fused = backend.embed(image)
-            backend.fused, kept = None, backend.fused
-            try:
-                plain = backend.embed(image)
-            finally:
-                backend.fused = kept
-            got[threads] = (fused, plain)
-    finally:
-        torch.set_num_threads(before)
+
+    def fused_and_plain():
+        fused = backend.embed(image)
+        backend.fused, kept = None, backend.fused
+        try:
+            return fused, backend.embed(image)
+        finally:
+            backend.fused = kept
+
+    got = at_torch_threads(fused_and_plain)
     for fused, plain in got.values():
         assert np.array_equal(fused.view(np.uint32), plain.view(np.uint32))
     assert np.array_equal(got[1][0].view(np.uint32), got[2][0].view(np.uint32))
